@@ -1,0 +1,157 @@
+"""Reading the preprocessed shards: a ``paddle.io.Dataset`` with optional augmentation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paddle
+
+from palm.errors import DataError
+from palm.image import to_chw_float
+from palm.preprocess import MANIFEST
+
+
+@dataclass
+class Split:
+    """One split of the shards, fully in memory (uint8 NHWC RGB)."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    images: list[str]
+    groups: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx) -> "Split":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.pixels[idx], self.labels[idx],
+                     [self.images[i] for i in idx], [self.groups[i] for i in idx])
+
+
+def read_manifest(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the preprocess stage first (dvc repro preprocess)") from None
+
+
+def load_split(shards_dir: str | Path, split: str) -> Split:
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{shards_dir}: no split {split!r} (have {', '.join(manifest['splits'])})")
+    shards = manifest["splits"][split]["shards"]
+    pixels = np.concatenate([np.load(shards_dir / s["file"]) for s in shards])
+    labels = np.array([v for s in shards for v in s["labels"]], dtype=np.int64)
+    images = [v for s in shards for v in s["images"]]
+    groups = [v for s in shards for v in s.get("groups", [""] * len(s["labels"]))]
+    if len(pixels) != len(labels):
+        raise DataError(f"{shards_dir}: manifest lists {len(labels)} {split} labels for {len(pixels)} images")
+    return Split(pixels, labels, images, groups)
+
+
+def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, holdout): ``fraction`` of each group (H/N/P, else label) held out."""
+    rng = np.random.default_rng([seed, 7919])
+    keys = np.array([g or str(l) for g, l in zip(split.groups, split.labels)])
+    train_idx, hold_idx = [], []
+    for key in sorted(set(keys)):
+        idx = np.flatnonzero(keys == key)
+        rng.shuffle(idx)
+        n_hold = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) > 1:
+            n_hold = min(max(n_hold, 1), len(idx) - 1)
+        hold_idx.extend(idx[:n_hold])
+        train_idx.extend(idx[n_hold:])
+    return np.sort(np.array(train_idx, dtype=np.int64)), np.sort(np.array(hold_idx, dtype=np.int64))
+
+
+@dataclass
+class Augment:
+    """Random photometric and geometric changes to a uint8 RGB image (all off by default)."""
+
+    hflip: bool = False
+    vflip: bool = False
+    rotate_deg: float = 0.0
+    brightness: float = 0.0   # max relative change, e.g. 0.2 = +-20%
+    contrast: float = 0.0
+    scale: float = 0.0        # max relative zoom, e.g. 0.1 = 0.9x..1.1x
+
+    @property
+    def active(self) -> bool:
+        return bool(self.hflip or self.vflip or self.rotate_deg or self.brightness or self.contrast or self.scale)
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.hflip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        if self.vflip and rng.random() < 0.5:
+            img = img[::-1]
+        if self.rotate_deg or self.scale:
+            h, w = img.shape[:2]
+            angle = rng.uniform(-self.rotate_deg, self.rotate_deg)
+            zoom = 1.0 + rng.uniform(-self.scale, self.scale)
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, zoom)
+            img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if self.brightness or self.contrast:
+            x = img.astype(np.float32)
+            b = 1.0 + rng.uniform(-self.brightness, self.brightness)
+            c = 1.0 + rng.uniform(-self.contrast, self.contrast)
+            mean = x.mean()
+            img = np.clip((x - mean) * c + mean * b, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(img)
+
+
+class FundusDataset(paddle.io.Dataset):
+    """Items: (float32 CHW image in [-1, 1], float32 label of shape (1,)).
+
+    Augmentation is deterministic given ``seed``, the epoch (``set_epoch``) and the item
+    index, whatever the number of loader workers.
+    """
+
+    def __init__(self, split: Split, augment: Augment | None = None, seed: int = 0):
+        super().__init__()
+        self.split = split
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i):
+        img = self.split.pixels[i]
+        if self.augment is not None:
+            img = self.augment(img, np.random.default_rng([self.seed, self.epoch, int(i)]))
+        return to_chw_float(img), np.array([self.split.labels[i]], dtype=np.float32)
+
+
+class EpochShuffleSampler(paddle.io.Sampler):
+    """A different, reproducible order each epoch: a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, dataset: FundusDataset, seed: int):
+        super().__init__(dataset)
+        self.dataset, self.seed = dataset, seed
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.dataset.epoch, 1]).permutation(len(self.dataset)).tolist())
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def make_loader(dataset: FundusDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+                workers: int = 0, drop_last: bool = False) -> paddle.io.DataLoader:
+    sampler = EpochShuffleSampler(dataset, seed) if shuffle else paddle.io.SequenceSampler(dataset)
+    batch_sampler = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
+    return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                use_shared_memory=workers > 0)

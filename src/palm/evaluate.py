@@ -1,0 +1,97 @@
+"""The ``evaluate`` stage: predicts the validation set with the saved model and scores it.
+
+Writes ``metrics/predictions.csv`` (image, label, probability, predicted) and computes
+every number in ``metrics/eval.json`` from that file, so the reported figures are exactly
+those of the saved predictions. ROC curve and confusion matrix go to
+``metrics/eval/plots`` (dvclive) for ``dvc plots show``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from palm.fsutil import atomic_file
+
+PREDICTIONS = Path("metrics/predictions.csv")
+EVAL_JSON = Path("metrics/eval.json")
+EVAL_PLOTS = Path("metrics/eval")
+
+
+def load_trained(model_dir: str | Path = "models"):
+    """The saved model in eval mode, and its ``model.json``."""
+    import paddle
+
+    from palm.models import build_model
+
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "model.json").read_text())
+    model = build_model(info["model"], image_size=info["image_size"])
+    model.set_state_dict(paddle.load(str(model_dir / "model.pdparams")))
+    model.eval()
+    return model, info
+
+
+def score(labels, probs, threshold: float) -> dict:
+    """All reported metrics, from labels and predicted probabilities."""
+    from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_score, recall_score, roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
+    both = len(set(labels.tolist())) == 2
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "auc": float(roc_auc_score(labels, probs)) if both else None,
+        "precision": float(precision_score(labels, pred, zero_division=0)),
+        "sensitivity": float(recall_score(labels, pred, zero_division=0)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,
+        "f1": float(f1_score(labels, pred, zero_division=0)),
+        "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "n": int(len(labels)),
+        "threshold": float(threshold),
+        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+    }
+
+
+def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32) -> dict:
+    from dvclive import Live
+
+    from palm.dataset import FundusDataset, load_split, make_loader
+    from palm.runtime import select_device
+    from palm.train import predict_probs
+
+    select_device("auto")
+
+    model, info = load_trained(model_dir)
+    valid = load_split(shards_dir, "valid")
+    probs = predict_probs(model, make_loader(FundusDataset(valid), batch_size, shuffle=False), contextlib.nullcontext)
+    threshold = float(info.get("threshold", 0.5))
+    preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),
+                          "predicted": (probs >= threshold).astype(int)})
+    with atomic_file(PREDICTIONS, newline="") as f:
+        preds.to_csv(f, index=False)
+
+    saved = pd.read_csv(PREDICTIONS)  # the reported numbers come from the saved file
+    metrics = {"model": info["model"], **score(saved["label"], saved["probability"], threshold)}
+    with atomic_file(EVAL_JSON) as f:
+        json.dump(metrics, f, indent=1)
+
+    shutil.rmtree(EVAL_PLOTS, ignore_errors=True)
+    live = Live(str(EVAL_PLOTS), dvcyaml=False, save_dvc_exp=False)
+    live.log_sklearn_plot("roc", saved["label"].to_numpy(), saved["probability"].to_numpy(), name="roc.json")
+    live.log_sklearn_plot("confusion_matrix", saved["label"].to_numpy(), saved["predicted"].to_numpy(),
+                          name="confusion_matrix.json")
+    live.end()
+    return metrics
+
+
+def main(params: dict) -> None:
+    m = evaluate(batch_size=int((params.get("evaluate") or {}).get("batch_size", 32)))
+    print(json.dumps(m, indent=1))

@@ -1,0 +1,306 @@
+"""The ``train`` stage: trains ``model`` (params.yaml) on the training shards.
+
+- The training split is divided into a stratified *internal holdout* (``train.holdout``)
+  and the images the network learns from. Model selection (``train.select``: ``best`` on
+  the holdout, or ``last``) never looks at the validation set.
+- Per epoch it logs train loss and holdout loss/accuracy/AUC with dvclive
+  (``metrics/train``) and writes a checkpoint to ``checkpoints/`` (a persisted output):
+  model, optimizer, learning-rate schedule, epoch, best score and history. A run killed
+  mid-training resumes from the last checkpoint when run again with the same parameters
+  and data, and starts afresh when they changed.
+- Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
+  same seed on the same machine gives the same metrics, resumed or not.
+
+Outputs: ``models/model.pdparams`` (weights) and ``models/model.json`` (what is needed to
+rebuild and apply it: model name, image size, threshold).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palm.errors import DataError
+
+MODEL_DIR = Path("models")
+CHECKPOINT_DIR = Path("checkpoints")
+LIVE_DIR = Path("metrics/train")
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 16,
+    "optimizer": "adam",       # adam | momentum
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "schedule": "cosine",      # cosine | constant
+    "warmup_epochs": 1,
+    "holdout": 0.15,           # fraction of the training images held out for model selection
+    "select": "best",          # best (holdout accuracy, then loss) | last
+    "class_balance": False,    # weight the positive class by n_neg / n_pos in the loss
+    "augment": {},
+    "seed": 0,
+    "device": "auto",          # auto | cpu | gpu | gpu:N
+    "amp": "auto",             # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
+    "workers": 0,              # DataLoader worker processes
+}
+
+
+def effective_config(params: dict) -> dict:
+    """``train`` defaults, overridden by ``models.<model>`` for the chosen model."""
+    name = params.get("model")
+    if not name:
+        raise DataError("params.yaml: no 'model' given")
+    cfg = copy.deepcopy(DEFAULTS)
+    for source in (params.get("train") or {}, (params.get("models") or {}).get(name) or {}):
+        for key, value in source.items():
+            if key not in DEFAULTS:
+                raise DataError(f"params.yaml: unknown training parameter {key!r}")
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg[key], dict) else value
+    cfg["model"] = name
+    cfg["image_size"] = int(params["image_size"])
+    return cfg
+
+
+def fingerprint(cfg: dict, shards_dir: Path) -> str:
+    """Identifies a training run: its configuration and the exact data it reads."""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    h.update((shards_dir / "manifest.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs)))
+    acc = float(np.mean((probs >= threshold).astype(int) == labels))
+    auc = float(roc_auc_score(labels, probs)) if len(set(labels.tolist())) == 2 else float("nan")
+    return {"loss": loss, "accuracy": acc, "auc": auc}
+
+
+def predict_probs(model, loader, amp_ctx) -> np.ndarray:
+    import paddle
+    import paddle.nn.functional as F
+
+    from palm.models import main_logits
+
+    model.eval()
+    out = []
+    with paddle.no_grad():
+        for x, _ in loader:
+            with amp_ctx():
+                logits = main_logits(model(x))
+            out.append(F.sigmoid(logits.astype("float32")).numpy().reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+class Trainer:
+    def __init__(self, params: dict, shards_dir: str | Path = "data/shards"):
+        self.cfg = effective_config(params)
+        self.shards_dir = Path(shards_dir)
+        self.fp = fingerprint(self.cfg, self.shards_dir)
+
+    # -- set-up ----------------------------------------------------------------------
+    def _amp(self, device: str):
+        import contextlib
+
+        import paddle
+
+        mode = self.cfg["amp"]
+        if mode == "auto":
+            mode = "fp16" if device.startswith("gpu") else "off"
+        if mode == "off":
+            return contextlib.nullcontext, None, "off"
+        if mode not in ("fp16", "bf16"):
+            raise DataError(f"train.amp must be auto, off, fp16 or bf16, got {mode!r}")
+        ctx = lambda: paddle.amp.auto_cast(level="O1", dtype="float16" if mode == "fp16" else "bfloat16")  # noqa: E731
+        scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if mode == "fp16" else None
+        return ctx, scaler, mode
+
+    def _optimizer(self, model, steps_per_epoch: int):
+        import paddle
+
+        cfg = self.cfg
+        total = max(1, cfg["epochs"] * steps_per_epoch)
+        warm = min(total - 1, int(cfg["warmup_epochs"] * steps_per_epoch))
+        if cfg["schedule"] == "cosine":
+            sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg["lr"], T_max=max(1, total - warm))
+        elif cfg["schedule"] == "constant":
+            sched = paddle.optimizer.lr.LambdaDecay(cfg["lr"], lambda _: 1.0)
+        else:
+            raise DataError(f"train.schedule must be cosine or constant, got {cfg['schedule']!r}")
+        if warm > 0:
+            sched = paddle.optimizer.lr.LinearWarmup(sched, warm, cfg["lr"] * 0.01, cfg["lr"])
+        wd = paddle.regularizer.L2Decay(cfg["weight_decay"]) if cfg["weight_decay"] else None
+        if cfg["optimizer"] == "adam":
+            opt = paddle.optimizer.AdamW(sched, parameters=model.parameters(), weight_decay=cfg["weight_decay"])
+        elif cfg["optimizer"] == "momentum":
+            opt = paddle.optimizer.Momentum(sched, momentum=cfg["momentum"], parameters=model.parameters(),
+                                            weight_decay=wd, use_nesterov=True)
+        else:
+            raise DataError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
+        return opt, sched
+
+    # -- checkpoints -----------------------------------------------------------------
+    def _load_checkpoint(self, ckpt_dir: Path):
+        import paddle
+
+        meta_path = ckpt_dir / "checkpoint.json"
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != self.fp:
+            print("checkpoint is from other parameters or data: starting afresh")
+            return None
+        state = paddle.load(str(ckpt_dir / "last.pdckpt"))
+        return meta, state
+
+    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict):
+        import paddle
+
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_dir / "last.pdckpt.tmp"
+        paddle.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, str(tmp))
+        os.replace(tmp, ckpt_dir / "last.pdckpt")
+        tmp_meta = ckpt_dir / "checkpoint.json.tmp"
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, ckpt_dir / "checkpoint.json")
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
+        import paddle
+        from dvclive import Live
+        from tqdm import tqdm
+
+        from palm.dataset import Augment, FundusDataset, load_split, make_loader, stratified_holdout
+        from palm.models import build_model, training_loss
+        from palm.runtime import select_device
+
+        cfg = self.cfg
+        device = select_device(cfg["device"])
+        amp_ctx, scaler, amp_mode = self._amp(device)
+        seed = int(cfg["seed"])
+
+        full = load_split(self.shards_dir, "train")
+        if full.pixels.shape[1] != cfg["image_size"]:
+            raise DataError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
+        tr_idx, ho_idx = stratified_holdout(full, float(cfg["holdout"]), seed)
+        train_split, hold_split = full.subset(tr_idx), full.subset(ho_idx)
+        train_ds = FundusDataset(train_split, Augment(**cfg["augment"]), seed=seed)
+        bs = int(cfg["batch_size"])
+        train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=int(cfg["workers"]),
+                                   drop_last=len(train_ds) > bs)
+        hold_loader = make_loader(FundusDataset(hold_split), bs, shuffle=False) if len(hold_split) else None
+        steps_per_epoch = len(train_loader)
+
+        paddle.seed(seed)
+        model = build_model(cfg["model"], image_size=cfg["image_size"])
+        opt, sched = self._optimizer(model, steps_per_epoch)
+        n_pos = int(train_split.labels.sum())
+        pos_weight = None
+        if cfg["class_balance"] and n_pos:
+            pos_weight = paddle.to_tensor([(len(train_split) - n_pos) / n_pos], dtype="float32")
+        loss_fn = paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+        start, history, best = 0, [], None
+        resumed = self._load_checkpoint(ckpt_dir)
+        if resumed is not None:
+            meta, state = resumed
+            model.set_state_dict(state["model"])
+            opt.set_state_dict(state["opt"])
+            sched.set_state_dict(state["sched"])
+            start, history, best = meta["epoch"], meta["history"], meta.get("best")
+            print(f"resuming from the checkpoint of epoch {start} of {cfg['epochs']}")
+        else:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+        shutil.rmtree(live_dir, ignore_errors=True)
+        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        for rec in history:  # replay what the checkpoint remembers, so the curves are whole
+            self._log(live, rec)
+        print(f"training {cfg['model']} on {device} (amp {amp_mode}): {len(train_split)} images, "
+              f"{len(hold_split)} held out, {steps_per_epoch} steps/epoch, epochs {start + 1}..{cfg['epochs']}")
+        t_start = time.perf_counter()
+        for epoch in range(start, int(cfg["epochs"])):
+            paddle.seed(seed * 100003 + epoch)  # dropout etc.: a function of (seed, epoch)
+            train_ds.set_epoch(epoch)
+            model.train()
+            t0, total, n = time.perf_counter(), 0.0, 0
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", dynamic_ncols=True)
+            for x, y in bar:
+                with amp_ctx():
+                    out = model(x)
+                    loss = training_loss(out, y, loss_fn)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                opt.clear_grad()
+                sched.step()
+                lv = float(loss)
+                if not math.isfinite(lv):
+                    raise DataError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
+                                    f"(lower train.lr for {cfg['model']})")
+                total += lv * len(y)
+                n += len(y)
+                bar.set_postfix(loss=f"{total / n:.4f}")
+            rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(sched.get_lr()),
+                   "epoch_seconds": time.perf_counter() - t0}
+            if hold_loader is not None:
+                hm = binary_metrics(hold_split.labels, predict_probs(model, hold_loader, amp_ctx))
+                rec.update({f"holdout_{k}": v for k, v in hm.items()})
+            history.append(rec)
+            self._log(live, rec)
+            print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+
+            score = (rec.get("holdout_accuracy", 0.0), -rec.get("holdout_loss", 0.0))
+            if cfg["select"] == "last" or hold_loader is None or best is None or score > tuple(best["score"]):
+                best = {"epoch": epoch + 1, "score": list(score)}
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                paddle.save(model.state_dict(), str(ckpt_dir / "best.pdparams.tmp"))
+                os.replace(ckpt_dir / "best.pdparams.tmp", ckpt_dir / "best.pdparams")
+            self._save_checkpoint(ckpt_dir, model, opt, sched, {
+                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg})
+        train_seconds = sum(r["epoch_seconds"] for r in history)
+
+        model_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ckpt_dir / "best.pdparams", model_dir / "model.pdparams")
+        info = {
+            "model": cfg["model"], "image_size": cfg["image_size"], "threshold": 0.5,
+            "selected_epoch": best["epoch"], "epochs": cfg["epochs"], "device": device, "amp": amp_mode,
+            "train_seconds": round(train_seconds, 2), "n_train": len(train_split), "n_holdout": len(hold_split),
+            "config": cfg,
+        }
+        (model_dir / "model.json").write_text(json.dumps(info, indent=1))
+        live.summary = {**{k: v for k, v in history[best["epoch"] - 1].items() if k != "epoch"},
+                        "selected_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}
+        live.make_summary()
+        live.end()
+        print(f"saved {model_dir / 'model.pdparams'} (epoch {best['epoch']}); "
+              f"this run trained for {time.perf_counter() - t_start:.1f}s")
+        return info
+
+    @staticmethod
+    def _log(live, rec: dict) -> None:
+        for key, value in rec.items():
+            if key != "epoch" and value is not None and math.isfinite(value):
+                live.log_metric(key, value)
+        live.next_step()
+
+
+def main(params: dict) -> None:
+    Trainer(params).run()

@@ -1,0 +1,89 @@
+"""Shared test helpers: tiny PALM-layout zips built by hand, and the repo paths."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PALM_MINI = REPO.parent / "shared" / "palm-mini"
+
+requires_palm_mini = pytest.mark.skipif(
+    not (PALM_MINI / "training.zip").is_file(), reason="../shared/palm-mini (real images) is not here")
+
+
+def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (40, 32)) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return buf.tobytes()
+
+
+def xlsx_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_excel(buf, index=False)
+    return buf.getvalue()
+
+
+def write_zip(path: Path, entries: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+
+
+def make_palm_zips(folder: Path, train=("P0001.jpg", "P0002.jpg", "N0001.jpg", "H0001.jpg"),
+                   valid=(("V0001.jpg", 1), ("V0002.jpg", 0)), gt: pd.DataFrame | None = None,
+                   valid_images=None) -> Path:
+    """The three original zips, with tiny random JPEGs; ``gt`` replaces the default xlsx."""
+    folder.mkdir(parents=True, exist_ok=True)
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        for i, name in enumerate(train):
+            zf.writestr(f"PALM-Training400/{name}", jpeg_bytes(i))
+    write_zip(folder / "training.zip", {"PALM-Training400/PALM-Training400.zip": inner.getvalue()})
+    names = valid_images if valid_images is not None else [n for n, _ in valid]
+    write_zip(folder / "validation.zip",
+              {f"PALM-Validation400/{n}": jpeg_bytes(100 + i) for i, n in enumerate(names)})
+    if gt is None:
+        gt = pd.DataFrame({"ID": range(1, len(valid) + 1), "imgName": [n for n, _ in valid],
+                           "Label": [l for _, l in valid], "Fovea_X": 1.0, "Fovea_Y": 2.0})
+    write_zip(folder / "valid_gt.zip", {"PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx": xlsx_bytes(gt)})
+    return folder
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command, showing its output when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_project(dest: Path) -> Path:
+    """A copy of this repository's pipeline in a fresh git + DVC repo at ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("stages", "src"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "data" / "original").mkdir(parents=True)
+    (dest / "data" / "original" / "README.md").write_text("real zips go here\n")
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.autostage", "true"], dest)
+    run(["dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "pipeline"], dest)
+    return dest
