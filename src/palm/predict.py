@@ -1,0 +1,94 @@
+"""Applying a trained model to new photographs (``palm predict``).
+
+The images go through :func:`palm.image.load_image`, the very function the ``preprocess``
+stage uses, so a new photograph is seen exactly as the training images were.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from palm.errors import DataError
+from palm.image import load_image, to_chw_float
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the image files found (recursively, sorted) in the folders given."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found
+
+
+@dataclass
+class Predictor:
+    """A trained classifier: from ``models/`` (weights) or from the exported inference model."""
+
+    run_batch: object       # callable: float32 NCHW array -> probabilities (N,)
+    image_size: int
+    threshold: float
+    name: str
+
+    @classmethod
+    def load(cls, model_dir: str | Path = "models") -> "Predictor":
+        import paddle
+        import paddle.nn.functional as F
+
+        from palm.runtime import select_device
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / "model.json"
+        if not meta_path.is_file():
+            raise DataError(f"{model_dir}: no model.json; train a model first (dvc repro) or give --model DIR")
+        info = json.loads(meta_path.read_text())
+        select_device("auto")
+        if (model_dir / "inference.pdmodel").is_file() or (model_dir / "inference.json").is_file():
+            layer = paddle.jit.load(str(model_dir / "inference"))
+        else:
+            from palm.evaluate import load_trained
+
+            layer, info = load_trained(model_dir)
+        layer.eval()
+
+        def run_batch(x: np.ndarray) -> np.ndarray:
+            from palm.models import main_logits
+
+            with paddle.no_grad():
+                logits = main_logits(layer(paddle.to_tensor(x)))
+            return F.sigmoid(logits.astype("float32")).numpy().reshape(-1)
+
+        return cls(run_batch, int(info["image_size"]), float(info.get("threshold", 0.5)), info["model"])
+
+    def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True) -> Iterator[dict]:
+        """Yield one record per file, in order: probability and class, or the error."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            images, records = [], []
+            for f in chunk:
+                try:
+                    images.append(load_image(f, self.image_size))
+                    records.append({"image": str(f), "error": None})
+                except DataError as exc:
+                    records.append({"image": str(f), "error": str(exc)})
+            probs = iter(self.run_batch(to_chw_float(np.stack(images))) if images else [])
+            for rec in records:
+                if rec["error"] is None:
+                    p = float(next(probs))
+                    rec.update(probability=round(p, 6), predicted=int(p >= self.threshold),
+                               diagnosis="PM" if p >= self.threshold else "non-PM")
+                yield rec
+            bar.update(len(chunk))
+        bar.close()

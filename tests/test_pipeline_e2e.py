@@ -1,0 +1,125 @@
+"""End to end: the real pipeline (dvc repro, dvc exp run -S ...) in a temporary git repo,
+on a tiny synthetic PALM set."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import make_project, run
+
+pytestmark = pytest.mark.e2e
+
+TINY = {"n_train_p": 10, "n_train_n": 8, "n_train_h": 2, "n_val_pm": 6, "n_val_non_pm": 6, "scale": 0.05}
+EVAL_FIELDS = ("accuracy", "auc", "precision", "sensitivity", "specificity", "f1", "loss", "n", "threshold")
+
+
+def set_params(project, **changes):
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("e2e") / "palm")
+    set_params(proj, **{f"synthetic.{k}": v for k, v in TINY.items()}, image_size=64, model="resnet50",
+               **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0})
+    run(["git", "commit", "-qam", "tiny"], proj)
+    out = run(["dvc", "repro"], proj)
+    assert "Running stage 'train'" in out.stdout
+    return proj
+
+
+def test_repro_writes_shards_with_the_right_shapes_counts_and_labels(project):
+    labels = pd.read_csv(project / "data" / "labels" / "labels.csv")
+    train, valid = labels[labels.split == "train"], labels[labels.split == "valid"]
+    assert len(train) == 20 and train.label.sum() == 10
+    assert len(valid) == 12 and valid.label.sum() == 6
+    manifest = json.loads((project / "data" / "shards" / "manifest.json").read_text())
+    for split, part in (("train", train), ("valid", valid)):
+        shards = manifest["splits"][split]["shards"]
+        arrays = [np.load(project / "data" / "shards" / s["file"]) for s in shards]
+        assert all(a.dtype == np.uint8 and a.shape[1:] == (64, 64, 3) for a in arrays)
+        assert sum(len(a) for a in arrays) == len(part)
+        assert [v for s in shards for v in s["labels"]] == part.label.tolist()
+        assert [v for s in shards for v in s["images"]] == [p.split("/")[-1] for p in part.image]
+    assert not any(p.name.startswith(".") for p in (project / "data").iterdir() if p.name != ".gitignore")
+
+
+def test_metrics_have_every_field_finite_and_in_range(project):
+    m = json.loads((project / "metrics" / "eval.json").read_text())
+    for field in EVAL_FIELDS:
+        assert m[field] is not None and math.isfinite(m[field]), field
+    for field in ("accuracy", "auc", "precision", "sensitivity", "specificity", "f1"):
+        assert 0.0 <= m[field] <= 1.0, field
+    assert m["n"] == 12 and m["loss"] > 0 and m["threshold"] == 0.5
+    preds = pd.read_csv(project / "metrics" / "predictions.csv")
+    assert len(preds) == 12 and preds.probability.between(0, 1).all()
+    assert m["accuracy"] == pytest.approx((preds.predicted == preds.label).mean())
+    show = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "accuracy" in show
+    plots = run(["dvc", "plots", "show", "--json"], project).stdout
+    for name in ("roc.json", "confusion_matrix.json", "train_loss.tsv"):
+        assert name in plots, name
+
+
+def test_noop_repro_and_image_size_change_reruns_preprocess_only(project):
+    t0 = time.perf_counter()
+    out = run(["dvc", "repro"], project).stdout
+    assert "Running stage" not in out
+    assert time.perf_counter() - t0 < 30
+    set_params(project, image_size=48)
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "preprocess" in status
+    assert not {"synthesize", "unzip", "labels"} & set(status)
+    run(["git", "checkout", "params.yaml"], project)
+    assert "Running stage" not in run(["dvc", "repro"], project).stdout
+
+
+def test_exp_run_another_model_and_metrics_diff(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    out = run(["dvc", "exp", "run", "-S", "model=alexnet"], project)
+    assert "Running stage 'train'" in out.stdout and "Running stage 'preprocess'" not in out.stdout
+    assert json.loads((project / "models" / "model.json").read_text())["model"] == "alexnet"
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    assert "metrics/eval.json" in diff and diff["metrics/eval.json"], diff
+    exp_show = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "alexnet" in exp_show
+
+
+def test_killed_training_resumes_from_its_checkpoint(project):
+    set_params(project, **{"train.epochs": 6})
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = project / "checkpoints" / "checkpoint.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.is_file() and json.loads(ckpt.read_text() or "{}").get("config", {}).get("epochs") == 6:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = json.loads(ckpt.read_text())["epoch"]
+    assert 1 <= killed_at < 6
+    out = run(["dvc", "repro", "train"], project).stdout
+    assert f"resuming from the checkpoint of epoch {killed_at} of 6" in out
+    history = json.loads(ckpt.read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert len((project / "metrics" / "train" / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()) == 7

@@ -1,0 +1,87 @@
+"""Training loop: determinism, resume after a crash, fresh start when parameters change."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_palm_zips
+from palm.labels import build_labels
+from palm.preprocess import preprocess
+from palm.train import Trainer, effective_config
+from palm.unzip import unzip_all
+from palm.errors import DataError
+
+TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("data")
+    unzip_all(make_palm_zips(tmp / "zips", train=TRAIN, valid=[("V0001.jpg", 1), ("V0002.jpg", 0)]), tmp / "raw")
+    build_labels(tmp / "raw").to_csv(tmp / "labels.csv", index=False)
+    preprocess(tmp / "labels.csv", tmp / "raw", tmp / "shards", image_size=32, workers=1)
+    return tmp / "shards"
+
+
+def params(**train):
+    return {"model": "senet18", "image_size": 32,
+            "train": {"epochs": 3, "batch_size": 4, "holdout": 0.25, "lr": 0.003, "warmup_epochs": 0,
+                      "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1}, **train}}
+
+
+def run(tmp_path, shards, p):
+    out = tmp_path / "run"
+    info = Trainer(p, shards).run(out / "models", out / "checkpoints", out / "live")
+    history = json.loads((out / "checkpoints" / "checkpoint.json").read_text())["history"]
+    return info, history, out
+
+
+def strip_times(history):
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in history]
+
+
+def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monkeypatch):
+    _, h1, out1 = run(tmp_path / "a", shards, params())
+    _, h2, _ = run(tmp_path / "b", shards, params())
+    assert strip_times(h1) == strip_times(h2)
+    assert len(h1) == 3 and all(np.isfinite(r["train_loss"]) for r in h1)
+    summary = json.loads((out1 / "live" / "metrics.json").read_text())
+    assert summary["selected_epoch"] in (1, 2, 3)
+
+    # crash right after the first checkpoint is written, then run again
+    real_save = Trainer._save_checkpoint
+    calls = []
+
+    def save_then_crash(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "c", shards, params())
+    monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
+    ckpt = json.loads((tmp_path / "c" / "run" / "checkpoints" / "checkpoint.json").read_text())
+    assert ckpt["epoch"] == 1
+    _, h3, out3 = run(tmp_path / "c", shards, params())
+    assert strip_times(h3) == strip_times(h1)  # resumed run = uninterrupted run
+    # the dvclive curves are whole after the resume
+    lines = (out3 / "live" / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()
+    assert len(lines) == 1 + 3
+
+
+def test_changed_parameters_start_afresh(tmp_path, shards, capsys):
+    run(tmp_path, shards, params(epochs=1))
+    _, h, _ = run(tmp_path, shards, params(epochs=2, lr=0.001))
+    assert [r["epoch"] for r in h] == [1, 2]
+    assert "starting afresh" in capsys.readouterr().out
+
+
+def test_per_model_overrides_and_unknown_keys():
+    p = {"model": "alexnet", "image_size": 64, "train": {"lr": 0.1, "augment": {"hflip": True}},
+         "models": {"alexnet": {"lr": 0.01, "augment": {"vflip": True}}, "vgg16": {"lr": 5}}}
+    cfg = effective_config(p)
+    assert cfg["lr"] == 0.01 and cfg["augment"] == {"hflip": True, "vflip": True} and cfg["model"] == "alexnet"
+    with pytest.raises(DataError, match="unknown training parameter 'lrate'"):
+        effective_config({**p, "train": {"lrate": 1}})
