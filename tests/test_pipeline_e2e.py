@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_project, run
+from conftest import ENV, make_project, run
 
 pytestmark = pytest.mark.e2e
 
@@ -105,7 +105,7 @@ def test_exp_run_another_model_and_metrics_diff(project):
 def test_killed_training_resumes_from_its_checkpoint(project):
     set_params(project, **{"train.epochs": 6})
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=ENV)
     ckpt = project / "checkpoints" / "checkpoint.json"
     deadline = time.time() + 300
     try:

@@ -179,6 +179,15 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
+        """Train (or resume), save the selected model; returns what ``models/model.json`` says."""
+        import paddle
+
+        # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
+        # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
+        with paddle.utils.unique_name.guard():
+            return self._run(model_dir, ckpt_dir, live_dir)
+
+    def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict:
         import paddle
         from dvclive import Live
         from tqdm import tqdm
