@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("predict", help="PM probability and class for image files or folders")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--model", default="models",
-                   help="folder of the trained model: models/ (weights) or models/export/ (inference model); "
+                   help="folder of the trained model: models/ (weights) or models_export/ (inference model); "
                         "default: %(default)s")
     p.add_argument("--out", help="write the predictions to this CSV file (default: standard output)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -231,3 +231,16 @@ def training_loss(output, labels, loss_fn) -> paddle.Tensor:
         main, *aux = output
         return loss_fn(main, labels) + AUX_WEIGHT * sum(loss_fn(a, labels) for a in aux)
     return loss_fn(output, labels)
+
+
+def gradcam_layer(name: str, model: nn.Layer) -> nn.Layer:
+    """The layer whose output feature maps Grad-CAM explains: the last convolutional stage."""
+    if name in ("lenet", "alexnet"):
+        return model[0]
+    if name == "vgg16":
+        return model.features
+    if name == "googlenet":
+        return model.tail[3]
+    if name.startswith("resnet") or name == "senet18":
+        return model.layer4
+    raise ValueError(f"no Grad-CAM layer known for model {name!r}")

@@ -1,0 +1,108 @@
+"""The ``explain`` stage: Grad-CAM heatmaps (Selvaraju et al. 2017) for validation images.
+
+For a few validation images (PM, non-PM, and misclassified ones, from the saved
+predictions) it writes the image with the heatmap of the predicted class overlaid, as PNGs in
+``metrics/explain/`` that ``dvc plots show`` displays. File names say what the model did:
+``V0012_label-PM_pred-nonPM_p0.31.png``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from palm.fsutil import atomic_dir
+
+EXPLAIN_DIR = Path("metrics/explain")
+
+
+def gradcam(model, layer, image_chw: np.ndarray) -> tuple[np.ndarray, float]:
+    """Heatmap in [0, 1] of the input's size, and the PM probability, for one CHW float image.
+
+    The heatmap shows the evidence for the predicted class: for the PM logit when the model
+    says PM, for its negative when it says non-PM.
+    """
+    import paddle
+    import paddle.nn.functional as F
+
+    from palm.models import main_logits
+
+    captured = {}
+
+    def hook(_layer, _inputs, output):
+        captured["act"] = output
+
+    handle = layer.register_forward_post_hook(hook)
+    try:
+        x = paddle.to_tensor(image_chw[None])
+        logit = main_logits(model(x))
+    finally:
+        handle.remove()
+    act = captured["act"]
+    target = logit.sum() if float(logit.sum()) >= 0 else -logit.sum()
+    (grad,) = paddle.grad([target], [act])
+    weights = grad.mean(axis=[2, 3], keepdim=True)             # per-channel importance
+    cam = F.relu((weights * act).sum(axis=1))[0].numpy()
+    h, w = image_chw.shape[1:]
+    cam = cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    cam -= cam.min()
+    if cam.max() > 0:
+        cam /= cam.max()
+    return cam, float(F.sigmoid(logit).numpy().ravel()[0])
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 image with the heatmap (JET colours) blended over it."""
+    heat = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    return (rgb.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).clip(0, 255).astype(np.uint8)
+
+
+def choose_images(preds: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Up to ``n`` images: misclassified first (a third), then PM and non-PM in turn."""
+    wrong = preds[preds.label != preds.predicted]
+    right = preds[preds.label == preds.predicted]
+    picks = list(wrong.index[: max(1, n // 3)]) if len(wrong) else []
+    pools = [list(right[right.label == 1].index), list(right[right.label == 0].index)]
+    i = 0
+    while len(picks) < min(n, len(preds)) and any(pools):
+        if pools[i % 2]:
+            picks.append(pools[i % 2].pop(0))
+        i += 1
+    return preds.loc[picks]
+
+
+def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
+            predictions="metrics/predictions.csv", out_dir=EXPLAIN_DIR) -> list[Path]:
+    from palm.dataset import load_split
+    from palm.evaluate import load_trained
+    from palm.image import to_chw_float
+    from palm.models import gradcam_layer
+    from palm.runtime import select_device
+
+    select_device("auto")
+    model, info = load_trained(model_dir)
+    layer = gradcam_layer(info["model"], model)
+    valid = load_split(shards_dir, "valid")
+    index = {name: i for i, name in enumerate(valid.images)}
+    chosen = choose_images(pd.read_csv(predictions), n_images)
+    written = []
+    with atomic_dir(out_dir) as tmp:
+        for _, row in chosen.iterrows():
+            rgb = valid.pixels[index[row.image]]
+            cam, prob = gradcam(model, layer, to_chw_float(rgb))
+            label = "PM" if row.label else "nonPM"
+            pred = "PM" if prob >= info.get("threshold", 0.5) else "nonPM"
+            name = f"{Path(row.image).stem}_label-{label}_pred-{pred}_p{prob:.2f}.png"
+            cv2.imwrite(str(tmp / name), cv2.cvtColor(np.hstack([rgb, overlay(rgb, cam)]), cv2.COLOR_RGB2BGR))
+            written.append(out_dir / name)
+    return written
+
+
+def main(params: dict) -> None:
+    n = int((params.get("explain") or {}).get("n_images", 12))
+    written = explain(n)
+    print(f"wrote {len(written)} Grad-CAM images to {EXPLAIN_DIR}")

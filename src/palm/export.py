@@ -1,0 +1,34 @@
+"""The ``export`` stage: the trained model as a Paddle Inference model (``paddle.jit.save``).
+
+Writes ``models_export/inference.*`` (graph and weights, loadable by ``paddle.jit.load`` and
+Paddle Inference) and a copy of ``model.json``; ``palm predict --model models_export``
+runs from it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from palm.fsutil import atomic_dir
+
+EXPORT_DIR = Path("models_export")
+
+
+def export(model_dir="models", out_dir=EXPORT_DIR) -> Path:
+    import paddle
+
+    from palm.evaluate import load_trained
+
+    model, info = load_trained(model_dir)
+    size = int(info["image_size"])
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
+    with atomic_dir(out_dir) as tmp:
+        paddle.jit.save(model, str(tmp / "inference"), input_spec=spec)
+        shutil.copyfile(Path(model_dir) / "model.json", tmp / "model.json")
+    return Path(out_dir)
+
+
+def main(params: dict) -> None:
+    out = export()
+    print(f"exported the inference model to {out}/")

@@ -1,0 +1,95 @@
+"""Using a trained model: predict (CLI), the exported inference model, Grad-CAM."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import paddle
+import pytest
+
+from palm.cli import main as palm_main
+from palm.explain import gradcam
+from palm.export import export
+from palm.image import load_image, to_chw_float
+from palm.models import build_model, gradcam_layer
+from palm.predict import Predictor
+
+SIZE = 48
+
+
+def save_model(folder, name="senet18"):
+    """A (randomly initialised) trained-model folder as the train stage writes it."""
+    folder.mkdir(parents=True)
+    paddle.seed(1)
+    model = build_model(name, image_size=SIZE)
+    paddle.save(model.state_dict(), str(folder / "model.pdparams"))
+    (folder / "model.json").write_text(json.dumps({"model": name, "image_size": SIZE, "threshold": 0.5}))
+    return folder
+
+
+def photos(folder, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = cv2.GaussianBlur(rng.integers(0, 255, (300 + 40 * i, 280, 3), dtype=np.uint8), (0, 0), 3)
+        cv2.circle(img, (100 + 30 * i, 140), 40, (255, 255, 255), -1)
+        cv2.imwrite(str(folder / f"img{i}.jpg"), img)
+    return sorted(folder.glob("*.jpg"))
+
+
+@pytest.mark.parametrize("name", ["senet18", "googlenet"])
+def test_exported_model_matches_the_training_time_model(tmp_path, name):
+    models = save_model(tmp_path / "models", name)
+    export(models, tmp_path / "export")
+    files = photos(tmp_path / "img")
+    a = list(Predictor.load(models).predict(files, progress=False))
+    b = list(Predictor.load(tmp_path / "export").predict(files, progress=False))
+    pa = np.array([r["probability"] for r in a])
+    pb = np.array([r["probability"] for r in b])
+    np.testing.assert_allclose(pa, pb, atol=1e-4)
+    # and the raw logits, on the very same preprocessed input
+    x = to_chw_float(np.stack([load_image(f, SIZE) for f in files]))
+    model = build_model(name, image_size=SIZE)
+    model.set_state_dict(paddle.load(str(models / "model.pdparams")))
+    model.eval()
+    loaded = paddle.jit.load(str(tmp_path / "export" / "inference"))
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), loaded(paddle.to_tensor(x)).numpy(), atol=1e-4)
+
+
+def test_predict_cli_reports_unreadable_files_and_predicts_the_rest(tmp_path, capsys):
+    models = save_model(tmp_path / "models")
+    photos(tmp_path / "img", 3)
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "preds.csv"
+    code = palm_main(["predict", str(tmp_path / "img"), "--model", str(models), "--out", str(out), "--quiet"])
+    assert code == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [r["image"].split("/")[-1] for r in rows] == ["broken.jpg", "img0.jpg", "img1.jpg", "img2.jpg"]
+    assert "broken.jpg" in rows[0]["error"] and rows[0]["probability"] == ""
+    for r in rows[1:]:
+        assert 0 <= float(r["probability"]) <= 1 and r["predicted"] in ("0", "1") and r["error"] == ""
+    assert "broken.jpg" in capsys.readouterr().err
+    assert palm_main(["predict", str(tmp_path / "img" / "img0.jpg"), "--model", str(models), "--quiet"]) == 0
+
+
+def test_predict_without_a_model_is_a_clear_error(tmp_path, capsys):
+    photos(tmp_path / "img", 1)
+    assert palm_main(["predict", str(tmp_path / "img"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "no model.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg16", "googlenet", "resnet50", "senet18", "lenet"])
+def test_gradcam_heatmap(name):
+    paddle.seed(0)
+    model = build_model(name, image_size=64)
+    model.eval()
+    rng = np.random.default_rng(0)
+    a = to_chw_float(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    b = to_chw_float(cv2.circle(np.zeros((64, 64, 3), np.uint8), (20, 40), 12, (255, 255, 255), -1))
+    cam_a, p = gradcam(model, gradcam_layer(name, model), a)
+    cam_b, _ = gradcam(model, gradcam_layer(name, model), b)
+    assert cam_a.shape == (64, 64) and 0 <= p <= 1
+    assert cam_a.min() >= 0 and cam_a.max() <= 1
+    assert cam_a.std() > 0 or cam_b.std() > 0
+    assert not np.allclose(cam_a, cam_b)
