@@ -1,0 +1,37 @@
+"""The repository's promises to a newcomer: the README's set-up commands and CI agree."""
+
+import re
+
+import yaml
+
+from conftest import REPO
+
+
+def setup_commands():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    ")]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = setup_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert main_job.endswith("dvc repro") and "pip install -e ." in main_job
+    assert tests.endswith("pytest") and '".[test]"' in tests
+    ci = (REPO / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
+
+
+def test_every_stage_has_a_thin_entry_point_named_like_it():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python stages/{name}.py"
+        assert (REPO / "stages" / f"{name}.py").is_file()
+        assert f"stages/{name}.py" in stage["deps"]
+
+
+def test_embedded_default_is_the_synthetic_set():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["data"]["zips_dir"] == "data/synthetic"
+    assert re.fullmatch(r"[a-z0-9]+", params["model"])
