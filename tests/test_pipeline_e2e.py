@@ -50,7 +50,7 @@ def test_repro_writes_shards_with_the_right_shapes_counts_and_labels(project):
     assert len(train) == 20 and train.label.sum() == 10
     assert len(valid) == 12 and valid.label.sum() == 6
     manifest = json.loads((project / "data" / "shards" / "manifest.json").read_text())
-    for split, part in (("train", train), ("valid", valid)):
+    for split, part in (("train", train), ("valid", valid)):  # shards follow labels.csv
         shards = manifest["splits"][split]["shards"]
         arrays = [np.load(project / "data" / "shards" / s["file"]) for s in shards]
         assert all(a.dtype == np.uint8 and a.shape[1:] == (64, 64, 3) for a in arrays)
@@ -73,8 +73,20 @@ def test_metrics_have_every_field_finite_and_in_range(project):
     show = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "accuracy" in show
     plots = run(["dvc", "plots", "show", "--json"], project).stdout
-    for name in ("roc.json", "confusion_matrix.json", "train_loss.tsv"):
+    for name in ("roc.json", "confusion_matrix.json", "train_loss.tsv", "metrics/explain/"):
         assert name in plots, name
+
+
+def test_export_explain_and_predict_from_the_pipeline(project, tmp_path):
+    pngs = sorted((project / "metrics" / "explain").glob("*.png"))
+    assert 1 <= len(pngs) <= 12 and all("_label-" in p.name and "_pred-" in p.name for p in pngs)
+    out = tmp_path / "preds.csv"
+    run(["palm", "predict", "data/raw/PALM-Validation400", "--model", "models_export", "--out", str(out),
+         "--quiet"], project)
+    exported = pd.read_csv(out).sort_values("image").reset_index(drop=True)
+    saved = pd.read_csv(project / "metrics" / "predictions.csv").sort_values("image").reset_index(drop=True)
+    assert [p.split("/")[-1] for p in exported.image] == saved.image.tolist()
+    np.testing.assert_allclose(exported.probability, saved.probability, atol=1e-4)
 
 
 def test_noop_repro_and_image_size_change_reruns_preprocess_only(project):

@@ -206,7 +206,12 @@ class Trainer:
             raise DataError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
         tr_idx, ho_idx = stratified_holdout(full, float(cfg["holdout"]), seed)
         train_split, hold_split = full.subset(tr_idx), full.subset(ho_idx)
-        train_ds = FundusDataset(train_split, Augment(**cfg["augment"]), seed=seed)
+        try:
+            augment = Augment(**cfg["augment"])
+        except TypeError:
+            raise DataError(f"train.augment: unknown key in {cfg['augment']} (known: "
+                            f"{', '.join(Augment.__dataclass_fields__)})") from None
+        train_ds = FundusDataset(train_split, augment, seed=seed)
         bs = int(cfg["batch_size"])
         train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=int(cfg["workers"]),
                                    drop_last=len(train_ds) > bs)
