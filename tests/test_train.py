@@ -85,3 +85,27 @@ def test_per_model_overrides_and_unknown_keys():
     assert cfg["lr"] == 0.01 and cfg["augment"] == {"hflip": True, "vflip": True} and cfg["model"] == "alexnet"
     with pytest.raises(DataError, match="unknown training parameter 'lrate'"):
         effective_config({**p, "train": {"lrate": 1}})
+
+
+def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path, shards):
+    """``input_size`` (per model in params.yaml) resizes the shards for the network; predict
+    on the original photographs gives what the network gives on those resized shards."""
+    import contextlib
+
+    from palm.dataset import FundusDataset, load_split, make_loader
+    from palm.evaluate import load_trained
+    from palm.predict import Predictor
+    from palm.train import predict_probs
+
+    info, _, out = run(tmp_path, shards, params(epochs=1, input_size=24))
+    assert (info["image_size"], info["input_size"]) == (32, 24)
+    model, saved = load_trained(out / "models")
+    assert saved["input_size"] == 24
+    train = load_split(shards, "train", size=24)
+    assert train.pixels.shape[1:] == (24, 24, 3)
+    expected = predict_probs(model, make_loader(FundusDataset(train), 8, shuffle=False), contextlib.nullcontext)
+    files = [shards.parent / "raw" / "PALM-Training400" / name for name in train.images]
+    got = [r["probability"] for r in Predictor.load(out / "models").predict(files, progress=False)]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(DataError, match="input_size of senet18 must be between 16 and image_size"):
+        effective_config(params(input_size=48))

@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 
 from palm.errors import DataError
-from palm.image import to_chw_float
+from palm.image import resize_square, to_chw_float
 from palm.preprocess import MANIFEST
 
 
@@ -32,6 +32,14 @@ class Split:
         return Split(self.pixels[idx], self.labels[idx],
                      [self.images[i] for i in idx], [self.groups[i] for i in idx])
 
+    def resized(self, size: int | None) -> "Split":
+        """The same images at ``size`` x ``size`` (a model's ``input_size``); self if already so."""
+        if size is None or self.pixels.shape[1:3] == (size, size):
+            return self
+        pixels = np.stack([resize_square(p, size) for p in self.pixels]) if len(self) else \
+            np.zeros((0, size, size, 3), np.uint8)
+        return Split(pixels, self.labels, self.images, self.groups)
+
 
 def read_manifest(shards_dir: str | Path) -> dict:
     path = Path(shards_dir) / MANIFEST
@@ -41,7 +49,8 @@ def read_manifest(shards_dir: str | Path) -> dict:
         raise DataError(f"{path}: not found; run the preprocess stage first (dvc repro preprocess)") from None
 
 
-def load_split(shards_dir: str | Path, split: str) -> Split:
+def load_split(shards_dir: str | Path, split: str, size: int | None = None) -> Split:
+    """One split of the shards, resized to ``size`` when given (see ``Split.resized``)."""
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     if split not in manifest["splits"]:
@@ -53,7 +62,7 @@ def load_split(shards_dir: str | Path, split: str) -> Split:
     groups = [v for s in shards for v in s.get("groups", [""] * len(s["labels"]))]
     if len(pixels) != len(labels):
         raise DataError(f"{shards_dir}: manifest lists {len(labels)} {split} labels for {len(pixels)} images")
-    return Split(pixels, labels, images, groups)
+    return Split(pixels, labels, images, groups).resized(size)
 
 
 def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,10 +31,15 @@ def load_trained(model_dir: str | Path = "models"):
 
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "model.json").read_text())
-    model = build_model(info["model"], image_size=info["image_size"])
+    model = build_model(info["model"], image_size=input_size(info))
     model.set_state_dict(paddle.load(str(model_dir / "model.pdparams")))
     model.eval()
     return model, info
+
+
+def input_size(info: dict) -> int:
+    """The side of the images the model takes (``model.json``; older files: ``image_size``)."""
+    return int(info.get("input_size") or info["image_size"])
 
 
 def score(labels, probs, threshold: float) -> dict:
@@ -70,7 +75,7 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
     select_device("auto")
 
     model, info = load_trained(model_dir)
-    valid = load_split(shards_dir, "valid")
+    valid = load_split(shards_dir, "valid", size=input_size(info))
     probs = predict_probs(model, make_loader(FundusDataset(valid), batch_size, shuffle=False), contextlib.nullcontext)
     threshold = float(info.get("threshold", 0.5))
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),

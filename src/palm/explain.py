@@ -78,7 +78,7 @@ def choose_images(preds: pd.DataFrame, n: int) -> pd.DataFrame:
 def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
             predictions="metrics/predictions.csv", out_dir=EXPLAIN_DIR) -> list[Path]:
     from palm.dataset import load_split
-    from palm.evaluate import load_trained
+    from palm.evaluate import input_size, load_trained
     from palm.image import to_chw_float
     from palm.models import gradcam_layer
     from palm.runtime import select_device
@@ -86,7 +86,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
     select_device("auto")
     model, info = load_trained(model_dir)
     layer = gradcam_layer(info["model"], model)
-    valid = load_split(shards_dir, "valid")
+    valid = load_split(shards_dir, "valid", size=input_size(info))
     index = {name: i for i, name in enumerate(valid.images)}
     chosen = choose_images(pd.read_csv(predictions), n_images)
     written = []

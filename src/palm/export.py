@@ -18,10 +18,10 @@ EXPORT_DIR = Path("models_export")
 def export(model_dir="models", out_dir=EXPORT_DIR) -> Path:
     import paddle
 
-    from palm.evaluate import load_trained
+    from palm.evaluate import input_size, load_trained
 
     model, info = load_trained(model_dir)
-    size = int(info["image_size"])
+    size = input_size(info)
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     with atomic_dir(out_dir) as tmp:
         paddle.jit.save(model, str(tmp / "inference"), input_spec=spec)

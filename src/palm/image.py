@@ -1,6 +1,7 @@
 """The one image preprocessing function shared by ``preprocess`` (training data) and ``predict``.
 
-``load_image`` decodes a photograph to an ``image_size`` x ``image_size`` RGB uint8 array;
+``load_image`` decodes a photograph to an ``image_size`` x ``image_size`` RGB uint8 array
+(and on to a model's ``input_size``, via ``resize_square``);
 ``to_chw_float`` turns such arrays into the network's input (float32, CHW, in [-1, 1]).
 """
 
@@ -16,8 +17,12 @@ from PIL import Image, UnidentifiedImageError
 from palm.errors import DataError
 
 
-def load_image(source: str | Path | bytes, image_size: int) -> np.ndarray:
+def load_image(source: str | Path | bytes, image_size: int, input_size: int | None = None) -> np.ndarray:
     """Decode ``source`` (a path or the file's bytes) to RGB uint8 of shape (image_size, image_size, 3).
+
+    This is what ``preprocess`` stores. With ``input_size`` (a model trained at a lower
+    resolution than the shards, ``train.input_size``), that image is then resized again to
+    ``input_size``, exactly as the training loader resizes the shards.
 
     Large JPEGs are decoded at reduced resolution (libjpeg's DCT scaling, 1/2 to 1/8, never
     below ``image_size``): a 2124x2056 photograph is decoded about 8x faster than at full size.
@@ -33,10 +38,15 @@ def load_image(source: str | Path | bytes, image_size: int) -> np.ndarray:
         raise DataError(f"{name}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc})") from None
-    if rgb.shape[:2] != (image_size, image_size):
-        shrinking = rgb.shape[0] >= image_size and rgb.shape[1] >= image_size
-        rgb = cv2.resize(rgb, (image_size, image_size),
-                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    rgb = resize_square(rgb, image_size)
+    return rgb if input_size is None else resize_square(rgb, input_size)
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """``rgb`` as a ``size`` x ``size`` image (area interpolation when shrinking)."""
+    if rgb.shape[:2] != (size, size):
+        shrinking = rgb.shape[0] >= size and rgb.shape[1] >= size
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     return np.ascontiguousarray(rgb)
 
 

@@ -35,7 +35,8 @@ class Predictor:
     """A trained classifier: from ``models/`` (weights) or from the exported inference model."""
 
     run_batch: object       # callable: float32 NCHW array -> probabilities (N,)
-    image_size: int
+    image_size: int         # what preprocess decodes to
+    input_size: int         # what the network takes
     threshold: float
     name: str
 
@@ -67,7 +68,10 @@ class Predictor:
                 logits = main_logits(layer(paddle.to_tensor(x)))
             return F.sigmoid(logits.astype("float32")).numpy().reshape(-1)
 
-        return cls(run_batch, int(info["image_size"]), float(info.get("threshold", 0.5)), info["model"])
+        from palm.evaluate import input_size
+
+        return cls(run_batch, int(info["image_size"]), input_size(info), float(info.get("threshold", 0.5)),
+                   info["model"])
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True) -> Iterator[dict]:
         """Yield one record per file, in order: probability and class, or the error."""
@@ -79,7 +83,7 @@ class Predictor:
             images, records = [], []
             for f in chunk:
                 try:
-                    images.append(load_image(f, self.image_size))
+                    images.append(load_image(f, self.image_size, self.input_size))
                     records.append({"image": str(f), "error": None})
                 except DataError as exc:
                     records.append({"image": str(f), "error": str(exc)})
