@@ -80,7 +80,7 @@ def make_project(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy2(REPO / name, dest / name)
-    for name in ("stages", "src"):
+    for name in ("stages", "src", "scripts"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "data" / "original").mkdir(parents=True)
     (dest / "data" / "original" / "README.md").write_text("real zips go here\n")

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -112,6 +113,17 @@ def test_exp_run_another_model_and_metrics_diff(project):
     assert "metrics/eval.json" in diff and diff["metrics/eval.json"], diff
     exp_show = run(["dvc", "exp", "show", "--json"], project).stdout
     assert "alexnet" in exp_show
+
+
+def test_compare_script_runs_each_model_and_seed_and_tabulates_the_pipeline_metrics(project):
+    out = run([sys.executable, "scripts/compare_models.py", "--models", "lenet", "--seeds", "0", "1",
+               "--out", "metrics/compare.json"], project).stdout
+    rows = json.loads((project / "metrics" / "compare.json").read_text())
+    assert [(r["model"], r["seed"]) for r in rows] == [("lenet", 0), ("lenet", 1)]
+    last = json.loads((project / "metrics" / "eval.json").read_text())  # the workspace holds the last run
+    assert rows[1]["accuracy"] == last["accuracy"] and rows[1]["auc"] == last["auc"]
+    assert all(r["train_seconds"] > 0 and r["n_valid"] == last["n"] for r in rows)
+    assert "| lenet | 2 |" in out and "| lenet | 64 | 1 |" in out
 
 
 def test_killed_training_resumes_from_its_checkpoint(project):

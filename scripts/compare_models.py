@@ -1,0 +1,92 @@
+"""Train and score several models (and seeds) with the pipeline, then print a results table.
+
+Each (model, seed) is one DVC experiment, ``dvc exp run -S model=M -S train.seed=S``, with
+every other parameter from params.yaml (the per-model defaults under ``models:``). After
+each run the row is read from the pipeline's own files: ``metrics/eval.json`` (validation
+metrics, computed from the saved predictions), ``metrics/train/metrics.json`` (training
+seconds, selected epoch) and ``models/model.json`` (input size). The rows are written to
+``--out`` as JSON and printed as a Markdown table: one line per run, and per model the
+mean and the spread (min..max) over the seeds.
+
+Run it from the repository's top folder, e.g. on the real data in data/original:
+
+    python scripts/compare_models.py --zips-dir data/original --seeds 0 1
+    python scripts/compare_models.py --table-only      # the table of an earlier --out file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet50", "senet18"]
+COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")
+
+
+def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> dict:
+    cmd = ["dvc", "exp", "run", "-S", f"model={model}", "-S", f"train.seed={seed}"]
+    if zips_dir:
+        cmd += ["-S", f"data.zips_dir={zips_dir}"]
+    for item in extra:
+        cmd += ["-S", item]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    ev = json.loads(Path("metrics/eval.json").read_text())
+    tr = json.loads(Path("metrics/train/metrics.json").read_text())
+    info = json.loads(Path("models/model.json").read_text())
+    return {"model": model, "seed": seed, "input_size": info.get("input_size", info["image_size"]),
+            "epochs": info["epochs"], "selected_epoch": tr["selected_epoch"],
+            "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS}}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | px | seed | accuracy | AUC | sensitivity | specificity | train time |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['input_size']} | {r['seed']} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
+                   f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['train_seconds'] / 60:.1f} min |")
+    out += ["", "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | train time mean |",
+            "|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+
+        def spread(key):
+            v = [r[key] for r in rs]
+            return f"{sum(v) / len(v):.3f} ({min(v):.3f}..{max(v):.3f})"
+
+        minutes = sum(r["train_seconds"] for r in rs) / len(rs) / 60
+        out.append(f"| {model} | {len(rs)} | {spread('accuracy')} | {spread('auc')} | {minutes:.1f} min |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--zips-dir", help="data.zips_dir for these runs (e.g. data/original)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more -S parameters for every run")
+    ap.add_argument("--out", default="metrics/compare.json")
+    ap.add_argument("--table-only", action="store_true", help="print the table of --out, run nothing")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    if not args.table_only:
+        rows = [r for r in rows if not (r["model"] in args.models and r["seed"] in args.seeds)]
+        for model in args.models:
+            for seed in args.seeds:
+                try:
+                    rows.append(run_one(model, seed, args.zips_dir, args.set))
+                except subprocess.CalledProcessError as exc:
+                    print(f"{model} seed {seed} failed ({exc}); the table has the other runs", file=sys.stderr)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""scripts/compare_models.py: the results table (its runs are tested end to end)."""
+
+import importlib.util
+import json
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("compare_models", REPO / "scripts" / "compare_models.py")
+compare_models = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_models)
+
+
+def row(model, seed, acc, auc, seconds):
+    return {"model": model, "seed": seed, "input_size": 128, "epochs": 10, "selected_epoch": 9,
+            "train_seconds": seconds, "n_valid": 99, "accuracy": acc, "auc": auc,
+            "sensitivity": 0.9, "specificity": 0.95}
+
+
+def test_table_has_a_line_per_run_and_mean_and_spread_per_model(tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    out.write_text(json.dumps([row("senet18", 0, 0.95, 0.98, 300), row("senet18", 1, 0.91, 0.97, 360),
+                               row("alexnet", 0, 0.90, 0.96, 120)]))
+    assert compare_models.main(["--table-only", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| senet18 | 128 | 1 | 0.910 | 0.970 | 0.900 | 0.950 | 6.0 min |" in text
+    assert "| senet18 | 2 | 0.930 (0.910..0.950) | 0.975 (0.970..0.980) | 5.5 min |" in text
+    assert "| alexnet | 1 | 0.900 (0.900..0.900) | 0.960 (0.960..0.960) | 2.0 min |" in text
