@@ -107,5 +107,6 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     files = [shards.parent / "raw" / "PALM-Training400" / name for name in train.images]
     got = [r["probability"] for r in Predictor.load(out / "models").predict(files, progress=False)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    with pytest.raises(DataError, match="input_size of senet18 must be between 16 and image_size"):
-        effective_config(params(input_size=48))
+    assert effective_config(params(input_size=48))["input_size"] == 32  # a cap: never above the shards
+    with pytest.raises(DataError, match="input_size of senet18 must be at least 16"):
+        effective_config(params(input_size=8))

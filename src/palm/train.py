@@ -53,8 +53,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",          # auto | cpu | gpu | gpu:N
     "amp": "auto",             # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
     "workers": 0,              # DataLoader worker processes
-    "input_size": None,        # side the network sees; None = image_size. Smaller: the shards
-                               # are resized once in memory (a faster run for the slow models)
+    "input_size": None,        # at most this side for the network (None: image_size); smaller
+                               # than image_size, the shards are resized once in memory
 }
 
 
@@ -71,10 +71,10 @@ def effective_config(params: dict) -> dict:
             cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg[key], dict) else value
     cfg["model"] = name
     cfg["image_size"] = int(params["image_size"])
-    cfg["input_size"] = int(cfg["input_size"] or cfg["image_size"])
-    if not 16 <= cfg["input_size"] <= cfg["image_size"]:
-        raise DataError(f"params.yaml: input_size of {name} must be between 16 and image_size "
-                        f"({cfg['image_size']}), got {cfg['input_size']}")
+    # input_size caps the side the network sees: smaller shards (image_size) are used as they are
+    cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
+    if cfg["input_size"] < 16:
+        raise DataError(f"params.yaml: input_size of {name} must be at least 16, got {cfg['input_size']}")
     return cfg
 
 
