@@ -35,3 +35,26 @@ def test_embedded_default_is_the_synthetic_set():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert params["data"]["zips_dir"] == "data/synthetic"
     assert re.fullmatch(r"[a-z0-9]+", params["model"])
+
+
+def test_every_library_the_code_imports_is_a_runtime_dependency():
+    """`pip install -e .` (the README's main-job command) must bring all that src/ and
+    stages/ import: a package only in the test extra would break `dvc repro`."""
+    import ast
+    import sys
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[=<>\[ ]", d)[0].lower() for d in deps}
+    distribution = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow",
+                    "paddle": "paddlepaddle"}
+    imported = set()
+    for path in [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"palm"}
+    missing = {m for m in third_party if distribution.get(m, m).lower() not in names}
+    assert third_party and not missing, f"imported but not in [project] dependencies: {sorted(missing)}"
