@@ -110,3 +110,26 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     assert effective_config(params(input_size=48))["input_size"] == 32  # a cap: never above the shards
     with pytest.raises(DataError, match="input_size of senet18 must be at least 16"):
         effective_config(params(input_size=8))
+
+
+def test_static_graph_training_is_deterministic_and_saves_an_ordinary_model(tmp_path, shards):
+    import contextlib
+
+    from palm.dataset import FundusDataset, load_split, make_loader
+    from palm.evaluate import load_trained
+    from palm.train import predict_probs
+
+    p = params(epochs=2, to_static=True)
+    _, h1, out = run(tmp_path / "a", shards, p)
+    _, h2, _ = run(tmp_path / "b", shards, p)
+    assert strip_times(h1) == strip_times(h2) and all(np.isfinite(r["train_loss"]) for r in h1)
+    eager, _ = load_trained(out / "models")  # an ordinary (dynamic-graph) model, as evaluate loads it
+    valid = load_split(shards, "valid")
+    probs = predict_probs(eager, make_loader(FundusDataset(valid), 8, shuffle=False), contextlib.nullcontext)
+    assert probs.shape == (2,) and np.all((probs > 0) & (probs < 1))
+
+
+def test_static_graph_training_is_refused_for_networks_with_dropout(tmp_path, shards):
+    """Measured: GoogLeNet under to_static gave two different runs from one seed."""
+    with pytest.raises(DataError, match="googlenet has dropout"):
+        run(tmp_path, shards, {**params(epochs=1, to_static=True), "model": "googlenet"})
