@@ -41,9 +41,10 @@ def strip_times(history):
     return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in history]
 
 
-def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monkeypatch):
-    _, h1, out1 = run(tmp_path / "a", shards, params())
-    _, h2, _ = run(tmp_path / "b", shards, params())
+@pytest.mark.parametrize("to_static", [False, True])
+def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monkeypatch, to_static):
+    _, h1, out1 = run(tmp_path / "a", shards, params(to_static=to_static))
+    _, h2, _ = run(tmp_path / "b", shards, params(to_static=to_static))
     assert strip_times(h1) == strip_times(h2)
     assert len(h1) == 3 and all(np.isfinite(r["train_loss"]) for r in h1)
     summary = json.loads((out1 / "live" / "metrics.json").read_text())
@@ -60,11 +61,11 @@ def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monke
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "c", shards, params())
+        run(tmp_path / "c", shards, params(to_static=to_static))
     monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
     ckpt = json.loads((tmp_path / "c" / "run" / "checkpoints" / "checkpoint.json").read_text())
     assert ckpt["epoch"] == 1
-    _, h3, out3 = run(tmp_path / "c", shards, params())
+    _, h3, out3 = run(tmp_path / "c", shards, params(to_static=to_static))
     assert strip_times(h3) == strip_times(h1)  # resumed run = uninterrupted run
     # the dvclive curves are whole after the resume
     lines = (out3 / "live" / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()
