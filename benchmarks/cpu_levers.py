@@ -17,7 +17,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+from cpu_vs_torch import paddle_timed_steps  # noqa: E402  (this folder is on sys.path when run as a script)
 
 # name: (environment changes, child options)
 LEVERS = {
@@ -69,7 +70,6 @@ def child(opts: dict) -> dict:
     import contextlib
 
     import palm  # noqa: F401  (the project's thread settings, unless the lever overrides them)
-    import numpy as np
     import paddle
 
     from palm.models import build_model
@@ -87,21 +87,8 @@ def child(opts: dict) -> dict:
     if opts.get("static"):
         model = paddle.jit.to_static(model, full_graph=True)
     x = paddle.randn([batch, size, size, 3] if opts.get("nhwc") else [batch, 3, size, size])
-    y = paddle.to_tensor(np.random.default_rng(0).integers(0, 2, (batch, 1)).astype("float32"))
-    loss_fn = paddle.nn.BCEWithLogitsLoss()
     ctx = (lambda: paddle.amp.auto_cast(dtype="bfloat16", level=amp)) if amp else contextlib.nullcontext
-    times = []
-    for _ in range(opts["steps"] + 2):
-        t0 = time.perf_counter()
-        with ctx():
-            out = model(x)
-        loss = loss_fn(out.astype("float32"), y)
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
-        float(loss)
-        times.append(time.perf_counter() - t0)
-    step = statistics.median(times[2:])
+    step = statistics.median(paddle_timed_steps(model, opt, x, ctx, opts["steps"]))
     return {"s_per_step": step, "img_per_s": batch / step}
 
 

@@ -22,7 +22,6 @@ import palm  # noqa: F401  (thread settings before paddle or torch load)
 def paddle_step_times(name: str, batch: int, size: int, steps: int, amp: str) -> list[float]:
     import contextlib
 
-    import numpy as np
     import paddle
 
     from palm.models import build_model
@@ -33,12 +32,20 @@ def paddle_step_times(name: str, batch: int, size: int, steps: int, amp: str) ->
     model = build_model(name, image_size=size)
     model.train()
     opt = paddle.optimizer.Momentum(0.01, momentum=0.9, parameters=model.parameters())
-    x = paddle.randn([batch, 3, size, size])
-    y = paddle.to_tensor(np.random.default_rng(0).integers(0, 2, (batch, 1)).astype("float32"))
-    loss_fn = paddle.nn.BCEWithLogitsLoss()
     ctx = (lambda: paddle.amp.auto_cast(dtype="bfloat16", level="O1")) if amp == "bf16" else contextlib.nullcontext
+    return paddle_timed_steps(model, opt, paddle.randn([batch, 3, size, size]), ctx, steps)
+
+
+def paddle_timed_steps(model, opt, x, ctx, steps: int, warmup: int = 2) -> list[float]:
+    """Seconds of each training step (forward under ``ctx``, BCE loss, backward, optimizer
+    step) on the batch ``x`` with random 0/1 labels, after ``warmup`` untimed steps."""
+    import numpy as np
+    import paddle
+
+    y = paddle.to_tensor(np.random.default_rng(0).integers(0, 2, (x.shape[0], 1)).astype("float32"))
+    loss_fn = paddle.nn.BCEWithLogitsLoss()
     times = []
-    for _ in range(steps + 2):
+    for _ in range(steps + warmup):
         t0 = time.perf_counter()
         with ctx():
             out = model(x)
@@ -48,7 +55,7 @@ def paddle_step_times(name: str, batch: int, size: int, steps: int, amp: str) ->
         opt.clear_grad()
         float(loss)
         times.append(time.perf_counter() - t0)
-    return times[2:]
+    return times[warmup:]
 
 
 def torch_models():
