@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from palm.evaluate import input_size
+
 MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet50", "senet18"]
 COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")
 
@@ -37,7 +39,7 @@ def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> di
     ev = json.loads(Path("metrics/eval.json").read_text())
     tr = json.loads(Path("metrics/train/metrics.json").read_text())
     info = json.loads(Path("models/model.json").read_text())
-    return {"model": model, "seed": seed, "input_size": info.get("input_size", info["image_size"]),
+    return {"model": model, "seed": seed, "input_size": input_size(info),
             "epochs": info["epochs"], "selected_epoch": tr["selected_epoch"],
             "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS}}
 
