@@ -41,10 +41,10 @@ def strip_times(history):
     return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in history]
 
 
-@pytest.mark.parametrize("to_static", [False, True])
-def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monkeypatch, to_static):
-    _, h1, out1 = run(tmp_path / "a", shards, params(to_static=to_static))
-    _, h2, _ = run(tmp_path / "b", shards, params(to_static=to_static))
+@pytest.mark.parametrize("to_static,ema", [(False, 0.0), (True, 0.0), (True, 0.9)])
+def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monkeypatch, to_static, ema):
+    _, h1, out1 = run(tmp_path / "a", shards, params(to_static=to_static, ema=ema))
+    _, h2, _ = run(tmp_path / "b", shards, params(to_static=to_static, ema=ema))
     assert strip_times(h1) == strip_times(h2)
     assert len(h1) == 3 and all(np.isfinite(r["train_loss"]) for r in h1)
     summary = json.loads((out1 / "live" / "metrics.json").read_text())
@@ -61,11 +61,11 @@ def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monke
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "c", shards, params(to_static=to_static))
+        run(tmp_path / "c", shards, params(to_static=to_static, ema=ema))
     monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
     ckpt = json.loads((tmp_path / "c" / "run" / "checkpoints" / "checkpoint.json").read_text())
     assert ckpt["epoch"] == 1
-    _, h3, out3 = run(tmp_path / "c", shards, params(to_static=to_static))
+    _, h3, out3 = run(tmp_path / "c", shards, params(to_static=to_static, ema=ema))
     assert strip_times(h3) == strip_times(h1)  # resumed run = uninterrupted run
     # the dvclive curves are whole after the resume
     lines = (out3 / "live" / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()
@@ -134,3 +134,37 @@ def test_static_graph_training_is_refused_for_networks_with_dropout(tmp_path, sh
     """Measured: GoogLeNet under to_static gave two different runs from one seed."""
     with pytest.raises(DataError, match="googlenet has dropout"):
         run(tmp_path, shards, {**params(epochs=1, to_static=True), "model": "googlenet"})
+
+
+def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, shards):
+    """``train.ema``: the saved weights are the moving average, not the last step's weights,
+    and the holdout metrics are those of the average (they differ from the plain run's)."""
+    import paddle
+
+    _, plain, out_plain = run(tmp_path / "plain", shards, params(epochs=2, select="last"))
+    _, avg, out_avg = run(tmp_path / "avg", shards, params(epochs=2, select="last", ema=0.9))
+    # the same training trajectory (the average does not feed back) ...
+    assert [r["train_loss"] for r in avg] == [r["train_loss"] for r in plain]
+    # ... but another network is scored and saved
+    assert [r["holdout_loss"] for r in avg] != [r["holdout_loss"] for r in plain]
+    w_plain = paddle.load(str(out_plain / "models" / "model.pdparams"))
+    w_avg = paddle.load(str(out_avg / "models" / "model.pdparams"))
+    last = paddle.load(str(out_avg / "checkpoints" / "last.pdckpt"))
+    assert set(w_avg) == set(w_plain)
+    name = "conv1.weight"
+    np.testing.assert_array_equal(last["model"][name].numpy(), w_plain[name].numpy())
+    np.testing.assert_array_equal(last["ema"]["weights"][name].numpy(), w_avg[name].numpy())
+    assert not np.allclose(w_avg[name].numpy(), w_plain[name].numpy())
+
+
+@pytest.mark.parametrize("bad,match", [({"ema": 1.5}, "train.ema must be 0"),
+                                       ({"select_by": "f1"}, "train.select_by must be")])
+def test_bad_averaging_or_selection_parameters_are_refused(tmp_path, shards, bad, match):
+    with pytest.raises(DataError, match=match):
+        run(tmp_path, shards, params(epochs=1, **bad))
+
+
+def test_selection_by_holdout_loss_keeps_the_epoch_of_lowest_loss(tmp_path, shards):
+    info, history, _ = run(tmp_path, shards, params(epochs=3, select_by="loss"))
+    losses = [r["holdout_loss"] for r in history]
+    assert info["selected_epoch"] == 1 + losses.index(min(losses))

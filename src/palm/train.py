@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
                                # networks without dropout only (reproducibility)
     "input_size": None,        # at most this side for the network (None: image_size); smaller
                                # than image_size, the shards are resized once in memory
+    "ema": 0.0,                # decay of an exponential moving average of the weights, per step
+                               # (0: off); the holdout scores, and the saved model is, the average
+    "select_by": "accuracy",   # what "best" ranks on: accuracy (then loss) | loss | auc (then loss)
 }
 
 
@@ -113,6 +116,41 @@ def predict_probs(model, loader, amp_ctx) -> np.ndarray:
                 logits = main_logits(model(x))
             out.append(F.sigmoid(logits.astype("float32")).numpy().reshape(-1))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+class WeightEMA:
+    """Exponential moving average of a network's weights and batch-norm statistics.
+
+    ``decay`` applies per optimizer step, ramped up as ``min(decay, (1 + t) / (10 + t))`` so
+    that the first steps do not keep the random initial weights. The averaged network is a
+    second, eager copy of the architecture (``shadow``), used for the holdout and saved.
+    """
+
+    def __init__(self, model, shadow, decay: float):
+        self.model, self.shadow, self.decay, self.steps = model, shadow, float(decay), 0
+        self.shadow.set_state_dict(model.state_dict())
+        self.shadow.eval()
+
+    def update(self) -> None:
+        import paddle
+
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with paddle.no_grad():
+            src = self.model.state_dict()
+            for name, avg in self.shadow.state_dict().items():
+                cur = src[name]
+                if paddle.is_floating_point(avg):
+                    avg.set_value(avg * d + cur * (1 - d))
+                else:
+                    avg.set_value(cur)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "weights": self.shadow.state_dict()}
+
+    def set_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.shadow.set_state_dict(state["weights"])
 
 
 class Trainer:
@@ -176,12 +214,15 @@ class Trainer:
         state = paddle.load(str(ckpt_dir / "last.pdckpt"))
         return meta, state
 
-    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict):
+    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict, ema=None):
         import paddle
 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = ckpt_dir / "last.pdckpt.tmp"
-        paddle.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, str(tmp))
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        paddle.save(state, str(tmp))
         os.replace(tmp, ckpt_dir / "last.pdckpt")
         tmp_meta = ckpt_dir / "checkpoint.json.tmp"
         tmp_meta.write_text(json.dumps(meta, indent=1))
@@ -239,6 +280,14 @@ class Trainer:
                                 "are not reproducible from train.seed; use it for networks without dropout")
             model = paddle.jit.to_static(model, full_graph=True)
         opt, sched = self._optimizer(model, steps_per_epoch)
+        ema = None
+        if cfg["ema"]:
+            if not 0 < float(cfg["ema"]) < 1:
+                raise DataError(f"train.ema must be 0 (off) or a decay between 0 and 1, got {cfg['ema']!r}")
+            ema = WeightEMA(model, build_model(cfg["model"], image_size=cfg["input_size"]), cfg["ema"])
+        if cfg["select_by"] not in ("accuracy", "loss", "auc"):
+            raise DataError(f"train.select_by must be accuracy, loss or auc, got {cfg['select_by']!r}")
+        scored = ema.shadow if ema is not None else model  # the network the holdout judges and that is saved
         n_pos = int(train_split.labels.sum())
         pos_weight = None
         if cfg["class_balance"] and n_pos:
@@ -252,6 +301,8 @@ class Trainer:
             model.set_state_dict(state["model"])
             opt.set_state_dict(state["opt"])
             sched.set_state_dict(state["sched"])
+            if ema is not None:
+                ema.set_state_dict(state["ema"])
             start, history, best = meta["epoch"], meta["history"], meta.get("best")
             print(f"resuming from the checkpoint of epoch {start} of {cfg['epochs']}")
         else:
@@ -283,6 +334,8 @@ class Trainer:
                     opt.step()
                 opt.clear_grad()
                 sched.step()
+                if ema is not None:
+                    ema.update()
                 lv = float(loss)
                 if not math.isfinite(lv):
                     raise DataError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
@@ -293,20 +346,20 @@ class Trainer:
             rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(sched.get_lr()),
                    "epoch_seconds": time.perf_counter() - t0}
             if hold_loader is not None:
-                hm = binary_metrics(hold_split.labels, predict_probs(model, hold_loader, amp_ctx))
+                hm = binary_metrics(hold_split.labels, predict_probs(scored, hold_loader, amp_ctx))
                 rec.update({f"holdout_{k}": v for k, v in hm.items()})
             history.append(rec)
             self._log(live, rec)
             print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
-            score = (rec.get("holdout_accuracy", 0.0), -rec.get("holdout_loss", 0.0))
+            score = self._selection_score(rec)
             if cfg["select"] == "last" or hold_loader is None or best is None or score > tuple(best["score"]):
                 best = {"epoch": epoch + 1, "score": list(score)}
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                paddle.save(model.state_dict(), str(ckpt_dir / "best.pdparams.tmp"))
+                paddle.save(scored.state_dict(), str(ckpt_dir / "best.pdparams.tmp"))
                 os.replace(ckpt_dir / "best.pdparams.tmp", ckpt_dir / "best.pdparams")
             self._save_checkpoint(ckpt_dir, model, opt, sched, {
-                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg})
+                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg}, ema)
         train_seconds = sum(r["epoch_seconds"] for r in history)
 
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +379,16 @@ class Trainer:
         print(f"saved {model_dir / 'model.pdparams'} (epoch {best['epoch']}); "
               f"this run trained for {time.perf_counter() - t_start:.1f}s")
         return info
+
+    def _selection_score(self, rec: dict) -> tuple:
+        """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
+        loss = -rec.get("holdout_loss", 0.0)
+        by = self.cfg["select_by"]
+        if by == "loss":
+            return (loss,)
+        auc = rec.get("holdout_auc", 0.0)
+        return (rec.get("holdout_accuracy", 0.0), loss) if by == "accuracy" else \
+            (auc if math.isfinite(auc) else 0.0, loss)
 
     @staticmethod
     def _log(live, rec: dict) -> None:
