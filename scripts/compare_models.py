@@ -12,12 +12,17 @@ Run it from the repository's top folder, e.g. on the real data in data/original:
 
     python scripts/compare_models.py --zips-dir data/original --seeds 0 1
     python scripts/compare_models.py --table-only      # the table of an earlier --out file
+    python scripts/compare_models.py --table-only --out results/palm-mini.json --readme README.md
+
+``--readme FILE`` writes the table into FILE between the lines ``<!-- results table -->``
+and ``<!-- end of results table -->``, so the README shows exactly the rows of the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +55,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         out.append(f"| {r['model']} | {r['input_size']} | {r['seed']} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
                    f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['train_seconds'] / 60:.1f} min |")
-    out += ["", "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | train time mean |",
-            "|---|---|---|---|---|"]
+    out += ["", "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | sensitivity mean | "
+                "specificity mean | train time mean |", "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
 
@@ -60,8 +65,22 @@ def table(rows: list[dict]) -> str:
             return f"{sum(v) / len(v):.3f} ({min(v):.3f}..{max(v):.3f})"
 
         minutes = sum(r["train_seconds"] for r in rs) / len(rs) / 60
-        out.append(f"| {model} | {len(rs)} | {spread('accuracy')} | {spread('auc')} | {minutes:.1f} min |")
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("sensitivity", "specificity")}
+        out.append(f"| {model} | {len(rs)} | {spread('accuracy')} | {spread('auc')} | {mean['sensitivity']:.3f} | "
+                   f"{mean['specificity']:.3f} | {minutes:.1f} min |")
     return "\n".join(out)
+
+
+BEGIN, END = "<!-- results table -->", "<!-- end of results table -->"
+
+
+def write_into(path: Path, text: str) -> None:
+    """Replace what stands between the two marker lines of ``path`` with ``text``."""
+    doc = path.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' lines to write the table between")
+    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc), encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -72,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more -S parameters for every run")
     ap.add_argument("--out", default="metrics/compare.json")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out, run nothing")
+    ap.add_argument("--readme", type=Path, help="also write the table into this file, between its marker lines")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
@@ -86,7 +106,10 @@ def main(argv=None) -> int:
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    text = table(rows)
+    print(text)
+    if args.readme:
+        write_into(args.readme, text)
     return 0
 
 

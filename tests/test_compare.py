@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import pytest
+
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("compare_models", REPO / "scripts" / "compare_models.py")
@@ -23,5 +25,19 @@ def test_table_has_a_line_per_run_and_mean_and_spread_per_model(tmp_path, capsys
     assert compare_models.main(["--table-only", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| senet18 | 128 | 1 | 0.910 | 0.970 | 0.900 | 0.950 | 6.0 min |" in text
-    assert "| senet18 | 2 | 0.930 (0.910..0.950) | 0.975 (0.970..0.980) | 5.5 min |" in text
-    assert "| alexnet | 1 | 0.900 (0.900..0.900) | 0.960 (0.960..0.960) | 2.0 min |" in text
+    assert "| senet18 | 2 | 0.930 (0.910..0.950) | 0.975 (0.970..0.980) | 0.900 | 0.950 | 5.5 min |" in text
+    assert "| alexnet | 1 | 0.900 (0.900..0.900) | 0.960 (0.960..0.960) | 0.900 | 0.950 | 2.0 min |" in text
+
+
+def test_the_table_is_written_between_the_readme_markers_and_nowhere_else(tmp_path):
+    out = tmp_path / "compare.json"
+    out.write_text(json.dumps([row("senet18", 0, 0.95, 0.98, 300)]))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\nbefore\n<!-- results table -->\nold table\n<!-- end of results table -->\nafter\n")
+    assert compare_models.main(["--table-only", "--out", str(out), "--readme", str(readme)]) == 0
+    doc = readme.read_text()
+    assert "old table" not in doc and "| senet18 | 128 | 0 | 0.950 | 0.980 |" in doc
+    assert doc.startswith("# t\n\nbefore\n<!-- results table -->\n") and doc.endswith("<!-- end of results table -->\nafter\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no '<!-- results table -->'"):
+        compare_models.main(["--table-only", "--out", str(out), "--readme", str(readme)])
