@@ -58,3 +58,13 @@ def test_every_library_the_code_imports_is_a_runtime_dependency():
     third_party = imported - set(sys.stdlib_module_names) - {"palm"}
     missing = {m for m in third_party if distribution.get(m, m).lower() not in names}
     assert third_party and not missing, f"imported but not in [project] dependencies: {sorted(missing)}"
+
+
+def test_the_unzipped_photographs_are_never_committed():
+    """data/raw is an uncached DVC output: unless git ignores it, `dvc exp run` commits the
+    (real, possibly private) photographs into the experiment refs."""
+    import subprocess
+
+    for path in ("data/raw/PALM-Training400/P0001.jpg", "data/raw/PALM-Validation400/V0001.jpg",
+                 "data/original/training.zip"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
