@@ -81,6 +81,10 @@ def effective_config(params: dict) -> dict:
     cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
     if cfg["input_size"] < 16:
         raise DataError(f"params.yaml: input_size of {name} must be at least 16, got {cfg['input_size']}")
+    if cfg["ema"] and not 0 < float(cfg["ema"]) < 1:
+        raise DataError(f"train.ema must be 0 (off) or a decay between 0 and 1, got {cfg['ema']!r}")
+    if cfg["select_by"] not in ("accuracy", "loss", "auc"):
+        raise DataError(f"train.select_by must be accuracy, loss or auc, got {cfg['select_by']!r}")
     return cfg
 
 
@@ -127,9 +131,12 @@ class WeightEMA:
     """
 
     def __init__(self, model, shadow, decay: float):
-        self.model, self.shadow, self.decay, self.steps = model, shadow, float(decay), 0
+        self.shadow, self.decay, self.steps = shadow, float(decay), 0
         self.shadow.set_state_dict(model.state_dict())
         self.shadow.eval()
+        # (average, current) tensor pairs, looked up once: update() runs after every step
+        current = model.state_dict()
+        self.pairs = [(avg, current[name]) for name, avg in shadow.state_dict().items()]
 
     def update(self) -> None:
         import paddle
@@ -137,9 +144,7 @@ class WeightEMA:
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
         with paddle.no_grad():
-            src = self.model.state_dict()
-            for name, avg in self.shadow.state_dict().items():
-                cur = src[name]
+            for avg, cur in self.pairs:
                 if paddle.is_floating_point(avg):
                     avg.set_value(avg * d + cur * (1 - d))
                 else:
@@ -282,11 +287,7 @@ class Trainer:
         opt, sched = self._optimizer(model, steps_per_epoch)
         ema = None
         if cfg["ema"]:
-            if not 0 < float(cfg["ema"]) < 1:
-                raise DataError(f"train.ema must be 0 (off) or a decay between 0 and 1, got {cfg['ema']!r}")
             ema = WeightEMA(model, build_model(cfg["model"], image_size=cfg["input_size"]), cfg["ema"])
-        if cfg["select_by"] not in ("accuracy", "loss", "auc"):
-            raise DataError(f"train.select_by must be accuracy, loss or auc, got {cfg['select_by']!r}")
         scored = ema.shadow if ema is not None else model  # the network the holdout judges and that is saved
         n_pos = int(train_split.labels.sum())
         pos_weight = None
@@ -383,12 +384,10 @@ class Trainer:
     def _selection_score(self, rec: dict) -> tuple:
         """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
         loss = -rec.get("holdout_loss", 0.0)
-        by = self.cfg["select_by"]
-        if by == "loss":
-            return (loss,)
         auc = rec.get("holdout_auc", 0.0)
-        return (rec.get("holdout_accuracy", 0.0), loss) if by == "accuracy" else \
-            (auc if math.isfinite(auc) else 0.0, loss)
+        return {"loss": (loss,),
+                "accuracy": (rec.get("holdout_accuracy", 0.0), loss),
+                "auc": (auc if math.isfinite(auc) else 0.0, loss)}[self.cfg["select_by"]]
 
     @staticmethod
     def _log(live, rec: dict) -> None:
