@@ -62,6 +62,18 @@ def make_palm_zips(folder: Path, train=("P0001.jpg", "P0002.jpg", "N0001.jpg", "
     return folder
 
 
+def make_shards(tmp: Path, train, valid=(("V0001.jpg", 1), ("V0002.jpg", 0)), image_size: int = 32) -> Path:
+    """``tmp/shards``: tiny PALM zips (``make_palm_zips``) through unzip, labels and preprocess."""
+    from palm.labels import build_labels
+    from palm.preprocess import preprocess
+    from palm.unzip import unzip_all
+
+    unzip_all(make_palm_zips(tmp / "zips", train=train, valid=valid), tmp / "raw")
+    build_labels(tmp / "raw").to_csv(tmp / "labels.csv", index=False)
+    preprocess(tmp / "labels.csv", tmp / "raw", tmp / "shards", image_size=image_size, workers=1)
+    return tmp / "shards"
+
+
 # dvc, and the `python` of the stages' commands, from the environment running the tests
 BIN_DIR = str(Path(sys.executable).parent)
 ENV = {**os.environ, "PATH": BIN_DIR + os.pathsep + os.environ.get("PATH", "")}

@@ -5,11 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_palm_zips
-from palm.labels import build_labels
-from palm.preprocess import preprocess
+from conftest import make_shards
 from palm.train import Trainer, effective_config
-from palm.unzip import unzip_all
 from palm.errors import DataError
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
@@ -17,11 +14,7 @@ TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("data")
-    unzip_all(make_palm_zips(tmp / "zips", train=TRAIN, valid=[("V0001.jpg", 1), ("V0002.jpg", 0)]), tmp / "raw")
-    build_labels(tmp / "raw").to_csv(tmp / "labels.csv", index=False)
-    preprocess(tmp / "labels.csv", tmp / "raw", tmp / "shards", image_size=32, workers=1)
-    return tmp / "shards"
+    return make_shards(tmp_path_factory.mktemp("data"), TRAIN)
 
 
 def params(**train):

@@ -1,0 +1,52 @@
+"""K-fold cross-validation of params.yaml's training recipe on the training images only.
+
+For tuning defaults without ever looking at the validation set (``palm.crossval``): each
+fold of the TRAINING split of the shards (``data/shards``, written by ``dvc repro
+preprocess``) is predicted by the recipe trained on the other folds, and the pooled
+out-of-fold predictions are scored. Compare recipes with ``--set``, as ``dvc exp run -S``:
+
+    python scripts/cross_validate.py                                   # params.yaml as it is
+    python scripts/cross_validate.py --set train.holdout=0.15 train.select=best
+    python scripts/cross_validate.py --set model=alexnet --out metrics/cv-alexnet.json
+
+Writes ``--out`` (JSON: the scores and the settings) and, next to it, the out-of-fold
+predictions as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from palm.config import load_params
+from palm.crossval import apply_overrides, cross_validate
+from palm.errors import DataError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--fold-seed", type=int, default=0, help="seed of the assignment of images to folds")
+    ap.add_argument("--shards", default="data/shards")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="parameters changed for this run")
+    ap.add_argument("--out", type=Path, default=Path("metrics/crossval.json"))
+    args = ap.parse_args(argv)
+    try:
+        params = apply_overrides(load_params(args.params), args.set)
+        oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary = {"model": params["model"], "set": args.set, **summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    oof.to_csv(args.out.with_suffix(".csv"), index=False)
+    args.out.write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

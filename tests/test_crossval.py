@@ -1,0 +1,75 @@
+"""Cross-validation on the training images (scripts/cross_validate.py, palm.crossval)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_shards
+from palm.crossval import apply_overrides, fold_of
+from palm.dataset import load_split
+from palm.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [f"P{i:04d}.jpg" for i in range(7)] + [f"N{i:04d}.jpg" for i in range(5)] + ["H0001.jpg", "H0002.jpg", "H0003.jpg"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data"), TRAIN)
+
+
+def test_folds_are_stratified_by_group_and_cover_every_image_once(shards):
+    split = load_split(shards, "train")
+    folds = fold_of(split, 3, seed=0)
+    assert sorted(set(folds.tolist())) == [0, 1, 2]
+    assert np.bincount(folds).tolist() == [5, 5, 5]
+    groups = np.array(split.groups)
+    for g in "HNP":  # each group spread over the folds as evenly as it can be
+        counts = np.bincount(folds[groups == g], minlength=3)
+        assert counts.max() - counts.min() <= 1
+    assert np.array_equal(fold_of(split, 3, seed=0), folds)
+    assert not np.array_equal(fold_of(split, 3, seed=1), folds)
+    with pytest.raises(DataError, match="at least 2 folds"):
+        fold_of(split, 1)
+    with pytest.raises(DataError, match="cannot make 20 folds"):
+        fold_of(split, 20)
+
+
+def test_overrides_are_set_like_dvc_exp_run():
+    p = apply_overrides({"model": "senet18", "train": {"lr": 0.001}}, ["model=lenet", "train.lr=3e-4",
+                                                                       "train.augment.hflip=false"])
+    assert p == {"model": "lenet", "train": {"lr": 3e-4, "augment": {"hflip": False}}}
+    with pytest.raises(DataError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(DataError, match="not a section"):
+        apply_overrides({"model": "x"}, ["model.lr=1"])
+
+
+def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_it(shards, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model: lenet\nimage_size: 32\ntrain: {epochs: 1, batch_size: 4, holdout: 0, select: last}\n")
+    out = tmp_path / "cv.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
+                           "--params", str(params), "--set", "train.lr=0.001", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    oof = pd.read_csv(out.with_suffix(".csv"))
+    assert sorted(oof["image"]) == sorted(TRAIN)  # each training image once; no validation image
+    assert oof.groupby("fold").size().tolist() == [5, 5, 5]
+    summary = json.loads(out.read_text())
+    assert summary["model"] == "lenet" and summary["set"] == ["train.lr=0.001"]
+    assert summary["n"] == 15 and len(summary["runs"]) == 3
+    wrong = int(((oof["probability"] >= 0.5).astype(int) != oof["label"]).sum())
+    assert summary["errors"] == wrong and summary["accuracy"] == pytest.approx(1 - wrong / 15)
+
+
+def test_a_bad_setting_is_one_clear_line(shards, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
+                           "--set", "model.x=1", "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "cv.json")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "error:" in proc.stderr and not (tmp_path / "cv.json").exists()
