@@ -21,18 +21,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from palm.dataset import Split, load_split
+from palm.dataset import Split, load_split, strata
 from palm.errors import DataError
 from palm.preprocess import FORMAT_VERSION, MANIFEST
 
 
 def fold_of(split: Split, k: int, seed: int = 0) -> np.ndarray:
     """Fold number (0..k-1) of each image, stratified by group (H/N/P, else the label)."""
-    keys = np.array([g or str(lab) for g, lab in zip(split.groups, split.labels)])
     if k < 2:
         raise DataError(f"cross-validation needs at least 2 folds, got {k}")
     if len(split) < k:
         raise DataError(f"{len(split)} training images cannot make {k} folds")
+    keys = strata(split)
     rng = np.random.default_rng([seed, 4099])
     folds = np.zeros(len(split), dtype=np.int64)
     offset = 0
@@ -75,7 +75,7 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
                   f"predicting {int((folds == fold).sum())}")
             fold_dir = write_fold_shards(full, folds, fold, Path(tmp) / f"fold{fold}", full.pixels.shape[1])
             run_dir = Path(tmp) / f"run{fold}"
-            info = Trainer(params, fold_dir).run(run_dir / "models", run_dir / "checkpoints", run_dir / "live")
+            Trainer(params, fold_dir).run(run_dir / "models", run_dir / "checkpoints", run_dir / "live")
             model, info = load_trained(run_dir / "models")
             held = load_split(fold_dir, "valid", size=input_size(info))
             probs = predict_probs(model, make_loader(FundusDataset(held), 32, shuffle=False), contextlib.nullcontext)
@@ -85,8 +85,8 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
                          "train_seconds": info["train_seconds"]})
             shutil.rmtree(run_dir, ignore_errors=True)
     oof = pd.DataFrame(rows)
-    summary = {"folds": k, "fold_seed": seed, **score(oof["label"], oof["probability"], 0.5),
-               "errors": int(((oof["probability"] >= 0.5).astype(int) != oof["label"]).sum()), "runs": runs}
+    scores = score(oof["label"], oof["probability"], 0.5)
+    summary = {"folds": k, "fold_seed": seed, **scores, "errors": scores["fp"] + scores["fn"], "runs": runs}
     return oof, summary
 
 

@@ -65,10 +65,15 @@ def load_split(shards_dir: str | Path, split: str, size: int | None = None) -> S
     return Split(pixels, labels, images, groups).resized(size)
 
 
+def strata(split: Split) -> np.ndarray:
+    """Each image's stratum for splitting: its group (H/N/P), else its label."""
+    return np.array([g or str(l) for g, l in zip(split.groups, split.labels)])
+
+
 def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, holdout): ``fraction`` of each group (H/N/P, else label) held out."""
     rng = np.random.default_rng([seed, 7919])
-    keys = np.array([g or str(l) for g, l in zip(split.groups, split.labels)])
+    keys = strata(split)
     train_idx, hold_idx = [], []
     for key in sorted(set(keys)):
         idx = np.flatnonzero(keys == key)
