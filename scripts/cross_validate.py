@@ -23,6 +23,7 @@ from pathlib import Path
 from palm.config import load_params
 from palm.crossval import apply_overrides, cross_validate
 from palm.errors import DataError
+from palm.fsutil import atomic_file
 
 
 def main(argv=None) -> int:
@@ -41,9 +42,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     summary = {"model": params["model"], "set": args.set, **summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    oof.to_csv(args.out.with_suffix(".csv"), index=False)
-    args.out.write_text(json.dumps(summary, indent=1))
+    with atomic_file(args.out.with_suffix(".csv"), newline="") as f:
+        oof.to_csv(f, index=False)
+    with atomic_file(args.out) as f:
+        json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
     return 0
 

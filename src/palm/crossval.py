@@ -23,7 +23,7 @@ import pandas as pd
 
 from palm.dataset import Split, load_split, strata
 from palm.errors import DataError
-from palm.preprocess import FORMAT_VERSION, MANIFEST
+from palm.preprocess import MANIFEST, new_manifest
 
 
 def fold_of(split: Split, k: int, seed: int = 0) -> np.ndarray:
@@ -47,8 +47,7 @@ def fold_of(split: Split, k: int, seed: int = 0) -> np.ndarray:
 def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, image_size: int) -> Path:
     """Shards whose ``train`` split is every other fold and whose ``valid`` split is ``fold``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"format_version": FORMAT_VERSION, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-                "image_size": image_size, "params": {"image_size": image_size, "fold": fold}, "splits": {}}
+    manifest = new_manifest(image_size, {"image_size": image_size, "fold": fold})
     for name, part in (("train", full.subset(np.flatnonzero(folds != fold))),
                        ("valid", full.subset(np.flatnonzero(folds == fold)))):
         np.save(out_dir / f"{name}-000.npy", part.pixels)

@@ -69,6 +69,13 @@ def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "dec
     return out
 
 
+def new_manifest(image_size: int, params: dict) -> dict:
+    """The manifest of a shards folder, before its splits are added (``splits[name] =
+    {"count": n, "shards": [{"file", "shape", "images", "labels", "groups"}, ...]}``)."""
+    return {"format_version": FORMAT_VERSION, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
+            "image_size": image_size, "params": params, "splits": {}}
+
+
 def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path, *,
                image_size: int = 224, shard_size: int = 256, workers: int = 0) -> dict:
     if image_size < 16:
@@ -78,15 +85,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
     workers = workers or os.cpu_count() or 1
     labels = pd.read_csv(labels_csv, keep_default_na=False)
     raw_dir = Path(raw_dir)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dtype": "uint8",
-        "layout": "NHWC",
-        "channels": "RGB",
-        "image_size": image_size,
-        "params": {"image_size": image_size, "shard_size": shard_size},
-        "splits": {},
-    }
+    manifest = new_manifest(image_size, {"image_size": image_size, "shard_size": shard_size})
     with atomic_dir(out_dir) as tmp:
         for split, part in labels.groupby("split", sort=False):
             paths = [str(raw_dir / p) for p in part["image"]]
