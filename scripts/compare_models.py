@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from palm.evaluate import input_size
+from palm.fsutil import atomic_file
 
 MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet50", "senet18"]
 COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")
@@ -50,10 +51,12 @@ def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> di
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | px | seed | accuracy | AUC | sensitivity | specificity | train time |",
-           "|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODELS)}  # runs in the order of MODELS, then seed
+    rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["seed"]))
+    out = ["| model | px | epochs | seed | accuracy | AUC | sensitivity | specificity | train time |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['input_size']} | {r['seed']} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
+        out.append(f"| {r['model']} | {r['input_size']} | {r['epochs']} | {r['seed']} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
                    f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['train_seconds'] / 60:.1f} min |")
     out += ["", "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | sensitivity mean | "
                 "specificity mean | train time mean |", "|---|---|---|---|---|---|---|"]
@@ -104,8 +107,8 @@ def main(argv=None) -> int:
                 except subprocess.CalledProcessError as exc:
                     print(f"{model} seed {seed} failed ({exc}); the table has the other runs", file=sys.stderr)
                     continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(rows, indent=1))
+                with atomic_file(out) as f:  # after every run: an interrupted comparison keeps its rows
+                    json.dump(rows, f, indent=1)
     text = table(rows)
     print(text)
     if args.readme:

@@ -24,9 +24,13 @@ def test_table_has_a_line_per_run_and_mean_and_spread_per_model(tmp_path, capsys
                                row("alexnet", 0, 0.90, 0.96, 120)]))
     assert compare_models.main(["--table-only", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| senet18 | 128 | 1 | 0.910 | 0.970 | 0.900 | 0.950 | 6.0 min |" in text
+    assert "| senet18 | 128 | 10 | 1 | 0.910 | 0.970 | 0.900 | 0.950 | 6.0 min |" in text
     assert "| senet18 | 2 | 0.930 (0.910..0.950) | 0.975 (0.970..0.980) | 0.900 | 0.950 | 5.5 min |" in text
     assert "| alexnet | 1 | 0.900 (0.900..0.900) | 0.960 (0.960..0.960) | 0.900 | 0.950 | 2.0 min |" in text
+    # runs and models in the order of compare_models.MODELS (alexnet before senet18), seeds ascending
+    lines = [line for line in text.splitlines() if line.startswith("| alexnet") or line.startswith("| senet18")]
+    assert [line.split(" | ")[0:4:3] for line in lines[:3]] == [["| alexnet", "0"], ["| senet18", "0"], ["| senet18", "1"]]
+    assert lines[3].startswith("| alexnet | 1 |") and lines[4].startswith("| senet18 | 2 |")
 
 
 def test_the_table_is_written_between_the_readme_markers_and_nowhere_else(tmp_path):
@@ -36,7 +40,7 @@ def test_the_table_is_written_between_the_readme_markers_and_nowhere_else(tmp_pa
     readme.write_text("# t\n\nbefore\n<!-- results table -->\nold table\n<!-- end of results table -->\nafter\n")
     assert compare_models.main(["--table-only", "--out", str(out), "--readme", str(readme)]) == 0
     doc = readme.read_text()
-    assert "old table" not in doc and "| senet18 | 128 | 0 | 0.950 | 0.980 |" in doc
+    assert "old table" not in doc and "| senet18 | 128 | 10 | 0 | 0.950 | 0.980 |" in doc
     assert doc.startswith("# t\n\nbefore\n<!-- results table -->\n") and doc.endswith("<!-- end of results table -->\nafter\n")
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no '<!-- results table -->'"):
