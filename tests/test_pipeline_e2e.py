@@ -38,7 +38,8 @@ def set_params(project, **changes):
 def project(tmp_path_factory):
     proj = make_project(tmp_path_factory.mktemp("e2e") / "palm")
     set_params(proj, **{f"synthetic.{k}": v for k, v in TINY.items()}, image_size=64, model="resnet50",
-               **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0})
+               **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0,
+                  "models.alexnet.epochs": 1})  # the per-model default would override train.epochs
     run(["git", "commit", "-qam", "tiny"], proj)
     out = run(["dvc", "repro"], proj)
     assert "Running stage 'train'" in out.stdout
