@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ENV, make_project, run
+from conftest import ENV, REPO, make_project, run
 
 pytestmark = pytest.mark.e2e
 
 TINY = {"n_train_p": 10, "n_train_n": 8, "n_train_h": 2, "n_val_pm": 6, "n_val_non_pm": 6, "scale": 0.05}
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 EVAL_FIELDS = ("accuracy", "auc", "precision", "sensitivity", "specificity", "f1", "loss", "n", "threshold")
 
 
@@ -38,8 +39,9 @@ def set_params(project, **changes):
 def project(tmp_path_factory):
     proj = make_project(tmp_path_factory.mktemp("e2e") / "palm")
     set_params(proj, **{f"synthetic.{k}": v for k, v in TINY.items()}, image_size=64, model="resnet50",
-               **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0,
-                  "models.alexnet.epochs": 1})  # the per-model default would override train.epochs
+               **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0},
+               # per-model defaults (models.<name>.epochs) would override train.epochs
+               **{f"models.{m}.epochs": 1 for m, over in PARAMS["models"].items() if "epochs" in over})
     run(["git", "commit", "-qam", "tiny"], proj)
     out = run(["dvc", "repro"], proj)
     assert "Running stage 'train'" in out.stdout
