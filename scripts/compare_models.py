@@ -34,6 +34,14 @@ MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet50", "senet18"]
 COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")
 
 
+def require_branch(cwd: str | Path = ".") -> None:
+    """Refuse to start on a detached HEAD: a ``dvc exp run`` that is killed can leave HEAD
+    detached at the baseline, and commits made after that land on no branch."""
+    if subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=cwd, capture_output=True).returncode:
+        raise SystemExit("git HEAD is detached (an interrupted `dvc exp run`?): "
+                         "`git checkout <your branch>` first, then run the comparison")
+
+
 def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> dict:
     cmd = ["dvc", "exp", "run", "-S", f"model={model}", "-S", f"train.seed={seed}"]
     if zips_dir:
@@ -99,6 +107,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
     if not args.table_only:
+        require_branch()
         rows = [r for r in rows if not (r["model"] in args.models and r["seed"] in args.seeds)]
         for model in args.models:
             for seed in args.seeds:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 
 import pytest
 
@@ -45,3 +46,13 @@ def test_the_table_is_written_between_the_readme_markers_and_nowhere_else(tmp_pa
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no '<!-- results table -->'"):
         compare_models.main(["--table-only", "--out", str(out), "--readme", str(readme)])
+
+
+def test_runs_refuse_to_start_on_a_detached_head(tmp_path):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "one"], cwd=tmp_path, check=True)
+    compare_models.require_branch(tmp_path)  # on a branch: no error
+    subprocess.run(git + ["checkout", "-q", "--detach"], cwd=tmp_path, check=True)
+    with pytest.raises(SystemExit, match="HEAD is detached"):
+        compare_models.require_branch(tmp_path)
