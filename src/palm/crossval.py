@@ -12,7 +12,6 @@ are scored with :func:`palm.evaluate.score`: ~300 images instead of one 45-image
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
@@ -61,9 +60,8 @@ def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, 
 def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int = 3, seed: int = 0,
                    work_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Out-of-fold predictions (image, group, label, fold, probability) and their scores."""
-    from palm.dataset import FundusDataset, make_loader
-    from palm.evaluate import input_size, load_trained, score
-    from palm.train import Trainer, predict_probs
+    from palm.evaluate import predict_valid, score
+    from palm.train import Trainer
 
     full = load_split(shards_dir, "train")
     folds = fold_of(full, k, seed)
@@ -75,9 +73,7 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
             fold_dir = write_fold_shards(full, folds, fold, Path(tmp) / f"fold{fold}", full.pixels.shape[1])
             run_dir = Path(tmp) / f"run{fold}"
             Trainer(params, fold_dir).run(run_dir / "models", run_dir / "checkpoints", run_dir / "live")
-            model, info = load_trained(run_dir / "models")
-            held = load_split(fold_dir, "valid", size=input_size(info))
-            probs = predict_probs(model, make_loader(FundusDataset(held), 32, shuffle=False), contextlib.nullcontext)
+            held, probs, info = predict_valid(fold_dir, run_dir / "models")  # as the evaluate stage predicts
             rows += [{"image": img, "group": g, "label": int(lab), "fold": fold, "probability": round(float(p), 6)}
                      for img, g, lab, p in zip(held.images, held.groups, held.labels, probs)]
             runs.append({"fold": fold, "selected_epoch": info["selected_epoch"],

@@ -65,18 +65,26 @@ def score(labels, probs, threshold: float) -> dict:
     }
 
 
-def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32) -> dict:
-    from dvclive import Live
-
+def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32):
+    """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
+    the model's input size: ``(split, probabilities, model info)``."""
     from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.runtime import select_device
     from palm.train import predict_probs
-
-    select_device("auto")
 
     model, info = load_trained(model_dir)
     valid = load_split(shards_dir, "valid", size=input_size(info))
     probs = predict_probs(model, make_loader(FundusDataset(valid), batch_size, shuffle=False), contextlib.nullcontext)
+    return valid, probs, info
+
+
+def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32) -> dict:
+    from dvclive import Live
+
+    from palm.runtime import select_device
+
+    select_device("auto")
+
+    valid, probs, info = predict_valid(shards_dir, model_dir, batch_size)
     threshold = float(info.get("threshold", 0.5))
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),
                           "predicted": (probs >= threshold).astype(int)})
