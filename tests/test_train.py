@@ -161,3 +161,18 @@ def test_selection_by_holdout_loss_keeps_the_epoch_of_lowest_loss(tmp_path, shar
     info, history, _ = run(tmp_path, shards, params(epochs=3, select_by="loss"))
     losses = [r["holdout_loss"] for r in history]
     assert info["selected_epoch"] == 1 + losses.index(min(losses))
+
+
+def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, shards):
+    """``dropout`` reaches AlexNet's classifier (another rate, another training run); it is
+    refused for a network without a tunable rate and outside [0, 1)."""
+    alex = {**params(epochs=1, select="last"), "model": "alexnet"}
+    _, default, _ = run(tmp_path / "default", shards, alex)
+    _, again, _ = run(tmp_path / "again", shards, {**alex, "models": {"alexnet": {"dropout": 0.5}}})
+    _, none, _ = run(tmp_path / "none", shards, {**alex, "models": {"alexnet": {"dropout": 0.0}}})
+    assert strip_times(again) == strip_times(default)  # 0.5 is AlexNet's own rate
+    assert none[0]["train_loss"] != default[0]["train_loss"]
+    with pytest.raises(DataError, match="dropout can be set for alexnet only, not senet18"):
+        effective_config(params(dropout=0.3))
+    with pytest.raises(DataError, match="dropout must be at least 0 and below 1"):
+        effective_config({**alex, "models": {"alexnet": {"dropout": 1.0}}})

@@ -206,6 +206,10 @@ MODELS: dict[str, Callable[..., nn.Layer]] = {
 }
 
 
+# Networks whose classifier dropout rate is a training parameter (``dropout`` in params.yaml).
+DROPOUT_MODELS: tuple[str, ...] = ("alexnet",)
+
+
 def model_names() -> list[str]:
     return list(MODELS)
 

@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "ema": 0.0,                # decay of an exponential moving average of the weights, per step
                                # (0: off); the holdout scores, and the saved model is, the average
     "select_by": "accuracy",   # what "best" ranks on: accuracy (then loss) | loss | auc (then loss)
+    "dropout": None,           # dropout rate of the classifier (None: the network's own, 0.5 for
+                               # AlexNet); only for the networks in palm.models.DROPOUT_MODELS
 }
 
 
@@ -85,6 +87,12 @@ def effective_config(params: dict) -> dict:
         raise DataError(f"train.ema must be 0 (off) or a decay between 0 and 1, got {cfg['ema']!r}")
     if cfg["select_by"] not in ("accuracy", "loss", "auc"):
         raise DataError(f"train.select_by must be accuracy, loss or auc, got {cfg['select_by']!r}")
+    if cfg["dropout"] is not None:
+        from palm.models import DROPOUT_MODELS
+        if name not in DROPOUT_MODELS:
+            raise DataError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
+        if not 0 <= float(cfg["dropout"]) < 1:
+            raise DataError(f"params.yaml: dropout must be at least 0 and below 1, got {cfg['dropout']!r}")
     return cfg
 
 
@@ -276,7 +284,8 @@ class Trainer:
         steps_per_epoch = len(train_loader)
 
         paddle.seed(seed)
-        model = build_model(cfg["model"], image_size=cfg["input_size"])
+        net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
+        model = build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
         if cfg["to_static"]:
             if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
                 # the static graph draws its dropout masks from its own generator, which
@@ -287,7 +296,7 @@ class Trainer:
         opt, sched = self._optimizer(model, steps_per_epoch)
         ema = None
         if cfg["ema"]:
-            ema = WeightEMA(model, build_model(cfg["model"], image_size=cfg["input_size"]), cfg["ema"])
+            ema = WeightEMA(model, build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs), cfg["ema"])
         scored = ema.shadow if ema is not None else model  # the network the holdout judges and that is saved
         n_pos = int(train_split.labels.sum())
         pos_weight = None
