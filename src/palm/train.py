@@ -285,7 +285,11 @@ class Trainer:
 
         paddle.seed(seed)
         net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
-        model = build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
+
+        def new_network():  # the trained network and its weight average are built alike
+            return build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
+
+        model = new_network()
         if cfg["to_static"]:
             if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
                 # the static graph draws its dropout masks from its own generator, which
@@ -296,7 +300,7 @@ class Trainer:
         opt, sched = self._optimizer(model, steps_per_epoch)
         ema = None
         if cfg["ema"]:
-            ema = WeightEMA(model, build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs), cfg["ema"])
+            ema = WeightEMA(model, new_network(), cfg["ema"])
         scored = ema.shadow if ema is not None else model  # the network the holdout judges and that is saved
         n_pos = int(train_split.labels.sum())
         pos_weight = None
