@@ -68,3 +68,53 @@ def test_the_unzipped_photographs_are_never_committed():
     for path in ("data/raw/PALM-Training400/P0001.jpg", "data/raw/PALM-Validation400/V0001.jpg",
                  "data/original/training.zip"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
+
+
+def _palm_modules(path) -> set[str]:
+    """The ``palm`` modules a file imports (at module level or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "palm"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "palm":
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def import_closure(entry) -> set[str]:
+    """Every file of ``src/palm`` that running ``entry`` imports, transitively (packages' ``__init__`` too)."""
+    def file_of(module: str):
+        base = REPO / "src" / module.replace(".", "/")
+        return next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
+
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in _palm_modules(path):
+            parts = module.split(".")
+            todo += [f for f in (file_of(".".join(parts[:i])) for i in range(1, len(parts) + 1)) if f]
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def test_every_stage_depends_on_all_the_code_it_runs():
+    """A change to any module a stage imports must make `dvc repro` rerun it: DVC can only
+    see the files listed in deps, and a missing one serves stale results."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        closure = import_closure(REPO / "stages" / f"{name}.py")
+        assert "src/palm/__init__.py" in closure and len(closure) > 3, (name, closure)
+        missing = closure - set(stage["deps"])
+        assert not missing, f"dvc.yaml stage {name!r} misses deps {sorted(missing)}"
+
+
+def test_checkpoints_and_scratch_files_never_enter_git():
+    """checkpoints/ holds the optimizer state (hundreds of MB): git and experiment commits ignore it."""
+    import subprocess
+
+    for path in ("checkpoints/last.pdckpt", "checkpoints/checkpoint.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
