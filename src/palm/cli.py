@@ -18,7 +18,7 @@ def cmd_predict(args) -> int:
     if not files:
         print("error: no image files found in " + " ".join(args.paths), file=sys.stderr)
         return 2
-    predictor = Predictor.load(args.model)
+    predictor = Predictor.load(args.model, device=args.device)
     out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
     failed = 0
     try:
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
                         "default: %(default)s")
     p.add_argument("--out", help="write the predictions to this CSV file (default: standard output)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
     args = ap.parse_args(argv)

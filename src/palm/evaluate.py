@@ -77,12 +77,13 @@ def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int
     return valid, probs, info
 
 
-def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32) -> dict:
+def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32,
+             device: str = "auto") -> dict:
     from dvclive import Live
 
     from palm.runtime import select_device
 
-    select_device("auto")
+    select_device(device)
 
     valid, probs, info = predict_valid(shards_dir, model_dir, batch_size)
     threshold = float(info.get("threshold", 0.5))
@@ -106,5 +107,8 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
 
 
 def main(params: dict) -> None:
-    m = evaluate(batch_size=int((params.get("evaluate") or {}).get("batch_size", 32)))
+    from palm.runtime import configured_device
+
+    m = evaluate(batch_size=int((params.get("evaluate") or {}).get("batch_size", 32)),
+                 device=configured_device(params))
     print(json.dumps(m, indent=1))

@@ -76,14 +76,14 @@ def choose_images(preds: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
-            predictions="metrics/predictions.csv", out_dir=EXPLAIN_DIR) -> list[Path]:
+            predictions="metrics/predictions.csv", out_dir=EXPLAIN_DIR, device: str = "auto") -> list[Path]:
     from palm.dataset import load_split
     from palm.evaluate import input_size, load_trained
     from palm.image import to_chw_float
     from palm.models import gradcam_layer
     from palm.runtime import select_device
 
-    select_device("auto")
+    select_device(device)
     model, info = load_trained(model_dir)
     layer = gradcam_layer(info["model"], model)
     valid = load_split(shards_dir, "valid", size=input_size(info))
@@ -104,5 +104,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
 
 def main(params: dict) -> None:
     n = int((params.get("explain") or {}).get("n_images", 12))
-    written = explain(n)
+    from palm.runtime import configured_device
+
+    written = explain(n, device=configured_device(params))
     print(f"wrote {len(written)} Grad-CAM images to {EXPLAIN_DIR}")

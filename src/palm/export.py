@@ -15,11 +15,13 @@ from palm.fsutil import atomic_dir
 EXPORT_DIR = Path("models_export")
 
 
-def export(model_dir="models", out_dir=EXPORT_DIR) -> Path:
+def export(model_dir="models", out_dir=EXPORT_DIR, device: str = "auto") -> Path:
     import paddle
 
     from palm.evaluate import input_size, load_trained
+    from palm.runtime import select_device
 
+    select_device(device)
     model, info = load_trained(model_dir)
     size = input_size(info)
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
@@ -30,5 +32,7 @@ def export(model_dir="models", out_dir=EXPORT_DIR) -> Path:
 
 
 def main(params: dict) -> None:
-    out = export()
+    from palm.runtime import configured_device
+
+    out = export(device=configured_device(params))
     print(f"exported the inference model to {out}/")

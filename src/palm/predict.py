@@ -41,7 +41,7 @@ class Predictor:
     name: str
 
     @classmethod
-    def load(cls, model_dir: str | Path = "models") -> "Predictor":
+    def load(cls, model_dir: str | Path = "models", device: str = "auto") -> "Predictor":
         import paddle
         import paddle.nn.functional as F
 
@@ -52,7 +52,7 @@ class Predictor:
         if not meta_path.is_file():
             raise DataError(f"{model_dir}: no model.json; train a model first (dvc repro) or give --model DIR")
         info = json.loads(meta_path.read_text())
-        select_device("auto")
+        select_device(device)
         if (model_dir / "inference.pdmodel").is_file() or (model_dir / "inference.json").is_file():
             layer = paddle.jit.load(str(model_dir / "inference"))
         else:

@@ -12,7 +12,6 @@ The loader (:mod:`palm.dataset`) normalises to float32 CHW in [-1, 1].
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from palm.errors import DataError
 from palm.fsutil import atomic_dir
 from palm.image import load_image
+from palm.runtime import machine_share
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
         raise DataError(f"image_size must be at least 16, got {image_size}")
     if shard_size < 1:
         raise DataError(f"preprocess.shard_size must be at least 1, got {shard_size}")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(machine_share().cpus)
     labels = pd.read_csv(labels_csv, keep_default_na=False)
     raw_dir = Path(raw_dir)
     manifest = new_manifest(image_size, {"image_size": image_size, "shard_size": shard_size})

@@ -1,23 +1,115 @@
-"""Choosing the device Paddle runs on (CPU threads are set in ``palm/__init__.py``)."""
+"""Where a stage runs: its share of this machine's cores, and its device.
+
+One run uses every core by default. Several runs at once (``dvc queue start -j N``) share the
+machine when ``PALM_JOBS=N`` is exported before starting them: each process that runs a
+network takes a free *slot* 0..N-1 (an exclusive lock file, held until it exits), is pinned
+to its 1/N of the cores, and, on a machine with GPUs, takes GPU ``slot % number of GPUs``
+when its device is ``auto`` or ``gpu``. ``OMP_NUM_THREADS``, when the user exports it,
+still sets the thread count.
+
+Nothing here imports Paddle at module level: ``palm/__init__.py`` imports this module before
+anything loads Paddle, so that the user's ``OMP_NUM_THREADS`` is read before Paddle's start-up
+overwrites it.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from palm.errors import DataError
+
+JOBS_ENV = "PALM_JOBS"
+SLOT_DIR_ENV = "PALM_SLOT_DIR"           # where the slot locks live (default: the system's temp dir)
+USER_THREADS = os.environ.get("OMP_NUM_THREADS")   # read before Paddle sets it to 1 at import
+_held_locks: list = []                   # open lock files: the slot is ours while they are open
+
+
+@dataclass(frozen=True)
+class Share:
+    slot: int            # 0..jobs-1
+    jobs: int            # how many runs share the machine (PALM_JOBS)
+    cpus: tuple[int, ...]  # the cores this process may use
+
+    @property
+    def threads(self) -> int:
+        if USER_THREADS and USER_THREADS.isdigit() and int(USER_THREADS) > 0:
+            return int(USER_THREADS)
+        return len(self.cpus)
+
+
+def _jobs() -> int:
+    raw = os.environ.get(JOBS_ENV, "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise DataError(f"{JOBS_ENV} must be a whole number >= 1 (runs sharing this machine), got {raw!r}")
+    return int(raw)
+
+
+def _take_slot(jobs: int) -> int:
+    """The first free slot of ``jobs`` (its lock stays held until the process exits)."""
+    folder = Path(os.environ.get(SLOT_DIR_ENV) or tempfile.gettempdir()) / "palm-slots"
+    folder.mkdir(parents=True, exist_ok=True)
+    for slot in range(jobs):
+        f = open(folder / f"slot-{slot}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        _held_locks.append(f)
+        return slot
+    print(f"warning: more than {JOBS_ENV}={jobs} runs at once; sharing slot {os.getpid() % jobs}")
+    return os.getpid() % jobs
+
+
+@functools.cache
+def machine_share() -> Share:
+    """This process's share of the machine (taken once; see the module's doc)."""
+    jobs = _jobs()
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    if jobs == 1:
+        return Share(0, 1, cpus)
+    slot = _take_slot(jobs)
+    per = max(1, len(cpus) // jobs)
+    mine = cpus[(slot * per) % len(cpus):][:per]
+    os.sched_setaffinity(0, mine)
+    return Share(slot, jobs, mine)
+
+
+def configured_device(params: dict) -> str:
+    """The device of every stage that runs a network: ``train.device`` of params.yaml."""
+    return str((params.get("train") or {}).get("device", "auto"))
 
 
 def select_device(device: str = "auto") -> str:
-    """``auto``: a GPU when Paddle has CUDA and a GPU is present, else the CPU."""
+    """``auto``: a GPU when Paddle has CUDA and a GPU is present, else the CPU.
+
+    ``gpu`` and ``auto`` take this run's GPU (``slot % GPUs``); ``gpu:N`` takes GPU N.
+    On the CPU, Paddle gets this run's share of the cores as threads.
+    """
     import paddle
 
-    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if device not in ("auto", "cpu", "gpu") and not (device.startswith("gpu:") and device[4:].isdigit()):
+        raise DataError(f"device must be auto, cpu, gpu or gpu:N, got {device!r}")
+    share = machine_share()
+    n_gpus = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
     if device == "auto":
-        device = "gpu" if has_gpu else "cpu"
-    if device.startswith("gpu") and not has_gpu:
-        from palm.errors import DataError
-
-        raise DataError(f"device {device!r} asked for, but this Paddle has no usable GPU "
-                        "(install paddlepaddle-gpu, or set train.device: cpu)")
-    if device == "cpu":
-        paddle.base.core.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+        device = "gpu" if n_gpus else "cpu"
+    if device.startswith("gpu"):
+        if not n_gpus:
+            raise DataError(f"device {device!r} asked for, but this Paddle has no usable GPU "
+                            "(install Paddle's CUDA build, or set train.device: cpu)")
+        index = int(device[4:]) if ":" in device else share.slot % n_gpus
+        if index >= n_gpus:
+            raise DataError(f"device {device!r} asked for, but this machine has {n_gpus} GPU(s)")
+        device = f"gpu:{index}"
+    paddle.base.core.set_num_threads(share.threads)
     paddle.set_device(device)
+    if share.jobs > 1:
+        print(f"{JOBS_ENV}={share.jobs}: slot {share.slot}, {share.threads} thread(s) on cores "
+              f"{','.join(map(str, share.cpus))}, device {device}")
     return device
