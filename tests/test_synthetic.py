@@ -50,16 +50,19 @@ def test_layout_names_labels_and_images(tmp_path):
 
 
 def test_fovea_coordinates_are_where_the_fovea_is_drawn():
-    rng = np.random.default_rng(3)
-    img, (fx, fy) = draw_fundus(rng, "N", (600, 580), "R")
-    grey = cv2.GaussianBlur(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32), (0, 0), 8)
-    yy, xx = np.mgrid[0:grey.shape[0], 0:grey.shape[1]]
-    d = np.hypot(xx - fx, yy - fy)
-    # the macula is darker than the retina in a ring around it
-    assert grey[int(fy), int(fx)] < 0.85 * np.median(grey[(d > 90) & (d < 110)])
-    # and the bright disc is nasal: to the right of the fovea in a right eye
-    disc_x = np.unravel_index(np.argmax(grey), grey.shape)[1]
-    assert disc_x > fx + 100
+    ratios = []
+    for seed in range(10):
+        img, (fx, fy) = draw_fundus(np.random.default_rng(seed), "N", (600, 580), "R")
+        grey = cv2.GaussianBlur(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32), (0, 0), 8)
+        yy, xx = np.mgrid[0:grey.shape[0], 0:grey.shape[1]]
+        d = np.hypot(xx - fx, yy - fy)
+        ratios.append(grey[int(fy), int(fx)] / np.median(grey[(d > 90) & (d < 110)]))
+        # the bright disc is nasal: to the right of the fovea in a right eye
+        disc_x = np.unravel_index(np.argmax(grey), grey.shape)[1]
+        assert disc_x > fx + 100, seed
+    # the macula is darker than the retina in a ring around it (a vessel or the tessellation
+    # of some normal eyes can hide it in a single image, not in most)
+    assert np.median(ratios) < 0.85, ratios
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):

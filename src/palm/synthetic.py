@@ -122,8 +122,14 @@ def draw_fundus(rng: np.random.Generator, kind: str, size: tuple[int, int], eye:
     fov_x = dx - nasal * 5.0 * disc_r * rng.uniform(0.9, 1.05)   # ~2.5 disc diameters temporal
     fov_y = dy + disc_r * rng.uniform(0.1, 0.5)
 
-    # tessellation: large choroidal vessels showing through a thin retina (H and P)
-    tess = {"N": 0.0, "H": rng.uniform(0.22, 0.38), "P": rng.uniform(0.3, 0.5)}[kind]
+    # How far myopic degeneration has gone. The signs grow with it, each with its own scatter, and
+    # the classes overlap as in real eyes: a mild PM eye (no atrophic patch, a small crescent) can
+    # look like a highly myopic one, and a normal eye may show some tessellation or a thin crescent.
+    sev = rng.uniform(0.0, 1.0) if kind == "P" else 0.0
+
+    # tessellation: large choroidal vessels showing through a thin retina
+    tess = {"N": rng.uniform(0.05, 0.2) * (rng.random() < 0.3), "H": rng.uniform(0.18, 0.38),
+            "P": rng.uniform(0.2, 0.5)}[kind]
     if tess:
         vm = np.zeros((h, w), np.float32)
         for _ in range(int(rng.integers(40, 60))):
@@ -134,38 +140,40 @@ def draw_fundus(rng: np.random.Generator, kind: str, size: tuple[int, int], eye:
         vm = np.clip(_soft(vm, 2 * s), 0, 1)
         img *= (1 - tess * (1 - vm) * np.clip(1.2 - dist, 0, 1))[..., None]   # darker pigmented interstices
 
-    # peripapillary atrophy: a pale crescent (temporal) or ring around the disc
-    if kind in ("P", "H"):
+    # peripapillary atrophy: a pale crescent (temporal) or ring around the disc; larger with severity
+    crescent = {"N": rng.random() < 0.2, "H": rng.random() < 0.9, "P": True}[kind]
+    if crescent:
         m = np.zeros((h, w), np.float32)
         if kind == "P":
-            scale_r = rng.uniform(1.7, 2.4)
-            shift = rng.uniform(0.2, 0.6) * disc_r
+            scale_r = 1.15 + sev * rng.uniform(0.5, 1.3)
+            shift = (0.1 + 0.4 * sev) * rng.uniform(0.8, 1.2) * disc_r
         else:
-            scale_r = rng.uniform(1.15, 1.35)
+            scale_r = rng.uniform(1.1, 1.45) if kind == "H" else rng.uniform(1.05, 1.2)
             shift = rng.uniform(0.1, 0.25) * disc_r
         ax = (int(disc_r * scale_r), int(disc_r * scale_r * rng.uniform(0.85, 1.05)))
         cv2.ellipse(m, (int(dx - nasal * shift), int(dy)), ax, rng.uniform(-20, 20), 0, 360, 1.0, -1, cv2.LINE_AA)
         pale = np.array([0.95, 0.80, 0.50], np.float32) * rng.uniform(0.9, 1.05)
-        _blend(img, _soft(m, 2 * s), pale, rng.uniform(0.75, 0.9))
-        if kind == "P":   # pigment at the atrophy's rim
+        _blend(img, _soft(m, 2 * s), pale, rng.uniform(0.6, 0.9))
+        if kind == "P" and rng.random() < sev:   # pigment at the atrophy's rim
             rim = np.zeros((h, w), np.float32)
             cv2.ellipse(rim, (int(dx - nasal * shift), int(dy)), ax, 0, 0, 360, 1.0, max(1, int(3 * s)), cv2.LINE_AA)
             _blend(img, _soft(rim, s), (0.25, 0.12, 0.05), 0.5)
 
-    # patchy chorioretinal atrophy (P only): pale irregular patches with pigmented edges
+    # patchy chorioretinal atrophy (P only, more and larger with severity; mild PM may have none):
+    # pale irregular patches with pigmented edges
     if kind == "P":
-        for _ in range(int(rng.integers(2, 6))):
+        for _ in range(int(rng.poisson(3.5 * sev))):
             ang = rng.uniform(0, 2 * np.pi)
             rr = rng.uniform(0.3, 1.1)
             px = (fov_x + dx) / 2 + np.cos(ang) * rr * 3 * disc_r
             py = (fov_y + dy) / 2 + np.sin(ang) * rr * 2.2 * disc_r
             if np.hypot(px - cx, py - cy) > 0.85 * R:
                 continue
-            poly = _blob_polygon(rng, (px, py), disc_r * rng.uniform(0.35, 1.0))
+            poly = _blob_polygon(rng, (px, py), disc_r * rng.uniform(0.25, 0.35 + 0.65 * sev))
             pm = np.zeros((h, w), np.float32)
             cv2.fillPoly(pm, [poly], 1.0, cv2.LINE_AA)
             _blend(img, _soft(pm, 1.5 * s), np.array([0.97, 0.85, 0.55], np.float32) * rng.uniform(0.9, 1.05),
-                   rng.uniform(0.7, 0.9))
+                   rng.uniform(0.45, 0.65) + 0.25 * sev)
             em = np.zeros((h, w), np.float32)
             cv2.polylines(em, [poly], True, 1.0, max(1, int(rng.uniform(2, 5) * s)), cv2.LINE_AA)
             for _ in range(int(rng.integers(1, 5))):       # pigment clumps
