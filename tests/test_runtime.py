@@ -1,0 +1,82 @@
+"""palm.runtime: each run's share of the machine (PALM_JOBS) and its device."""
+
+import os
+import subprocess
+import sys
+
+import paddle
+import pytest
+
+from palm import runtime
+from palm.errors import DataError
+from palm.runtime import Share, select_device
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A CUDA build of Paddle with 4 GPUs, as far as select_device can tell."""
+    chosen = []
+    monkeypatch.setattr(runtime, "USER_THREADS", None)
+    monkeypatch.setattr(paddle.device, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(paddle, "set_device", chosen.append)
+    monkeypatch.setattr(paddle.base.core, "set_num_threads", lambda n: chosen.append(f"threads={n}"))
+    return chosen
+
+
+def with_share(monkeypatch, share: Share) -> None:
+    monkeypatch.setattr(runtime, "machine_share", lambda: share)
+
+
+def test_each_queue_worker_takes_its_own_gpu_and_its_cores(monkeypatch, fake_gpus):
+    with_share(monkeypatch, Share(slot=3, jobs=4, cpus=(6, 7)))
+    assert select_device("auto") == "gpu:3"
+    assert fake_gpus == ["threads=2", "gpu:3"]
+    with_share(monkeypatch, Share(slot=5, jobs=6, cpus=(5,)))
+    assert select_device("gpu") == "gpu:1"          # slot modulo the number of GPUs
+    assert select_device("gpu:2") == "gpu:2"        # chosen by hand
+    assert select_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu:x", "gpu:9", "cuda"])
+def test_unknown_or_missing_devices_are_one_clear_error(monkeypatch, fake_gpus, device):
+    with_share(monkeypatch, Share(0, 1, (0,)))
+    with pytest.raises(DataError, match="device"):
+        select_device(device)
+
+
+def test_without_a_gpu_asking_for_one_is_an_error_and_auto_is_the_cpu():
+    assert select_device("auto") == "cpu"
+    with pytest.raises(DataError, match="no usable GPU"):
+        select_device("gpu")
+
+
+def test_bad_palm_jobs_is_refused(monkeypatch):
+    monkeypatch.setenv("PALM_JOBS", "two")
+    with pytest.raises(DataError, match="PALM_JOBS"):
+        runtime._jobs()
+
+
+def test_two_processes_under_palm_jobs_2_take_two_slots_and_split_the_cores(tmp_path):
+    code = ("import time; from palm.runtime import machine_share; s = machine_share(); "
+            "print(s.slot, ','.join(map(str, s.cpus)), flush=True); time.sleep(3)")
+    env = {**os.environ, "PALM_JOBS": "2", "PALM_SLOT_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert sorted(int(o[0]) for o in outs) == [0, 1]
+    cores = [set(o[1].split(",")) for o in outs]
+    n = len(os.sched_getaffinity(0))
+    assert all(len(c) == max(1, n // 2) for c in cores)
+    if n >= 2:
+        assert not cores[0] & cores[1]
+
+
+def test_stages_start_quietly():
+    """Importing palm then Paddle, as every stage does, prints none of Paddle's start-up warnings."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", "import palm, paddle; from palm.runtime import select_device; "
+                           "select_device('cpu'); print(paddle.get_device())"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
+    assert "ccache" not in proc.stderr and "OMP_NUM_THREADS" not in proc.stderr, proc.stderr
