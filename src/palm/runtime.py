@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,11 @@ from palm.errors import DataError
 
 JOBS_ENV = "PALM_JOBS"
 SLOT_DIR_ENV = "PALM_SLOT_DIR"           # where the slot locks live (default: the system's temp dir)
-USER_THREADS = os.environ.get("OMP_NUM_THREADS")   # read before Paddle sets it to 1 at import
+# The user's thread count, read before Paddle's import sets an unset one to "1" (when Paddle
+# was imported first, a "1" may be Paddle's own and is not taken as the user's).
+USER_THREADS = os.environ.get("OMP_NUM_THREADS")
+if "paddle" in sys.modules and USER_THREADS == "1":
+    USER_THREADS = None
 _held_locks: list = []                   # open lock files: the slot is ours while they are open
 
 
