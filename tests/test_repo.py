@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import yaml
 
 from conftest import REPO
@@ -17,7 +18,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = setup_commands()
     assert len(commands) == 2, commands
     main_job, tests = commands
-    assert main_job.endswith("dvc repro") and "pip install -e ." in main_job
+    assert main_job.endswith("dvc repro") and 'pip install -e ".[cpu]"' in main_job
     assert tests.endswith("pytest") and '".[test]"' in tests
     ci = (REPO / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
@@ -38,13 +39,14 @@ def test_embedded_default_is_the_synthetic_set():
 
 
 def test_every_library_the_code_imports_is_a_runtime_dependency():
-    """`pip install -e .` (the README's main-job command) must bring all that src/ and
+    """`pip install -e ".[cpu]"` (the README's main-job command) must bring all that src/ and
     stages/ import: a package only in the test extra would break `dvc repro`."""
     import ast
     import sys
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["cpu"]   # what `.[cpu]` installs
     names = {re.split(r"[=<>\[ ]", d)[0].lower() for d in deps}
     distribution = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow",
                     "paddle": "paddlepaddle"}
@@ -118,3 +120,48 @@ def test_checkpoints_and_scratch_files_never_enter_git():
 
     for path in ("checkpoints/last.pdckpt", "checkpoints/checkpoint.json"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
+
+
+PADDLE_BUILDS = {"paddlepaddle", "paddlepaddle-gpu"}
+
+
+def _extra_requirements(extra: str) -> set[str]:
+    """Distribution names that `pip install -e ".[extra]"` asks for directly (self-references expanded)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names, todo, seen = set(), [extra], set()
+    for req in project["dependencies"]:
+        names.add(re.split(r"[=<>\[ ;]", req)[0].lower())
+    while todo:
+        e = todo.pop()
+        seen.add(e)
+        for req in project["optional-dependencies"][e]:
+            name = re.split(r"[=<>\[ ;]", req)[0].lower()
+            if name == project["name"]:
+                todo += [x for x in re.findall(r"\[(.*)\]", req)[0].split(",") if x not in seen]
+            else:
+                names.add(name)
+    return names
+
+
+def test_each_install_extra_asks_for_exactly_one_paddle_build():
+    for extra, build in (("cpu", "paddlepaddle"), ("test", "paddlepaddle"), ("gpu", "paddlepaddle-gpu")):
+        assert _extra_requirements(extra) & PADDLE_BUILDS == {build}, extra
+
+
+@pytest.mark.parametrize("extra", ["cpu", "test"])
+def test_pip_resolves_one_paddle_build_for_the_cpu_extras(extra):
+    """pip's own resolver, dry run: the CPU install commands of the README get one Paddle.
+    (The gpu extra resolves from Paddle's own package index, which this machine cannot reach;
+    its direct requirements are checked above.)"""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", "-", "-e", f".[{extra}]"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    installed = {i["metadata"]["name"].lower() for i in json.loads(proc.stdout)["install"]}
+    assert installed & PADDLE_BUILDS == {"paddlepaddle"}
