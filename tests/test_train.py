@@ -132,7 +132,7 @@ def test_static_graph_training_is_refused_for_networks_with_dropout(tmp_path, sh
 def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, shards):
     """``train.ema``: the saved weights are the moving average, not the last step's weights,
     and the holdout metrics are those of the average (they differ from the plain run's)."""
-    import paddle
+    from palm.weights import load_state
 
     _, plain, out_plain = run(tmp_path / "plain", shards, params(epochs=2, select="last"))
     _, avg, out_avg = run(tmp_path / "avg", shards, params(epochs=2, select="last", ema=0.9))
@@ -140,14 +140,15 @@ def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, s
     assert [r["train_loss"] for r in avg] == [r["train_loss"] for r in plain]
     # ... but another network is scored and saved
     assert [r["holdout_loss"] for r in avg] != [r["holdout_loss"] for r in plain]
-    w_plain = paddle.load(str(out_plain / "models" / "model.pdparams"))
-    w_avg = paddle.load(str(out_avg / "models" / "model.pdparams"))
-    last = paddle.load(str(out_avg / "checkpoints" / "last.pdckpt"))
+    w_plain = load_state(out_plain / "models" / "model.safetensors")
+    w_avg = load_state(out_avg / "models" / "model.safetensors")
+    manifest = json.loads((out_avg / "checkpoints" / "checkpoint.json").read_text())
+    last = load_state(out_avg / "checkpoints" / manifest["state_file"])
     assert set(w_avg) == set(w_plain)
     name = "conv1.weight"
-    np.testing.assert_array_equal(last["model"][name].numpy(), w_plain[name].numpy())
-    np.testing.assert_array_equal(last["ema"]["weights"][name].numpy(), w_avg[name].numpy())
-    assert not np.allclose(w_avg[name].numpy(), w_plain[name].numpy())
+    np.testing.assert_array_equal(last["model"][name], w_plain[name])
+    np.testing.assert_array_equal(last["ema"]["weights"][name], w_avg[name])
+    assert not np.allclose(w_avg[name], w_plain[name])
 
 
 @pytest.mark.parametrize("bad,match", [({"ema": 1.5}, "train.ema must be 0"),

@@ -11,18 +11,18 @@
 - Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
   same seed on the same machine gives the same metrics, resumed or not.
 
-Outputs: ``models/model.pdparams`` (weights) and ``models/model.json`` (what is needed to
+Outputs: ``models/model.safetensors`` (weights, :mod:`palm.weights`) and ``models/model.json`` (what is needed to
 rebuild and apply it: model name, image size of the shards, the network's input size,
 threshold).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from palm.errors import DataError
+from palm.fsutil import atomic_dir
+from palm.weights import MODEL_WEIGHTS
 
 MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
@@ -214,32 +216,51 @@ class Trainer:
         return opt, sched
 
     # -- checkpoints -----------------------------------------------------------------
+    # checkpoints/checkpoint.json is the manifest, written last (atomically): it names the
+    # weights files of its epoch (state-NNNN.safetensors: network, optimizer, schedule, weight
+    # average; best-NNNN.safetensors: the selected network), which are complete before it is
+    # written. A kill at any instant leaves the previous manifest with its files, or the new
+    # one with its files; files that no manifest names are removed at the next save or resume.
     def _load_checkpoint(self, ckpt_dir: Path):
-        import paddle
+        from palm.weights import load_state
 
         meta_path = ckpt_dir / "checkpoint.json"
         if not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != self.fp:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            print(f"{meta_path} is unreadable: starting afresh")
+            return None
+        if meta.get("fingerprint") != self.fp or "state_file" not in meta:
             print("checkpoint is from other parameters or data: starting afresh")
             return None
-        state = paddle.load(str(ckpt_dir / "last.pdckpt"))
-        return meta, state
+        _remove_unlisted(ckpt_dir, meta)
+        return meta, load_state(ckpt_dir / meta["state_file"])
 
-    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict, ema=None):
-        import paddle
+    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict, ema=None, best_state=None):
+        from palm.fsutil import atomic_file
+        from palm.weights import save_state
 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_dir / "last.pdckpt.tmp"
+        old = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            old = json.loads((ckpt_dir / "checkpoint.json").read_text())
+        epoch = int(meta["epoch"])
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        paddle.save(state, str(tmp))
-        os.replace(tmp, ckpt_dir / "last.pdckpt")
-        tmp_meta = ckpt_dir / "checkpoint.json.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, ckpt_dir / "checkpoint.json")
+        meta = {**meta, "state_file": f"state-{epoch:04d}.safetensors"}
+        save_state(state, ckpt_dir / meta["state_file"])
+        if best_state is not None:
+            meta["best_file"] = f"best-{epoch:04d}.safetensors"
+            save_state(best_state, ckpt_dir / meta["best_file"])
+        else:
+            meta["best_file"] = old.get("best_file")
+        with atomic_file(ckpt_dir / "checkpoint.json") as f:
+            f.write(json.dumps(meta, indent=1))
+        _remove_unlisted(ckpt_dir, meta)
+        return meta
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
@@ -308,7 +329,7 @@ class Trainer:
             pos_weight = paddle.to_tensor([(len(train_split) - n_pos) / n_pos], dtype="float32")
         loss_fn = paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-        start, history, best = 0, [], None
+        start, history, best, best_file = 0, [], None, None
         resumed = self._load_checkpoint(ckpt_dir)
         if resumed is not None:
             meta, state = resumed
@@ -318,6 +339,7 @@ class Trainer:
             if ema is not None:
                 ema.set_state_dict(state["ema"])
             start, history, best = meta["epoch"], meta["history"], meta.get("best")
+            best_file = meta.get("best_file")
             print(f"resuming from the checkpoint of epoch {start} of {cfg['epochs']}")
         else:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -367,17 +389,17 @@ class Trainer:
             print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
             score = self._selection_score(rec)
+            best_state = None
             if cfg["select"] == "last" or hold_loader is None or best is None or score > tuple(best["score"]):
                 best = {"epoch": epoch + 1, "score": list(score)}
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                paddle.save(scored.state_dict(), str(ckpt_dir / "best.pdparams.tmp"))
-                os.replace(ckpt_dir / "best.pdparams.tmp", ckpt_dir / "best.pdparams")
-            self._save_checkpoint(ckpt_dir, model, opt, sched, {
-                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg}, ema)
+                best_state = scored.state_dict()
+            best_file = self._save_checkpoint(ckpt_dir, model, opt, sched, {
+                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg},
+                ema, best_state)["best_file"]
+        if best is None or not best_file:
+            raise DataError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
         train_seconds = sum(r["epoch_seconds"] for r in history)
 
-        model_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt_dir / "best.pdparams", model_dir / "model.pdparams")
         info = {
             "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
             "threshold": 0.5,
@@ -385,12 +407,14 @@ class Trainer:
             "train_seconds": round(train_seconds, 2), "n_train": len(train_split), "n_holdout": len(hold_split),
             "config": cfg,
         }
-        (model_dir / "model.json").write_text(json.dumps(info, indent=1))
+        with atomic_dir(model_dir) as tmp:  # weights and model.json appear together, or not at all
+            shutil.copyfile(ckpt_dir / best_file, tmp / MODEL_WEIGHTS)
+            (tmp / "model.json").write_text(json.dumps(info, indent=1))
         live.summary = {**{k: v for k, v in history[best["epoch"] - 1].items() if k != "epoch"},
                         "selected_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}
         live.make_summary()
         live.end()
-        print(f"saved {model_dir / 'model.pdparams'} (epoch {best['epoch']}); "
+        print(f"saved {model_dir / MODEL_WEIGHTS} (epoch {best['epoch']}); "
               f"this run trained for {time.perf_counter() - t_start:.1f}s")
         return info
 
@@ -408,6 +432,16 @@ class Trainer:
             if key != "epoch" and value is not None and math.isfinite(value):
                 live.log_metric(key, value)
         live.next_step()
+
+
+def _remove_unlisted(ckpt_dir: Path, meta: dict) -> None:
+    """Remove the weights files (and temporary files) of ``ckpt_dir`` that ``meta`` does not name."""
+    keep = {meta.get("state_file"), meta.get("best_file"), "checkpoint.json"}
+    for p in ckpt_dir.iterdir():
+        if p.name not in keep and (p.suffix == ".safetensors" or p.name.startswith(".") or
+                                   p.name.endswith((".tmp", ".pdckpt", ".pdparams"))):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def main(params: dict) -> None:
