@@ -133,5 +133,5 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
 
 
 def main(params: dict) -> None:
-    m = evaluate(batch_size=int((params.get("evaluate") or {}).get("batch_size", 32)))
+    m = evaluate(batch_size=params["evaluate"]["batch_size"])
     print(json.dumps(m, indent=1))

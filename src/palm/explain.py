@@ -103,6 +103,6 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
 
 
 def main(params: dict) -> None:
-    n = int((params.get("explain") or {}).get("n_images", 12))
+    n = params["explain"]["n_images"]
     written = explain(n)
     print(f"wrote {len(written)} Grad-CAM images to {EXPLAIN_DIR}")

@@ -81,6 +81,8 @@ class Predictor:
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True) -> Iterator[dict]:
         """Yield one record per file, in order: probability and class, or the error."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         from tqdm import tqdm
 
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
@@ -93,6 +95,8 @@ class Predictor:
                     records.append({"image": str(f), "error": None})
                 except DataError as exc:
                     records.append({"image": str(f), "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - one image's failure is that image's row
+                    records.append({"image": str(f), "error": f"{f}: {type(exc).__name__}: {exc}"})
             probs = iter(self.run_batch(to_chw_float(np.stack(images))) if images else [])
             for rec in records:
                 if rec["error"] is None:

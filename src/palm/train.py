@@ -19,18 +19,16 @@ threshold).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from palm.errors import DataError
+from palm.errors import ConfigError, DataError, RunError
 from palm.fsutil import atomic_dir
 from palm.weights import MODEL_WEIGHTS
 
@@ -38,63 +36,19 @@ MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
 LIVE_DIR = Path("metrics/train")
 
-DEFAULTS: dict[str, Any] = {
-    "epochs": 10,
-    "batch_size": 16,
-    "optimizer": "adam",       # adam | momentum
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",      # cosine | constant
-    "warmup_epochs": 1,
-    "holdout": 0.15,           # fraction of the training images held out for model selection
-    "select": "best",          # best (holdout accuracy, then loss) | last
-    "class_balance": False,    # weight the positive class by n_neg / n_pos in the loss
-    "augment": {},
-    "seed": 0,
-    "device": "auto",          # auto | cpu | gpu | gpu:N
-    "amp": "auto",             # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
-    "workers": 0,              # DataLoader worker processes
-    "to_static": False,        # train a static graph (paddle.jit.to_static): 1.19x for ResNet50
-                               # at 128 px on a 2-core CPU, 0.83x at 224 px (benchmarks/cpu_levers.py);
-                               # networks without dropout only (reproducibility)
-    "input_size": None,        # at most this side for the network (None: image_size); smaller
-                               # than image_size, the shards are resized once in memory
-    "ema": 0.0,                # decay of an exponential moving average of the weights, per step
-                               # (0: off); the holdout scores, and the saved model is, the average
-    "select_by": "accuracy",   # what "best" ranks on: accuracy (then loss) | loss | auc (then loss)
-    "dropout": None,           # dropout rate of the classifier (None: the network's own, 0.5 for
-                               # AlexNet); only for the networks in palm.models.DROPOUT_MODELS
-}
-
-
 def effective_config(params: dict) -> dict:
-    """``train`` defaults, overridden by ``models.<model>`` for the chosen model."""
-    name = params.get("model")
-    if not name:
-        raise DataError("params.yaml: no 'model' given")
-    cfg = copy.deepcopy(DEFAULTS)
-    for source in (params.get("train") or {}, (params.get("models") or {}).get(name) or {}):
-        for key, value in source.items():
-            if key not in DEFAULTS:
-                raise DataError(f"params.yaml: unknown training parameter {key!r}")
-            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg[key], dict) else value
-    cfg["model"] = name
-    cfg["image_size"] = int(params["image_size"])
+    """``train:`` of params.yaml overridden by ``models.<model>:`` for the chosen model, validated
+    (:func:`palm.params.training_config`: params.yaml is the one source of the defaults)."""
+    from palm.params import training_config
+
+    cfg = training_config(params)
+    name = cfg["model"]
     # input_size caps the side the network sees: smaller shards (image_size) are used as they are
     cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
-    if cfg["input_size"] < 16:
-        raise DataError(f"params.yaml: input_size of {name} must be at least 16, got {cfg['input_size']}")
-    if cfg["ema"] and not 0 < float(cfg["ema"]) < 1:
-        raise DataError(f"train.ema must be 0 (off) or a decay between 0 and 1, got {cfg['ema']!r}")
-    if cfg["select_by"] not in ("accuracy", "loss", "auc"):
-        raise DataError(f"train.select_by must be accuracy, loss or auc, got {cfg['select_by']!r}")
     if cfg["dropout"] is not None:
         from palm.models import DROPOUT_MODELS
         if name not in DROPOUT_MODELS:
-            raise DataError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
-        if not 0 <= float(cfg["dropout"]) < 1:
-            raise DataError(f"params.yaml: dropout must be at least 0 and below 1, got {cfg['dropout']!r}")
+            raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
     return cfg
 
 
@@ -186,7 +140,7 @@ class Trainer:
         if mode == "off":
             return contextlib.nullcontext, None, "off"
         if mode not in ("fp16", "bf16"):
-            raise DataError(f"train.amp must be auto, off, fp16 or bf16, got {mode!r}")
+            raise ConfigError(f"train.amp must be auto, off, fp16 or bf16, got {mode!r}")
         ctx = lambda: paddle.amp.auto_cast(level="O1", dtype="float16" if mode == "fp16" else "bfloat16")  # noqa: E731
         scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if mode == "fp16" else None
         return ctx, scaler, mode
@@ -202,7 +156,7 @@ class Trainer:
         elif cfg["schedule"] == "constant":
             sched = paddle.optimizer.lr.LambdaDecay(cfg["lr"], lambda _: 1.0)
         else:
-            raise DataError(f"train.schedule must be cosine or constant, got {cfg['schedule']!r}")
+            raise ConfigError(f"train.schedule must be cosine or constant, got {cfg['schedule']!r}")
         if warm > 0:
             sched = paddle.optimizer.lr.LinearWarmup(sched, warm, cfg["lr"] * 0.01, cfg["lr"])
         wd = paddle.regularizer.L2Decay(cfg["weight_decay"]) if cfg["weight_decay"] else None
@@ -212,7 +166,7 @@ class Trainer:
             opt = paddle.optimizer.Momentum(sched, momentum=cfg["momentum"], parameters=model.parameters(),
                                             weight_decay=wd, use_nesterov=True)
         else:
-            raise DataError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
+            raise ConfigError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
         return opt, sched
 
     # -- checkpoints -----------------------------------------------------------------
@@ -288,14 +242,14 @@ class Trainer:
 
         full = load_split(self.shards_dir, "train")
         if full.pixels.shape[1] != cfg["image_size"]:
-            raise DataError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
+            raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
         full = full.resized(cfg["input_size"])
         tr_idx, ho_idx = stratified_holdout(full, float(cfg["holdout"]), seed)
         train_split, hold_split = full.subset(tr_idx), full.subset(ho_idx)
         try:
             augment = Augment(**cfg["augment"])
         except TypeError:
-            raise DataError(f"train.augment: unknown key in {cfg['augment']} (known: "
+            raise ConfigError(f"train.augment: unknown key in {cfg['augment']} (known: "
                             f"{', '.join(Augment.__dataclass_fields__)})") from None
         train_ds = FundusDataset(train_split, augment, seed=seed)
         bs = int(cfg["batch_size"])
@@ -315,7 +269,7 @@ class Trainer:
             if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
                 # the static graph draws its dropout masks from its own generator, which
                 # paddle.seed does not reset: the same seed would no longer give the same run
-                raise DataError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
+                raise ConfigError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
                                 "are not reproducible from train.seed; use it for networks without dropout")
             model = paddle.jit.to_static(model, full_graph=True)
         opt, sched = self._optimizer(model, steps_per_epoch)
@@ -374,7 +328,7 @@ class Trainer:
                     ema.update()
                 lv = float(loss)
                 if not math.isfinite(lv):
-                    raise DataError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
+                    raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
                                     f"(lower train.lr for {cfg['model']})")
                 total += lv * len(y)
                 n += len(y)
@@ -397,7 +351,7 @@ class Trainer:
                 "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg},
                 ema, best_state)["best_file"]
         if best is None or not best_file:
-            raise DataError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
+            raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
         train_seconds = sum(r["epoch_seconds"] for r in history)
 
         info = {
