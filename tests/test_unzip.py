@@ -212,3 +212,19 @@ def test_files_outside_the_layout_are_extracted_and_listed_in_a_warning(tmp_path
     assert "warning: 2 file(s) outside the PALM layout" in err
     assert "PALM-Validation400/more/V0100.jpg" in err and "notes.txt" in err
     assert (tmp_path / "raw" / "PALM-Validation400" / "more" / "V0100.jpg").is_file()
+
+
+def test_a_nested_zip_that_is_itself_a_bomb_is_refused_before_it_is_read(tmp_path):
+    """The outer entry (the nested zip, stored inside) expands 256 MB of zeros: refused from the
+    outer directory, never decompressed to memory or disk."""
+    import io
+
+    zips = make_palm_zips(tmp_path / "zips")
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("PALM-Training400/P0001.jpg", bytes(64 << 20))
+    with zipfile.ZipFile(zips / "training.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("PALM-Training400/PALM-Training400.zip", inner.getvalue())
+    with pytest.raises(DataError, match=r"training\.zip: entry 'PALM-Training400/PALM-Training400\.zip' expands"):
+        unzip_all(zips, tmp_path / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zips"]
