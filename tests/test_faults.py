@@ -272,3 +272,29 @@ def test_broken_params_yaml_is_exit_2(tmp_path):
     (root / "params.yaml").write_text("train: [unclosed\n")
     proc = run_stage("labels", root)
     assert proc.returncode == 2 and "not valid YAML" in one_error_line(proc)
+
+
+def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
+    from palm import cli, config, predict
+    from palm.errors import RunError
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(0))
+    monkeypatch.setattr(predict.Predictor, "load", boom)
+    assert cli.main(["predict", str(tmp_path / "x.jpg"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: internal error: ZeroDivisionError: division by zero "
+                           "(PALM_DEBUG=1 shows the traceback)")
+    monkeypatch.chdir(REPO)  # the repository's params.yaml
+    for exc, code in ((boom, 3), (RunError("training diverged: loss is nan"), 3)):
+        def main(params, exc=exc):
+            if callable(exc):
+                exc()
+            raise exc
+        with pytest.raises(SystemExit) as stop:
+            config.run_stage(main)
+        assert stop.value.code == code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]

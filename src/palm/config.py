@@ -44,7 +44,7 @@ def run_stage(main: Callable[[dict[str, Any]], None]) -> None:
     exit status (:mod:`palm.errors`); SIGTERM and Ctrl-C clean up as an error does."""
     from palm.fsutil import remove_stale_temporaries
 
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         remove_stale_temporaries()
         main(load_params())
@@ -56,3 +56,5 @@ def run_stage(main: Callable[[dict[str, Any]], None]) -> None:
         sys.exit(143)
     except Exception as exc:  # noqa: BLE001 - every error is one line and an exit status
         sys.exit(report(exc))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
