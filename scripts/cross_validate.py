@@ -22,7 +22,7 @@ from pathlib import Path
 
 from palm.config import load_params
 from palm.crossval import apply_overrides, cross_validate
-from palm.errors import DataError
+from palm.errors import PalmError, report
 from palm.fsutil import atomic_file
 
 
@@ -38,9 +38,8 @@ def main(argv=None) -> int:
     try:
         params = apply_overrides(load_params(args.params), args.set)
         oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except PalmError as exc:
+        return report(exc)
     summary = {"model": params["model"], "set": args.set, **summary}
     with atomic_file(args.out.with_suffix(".csv"), newline="") as f:
         oof.to_csv(f, index=False)

@@ -18,6 +18,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PALM_MINI = REPO.parent / "shared" / "palm-mini"
 
+
+
+def train_section(**overrides) -> dict:
+    """params.yaml's ``train:`` (the one source of defaults) with ``overrides`` (whole values:
+    an ``augment`` given replaces params.yaml's)."""
+    import yaml
+
+    with open(REPO / "params.yaml", encoding="utf-8") as f:
+        return {**yaml.safe_load(f)["train"], **overrides}
+
+
 requires_palm_mini = pytest.mark.skipif(
     not (PALM_MINI / "training.zip").is_file(), reason="../shared/palm-mini (real images) is not here")
 

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_shards
+import yaml
+
+from conftest import make_shards, train_section
 from palm.crossval import apply_overrides, fold_of
 from palm.dataset import load_split
 from palm.errors import DataError
@@ -52,7 +54,9 @@ def test_overrides_are_set_like_dvc_exp_run():
 
 def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_it(shards, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("model: lenet\nimage_size: 32\ntrain: {epochs: 1, batch_size: 4, holdout: 0, select: last}\n")
+    repo = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.write_text(yaml.safe_dump({**repo, "model": "lenet", "image_size": 32, "train": train_section(
+        epochs=1, batch_size=4, holdout=0, select="last", ema=0.0)}))
     out = tmp_path / "cv.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
                            "--params", str(params), "--set", "train.lr=0.001", "--out", str(out)],

@@ -1,3 +1,5 @@
+import zipfile
+
 import pandas as pd
 import pytest
 
@@ -76,6 +78,14 @@ def test_empty_image_name(tmp_path):
 
 def test_unreadable_spreadsheet(tmp_path):
     raw = raw_from(tmp_path)
-    (raw / "PALM-Validation-GT" / "PM_Label_and_Fovea_Location.xlsx").write_bytes(b"not a spreadsheet")
+    gt = raw / "PALM-Validation-GT" / "PM_Label_and_Fovea_Location.xlsx"
+    gt.write_bytes(b"not a spreadsheet")
+    with pytest.raises(DataError, match=r"not an Excel \.xlsx spreadsheet; its content is text \(CSV\?\)"):
+        build_labels(raw)
+    gt.write_bytes(b"\x89PNG\r\n\x1a\n....")
+    with pytest.raises(DataError, match="not an Excel .xlsx spreadsheet; its content is another format"):
+        build_labels(raw)
+    with zipfile.ZipFile(gt, "w") as zf:  # a zip, but not a workbook
+        zf.writestr("hello.txt", "x")
     with pytest.raises(DataError, match="cannot read the spreadsheet"):
         build_labels(raw)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import PALM_MINI, requires_palm_mini
+from conftest import PALM_MINI, requires_palm_mini, train_section
 from palm.dataset import FundusDataset, load_split, make_loader
 from palm.evaluate import load_trained, score
 from palm.labels import build_labels
@@ -47,9 +47,10 @@ def test_a_short_training_on_real_eyes_beats_the_majority_class_clearly(real_sha
     """SE-ResNet18, 128 px, a few epochs on palm-mini's 301 training images; scored on its
     99 validation images (majority class: 53.5%)."""
     params = {"model": "senet18", "image_size": REAL_SIZE,
-              "train": {"epochs": REAL_EPOCHS, "batch_size": 16, "lr": 0.001, "warmup_epochs": 0.5,
-                        "augment": {"hflip": True, "rotate_deg": 10, "scale": 0.05, "brightness": 0.15,
-                                    "contrast": 0.15}}}
+              "train": train_section(epochs=REAL_EPOCHS, batch_size=16, lr=0.001, warmup_epochs=0.5,
+                                     holdout=0.15, select="best", select_by="accuracy", ema=0.0, to_static=False,
+                                     augment={"hflip": True, "rotate_deg": 10, "scale": 0.05, "brightness": 0.15,
+                                              "contrast": 0.15})}
     out = real_shards / "run"
     info = Trainer(params, real_shards / "shards").run(out / "models", out / "checkpoints", out / "live")
     model, _ = load_trained(out / "models")

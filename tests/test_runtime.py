@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from palm import runtime
-from palm.errors import DataError
+from palm.errors import ConfigError
 from palm.runtime import Share, select_device
 
 
@@ -41,19 +41,19 @@ def test_each_queue_worker_takes_its_own_gpu_and_its_cores(monkeypatch, fake_gpu
 @pytest.mark.parametrize("device", ["tpu", "gpu:x", "gpu:9", "cuda"])
 def test_unknown_or_missing_devices_are_one_clear_error(monkeypatch, fake_gpus, device):
     with_share(monkeypatch, Share(0, 1, (0,)))
-    with pytest.raises(DataError, match="device"):
+    with pytest.raises(ConfigError, match="device"):
         select_device(device)
 
 
 def test_without_a_gpu_asking_for_one_is_an_error_and_auto_is_the_cpu():
     assert select_device("auto") == "cpu"
-    with pytest.raises(DataError, match="no usable GPU"):
+    with pytest.raises(ConfigError, match="no usable GPU"):
         select_device("gpu")
 
 
 def test_bad_palm_jobs_is_refused(monkeypatch):
     monkeypatch.setenv("PALM_JOBS", "two")
-    with pytest.raises(DataError, match="PALM_JOBS"):
+    with pytest.raises(ConfigError, match="PALM_JOBS"):
         runtime._jobs()
 
 

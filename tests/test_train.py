@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_shards
+from conftest import make_shards, train_section
 from palm.train import Trainer, effective_config
-from palm.errors import DataError
+from palm.errors import ConfigError, DataError
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
 
@@ -18,9 +18,11 @@ def shards(tmp_path_factory):
 
 
 def params(**train):
+    """params.yaml's train: section for a tiny, quick run (the best epoch on a 25% holdout, no averaging)."""
     return {"model": "senet18", "image_size": 32,
-            "train": {"epochs": 3, "batch_size": 4, "holdout": 0.25, "lr": 0.003, "warmup_epochs": 0,
-                      "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1}, **train}}
+            "train": train_section(**{"epochs": 3, "batch_size": 4, "holdout": 0.25, "lr": 0.003, "warmup_epochs": 0,
+                                      "select": "best", "select_by": "accuracy", "ema": 0.0, "to_static": False,
+                                      "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1}, **train})}
 
 
 def run(tmp_path, shards, p):
@@ -73,12 +75,14 @@ def test_changed_parameters_start_afresh(tmp_path, shards, capsys):
 
 
 def test_per_model_overrides_and_unknown_keys():
-    p = {"model": "alexnet", "image_size": 64, "train": {"lr": 0.1, "augment": {"hflip": True}},
+    p = {"model": "alexnet", "image_size": 64, "train": train_section(lr=0.1, augment={"hflip": True}),
          "models": {"alexnet": {"lr": 0.01, "augment": {"vflip": True}}, "vgg16": {"lr": 5}}}
     cfg = effective_config(p)
     assert cfg["lr"] == 0.01 and cfg["augment"] == {"hflip": True, "vflip": True} and cfg["model"] == "alexnet"
-    with pytest.raises(DataError, match="unknown training parameter 'lrate'"):
-        effective_config({**p, "train": {"lrate": 1}})
+    with pytest.raises(ConfigError, match="train.lrate = 1: is not a known key"):
+        effective_config({**p, "train": {**p["train"], "lrate": 1}})
+    with pytest.raises(ConfigError, match=r"models\.vgg16\.lr = 50: input should be less than or equal to 10"):
+        effective_config({**p, "models": {"vgg16": {"lr": 50}}})  # checked even when vgg16 is not chosen
 
 
 def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path, shards):
@@ -102,7 +106,7 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     got = [r["probability"] for r in Predictor.load(out / "models").predict(files, progress=False)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert effective_config(params(input_size=48))["input_size"] == 32  # a cap: never above the shards
-    with pytest.raises(DataError, match="input_size of senet18 must be at least 16"):
+    with pytest.raises(ConfigError, match="train.input_size = 8: input should be greater than or equal to 16"):
         effective_config(params(input_size=8))
 
 
@@ -125,14 +129,14 @@ def test_static_graph_training_is_deterministic_and_saves_an_ordinary_model(tmp_
 
 def test_static_graph_training_is_refused_for_networks_with_dropout(tmp_path, shards):
     """Measured: GoogLeNet under to_static gave two different runs from one seed."""
-    with pytest.raises(DataError, match="googlenet has dropout"):
+    with pytest.raises(ConfigError, match="googlenet has dropout"):
         run(tmp_path, shards, {**params(epochs=1, to_static=True), "model": "googlenet"})
 
 
 def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, shards):
     """``train.ema``: the saved weights are the moving average, not the last step's weights,
     and the holdout metrics are those of the average (they differ from the plain run's)."""
-    import paddle
+    from palm.weights import load_state
 
     _, plain, out_plain = run(tmp_path / "plain", shards, params(epochs=2, select="last"))
     _, avg, out_avg = run(tmp_path / "avg", shards, params(epochs=2, select="last", ema=0.9))
@@ -140,21 +144,30 @@ def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, s
     assert [r["train_loss"] for r in avg] == [r["train_loss"] for r in plain]
     # ... but another network is scored and saved
     assert [r["holdout_loss"] for r in avg] != [r["holdout_loss"] for r in plain]
-    w_plain = paddle.load(str(out_plain / "models" / "model.pdparams"))
-    w_avg = paddle.load(str(out_avg / "models" / "model.pdparams"))
-    last = paddle.load(str(out_avg / "checkpoints" / "last.pdckpt"))
+    w_plain = load_state(out_plain / "models" / "model.safetensors")
+    w_avg = load_state(out_avg / "models" / "model.safetensors")
+    manifest = json.loads((out_avg / "checkpoints" / "checkpoint.json").read_text())
+    last = load_state(out_avg / "checkpoints" / manifest["state_file"])
     assert set(w_avg) == set(w_plain)
     name = "conv1.weight"
-    np.testing.assert_array_equal(last["model"][name].numpy(), w_plain[name].numpy())
-    np.testing.assert_array_equal(last["ema"]["weights"][name].numpy(), w_avg[name].numpy())
-    assert not np.allclose(w_avg[name].numpy(), w_plain[name].numpy())
+    np.testing.assert_array_equal(last["model"][name], w_plain[name])
+    np.testing.assert_array_equal(last["ema"]["weights"][name], w_avg[name])
+    assert not np.allclose(w_avg[name], w_plain[name])
 
 
-@pytest.mark.parametrize("bad,match", [({"ema": 1.5}, "train.ema must be 0"),
-                                       ({"select_by": "f1"}, "train.select_by must be")])
-def test_bad_averaging_or_selection_parameters_are_refused(tmp_path, shards, bad, match):
-    with pytest.raises(DataError, match=match):
-        run(tmp_path, shards, params(epochs=1, **bad))
+@pytest.mark.parametrize("bad,match", [({"ema": 1.5}, "train.ema = 1.5: input should be less than 1"),
+                                       ({"select_by": "f1"}, "train.select_by = 'f1': input should be"),
+                                       ({"select": "foo"}, "train.select = 'foo': input should be 'last' or 'best'"),
+                                       ({"holdout": 1.5}, "train.holdout = 1.5: input should be less than"),
+                                       ({"epochs": 0}, "train.epochs = 0: input should be greater than"),
+                                       ({"epochs": "2"}, "train.epochs = '2': must be a whole number"),
+                                       ({"epochs": 2.5}, "train.epochs = 2.5: must be a whole number"),
+                                       ({"lr": "abc"}, "train.lr = 'abc': must be a number"),
+                                       ({"device": "tpu"}, "train.device = 'tpu': must be auto, cpu, gpu")])
+def test_bad_training_parameters_are_refused_before_any_work(tmp_path, shards, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        run(tmp_path, shards, params(**{"epochs": 1, **bad}))
+    assert not (tmp_path / "run").exists()  # nothing written, not even an empty models/
 
 
 def test_selection_by_holdout_loss_keeps_the_epoch_of_lowest_loss(tmp_path, shards):
@@ -172,7 +185,7 @@ def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, sha
     _, none, _ = run(tmp_path / "none", shards, {**alex, "models": {"alexnet": {"dropout": 0.0}}})
     assert strip_times(again) == strip_times(default)  # 0.5 is AlexNet's own rate
     assert none[0]["train_loss"] != default[0]["train_loss"]
-    with pytest.raises(DataError, match="dropout can be set for alexnet only, not senet18"):
+    with pytest.raises(ConfigError, match="dropout can be set for alexnet only, not senet18"):
         effective_config(params(dropout=0.3))
-    with pytest.raises(DataError, match="dropout must be at least 0 and below 1"):
+    with pytest.raises(ConfigError, match="models.alexnet.dropout = 1.0: input should be less than 1"):
         effective_config({**alex, "models": {"alexnet": {"dropout": 1.0}}})

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import make_palm_zips, write_zip
 from palm.errors import DataError
-from palm.unzip import unzip_all
+from palm.unzip import Limits, unzip_all
 
 
 def test_extracts_the_original_layout(tmp_path):
@@ -102,3 +102,129 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path):
         unzip_all(zips, tmp_path / "raw")
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "raw").rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "zips"]
+
+
+# -- hostile zips: bombs, overwrites, odd layouts ------------------------------------------
+
+def zeros_zip(path, name, mb, extra=None):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n, data in (extra or {}).items():
+            zf.writestr(n, data)
+        zf.writestr(name, bytes(mb << 20))
+    return path
+
+
+def test_a_zip_bomb_is_refused_from_the_directory_before_anything_is_written(tmp_path):
+    zips = make_palm_zips(tmp_path / "zips")
+    zeros_zip(zips / "validation.zip", "PALM-Validation400/V0003.jpg", 64)  # 64 MB of zeros, ~64 KB zipped
+    assert (zips / "validation.zip").stat().st_size < 200_000
+    with pytest.raises(DataError, match=r"validation\.zip: entry 'PALM-Validation400/V0003\.jpg' expands .*max_ratio"):
+        unzip_all(zips, tmp_path / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zips"]
+
+
+@pytest.mark.parametrize("limits,match", [(Limits(max_entry_mb=1), "max_entry_mb"),
+                                          (Limits(max_total_mb=0.01), "max_total_mb")])
+def test_size_limits_are_parameters(tmp_path, limits, match):
+    zips = make_palm_zips(tmp_path / "zips")
+    write_zip(zips / "validation.zip", {"PALM-Validation400/V0001.jpg": bytes(range(256)) * 8192})  # 2 MB
+    with pytest.raises(DataError, match=match):
+        unzip_all(zips, tmp_path / "raw", limits)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_bomb_inside_the_nested_zip_is_streamed_and_refused(tmp_path):
+    import io
+
+    zips = make_palm_zips(tmp_path / "zips")
+    inner = io.BytesIO()
+    zeros_zip(inner, "PALM-Training400/P0009.jpg", 64, {"PALM-Training400/P0001.jpg": b"x"})
+    write_zip(zips / "training.zip", {"PALM-Training400/PALM-Training400.zip": inner.getvalue()})
+    with pytest.raises(DataError, match=r"PALM-Training400\.zip: entry 'PALM-Training400/P0009\.jpg' expands"):
+        unzip_all(zips, tmp_path / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zips"]  # the temporary nested zip is gone too
+
+
+def test_a_directory_that_understates_an_entry_is_caught_while_streaming(tmp_path):
+    """The central directory says 100 bytes; the data is 2 MB: the stream is cut, not trusted."""
+    zips = make_palm_zips(tmp_path / "zips")
+    path = zips / "validation.zip"
+    write_zip(path, {"PALM-Validation400/V0001.jpg": bytes(2 << 20)})
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[0]
+        real = info.file_size
+    lie = (100).to_bytes(4, "little")
+    data = data.replace(real.to_bytes(4, "little"), lie)  # local header and central directory
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="validation.zip"):
+        unzip_all(zips, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("case", ["across zips", "duplicate entry", "file and folder", "case only"])
+def test_no_file_is_ever_overwritten(tmp_path, case):
+    zips = make_palm_zips(tmp_path / "zips")
+    gt = zipfile.ZipFile(zips / "valid_gt.zip").read("PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx")
+    if case == "across zips":
+        write_zip(zips / "valid_gt.zip", {"PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx": gt,
+                                          "PALM-Validation400/V0001.jpg": b"not the image"})
+        match = r"valid_gt\.zip: entry 'PALM-Validation400/V0001\.jpg' would overwrite .*validation\.zip"
+    elif case == "duplicate entry":
+        with pytest.warns(UserWarning), zipfile.ZipFile(zips / "validation.zip", "a") as zf:
+            zf.writestr("PALM-Validation400/V0001.jpg", b"second")
+        match = r"validation\.zip: entry 'PALM-Validation400/V0001\.jpg' would overwrite .*V0001\.jpg"
+    elif case == "file and folder":
+        with zipfile.ZipFile(zips / "validation.zip", "a") as zf:
+            zf.writestr("PALM-Validation400/V0001.jpg/x.jpg", b"x")
+        match = "needs a folder .*V0001.jpg.* is a file"
+    else:
+        with zipfile.ZipFile(zips / "validation.zip", "a") as zf:
+            zf.writestr("PALM-Validation400/v0001.JPG", b"x")
+        match = "would overwrite"
+    with pytest.raises(DataError, match=match):
+        unzip_all(zips, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_corrupt_deflate_stream_is_a_clear_error(tmp_path):
+    zips = make_palm_zips(tmp_path / "zips")
+    path = zips / "validation.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("PALM-Validation400/V0001.jpg", bytes(range(256)) * 64)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.infolist()[0]
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start:start + 8] = b"\xff" * 8  # an invalid deflate block header
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"validation\.zip: cannot extract entry 'PALM-Validation400/V0001\.jpg'"):
+        unzip_all(zips, tmp_path / "raw")
+
+
+def test_files_outside_the_layout_are_extracted_and_listed_in_a_warning(tmp_path, capsys):
+    zips = make_palm_zips(tmp_path / "zips")
+    with zipfile.ZipFile(zips / "validation.zip", "a") as zf:
+        zf.writestr("PALM-Validation400/more/V0100.jpg", b"x")
+        zf.writestr("notes.txt", b"x")
+    unzip_all(zips, tmp_path / "raw")
+    err = capsys.readouterr().err
+    assert "warning: 2 file(s) outside the PALM layout" in err
+    assert "PALM-Validation400/more/V0100.jpg" in err and "notes.txt" in err
+    assert (tmp_path / "raw" / "PALM-Validation400" / "more" / "V0100.jpg").is_file()
+
+
+def test_a_nested_zip_that_is_itself_a_bomb_is_refused_before_it_is_read(tmp_path):
+    """The outer entry (the nested zip, stored inside) expands 256 MB of zeros: refused from the
+    outer directory, never decompressed to memory or disk."""
+    import io
+
+    zips = make_palm_zips(tmp_path / "zips")
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("PALM-Training400/P0001.jpg", bytes(64 << 20))
+    with zipfile.ZipFile(zips / "training.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("PALM-Training400/PALM-Training400.zip", inner.getvalue())
+    with pytest.raises(DataError, match=r"training\.zip: entry 'PALM-Training400/PALM-Training400\.zip' expands"):
+        unzip_all(zips, tmp_path / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zips"]

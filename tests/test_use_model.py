@@ -14,6 +14,7 @@ from palm.export import export
 from palm.image import load_image, to_chw_float
 from palm.models import build_model, gradcam_layer
 from palm.predict import Predictor
+from palm.weights import load_state, save_state
 
 SIZE = 48
 
@@ -23,7 +24,7 @@ def save_model(folder, name="senet18"):
     folder.mkdir(parents=True)
     paddle.seed(1)
     model = build_model(name, image_size=SIZE)
-    paddle.save(model.state_dict(), str(folder / "model.pdparams"))
+    save_state(model.state_dict(), folder / "model.safetensors")
     (folder / "model.json").write_text(json.dumps({"model": name, "image_size": SIZE, "threshold": 0.5}))
     return folder
 
@@ -51,7 +52,7 @@ def test_exported_model_matches_the_training_time_model(tmp_path, name):
     # and the raw logits, on the very same preprocessed input
     x = to_chw_float(np.stack([load_image(f, SIZE) for f in files]))
     model = build_model(name, image_size=SIZE)
-    model.set_state_dict(paddle.load(str(models / "model.pdparams")))
+    model.set_state_dict(load_state(models / "model.safetensors"))
     model.eval()
     loaded = paddle.jit.load(str(tmp_path / "export" / "inference"))
     np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), loaded(paddle.to_tensor(x)).numpy(), atol=1e-4)
@@ -93,3 +94,48 @@ def test_gradcam_heatmap(name):
     assert cam_a.min() >= 0 and cam_a.max() <= 1
     assert cam_a.std() > 0 or cam_b.std() > 0
     assert not np.allclose(cam_a, cam_b)
+
+
+class _Plant:
+    """An object whose unpickling creates a file: what a hostile model.pdparams carries."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_pickled_model_is_refused_and_never_unpickled(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    for folder, name in ((tmp_path / "models", "model.pdparams"), (tmp_path / "export", "inference.pdiparams.info")):
+        folder.mkdir()
+        (folder / name).write_bytes(pickle.dumps(_Plant(marker)))
+        (folder / "model.json").write_text(json.dumps({"model": "senet18", "image_size": SIZE}))
+    (tmp_path / "export" / "inference.pdmodel").write_bytes(pickle.dumps(_Plant(marker)))
+    photos(tmp_path / "img", 1)
+    for folder in ("models", "export"):
+        code = palm_main(["predict", str(tmp_path / "img"), "--model", str(tmp_path / folder), "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 2 and not marker.exists(), err
+        assert str(tmp_path / folder) in err and "pickle" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_saved_weights_round_trip_exactly_and_reject_other_files(tmp_path):
+    from palm.errors import DataError
+
+    paddle.seed(3)
+    model = build_model("senet18", image_size=SIZE)
+    state = {"model": model.state_dict(), "epoch": 3, "lr": {"last_lr": 1e-3, "nested": [1, 2.5, None]}}
+    save_state(state, tmp_path / "w.safetensors")
+    back = load_state(tmp_path / "w.safetensors")
+    assert back["epoch"] == 3 and back["lr"] == {"last_lr": 1e-3, "nested": [1, 2.5, None]}
+    assert set(back["model"]) == set(state["model"])
+    for k, v in state["model"].items():
+        assert back["model"][k].dtype == v.numpy().dtype and np.array_equal(back["model"][k], v.numpy()), k
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(DataError, match="junk.safetensors: not a safetensors"):
+        load_state(tmp_path / "junk.safetensors")

@@ -4,24 +4,52 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import sys
 
-from palm.errors import DataError
+from palm.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
 
 FIELDS = ["image", "probability", "predicted", "diagnosis", "error"]
 
+EXIT_CODES = """exit status:
+  0  every image was predicted
+  1  some images could not be read or decoded (their rows in the CSV say why; the others are predicted)
+  2  bad usage: a bad option, no images found, an unusable --model folder, an --out that cannot be written
+  3  internal error (one line; PALM_DEBUG=1 shows the traceback)
+  130/143  interrupted (Ctrl-C) / terminated (SIGTERM): no partial --out file is left"""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def cmd_predict(args) -> int:
+    import contextlib
+
+    from palm.fsutil import atomic_file
     from palm.predict import Predictor, find_images
 
     files = find_images(args.paths)
     if not files:
-        print("error: no image files found in " + " ".join(args.paths), file=sys.stderr)
-        return 2
-    predictor = Predictor.load(args.model, device=args.device)
-    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
-    failed = 0
-    try:
+        raise ConfigError("no image files found in " + " ".join(args.paths))
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout
+        if args.out:  # opened before the model loads: a folder that cannot be written fails at once
+            try:
+                out = stack.enter_context(atomic_file(args.out, "w", newline="", encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"--out {args.out}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            predictor = Predictor.load(args.model, device=args.device)
+        except DataError as exc:
+            raise ConfigError(f"--model: {exc}") from None
+        failed = 0
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet):
@@ -30,35 +58,48 @@ def cmd_predict(args) -> int:
                 print(f"skipped: {rec['error']}", file=sys.stderr)
             writer.writerow(rec)
             out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
     done = len(files) - failed
     print(f"{predictor.name}: predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_DATA if failed else EXIT_OK
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="palm", description="Pathologic myopia screening with a trained PALM model.")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="palm", description="Pathologic myopia screening with a trained PALM model.",
+                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="PM probability and class for image files or folders")
+    p = sub.add_parser("predict", help="PM probability and class for image files or folders",
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--model", default="models",
                    help="folder of the trained model: models/ (weights) or models_export/ (inference model); "
                         "default: %(default)s")
     p.add_argument("--out", help="write the predictions to this CSV file (default: standard output)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (at least 1)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)  # bad usage: argparse prints one line and exits with 2
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up as Ctrl-C does
     try:
         return args.func(args)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
+        code = report(exc)
+        return EXIT_CONFIG if isinstance(exc, DataError) else code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

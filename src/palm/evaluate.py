@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from palm.errors import DataError
 from palm.fsutil import atomic_file
 
 PREDICTIONS = Path("metrics/predictions.csv")
@@ -24,17 +25,43 @@ EVAL_PLOTS = Path("metrics/eval")
 
 
 def load_trained(model_dir: str | Path = "models"):
-    """The saved model in eval mode, and its ``model.json``."""
-    import paddle
-
-    from palm.models import build_model
+    """The saved model in eval mode, and its ``model.json``: one-line errors for a bad folder."""
+    from palm.models import build_model, model_names
+    from palm.weights import check_model_dir, load_state
 
     model_dir = Path(model_dir)
-    info = json.loads((model_dir / "model.json").read_text())
+    info = read_model_info(model_dir)
+    weights = load_state(check_model_dir(model_dir))
+    if info["model"] not in model_names():
+        raise DataError(f"{model_dir}/model.json: unknown model {info['model']!r} "
+                        f"(known: {', '.join(model_names())})")
     model = build_model(info["model"], image_size=input_size(info))
-    model.set_state_dict(paddle.load(str(model_dir / "model.pdparams")))
+    expected = model.state_dict()
+    wrong = [k for k, v in expected.items() if k not in weights or list(weights[k].shape) != list(v.shape)]
+    if wrong or set(weights) - set(expected):
+        raise DataError(f"{model_dir}: the weights do not fit a {info['model']} at {input_size(info)} px "
+                        f"({len(wrong)} missing or of another shape, {len(set(weights) - set(expected))} unknown)")
+    model.set_state_dict(weights)
     model.eval()
     return model, info
+
+
+def read_model_info(model_dir: str | Path) -> dict:
+    """``model_dir/model.json``, checked: a one-line error naming the file when it is missing or broken."""
+    path = Path(model_dir) / "model.json"
+    if not path.is_file():
+        raise DataError(f"{model_dir}: no model.json; train a model first (dvc repro) or give --model DIR")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("model"), str):
+            raise ValueError("no 'model' name")
+        size = int(info.get("input_size") or info["image_size"])
+        if not (int(info["image_size"]) >= 1 and size >= 1):
+            raise ValueError("sizes must be positive")
+        float(info.get("threshold", 0.5))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a valid model description ({type(exc).__name__}: {exc})") from None
+    return info
 
 
 def input_size(info: dict) -> int:
@@ -109,6 +136,5 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
 def main(params: dict) -> None:
     from palm.runtime import configured_device
 
-    m = evaluate(batch_size=int((params.get("evaluate") or {}).get("batch_size", 32)),
-                 device=configured_device(params))
+    m = evaluate(batch_size=params["evaluate"]["batch_size"], device=configured_device(params))
     print(json.dumps(m, indent=1))

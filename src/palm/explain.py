@@ -103,8 +103,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
 
 
 def main(params: dict) -> None:
-    n = int((params.get("explain") or {}).get("n_images", 12))
     from palm.runtime import configured_device
 
-    written = explain(n, device=configured_device(params))
+    written = explain(params["explain"]["n_images"], device=configured_device(params))
     print(f"wrote {len(written)} Grad-CAM images to {EXPLAIN_DIR}")

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from palm.fsutil import atomic_dir
+from palm.weights import check_export_dir
 
 EXPORT_DIR = Path("models_export")
 
@@ -27,6 +28,7 @@ def export(model_dir="models", out_dir=EXPORT_DIR, device: str = "auto") -> Path
     spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     with atomic_dir(out_dir) as tmp:
         paddle.jit.save(model, str(tmp / "inference"), input_spec=spec)
+        check_export_dir(tmp)  # the Paddle 3 format (JSON program + raw weights), nothing pickled
         shutil.copyfile(Path(model_dir) / "model.json", tmp / "model.json")
     return Path(out_dir)
 

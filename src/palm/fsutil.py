@@ -1,9 +1,16 @@
-"""Atomic creation of output folders and files: a failed or interrupted run leaves nothing half-written."""
+"""Atomic creation of output folders and files: a failed or interrupted run leaves nothing half-written.
+
+Temporary names are ``.<target>.tmp-<pid>-<random>`` (and ``.<target>.old-<pid>`` while a folder is
+swapped), beside the target. An exception, Ctrl-C or SIGTERM (see :func:`palm.config.run_stage`)
+removes them on the way out; after a SIGKILL (or a power cut) :func:`remove_stale_temporaries`
+removes those whose process is gone, at the start of the next stage.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +26,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
@@ -40,7 +47,7 @@ def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
     """Open a temporary file beside ``target``; it replaces ``target`` only when the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     os.close(fd)
     try:
         with open(tmp, mode, **kwargs) as f:
@@ -50,3 +57,42 @@ def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+#: the folders that hold the pipeline's outputs (and so their temporary siblings)
+OUTPUT_PARENTS = (".", "data", "data/labels", "metrics", "metrics/eval", "checkpoints")
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:-|$)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
+def remove_stale_temporaries(parents=OUTPUT_PARENTS, root: str | Path = ".") -> list[Path]:
+    """Remove the temporary files and folders of :func:`atomic_dir` / :func:`atomic_file` in
+    ``parents`` (below ``root``) whose process no longer runs (killed); return what was removed."""
+    removed = []
+    for parent in parents:
+        folder = Path(root) / parent
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMPORARY.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                original = folder / p.name[1:].rsplit(".old-", 1)[0] if ".old-" in p.name else None
+                if original is not None and not original.exists():
+                    os.replace(p, original)  # killed in the middle of the swap: the previous output is back
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                removed.append(p)
+    return removed

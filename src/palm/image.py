@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from palm.errors import DataError
+
+
+#: the most pixels a photograph may have (8000 x 8000); the PALM photographs have up to 2124 x 2056.
+#: Larger images are refused before decoding (a "decompression bomb" could need gigabytes).
+MAX_PIXELS = 64_000_000
+
+#: modes decoded as they are, or through Pillow's own conversion to RGB
+_DIRECT = {"RGB", "L", "1", "RGBX", "CMYK", "YCbCr"}
+_ALPHA = {"RGBA", "RGBa", "LA", "La", "PA", "P"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def load_image(source: str | Path | bytes, image_size: int, input_size: int | None = None) -> np.ndarray:
@@ -28,18 +39,58 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
     below ``image_size``): a 2124x2056 photograph is decoded about 8x faster than at full size.
     The image is then resized to a square with area interpolation (aspect ratio is not kept,
     as in the PALM course notebooks; the fundus images are nearly square).
+
+    Unusual formats are converted explicitly, never clipped: grayscale (8 or 16 bit) is
+    repeated over the three channels, 16-bit values are scaled to 8 bits (65535 -> 255),
+    palette and CMYK images go through Pillow's conversion, and transparent pixels are put on
+    black (the fundus photographs' background). 32-bit integer and floating-point pixels, other
+    modes, and images of more than :data:`MAX_PIXELS` pixels are refused with the reason.
+    Any failure is a :class:`DataError` naming the file.
     """
     name = str(source) if not isinstance(source, bytes) else "<bytes>"
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{name}: {w}x{h} pixels is above the limit of {MAX_PIXELS:,} "
+                                "(palm.image.MAX_PIXELS); refusing to decode it")
             im.draft("RGB", (image_size, image_size))
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = _to_rgb(im, name)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name}: refusing to decode it ({exc})") from None
+    except (UnidentifiedImageError, SyntaxError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a broken file makes a decoder raise, it is this file's error
+        raise DataError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+        raise DataError(f"{name}: decoded to an unexpected shape {rgb.shape}")
     rgb = resize_square(rgb, image_size)
     return rgb if input_size is None else resize_square(rgb, input_size)
+
+
+def _to_rgb(im: Image.Image, name: str) -> np.ndarray:
+    """``im`` as RGB uint8, converted as :func:`load_image` says."""
+    mode = im.mode
+    if mode in _DIRECT:
+        return np.asarray(im.convert("RGB"))
+    if mode in _SIXTEEN_BIT:
+        gray = np.asarray(im).astype(np.float64) / 257.0
+        return np.repeat(np.rint(gray).astype(np.uint8)[..., None], 3, axis=2)
+    if mode in _ALPHA:
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+        return np.rint(rgba[..., :3].astype(np.float32) * alpha).astype(np.uint8)  # on black
+    if mode in ("I", "F"):
+        raise DataError(f"{name}: {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (mode {mode}) "
+                        "are not supported; save the image with 8 or 16 bits per channel")
+    raise DataError(f"{name}: image mode {mode} is not supported (RGB, grayscale, palette, CMYK, 16-bit gray)")
 
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -53,8 +53,12 @@ def training_labels(raw_dir: Path) -> pd.DataFrame:
 
 
 def read_ground_truth(path: Path) -> pd.DataFrame:
+    if path.is_file() and not zipfile.is_zipfile(path):  # an .xlsx file is a zip of XML files
+        head = path.read_bytes()[:40]
+        kind = "text (CSV?)" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "another format"
+        raise DataError(f"{path}: not an Excel .xlsx spreadsheet; its content is {kind}, starting {head[:20]!r}")
     try:
-        df = pd.read_excel(path, dtype=object)
+        df = pd.read_excel(path, dtype=object, engine="openpyxl")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:

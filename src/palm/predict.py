@@ -42,22 +42,28 @@ class Predictor:
 
     @classmethod
     def load(cls, model_dir: str | Path = "models", device: str = "auto") -> "Predictor":
+        """The model of ``model_dir``, never unpickling: ``model.safetensors`` (:mod:`palm.weights`), or a
+        Paddle 3 exported model (``inference.json`` + ``inference.pdiparams``); anything else is refused."""
         import paddle
         import paddle.nn.functional as F
 
         from palm.runtime import select_device
 
-        model_dir = Path(model_dir)
-        meta_path = model_dir / "model.json"
-        if not meta_path.is_file():
-            raise DataError(f"{model_dir}: no model.json; train a model first (dvc repro) or give --model DIR")
-        info = json.loads(meta_path.read_text())
-        select_device(device)
-        if (model_dir / "inference.pdmodel").is_file() or (model_dir / "inference.json").is_file():
-            layer = paddle.jit.load(str(model_dir / "inference"))
-        else:
-            from palm.evaluate import load_trained
+        from palm.evaluate import load_trained, read_model_info
+        from palm.weights import check_export_dir
 
+        model_dir = Path(model_dir)
+        info = read_model_info(model_dir)
+        exported = [p.name for p in model_dir.iterdir() if p.name.startswith("inference.")]
+        select_device(device)
+        if exported:
+            prefix = check_export_dir(model_dir)
+            try:
+                layer = paddle.jit.load(prefix)
+            except Exception as exc:  # a damaged file: Paddle's own error types
+                raise DataError(f"{model_dir}: cannot load the exported model ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        else:
             layer, info = load_trained(model_dir)
         layer.eval()
 
@@ -75,6 +81,8 @@ class Predictor:
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True) -> Iterator[dict]:
         """Yield one record per file, in order: probability and class, or the error."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         from tqdm import tqdm
 
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
@@ -87,6 +95,8 @@ class Predictor:
                     records.append({"image": str(f), "error": None})
                 except DataError as exc:
                     records.append({"image": str(f), "error": str(exc)})
+                except Exception as exc:  # noqa: BLE001 - one image's failure is that image's row
+                    records.append({"image": str(f), "error": f"{f}: {type(exc).__name__}: {exc}"})
             probs = iter(self.run_batch(to_chw_float(np.stack(images))) if images else [])
             for rec in records:
                 if rec["error"] is None:

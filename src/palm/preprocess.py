@@ -65,7 +65,8 @@ def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "dec
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     if errors:
-        raise DataError(f"{len(errors)} image(s) cannot be decoded:\n  " + "\n  ".join(errors))
+        raise DataError(f"{len(errors)} image(s) cannot be decoded: " + "; ".join(errors[:10])
+                        + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else ""))
     return out
 
 
@@ -109,12 +110,10 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
 
 
 def main(params: dict) -> None:
-    cfg = params.get("preprocess", {}) or {}
+    cfg = params["preprocess"]  # validated by palm.params
     manifest = preprocess(
         "data/labels/labels.csv", "data/raw", "data/shards",
-        image_size=int(params["image_size"]),
-        shard_size=int(cfg.get("shard_size", 256)),
-        workers=int(cfg.get("workers", 0)),
+        image_size=params["image_size"], shard_size=cfg["shard_size"], workers=cfg["workers"],
     )
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['count']} images in {len(info['shards'])} shard(s)")

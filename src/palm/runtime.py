@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from palm.errors import DataError
+from palm.errors import ConfigError
 
 JOBS_ENV = "PALM_JOBS"
 SLOT_DIR_ENV = "PALM_SLOT_DIR"           # where the slot locks live (default: the system's temp dir)
@@ -50,7 +50,7 @@ class Share:
 def _jobs() -> int:
     raw = os.environ.get(JOBS_ENV, "1").strip() or "1"
     if not raw.isdigit() or int(raw) < 1:
-        raise DataError(f"{JOBS_ENV} must be a whole number >= 1 (runs sharing this machine), got {raw!r}")
+        raise ConfigError(f"{JOBS_ENV} must be a whole number >= 1 (runs sharing this machine), got {raw!r}")
     return int(raw)
 
 
@@ -99,18 +99,18 @@ def select_device(device: str = "auto") -> str:
     import paddle
 
     if device not in ("auto", "cpu", "gpu") and not (device.startswith("gpu:") and device[4:].isdigit()):
-        raise DataError(f"device must be auto, cpu, gpu or gpu:N, got {device!r}")
+        raise ConfigError(f"device must be auto, cpu, gpu or gpu:N, got {device!r}")
     share = machine_share()
     n_gpus = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
     if device == "auto":
         device = "gpu" if n_gpus else "cpu"
     if device.startswith("gpu"):
         if not n_gpus:
-            raise DataError(f"device {device!r} asked for, but this Paddle has no usable GPU "
+            raise ConfigError(f"device {device!r} asked for, but this Paddle has no usable GPU "
                             "(install Paddle's CUDA build, or set train.device: cpu)")
         index = int(device[4:]) if ":" in device else share.slot % n_gpus
         if index >= n_gpus:
-            raise DataError(f"device {device!r} asked for, but this machine has {n_gpus} GPU(s)")
+            raise ConfigError(f"device {device!r} asked for, but this machine has {n_gpus} GPU(s)")
         device = f"gpu:{index}"
     paddle.base.core.set_num_threads(share.threads)
     paddle.set_device(device)

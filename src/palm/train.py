@@ -4,95 +4,51 @@
   and the images the network learns from. Model selection (``train.select``: ``best`` on
   the holdout, or ``last``) never looks at the validation set.
 - Per epoch it logs train loss and holdout loss/accuracy/AUC with dvclive
-  (``metrics/train``) and writes a checkpoint to ``checkpoints/`` (a persisted output):
+  (``metrics/train``) and writes a checkpoint to ``checkpoints/`` (git-ignored, not a DVC output):
   model, optimizer, learning-rate schedule, epoch, best score and history. A run killed
   mid-training resumes from the last checkpoint when run again with the same parameters
   and data, and starts afresh when they changed.
 - Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
   same seed on the same machine gives the same metrics, resumed or not.
 
-Outputs: ``models/model.pdparams`` (weights) and ``models/model.json`` (what is needed to
+Outputs: ``models/model.safetensors`` (weights, :mod:`palm.weights`) and ``models/model.json`` (what is needed to
 rebuild and apply it: model name, image size of the shards, the network's input size,
 threshold).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from palm.errors import DataError
+from palm.errors import ConfigError, DataError, RunError
+from palm.fsutil import atomic_dir
+from palm.weights import MODEL_WEIGHTS
 
 MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
 LIVE_DIR = Path("metrics/train")
 
-DEFAULTS: dict[str, Any] = {
-    "epochs": 10,
-    "batch_size": 16,
-    "optimizer": "adam",       # adam | momentum
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",      # cosine | constant
-    "warmup_epochs": 1,
-    "holdout": 0.15,           # fraction of the training images held out for model selection
-    "select": "best",          # best (holdout accuracy, then loss) | last
-    "class_balance": False,    # weight the positive class by n_neg / n_pos in the loss
-    "augment": {},
-    "seed": 0,
-    "device": "auto",          # auto | cpu | gpu | gpu:N
-    "amp": "auto",             # auto (fp16 on GPU, off on CPU) | off | fp16 | bf16
-    "workers": 0,              # DataLoader worker processes
-    "to_static": False,        # train a static graph (paddle.jit.to_static): 1.19x for ResNet50
-                               # at 128 px on a 2-core CPU, 0.83x at 224 px (benchmarks/cpu_levers.py);
-                               # networks without dropout only (reproducibility)
-    "input_size": None,        # at most this side for the network (None: image_size); smaller
-                               # than image_size, the shards are resized once in memory
-    "ema": 0.0,                # decay of an exponential moving average of the weights, per step
-                               # (0: off); the holdout scores, and the saved model is, the average
-    "select_by": "accuracy",   # what "best" ranks on: accuracy (then loss) | loss | auc (then loss)
-    "dropout": None,           # dropout rate of the classifier (None: the network's own, 0.5 for
-                               # AlexNet); only for the networks in palm.models.DROPOUT_MODELS
-}
-
-
 def effective_config(params: dict) -> dict:
-    """``train`` defaults, overridden by ``models.<model>`` for the chosen model."""
-    name = params.get("model")
-    if not name:
-        raise DataError("params.yaml: no 'model' given")
-    cfg = copy.deepcopy(DEFAULTS)
-    for source in (params.get("train") or {}, (params.get("models") or {}).get(name) or {}):
-        for key, value in source.items():
-            if key not in DEFAULTS:
-                raise DataError(f"params.yaml: unknown training parameter {key!r}")
-            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg[key], dict) else value
-    cfg["model"] = name
-    cfg["image_size"] = int(params["image_size"])
+    """``train:`` of params.yaml overridden by ``models.<model>:`` for the chosen model, validated
+    (:func:`palm.params.training_config`: params.yaml is the one source of the defaults)."""
+    from palm.params import training_config
+
+    cfg = training_config(params)
+    name = cfg["model"]
     # input_size caps the side the network sees: smaller shards (image_size) are used as they are
     cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
-    if cfg["input_size"] < 16:
-        raise DataError(f"params.yaml: input_size of {name} must be at least 16, got {cfg['input_size']}")
-    if cfg["ema"] and not 0 < float(cfg["ema"]) < 1:
-        raise DataError(f"train.ema must be 0 (off) or a decay between 0 and 1, got {cfg['ema']!r}")
-    if cfg["select_by"] not in ("accuracy", "loss", "auc"):
-        raise DataError(f"train.select_by must be accuracy, loss or auc, got {cfg['select_by']!r}")
     if cfg["dropout"] is not None:
         from palm.models import DROPOUT_MODELS
         if name not in DROPOUT_MODELS:
-            raise DataError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
-        if not 0 <= float(cfg["dropout"]) < 1:
-            raise DataError(f"params.yaml: dropout must be at least 0 and below 1, got {cfg['dropout']!r}")
+            raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
     return cfg
 
 
@@ -184,7 +140,7 @@ class Trainer:
         if mode == "off":
             return contextlib.nullcontext, None, "off"
         if mode not in ("fp16", "bf16"):
-            raise DataError(f"train.amp must be auto, off, fp16 or bf16, got {mode!r}")
+            raise ConfigError(f"train.amp must be auto, off, fp16 or bf16, got {mode!r}")
         ctx = lambda: paddle.amp.auto_cast(level="O1", dtype="float16" if mode == "fp16" else "bfloat16")  # noqa: E731
         scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if mode == "fp16" else None
         return ctx, scaler, mode
@@ -200,7 +156,7 @@ class Trainer:
         elif cfg["schedule"] == "constant":
             sched = paddle.optimizer.lr.LambdaDecay(cfg["lr"], lambda _: 1.0)
         else:
-            raise DataError(f"train.schedule must be cosine or constant, got {cfg['schedule']!r}")
+            raise ConfigError(f"train.schedule must be cosine or constant, got {cfg['schedule']!r}")
         if warm > 0:
             sched = paddle.optimizer.lr.LinearWarmup(sched, warm, cfg["lr"] * 0.01, cfg["lr"])
         wd = paddle.regularizer.L2Decay(cfg["weight_decay"]) if cfg["weight_decay"] else None
@@ -210,36 +166,55 @@ class Trainer:
             opt = paddle.optimizer.Momentum(sched, momentum=cfg["momentum"], parameters=model.parameters(),
                                             weight_decay=wd, use_nesterov=True)
         else:
-            raise DataError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
+            raise ConfigError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
         return opt, sched
 
     # -- checkpoints -----------------------------------------------------------------
+    # checkpoints/checkpoint.json is the manifest, written last (atomically): it names the
+    # weights files of its epoch (state-NNNN.safetensors: network, optimizer, schedule, weight
+    # average; best-NNNN.safetensors: the selected network), which are complete before it is
+    # written. A kill at any instant leaves the previous manifest with its files, or the new
+    # one with its files; files that no manifest names are removed at the next save or resume.
     def _load_checkpoint(self, ckpt_dir: Path):
-        import paddle
+        from palm.weights import load_state
 
         meta_path = ckpt_dir / "checkpoint.json"
         if not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != self.fp:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            print(f"{meta_path} is unreadable: starting afresh")
+            return None
+        if meta.get("fingerprint") != self.fp or "state_file" not in meta:
             print("checkpoint is from other parameters or data: starting afresh")
             return None
-        state = paddle.load(str(ckpt_dir / "last.pdckpt"))
-        return meta, state
+        _remove_unlisted(ckpt_dir, meta)
+        return meta, load_state(ckpt_dir / meta["state_file"])
 
-    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict, ema=None):
-        import paddle
+    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict, ema=None, best_state=None):
+        from palm.fsutil import atomic_file
+        from palm.weights import save_state
 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_dir / "last.pdckpt.tmp"
+        old = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            old = json.loads((ckpt_dir / "checkpoint.json").read_text())
+        epoch = int(meta["epoch"])
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        paddle.save(state, str(tmp))
-        os.replace(tmp, ckpt_dir / "last.pdckpt")
-        tmp_meta = ckpt_dir / "checkpoint.json.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, ckpt_dir / "checkpoint.json")
+        meta = {**meta, "state_file": f"state-{epoch:04d}.safetensors"}
+        save_state(state, ckpt_dir / meta["state_file"])
+        if best_state is not None:
+            meta["best_file"] = f"best-{epoch:04d}.safetensors"
+            save_state(best_state, ckpt_dir / meta["best_file"])
+        else:
+            meta["best_file"] = old.get("best_file")
+        with atomic_file(ckpt_dir / "checkpoint.json") as f:
+            f.write(json.dumps(meta, indent=1))
+        _remove_unlisted(ckpt_dir, meta)
+        return meta
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
@@ -267,14 +242,14 @@ class Trainer:
 
         full = load_split(self.shards_dir, "train")
         if full.pixels.shape[1] != cfg["image_size"]:
-            raise DataError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
+            raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
         full = full.resized(cfg["input_size"])
         tr_idx, ho_idx = stratified_holdout(full, float(cfg["holdout"]), seed)
         train_split, hold_split = full.subset(tr_idx), full.subset(ho_idx)
         try:
             augment = Augment(**cfg["augment"])
         except TypeError:
-            raise DataError(f"train.augment: unknown key in {cfg['augment']} (known: "
+            raise ConfigError(f"train.augment: unknown key in {cfg['augment']} (known: "
                             f"{', '.join(Augment.__dataclass_fields__)})") from None
         train_ds = FundusDataset(train_split, augment, seed=seed)
         bs = int(cfg["batch_size"])
@@ -294,7 +269,7 @@ class Trainer:
             if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
                 # the static graph draws its dropout masks from its own generator, which
                 # paddle.seed does not reset: the same seed would no longer give the same run
-                raise DataError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
+                raise ConfigError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
                                 "are not reproducible from train.seed; use it for networks without dropout")
             model = paddle.jit.to_static(model, full_graph=True)
         opt, sched = self._optimizer(model, steps_per_epoch)
@@ -308,7 +283,7 @@ class Trainer:
             pos_weight = paddle.to_tensor([(len(train_split) - n_pos) / n_pos], dtype="float32")
         loss_fn = paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-        start, history, best = 0, [], None
+        start, history, best, best_file = 0, [], None, None
         resumed = self._load_checkpoint(ckpt_dir)
         if resumed is not None:
             meta, state = resumed
@@ -318,6 +293,7 @@ class Trainer:
             if ema is not None:
                 ema.set_state_dict(state["ema"])
             start, history, best = meta["epoch"], meta["history"], meta.get("best")
+            best_file = meta.get("best_file")
             print(f"resuming from the checkpoint of epoch {start} of {cfg['epochs']}")
         else:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -352,7 +328,7 @@ class Trainer:
                     ema.update()
                 lv = float(loss)
                 if not math.isfinite(lv):
-                    raise DataError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
+                    raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
                                     f"(lower train.lr for {cfg['model']})")
                 total += lv * len(y)
                 n += len(y)
@@ -367,17 +343,17 @@ class Trainer:
             print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
 
             score = self._selection_score(rec)
+            best_state = None
             if cfg["select"] == "last" or hold_loader is None or best is None or score > tuple(best["score"]):
                 best = {"epoch": epoch + 1, "score": list(score)}
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                paddle.save(scored.state_dict(), str(ckpt_dir / "best.pdparams.tmp"))
-                os.replace(ckpt_dir / "best.pdparams.tmp", ckpt_dir / "best.pdparams")
-            self._save_checkpoint(ckpt_dir, model, opt, sched, {
-                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg}, ema)
+                best_state = scored.state_dict()
+            best_file = self._save_checkpoint(ckpt_dir, model, opt, sched, {
+                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg},
+                ema, best_state)["best_file"]
+        if best is None or not best_file:
+            raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
         train_seconds = sum(r["epoch_seconds"] for r in history)
 
-        model_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt_dir / "best.pdparams", model_dir / "model.pdparams")
         info = {
             "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
             "threshold": 0.5,
@@ -385,12 +361,14 @@ class Trainer:
             "train_seconds": round(train_seconds, 2), "n_train": len(train_split), "n_holdout": len(hold_split),
             "config": cfg,
         }
-        (model_dir / "model.json").write_text(json.dumps(info, indent=1))
+        with atomic_dir(model_dir) as tmp:  # weights and model.json appear together, or not at all
+            shutil.copyfile(ckpt_dir / best_file, tmp / MODEL_WEIGHTS)
+            (tmp / "model.json").write_text(json.dumps(info, indent=1))
         live.summary = {**{k: v for k, v in history[best["epoch"] - 1].items() if k != "epoch"},
                         "selected_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}
         live.make_summary()
         live.end()
-        print(f"saved {model_dir / 'model.pdparams'} (epoch {best['epoch']}); "
+        print(f"saved {model_dir / MODEL_WEIGHTS} (epoch {best['epoch']}); "
               f"this run trained for {time.perf_counter() - t_start:.1f}s")
         return info
 
@@ -408,6 +386,16 @@ class Trainer:
             if key != "epoch" and value is not None and math.isfinite(value):
                 live.log_metric(key, value)
         live.next_step()
+
+
+def _remove_unlisted(ckpt_dir: Path, meta: dict) -> None:
+    """Remove the weights files (and temporary files) of ``ckpt_dir`` that ``meta`` does not name."""
+    keep = {meta.get("state_file"), meta.get("best_file"), "checkpoint.json"}
+    for p in ckpt_dir.iterdir():
+        if p.name not in keep and (p.suffix == ".safetensors" or p.name.startswith(".") or
+                                   p.name.endswith((".tmp", ".pdckpt", ".pdparams"))):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def main(params: dict) -> None:

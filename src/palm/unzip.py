@@ -7,17 +7,27 @@ Layout written (the original folder names are kept)::
     data/raw/PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx   from valid_gt.zip
 
 Every entry is checked before anything is written: absolute paths, ``..`` components and
-symbolic links are refused (zip-slip), naming the entry. Extraction goes to a temporary
-folder that replaces ``data/raw`` only when everything succeeded.
+symbolic links are refused (zip-slip), naming the entry; so are sizes beyond the limits
+(:class:`Limits`, ``unzip:`` in params.yaml): the total uncompressed size, one entry's size,
+and an entry's compression ratio (a zip bomb). The limits are checked from each zip's
+directory before extracting, and enforced again on the bytes actually decompressed. The
+nested training zip is streamed through an anonymous temporary file, never held in memory.
+
+No file is ever overwritten: a path that a zip (or an earlier zip, or the same zip twice)
+has already written, or a file where a folder is (or the reverse), is an error naming both
+entries. Files outside the expected places (above) are extracted but listed in a warning.
+Extraction goes to a temporary folder that replaces ``data/raw`` only when everything succeeded.
 """
 
 from __future__ import annotations
 
-import io
 import posixpath
-import shutil
 import stat
+import sys
+import tempfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from palm.errors import DataError
@@ -53,45 +63,144 @@ def check_entry(info: zipfile.ZipInfo, archive: str) -> None:
         raise DataError(f"{archive}: entry {name!r} contains '..'; refusing to extract it")
 
 
-def open_zip(source: zipfile.ZipFile | Path | io.BytesIO, label: str) -> zipfile.ZipFile:
+@dataclass(frozen=True)
+class Limits:
+    """What the unzip stage accepts (``unzip:`` in params.yaml overrides these).
+
+    The real PALM download is about 1.3 GB in all, its largest entry the ~0.5 GB nested
+    training zip, its JPEGs compressed about 1:1.
+    """
+
+    max_total_mb: float = 8192      # all extracted files together, uncompressed
+    max_entry_mb: float = 4096      # one entry (the nested training zip included)
+    max_ratio: float = 200          # uncompressed / compressed size of one entry ...
+    ratio_floor_mb: float = 1       # ... once it is larger than this (tiny files compress freely)
+
+    def entry_budget(self, info: zipfile.ZipInfo) -> int:
+        """The most bytes ``info`` may decompress to."""
+        by_ratio = max(self.max_ratio * info.compress_size, self.ratio_floor_mb * MB)
+        return int(min(self.max_entry_mb * MB, by_ratio))
+
+
+MB = 1 << 20
+
+
+def _mb(n: float) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def check_sizes(infos: list[zipfile.ZipInfo], label: str, limits: Limits, budget: int) -> int:
+    """Refuse, from the zip's directory, an entry or a total beyond the limits; the total's bytes."""
+    total = 0
+    for info in infos:
+        if info.file_size > limits.max_entry_mb * MB:
+            raise DataError(f"{label}: entry {info.filename!r} is {_mb(info.file_size)} uncompressed, above "
+                            f"unzip.max_entry_mb ({limits.max_entry_mb:g}); refusing to extract it")
+        if info.file_size > limits.entry_budget(info):
+            raise DataError(f"{label}: entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}"
+                            f"-fold ({_mb(info.compress_size)} -> {_mb(info.file_size)}), above unzip.max_ratio "
+                            f"({limits.max_ratio:g}): a zip bomb? refusing to extract it")
+        total += info.file_size
+    if total > budget:
+        raise DataError(f"{label}: {_mb(total)} uncompressed would exceed unzip.max_total_mb "
+                        f"({limits.max_total_mb:g} MB for all zips); refusing to extract it")
+    return total
+
+
+def open_zip(source, label: str) -> zipfile.ZipFile:
     try:
-        zf = zipfile.ZipFile(source)
-        bad = zf.testzip()
+        return zipfile.ZipFile(source)
     except FileNotFoundError:
         raise DataError(f"{label}: file not found") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise DataError(f"{label}: not a valid zip file ({exc})") from None
-    if bad is not None:
-        raise DataError(f"{label}: corrupt zip (bad CRC in entry {bad!r})")
-    return zf
 
 
-def extract_zip(zf: zipfile.ZipFile, dest: Path, label: str, skip: set[str] = frozenset()) -> list[str]:
-    """Safely extract every regular file of ``zf`` below ``dest``; return the names written."""
-    infos = [i for i in zf.infolist() if not _is_ignorable(i.filename)]
-    for info in infos:
-        check_entry(info, label)
-    written = []
-    for info in infos:
-        if info.is_dir() or info.filename in skip:
-            continue
-        rel = posixpath.normpath(info.filename.replace("\\", "/"))
-        out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with zf.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise DataError(f"{label}: cannot extract entry {info.filename!r} ({exc})") from None
-        written.append(rel)
-    return written
+def copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst, label: str, limit: int) -> int:
+    """Stream ``info`` into ``dst``, stopping with an error past ``limit`` bytes (the directory may lie)."""
+    n = 0
+    try:
+        with zf.open(info) as src:
+            while chunk := src.read(1 << 20):
+                n += len(chunk)
+                if n > limit:
+                    raise DataError(f"{label}: entry {info.filename!r} decompresses to more than {_mb(limit)}, "
+                                    "beyond what its directory says or the unzip limits allow; refusing it")
+                dst.write(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise DataError(f"{label}: cannot extract entry {info.filename!r} ({exc})") from None
+    return n
 
 
-def unzip_all(zips_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+class Extraction:
+    """Extracts several zips into one folder, refusing any overwrite and keeping to the limits."""
+
+    def __init__(self, dest: Path, limits: Limits):
+        self.dest, self.limits = dest, limits
+        self.files: dict[str, str] = {}     # case-folded path -> "zip: entry" that wrote it
+        self.dirs: dict[str, str] = {}      # case-folded folder -> "zip: entry" that made it
+        self.written = 0
+        self.unexpected: list[str] = []
+
+    def _claim(self, rel: str, is_dir: bool, origin: str) -> None:
+        key = rel.casefold()
+        parts = key.split("/")
+        for i in range(1, len(parts)):  # no parent folder of this path may be a file
+            parent = "/".join(parts[:i])
+            if parent in self.files:
+                raise DataError(f"{origin} needs a folder {parent!r} where {self.files[parent]} is a file")
+        if is_dir:
+            if key in self.files:
+                raise DataError(f"{origin} is a folder where {self.files[key]} is a file")
+            self.dirs.setdefault(key, origin)
+            return
+        if key in self.files:
+            raise DataError(f"{origin} would overwrite {self.files[key]}; refusing (duplicate entry)")
+        if key in self.dirs:
+            raise DataError(f"{origin} is a file where {self.dirs[key]} makes a folder")
+        self.files[key] = origin
+        for i in range(1, len(parts)):
+            self.dirs.setdefault("/".join(parts[:i]), origin)
+
+    def extract(self, zf: zipfile.ZipFile, label: str, expected, skip: frozenset = frozenset()) -> int:
+        """Extract ``zf`` (checked first: names, sizes, overwrites); ``expected(rel)`` says what is
+        in its place. Returns the number of files written."""
+        infos = [i for i in zf.infolist() if not _is_ignorable(i.filename) and i.filename not in skip]
+        for info in infos:
+            check_entry(info, label)
+        check_sizes([i for i in infos if not i.is_dir()], label, self.limits,
+                    int(self.limits.max_total_mb * MB) - self.written)
+        for info in infos:  # every overwrite is found before anything is written
+            rel = posixpath.normpath(info.filename.replace("\\", "/")).strip("/")
+            self._claim(rel, info.is_dir(), f"{label}: entry {info.filename!r}")
+        n = 0
+        for info in infos:
+            rel = posixpath.normpath(info.filename.replace("\\", "/")).strip("/")
+            if info.is_dir():
+                (self.dest / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            if not expected(rel):
+                self.unexpected.append(f"{label}: {info.filename}")
+            out = self.dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            budget = min(self.limits.entry_budget(info), int(self.limits.max_total_mb * MB) - self.written)
+            with open(out, "xb") as dst:  # "x": never replaces a file
+                self.written += copy_bounded(zf, info, dst, label, budget)
+            n += 1
+        return n
+
+
+def _in_folder(folder: str):
+    return lambda rel: posixpath.dirname(rel) == folder
+
+
+def unzip_all(zips_dir: str | Path, out_dir: str | Path, limits: Limits | None = None) -> dict[str, int]:
     """Extract the three PALM zips from ``zips_dir`` into ``out_dir`` atomically.
 
-    Returns the number of files extracted per zip.
+    Returns the number of files extracted per zip. Files found outside the expected places
+    are extracted and listed in a warning on standard error.
     """
+    limits = limits or Limits()
     zips_dir = Path(zips_dir)
     paths = {name: zips_dir / name for name in (TRAIN_ZIP, VALID_ZIP, GT_ZIP)}
     missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -102,29 +211,46 @@ def unzip_all(zips_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
         )
     counts = {}
     with atomic_dir(out_dir) as tmp:
+        ex = Extraction(tmp, limits)
         train_label = str(paths[TRAIN_ZIP])
         with open_zip(paths[TRAIN_ZIP], train_label) as outer:
             for info in outer.infolist():
                 check_entry(info, train_label)
             if NESTED_TRAIN_ZIP not in outer.namelist():
                 raise DataError(f"{train_label}: has no entry {NESTED_TRAIN_ZIP!r} (the nested training zip)")
+            nested_info = outer.getinfo(NESTED_TRAIN_ZIP)
+            check_sizes([nested_info], train_label, limits, int(limits.max_entry_mb * MB))
             nested_label = f"{train_label}:{NESTED_TRAIN_ZIP}"
-            with open_zip(io.BytesIO(outer.read(NESTED_TRAIN_ZIP)), nested_label) as inner:
-                counts[TRAIN_ZIP] = len(extract_zip(inner, tmp, nested_label))
+            # an anonymous temporary file (gone with the process, even when killed), not memory
+            with tempfile.TemporaryFile(dir=Path(out_dir).parent) as nested:
+                copy_bounded(outer, nested_info, nested, train_label, limits.entry_budget(nested_info))
+                nested.seek(0)
+                with open_zip(nested, nested_label) as inner:
+                    counts[TRAIN_ZIP] = ex.extract(inner, nested_label, _in_folder(TRAIN_DIR))
             # anything else next to the nested zip is extracted too (never the nested zip itself)
-            counts[TRAIN_ZIP] += len(extract_zip(outer, tmp, train_label, skip={NESTED_TRAIN_ZIP}))
-        for name in (VALID_ZIP, GT_ZIP):
+            counts[TRAIN_ZIP] += ex.extract(outer, train_label, lambda rel: False, skip=frozenset({NESTED_TRAIN_ZIP}))
+        for name, folder in ((VALID_ZIP, VALID_DIR), (GT_ZIP, GT_DIR)):
             with open_zip(paths[name], str(paths[name])) as zf:
-                counts[name] = len(extract_zip(zf, tmp, str(paths[name])))
+                counts[name] = ex.extract(zf, str(paths[name]),
+                                          _in_folder(folder) if name == VALID_ZIP else lambda rel: rel == GT_FILE)
         for folder, zip_name in ((TRAIN_DIR, TRAIN_ZIP), (VALID_DIR, VALID_ZIP)):
             if not (tmp / folder).is_dir():
                 raise DataError(f"{paths[zip_name]}: no folder {folder}/ inside; is this the PALM download?")
         if not (tmp / GT_FILE).is_file():
             raise DataError(f"{paths[GT_ZIP]}: no entry {GT_FILE!r}")
+    if ex.unexpected:
+        shown = ex.unexpected[:10]
+        print(f"warning: {len(ex.unexpected)} file(s) outside the PALM layout were extracted but are not used: "
+              + "; ".join(shown) + (" ..." if len(ex.unexpected) > 10 else ""), file=sys.stderr)
     return counts
+
+
+def limits_of(params: dict) -> Limits:
+    """``unzip:`` of params.yaml (validated by :mod:`palm.params`) as :class:`Limits`."""
+    return Limits(**(params.get("unzip") or {}))
 
 
 def main(params: dict) -> None:
     zips_dir = params["data"]["zips_dir"]
-    counts = unzip_all(zips_dir, "data/raw")
+    counts = unzip_all(zips_dir, "data/raw", limits_of(params))
     print("extracted " + ", ".join(f"{n}: {c} files" for n, c in counts.items()) + " into data/raw")

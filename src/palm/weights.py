@@ -1,0 +1,166 @@
+"""The one format of saved weights and checkpoints: safetensors for tensors, JSON for the rest.
+
+``paddle.load`` unpickles, and a pickle can run any code when it is loaded: a ``model.pdparams``
+from someone else is a program. This module never unpickles. A state (a network's, an
+optimizer's, a learning-rate schedule's, or a nested dict of them) is written as:
+
+- its tensors, as numpy arrays in a `safetensors <https://huggingface.co/docs/safetensors>`_
+  file (a JSON header and raw bytes: it cannot carry code), keyed by their path in the
+  nested dict (``model/conv1.weight``);
+- everything else (numbers, strings, lists: epochs, learning-rate state, history), as JSON in
+  the same file's header metadata, with each tensor replaced by ``{"__tensor__": key}``.
+
+Reading refuses anything that is not such a file, and :func:`check_model_dir` /
+:func:`check_export_dir` refuse the pickled formats (``.pdparams``, ``.pdckpt``, the
+older exported ``inference.pdmodel`` and its ``.pdiparams.info``) with one line naming the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palm.errors import DataError
+
+MODEL_WEIGHTS = "model.safetensors"
+META_KEY = "palm_state"
+#: files that Paddle (or Python) reads by unpickling: never loaded
+PICKLED_SUFFIXES = (".pdparams", ".pdckpt", ".pdopt", ".pdmodel", ".pdiparams.info", ".pkl", ".pickle")
+
+
+def _to_numpy(value) -> np.ndarray | None:
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__name__ in ("Tensor", "EagerParamBase", "ParamBase") and hasattr(value, "numpy"):
+        arr = value.numpy()
+        if str(getattr(value, "dtype", "")).endswith("bfloat16"):
+            raise DataError("cannot save a bfloat16 tensor as numpy (train.amp bf16 keeps float32 weights)")
+        return np.asarray(arr)
+    return None
+
+
+def flatten(state: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
+    """``(tensors, tree)``: the arrays of ``state`` by key, and ``state`` as JSON with references."""
+    tensors: dict[str, np.ndarray] = {}
+
+    def walk(value, path: str):
+        arr = _to_numpy(value)
+        if arr is not None:
+            key = path or "tensor"
+            if key in tensors:
+                raise ValueError(f"two tensors at {key!r}")
+            tensors[key] = np.ascontiguousarray(arr)
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str) or "/" in k:
+                    raise ValueError(f"state key {k!r} must be a string without '/'")
+                out[k] = walk(v, f"{path}/{k}" if path else k)
+            return out
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, np.generic):
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise ValueError(f"cannot save {type(value).__name__} at {path!r} (tensors, numbers, strings only)")
+
+    return tensors, walk(state, prefix)
+
+
+def unflatten(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            key = tree["__tensor__"]
+            if key not in tensors:
+                raise DataError(f"tensor {key!r} is missing")
+            return tensors[key]
+        return {k: unflatten(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten(v, tensors) for v in tree]
+    return tree
+
+
+def save_state(state: Any, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` (safetensors + JSON metadata) atomically, synced to disk."""
+    from safetensors.numpy import save
+
+    from palm.fsutil import atomic_file
+
+    tensors, tree = flatten(state)
+    data = save(tensors, metadata={META_KEY: json.dumps(tree)})
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+def load_state(path: str | Path) -> Any:
+    """The state saved by :func:`save_state` at ``path`` (tensors as numpy arrays)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.name.endswith(PICKLED_SUFFIXES):
+        raise DataError(f"{path}: a pickle file, which can run code when loaded; refusing to read it")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tree = json.loads(meta[META_KEY]) if META_KEY in meta else {k: {"__tensor__": k} for k in tensors}
+        return unflatten(tree, tensors)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except Exception as exc:  # safetensors raises its own error types for a malformed header
+        raise DataError(f"{path}: not a safetensors weights file ({type(exc).__name__}: {exc})") from None
+
+
+def _pickled_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLED_SUFFIXES))
+
+
+def check_model_dir(folder: str | Path) -> Path:
+    """``folder/model.safetensors``, or a one-line error (naming the folder) if it is missing or pickled."""
+    folder = Path(folder)
+    weights = folder / MODEL_WEIGHTS
+    if weights.is_file():
+        return weights
+    pickled = _pickled_files(folder) if folder.is_dir() else []
+    if pickled:
+        raise DataError(f"{folder}: refusing {', '.join(pickled)}: pickle files can run code when loaded; "
+                        f"this project reads only {MODEL_WEIGHTS} (retrain: dvc repro train)")
+    raise DataError(f"{folder}: no {MODEL_WEIGHTS}; train a model first (dvc repro train)")
+
+
+def check_export_dir(folder: str | Path) -> str:
+    """The path prefix of a Paddle 3 exported model (``inference.json`` + ``inference.pdiparams``)
+    for ``paddle.jit.load``; the older pickled formats are refused."""
+    folder = Path(folder)
+    pickled = _pickled_files(folder)
+    if pickled:
+        raise DataError(f"{folder}: refusing an exported model with {', '.join(pickled)} (the older format, "
+                        "read by unpickling, which can run code); re-export it: dvc repro export")
+    missing = [n for n in ("inference.json", "inference.pdiparams") if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder}: exported model incomplete, no {', '.join(missing)} (re-export: dvc repro export)")
+    return str(folder / "inference")
+
+
+def to_paddle(state: Any) -> Any:
+    """numpy arrays in a loaded state -> paddle tensors (for ``set_state_dict``)."""
+    import paddle
+
+    if isinstance(state, np.ndarray):
+        return paddle.to_tensor(state)
+    if isinstance(state, dict):
+        return {k: to_paddle(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [to_paddle(v) for v in state]
+    return state
