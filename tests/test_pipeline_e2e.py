@@ -77,8 +77,12 @@ def test_metrics_have_every_field_finite_and_in_range(project):
     show = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "accuracy" in show
     plots = run(["dvc", "plots", "show", "--json"], project).stdout
-    for name in ("roc.json", "confusion_matrix.json", "train_loss.tsv", "metrics/explain/"):
+    for name in ("roc.json", "confusion_matrix.json", "precision_recall.json", "calibration.json",
+                 "PM probability per class", "train_loss.tsv", "metrics/explain/"):
         assert name in plots, name
+    for key in ("accuracy", "sensitivity", "specificity", "auc"):  # intervals, shown by dvc metrics show
+        assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
+        assert f"{key}_ci_low" in show
 
 
 def test_export_explain_and_predict_from_the_pipeline(project, tmp_path):

@@ -176,3 +176,32 @@ def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, sha
         effective_config(params(dropout=0.3))
     with pytest.raises(DataError, match="dropout must be at least 0 and below 1"):
         effective_config({**alex, "models": {"alexnet": {"dropout": 1.0}}})
+
+
+def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
+    import contextlib
+
+    from palm.dataset import FundusDataset, load_split, make_loader, stratified_holdout
+    from palm.evaluate import load_trained
+    from palm.metrics import choose_threshold
+    from palm.train import predict_probs
+
+    p = params(epochs=1, threshold="youden", select="last")
+    info, _, out = run(tmp_path, shards, p)
+    assert info["threshold_rule"] == "youden"
+    saved = json.loads((out / "models" / "model.json").read_text())
+    assert saved["threshold"] == info["threshold"] and 0 < saved["threshold"] <= 1
+    # the same rule on the saved network's holdout predictions gives the stored number
+    full = load_split(shards, "train")
+    hold = full.subset(stratified_holdout(full, 0.25, 0)[1])
+    model, _ = load_trained(out / "models")
+    probs = predict_probs(model, make_loader(FundusDataset(hold), 4, shuffle=False), contextlib.nullcontext)
+    assert choose_threshold(hold.labels, probs, "youden") == pytest.approx(saved["threshold"], abs=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [({"threshold": "youden", "holdout": 0}, "holdout must be above 0"),
+                                       ({"threshold": "median"}, "threshold"),
+                                       ({"threshold": 1.5}, "threshold")])
+def test_bad_threshold_settings_are_refused(bad, match):
+    with pytest.raises(DataError, match=match):
+        effective_config(params(**bad))
