@@ -8,7 +8,7 @@ import sys
 
 from palm.errors import DataError
 
-FIELDS = ["image", "probability", "predicted", "diagnosis", "error"]
+FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 
 
 def cmd_predict(args) -> int:
@@ -20,21 +20,26 @@ def cmd_predict(args) -> int:
         return 2
     predictor = Predictor.load(args.model)
     out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
-    failed = 0
+    failed = ungradable = 0
     try:
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet):
+        for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet,
+                                     grade_all=args.grade_all):
             if rec["error"]:
                 failed += 1
                 print(f"skipped: {rec['error']}", file=sys.stderr)
+            elif rec["quality"] != "ok":
+                ungradable += 1
             writer.writerow(rec)
             out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
-    done = len(files) - failed
+    done = len(files) - failed - (0 if args.grade_all else ungradable)
     print(f"{predictor.name}: predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
+          + (f", {ungradable} not gradable fundus photographs (see the quality column"
+             + (")" if args.grade_all else "; --grade-all to diagnose them anyway)") if ungradable else "")
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return 1 if failed else 0
 
@@ -50,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the predictions to this CSV file (default: standard output)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--grade-all", action="store_true",
+                   help="also diagnose images whose quality is not ok (too dark, overexposed, blurred, "
+                        "no circular fundus, too small); by default they are listed without a diagnosis")
     p.set_defaults(func=cmd_predict)
     args = ap.parse_args(argv)
     try:

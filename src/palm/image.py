@@ -29,17 +29,25 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
     The image is then resized to a square with area interpolation (aspect ratio is not kept,
     as in the PALM course notebooks; the fundus images are nearly square).
     """
+    rgb, _ = decode(source, image_size)
+    rgb = resize_square(rgb, image_size)
+    return rgb if input_size is None else resize_square(rgb, input_size)
+
+
+def decode(source: str | Path | bytes, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB uint8 of ``source`` (JPEGs decoded at reduced resolution, never below ``min_side``),
+    and the original ``(width, height)``."""
     name = str(source) if not isinstance(source, bytes) else "<bytes>"
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            im.draft("RGB", (image_size, image_size))
+            size = im.size
+            im.draft("RGB", (min_side, min_side))
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc})") from None
-    rgb = resize_square(rgb, image_size)
-    return rgb if input_size is None else resize_square(rgb, input_size)
+    return rgb, size
 
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
