@@ -96,3 +96,25 @@ def test_gradcam_heatmap(name):
     assert cam_a.min() >= 0 and cam_a.max() <= 1
     assert cam_a.std() > 0 or cam_b.std() > 0
     assert not np.allclose(cam_a, cam_b)
+
+
+def test_gradcam_figure_is_readable_and_captioned():
+    from palm.explain import caption, choose_images, figure
+    import pandas as pd
+
+    rgb = cv2.circle(np.zeros((96, 96, 3), np.uint8), (48, 48), 40, (200, 80, 40), -1)
+    cam = np.zeros((12, 12), np.float32)
+    cam[3:6, 3:6] = 1
+    lines = caption("V0012.jpg", 1, 0.31, 0.5)
+    assert lines[0] == "V0012: label PM, predicted non-PM (WRONG)" and "0.310" in lines[1] and "0.500" in lines[1]
+    fig = figure(rgb, cam, lines)
+    assert fig.dtype == np.uint8 and min(fig.shape[:2]) >= 448
+    band = fig[:96]
+    assert (band < 128).any()                     # the caption is written
+    left, right = fig[96:, :512], fig[96:, 520:]
+    assert left.shape == right.shape == (512, 512, 3)
+    assert not np.array_equal(left, right)        # the heatmap is drawn over the right one
+    # the most confident errors come first
+    preds = pd.DataFrame({"image": list("abcdef"), "label": [1, 1, 0, 0, 1, 0],
+                          "probability": [0.45, 0.05, 0.55, 0.99, 0.9, 0.1], "predicted": [0, 0, 1, 1, 1, 0]})
+    assert choose_images(preds, 6).image.tolist()[:2] == ["d", "b"]
