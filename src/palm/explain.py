@@ -128,7 +128,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
             pred = "PM" if prob >= threshold else "nonPM"
             name = f"{Path(row.image).stem}_label-{label}_pred-{pred}_p{prob:.2f}.png"
             fig = figure(photos.pixels[i], cam, caption(row.image, int(row.label), prob, threshold))
-            cv2.imwrite(str(tmp / name), cv2.cvtColor(fig, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(tmp / name), cv2.cvtColor(fig, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
             written.append(out_dir / name)
     return written
 
