@@ -118,3 +118,13 @@ def test_gradcam_figure_is_readable_and_captioned():
     preds = pd.DataFrame({"image": list("abcdef"), "label": [1, 1, 0, 0, 1, 0],
                           "probability": [0.45, 0.05, 0.55, 0.99, 0.9, 0.1], "predicted": [0, 0, 1, 1, 1, 0]})
     assert choose_images(preds, 6).image.tolist()[:2] == ["d", "b"]
+
+
+@pytest.mark.parametrize("threshold,expected", [(0.01, 1), (0.99, 0)])
+def test_predict_applies_the_threshold_stored_in_model_json(tmp_path, threshold, expected):
+    models = save_model(tmp_path / "models")
+    info = json.loads((models / "model.json").read_text())
+    (models / "model.json").write_text(json.dumps({**info, "threshold": threshold, "threshold_rule": "youden"}))
+    rows = list(Predictor.load(models).predict(photos(tmp_path / "img", 2), progress=False))
+    assert all(0.01 < r["probability"] < 0.99 for r in rows)   # an untrained network is unsure
+    assert [r["predicted"] for r in rows] == [expected, expected]
