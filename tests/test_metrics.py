@@ -60,6 +60,9 @@ def test_operating_characteristics_by_hand():
     # sensitivity >= 0.90 needs all 4 PM, down to 0.3: non-PM above it are 0.7, 0.55, 0.4 -> 3/6 specific
     assert specificity_at_sensitivity(LABELS, PROBS, 0.90) == pytest.approx(0.5)
     assert specificity_at_sensitivity(LABELS, PROBS, 0.75) == pytest.approx(5 / 6)  # down to 0.6: one FP (0.7)
+    m = score(LABELS, PROBS, n_boot=0)  # and as eval.json's keys
+    assert (m["sensitivity_at_specificity_90"], m["sensitivity_at_specificity_95"]) == (0.5, 0.5)
+    assert (m["specificity_at_sensitivity_90"], m["specificity_at_sensitivity_95"]) == (0.5, 0.5)
 
 
 def test_choose_threshold_rules():
@@ -124,7 +127,7 @@ def test_bootstrap_auc_matches_scikit_learn_on_a_resample():
 
 def test_one_class_leaves_undefined_metrics_empty():
     m = score([1, 1, 1], [0.9, 0.2, 0.7])
-    assert m["auc"] is None and m["specificity"] is None and m["sensitivity_at_specificity_0.90"] is None
+    assert m["auc"] is None and m["specificity"] is None and m["sensitivity_at_specificity_90"] is None
     assert m["sensitivity"] == pytest.approx(2 / 3) and m["ci_method"] == "none"
     none_said_pm = score([1, 0], [0.2, 0.1], n_boot=0)
     assert none_said_pm["precision"] == precision_score([1, 0], [0, 0], zero_division=0) == 0.0

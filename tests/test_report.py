@@ -95,7 +95,7 @@ def test_report_parses_images_decode_and_numbers_match_eval_json(inputs):
             assert float(text) == pytest.approx(m[key], abs=5e-4)
     for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "brier", "ppv_at_prevalence"):
         assert {key, f"{key}_ci_low", f"{key}_ci_high"} <= keys, key
-    assert {"tp", "fp", "tn", "fn", "ece", "sensitivity_at_specificity_0.90", "specificity_at_sensitivity_0.95",
+    assert {"tp", "fp", "tn", "fn", "ece", "sensitivity_at_specificity_90", "specificity_at_sensitivity_95",
             "threshold", "prevalence"} <= keys
     text = " ".join(page.text)
     assert "not a diagnosis" in text and "Single-source data" in text and "synthetic" in text

@@ -227,9 +227,9 @@ def score(labels, probs, threshold: float = 0.5, prevalence: float = DEFAULT_PRE
         "brier": float(brier_score_loss(labels, probs, pos_label=1)),
         "ece": expected_calibration_error(labels, probs),
     })
-    for t in (0.90, 0.95):
-        out[f"sensitivity_at_specificity_{t:.2f}"] = sensitivity_at_specificity(labels, probs, t) if both else None
-        out[f"specificity_at_sensitivity_{t:.2f}"] = specificity_at_sensitivity(labels, probs, t) if both else None
+    for pct in (90, 95):  # keys without a dot, which dvc would read as nesting
+        out[f"sensitivity_at_specificity_{pct}"] = sensitivity_at_specificity(labels, probs, pct / 100) if both else None
+        out[f"specificity_at_sensitivity_{pct}"] = specificity_at_sensitivity(labels, probs, pct / 100) if both else None
     if n_boot and both:
         boot = _bootstrap(labels, probs, pred, prevalence, int(n_boot), int(seed))
         for key in INTERVAL_KEYS:
