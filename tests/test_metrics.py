@@ -11,7 +11,7 @@ from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, precisi
 
 from palm.errors import DataError
 from palm.metrics import (choose_threshold, expected_calibration_error, parse_threshold, reliability_table,
-                          score, sensitivity_at_specificity, specificity_at_sensitivity)
+                          score, sensitivity_at_specificity, specificity_at_sensitivity, wilson_interval)
 
 # a known confusion matrix at 0.5: tp 3, fn 1, fp 2, tn 4
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -89,20 +89,42 @@ def test_bootstrap_intervals_are_reproducible_cover_the_estimate_and_are_fast():
     t0 = time.perf_counter()
     m = score(labels, probs)
     assert time.perf_counter() - t0 < 5
-    assert m["ci_method"].startswith("stratified bootstrap, 2000 resamples")
-    for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "brier",
+    assert "Wilson score for accuracy" in m["ci_method"] and "stratified bootstrap (2000 resamples" in m["ci_method"]
+    assert m["f1_ci_low"] < m["f1_ci_high"] and m["auc_ci_low"] < m["auc_ci_high"]
+    for key in ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc", "brier",
                 "ppv_at_prevalence", "npv_at_prevalence"):
         assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
         assert m[f"{key}_ci_low"] < m[f"{key}_ci_high"], key
     assert m == score(labels, probs)  # fixed seed
-    # the interval of a proportion is close to Wilson's: accuracy p over n, 1.96 * sqrt(p(1-p)/n) each side
-    p, n = m["accuracy"], len(labels)
-    half = 1.96 * np.sqrt(p * (1 - p) / n)
-    assert m["accuracy_ci_high"] - m["accuracy_ci_low"] == pytest.approx(2 * half, rel=0.25)
-    # the stratified bootstrap keeps the classes: sensitivity's interval is that of 211 PM images
-    s = m["sensitivity"]
-    assert m["sensitivity_ci_high"] - m["sensitivity_ci_low"] == pytest.approx(2 * 1.96 * np.sqrt(s * (1 - s) / 211),
-                                                                                rel=0.3)
+    # the proportions' intervals are Wilson's: sensitivity tp of the 211 PM images
+    assert (m["sensitivity_ci_low"], m["sensitivity_ci_high"]) == pytest.approx(wilson_interval(m["tp"], 211))
+    # and the bootstrap's agree with it where both apply (the accuracy, on the same resamples)
+    from palm.metrics import _bootstrap
+    boot = _bootstrap(labels, probs, (probs >= 0.5).astype(float), 0.02, 2000, 0)["accuracy"]
+    assert np.percentile(boot, [2.5, 97.5]) == pytest.approx([m["accuracy_ci_low"], m["accuracy_ci_high"]], abs=0.01)
+
+
+def test_wilson_interval_by_hand():
+    # 46 of 46: the lower bound is n / (n + z^2), z = 1.95996
+    assert wilson_interval(46, 46) == pytest.approx((46 / (46 + 1.959964 ** 2), 1.0))
+    # 7 of 10: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    z, p, n = 1.959964, 0.7, 10
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert wilson_interval(7, 10) == pytest.approx(((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)))
+    assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert wilson_interval(0, 0) == (None, None)
+    # no error on 46 non-PM: specificity 1.000 with the honest interval, not the bootstrap's [1, 1]
+    labels = np.r_[np.ones(53), np.zeros(46)].astype(int)
+    probs = np.r_[np.linspace(0.3, 1, 53), np.linspace(0, 0.4, 46)]
+    m = score(labels, probs, 0.45)
+    assert m["specificity"] == 1.0 and m["specificity_ci_low"] == pytest.approx(0.9229, abs=1e-4)
+    # and the PPV at 2% is 1.000 with an interval from Bayes at the Wilson ends, not [1, 1]
+    s_lo, c_lo = m["sensitivity_ci_low"], m["specificity_ci_low"]
+    assert m["ppv_at_prevalence"] == 1.0
+    assert m["ppv_at_prevalence_ci_low"] == pytest.approx(s_lo * 0.02 / (s_lo * 0.02 + (1 - c_lo) * 0.98))
+    assert m["ppv_at_prevalence_ci_low"] < 0.3 and m["ppv_at_prevalence_ci_high"] == 1.0
+    s_hi, c_hi = m["sensitivity_ci_high"], m["specificity_ci_high"]
+    assert m["npv_at_prevalence_ci_high"] == pytest.approx(c_hi * 0.98 / (c_hi * 0.98 + (1 - s_hi) * 0.02))
 
 
 def test_bootstrap_auc_matches_scikit_learn_on_a_resample():

@@ -10,11 +10,16 @@
   sensitivity 0.90 / 0.95 (read off the empirical ROC curve);
 - PPV and NPV at a given prevalence (Bayes' rule from sensitivity and specificity), next to
   the raw ones, whose prevalence is the data set's;
-- 95% confidence intervals (``<key>_ci_low`` / ``<key>_ci_high``) by the *stratified
-  bootstrap*: ``n_boot`` resamples (default 2000, fixed seed) that draw, with replacement, as
-  many PM and as many non-PM images as the data has, so every resample keeps its class mix;
-  percentile intervals. Vectorised (resample counts times per-image indicators), so 2000
-  resamples of 400 predictions take well under a second.
+- 95% confidence intervals (``<key>_ci_low`` / ``<key>_ci_high``): for the proportions
+  (accuracy, sensitivity, specificity, precision, NPV) the *Wilson score* interval
+  (``scipy.stats.binomtest``), which stays honest at 0 or 100% (46 of 46: [0.923, 1], where
+  a percentile bootstrap collapses to [1, 1]); for the PPV/NPV at a prevalence, Bayes' rule
+  at the ends of the Wilson intervals of sensitivity and specificity (both rise with each,
+  so the ends bound them; conservative); for F1, ROC AUC and Brier the *stratified
+  bootstrap*: ``n_boot`` resamples (default 2000, fixed seed) that draw, with replacement,
+  as many PM and as many non-PM images as the data has, so every resample keeps its class
+  mix; percentile intervals. Vectorised (resample counts times per-image indicators), so
+  2000 resamples of 400 predictions take well under a second.
 
 :func:`choose_threshold` turns a rule (``youden``, ``sensitivity>=0.95``,
 ``specificity>=0.90``) or a number into the operating threshold.
@@ -38,6 +43,18 @@ DEFAULT_PREVALENCE = 0.02
 
 INTERVAL_KEYS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc", "brier",
                  "ppv_at_prevalence", "npv_at_prevalence")
+WILSON_KEYS = ("accuracy", "sensitivity", "specificity", "precision", "npv")
+BOOTSTRAP_KEYS = ("f1", "auc", "brier")
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+    """The Wilson score interval of a proportion ``successes / n`` (``(None, None)`` when n is 0)."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return None, None
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def _div(a, b):
@@ -231,15 +248,28 @@ def score(labels, probs, threshold: float = 0.5, prevalence: float = DEFAULT_PRE
         out[f"sensitivity_at_specificity_{pct}"] = sensitivity_at_specificity(labels, probs, pct / 100) if both else None
         out[f"specificity_at_sensitivity_{pct}"] = specificity_at_sensitivity(labels, probs, pct / 100) if both else None
     if n_boot and both:
+        ci = {}
         boot = _bootstrap(labels, probs, pred, prevalence, int(n_boot), int(seed))
-        for key in INTERVAL_KEYS:
+        for key in BOOTSTRAP_KEYS:
             values = boot[key][~np.isnan(boot[key])]
-            low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = num(low), num(high)
+            ci[key] = tuple(num(v) for v in np.percentile(values, [2.5, 97.5])) if len(values) else (None, None)
+        for key, (k, n) in {"accuracy": (tp + tn, tp + tn + fp + fn), "sensitivity": (tp, tp + fn),
+                            "specificity": (tn, tn + fp), "precision": (tp, tp + fp), "npv": (tn, tn + fn)}.items():
+            ci[key] = wilson_interval(k, n)
+        ends = []
+        for sens, spec in zip(ci["sensitivity"], ci["specificity"]):  # PPV, NPV rise with both
+            ends.append({"ppv": num(_div(sens * prevalence, sens * prevalence + (1 - spec) * (1 - prevalence))),
+                         "npv": num(_div(spec * (1 - prevalence), spec * (1 - prevalence) + (1 - sens) * prevalence))})
+        ci["ppv_at_prevalence"] = (ends[0]["ppv"], ends[1]["ppv"])
+        ci["npv_at_prevalence"] = (ends[0]["npv"], ends[1]["npv"])
+        for key in INTERVAL_KEYS:
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = ci[key]
     out.update({
         "n": int(len(labels)), "n_pm": int(labels.sum()), "threshold": float(threshold),
         "prevalence": float(prevalence), "prevalence_observed": float(labels.mean()),
-        "ci_method": f"stratified bootstrap, {int(n_boot)} resamples, seed {int(seed)}, percentile"
+        "ci_method": f"95%: Wilson score for {', '.join(WILSON_KEYS)}; Bayes at the Wilson ends of sensitivity "
+                     f"and specificity for ppv/npv_at_prevalence; stratified bootstrap ({int(n_boot)} resamples, "
+                     f"seed {int(seed)}, percentile) for {', '.join(BOOTSTRAP_KEYS)}"
                      if n_boot and both else "none",
         "tp": tp, "fp": fp, "tn": tn, "fn": fn,
     })

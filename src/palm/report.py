@@ -260,7 +260,7 @@ for clinical use; every positive or doubtful result needs an ophthalmologist.</p
 <table><tr><th>split</th><th>PM</th><th>non-PM</th><th>images</th></tr>{data_rows}</table>
 
 <h2>Metrics on the validation set</h2>
-<p>{num('n', metrics)} images, {num('n_pm', metrics)} with PM. Intervals: 95%,
+<p>{num('n', metrics)} images, {num('n_pm', metrics)} with PM. Intervals:
 {esc(str(metrics.get('ci_method')))} (<code>ci_method</code>). {threshold_origin(metrics)}</p>
 <table><tr><th>metric</th><th>estimate</th><th>95% interval</th></tr>{ci_rows}</table>
 <table><tr><th>metric</th><th>value</th></tr>{other_rows}</table>
