@@ -6,7 +6,7 @@ each run the row is read from the pipeline's own files: ``metrics/eval.json`` (v
 metrics, computed from the saved predictions), ``metrics/train/metrics.json`` (training
 seconds, selected epoch) and ``models/model.json`` (input size). The rows are written to
 ``--out`` as JSON and printed as a Markdown table: one line per run, with the 95% interval
-of each metric in brackets (``eval.json``'s stratified bootstrap; rows recorded before the
+of each metric in brackets (``eval.json``'s ``ci_method``; rows recorded before the
 intervals existed show the estimate only), and per model the mean and the spread (min..max)
 over the seeds.
 
