@@ -281,7 +281,7 @@ for clinical use; every positive or doubtful result needs an ophthalmologist.</p
 pathologic myopia, for review by an eye-care professional. Not a diagnosis, not a medical device.
 <code>palm predict</code> flags pictures that are not gradable fundus photographs (quality column) and does not
 diagnose them.</dd>
-<dt><b>Training data</b></dt><dd>{data_source}; training split: {int(counts.loc['train'].sum()) if 'train' in counts.index else 0}
+<dt><b>Training data</b></dt><dd>{data_source[0].upper() + data_source[1:]}; training split: {int(counts.loc['train'].sum()) if 'train' in counts.index else 0}
 images, validation split: {int(counts.loc['valid'].sum()) if 'valid' in counts.index else 0} images.</dd>
 <dt><b>Limitations</b></dt><dd><ul>
 <li>Single-source data: the photographs come from one challenge data set (one population, one set of
