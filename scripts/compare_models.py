@@ -5,8 +5,10 @@ every other parameter from params.yaml (the per-model defaults under ``models:``
 each run the row is read from the pipeline's own files: ``metrics/eval.json`` (validation
 metrics, computed from the saved predictions), ``metrics/train/metrics.json`` (training
 seconds, selected epoch) and ``models/model.json`` (input size). The rows are written to
-``--out`` as JSON and printed as a Markdown table: one line per run, and per model the
-mean and the spread (min..max) over the seeds.
+``--out`` as JSON and printed as a Markdown table: one line per run, with the 95% interval
+of each metric in brackets (``eval.json``'s ``ci_method``; rows recorded before the
+intervals existed show the estimate only), and per model the mean and the spread (min..max)
+over the seeds.
 
 Run it from the repository's top folder, e.g. on the real data in data/original:
 
@@ -55,7 +57,14 @@ def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> di
     info = json.loads(Path("models/model.json").read_text())
     return {"model": model, "seed": seed, "input_size": input_size(info),
             "epochs": info["epochs"], "selected_epoch": tr["selected_epoch"],
-            "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS}}
+            "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS},
+            **{f"{k}_ci_{end}": ev.get(f"{k}_ci_{end}") for k in COLUMNS for end in ("low", "high")}}
+
+
+def cell(r: dict, key: str) -> str:
+    """A run's metric, with its 95% interval when the row has one: ``0.929 [0.869, 0.970]``."""
+    low, high = r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")
+    return f"{r[key]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -64,8 +73,9 @@ def table(rows: list[dict]) -> str:
     out = ["| model | px | epochs | seed | accuracy | AUC | sensitivity | specificity | train time |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['input_size']} | {r['epochs']} | {r['seed']} | {r['accuracy']:.3f} | {r['auc']:.3f} | "
-                   f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['train_seconds'] / 60:.1f} min |")
+        out.append(f"| {r['model']} | {r['input_size']} | {r['epochs']} | {r['seed']} | {cell(r, 'accuracy')} | "
+                   f"{cell(r, 'auc')} | {cell(r, 'sensitivity')} | {cell(r, 'specificity')} | "
+                   f"{r['train_seconds'] / 60:.1f} min |")
     out += ["", "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | sensitivity mean | "
                 "specificity mean | train time mean |", "|---|---|---|---|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -11,6 +11,11 @@ out-of-fold predictions are scored. Compare recipes with ``--set``, as ``dvc exp
 
 Writes ``--out`` (JSON: the scores and the settings) and, next to it, the out-of-fold
 predictions as CSV.
+
+``--threshold RULE`` (``youden``, ``sensitivity>=0.95``, ...) also chooses the operating
+threshold on the out-of-fold predictions (never the validation set) and scores them at it;
+set the number it prints as ``train.threshold`` in params.yaml. Its cost is the k extra
+trainings of the cross-validation (3 x ~4 min for SE-ResNet18 on palm-mini).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from palm.config import load_params
 from palm.crossval import apply_overrides, cross_validate
 from palm.errors import PalmError, report
 from palm.fsutil import atomic_file
+from palm.metrics import choose_threshold, parse_threshold, score
 
 
 def main(argv=None) -> int:
@@ -34,10 +40,20 @@ def main(argv=None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="parameters changed for this run")
     ap.add_argument("--out", type=Path, default=Path("metrics/crossval.json"))
+    ap.add_argument("--threshold", metavar="RULE",
+                    help="choose the operating threshold on the out-of-fold predictions: youden, "
+                         "sensitivity>=X or specificity>=X")
     args = ap.parse_args(argv)
     try:
         params = apply_overrides(load_params(args.params), args.set)
+        rule = parse_threshold(args.threshold) if args.threshold else None
         oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed)
+        if rule is not None:
+            t = choose_threshold(oof["label"], oof["probability"], rule)
+            at = score(oof["label"], oof["probability"], t)
+            summary["threshold_rule"], summary["chosen_threshold"] = str(rule), t
+            summary.update({f"at_threshold_{k}": at[k] for k in ("accuracy", "sensitivity", "specificity",
+                                                                 "precision", "fp", "fn")})
     except PalmError as exc:
         return report(exc)
     summary = {"model": params["model"], "set": args.set, **summary}

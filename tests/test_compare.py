@@ -34,6 +34,17 @@ def test_table_has_a_line_per_run_and_mean_and_spread_per_model(tmp_path, capsys
     assert lines[3].startswith("| alexnet | 1 |") and lines[4].startswith("| senet18 | 2 |")
 
 
+def test_runs_with_intervals_show_them(tmp_path, capsys):
+    r = row("senet18", 0, 0.929, 0.98, 300)
+    r.update(accuracy_ci_low=0.879, accuracy_ci_high=0.97, auc_ci_low=0.95, auc_ci_high=0.995,
+             sensitivity_ci_low=0.8, sensitivity_ci_high=0.98, specificity_ci_low=None, specificity_ci_high=None)
+    out = tmp_path / "compare.json"
+    out.write_text(json.dumps([r]))
+    assert compare_models.main(["--table-only", "--out", str(out)]) == 0
+    assert ("| senet18 | 128 | 10 | 0 | 0.929 [0.879, 0.970] | 0.980 [0.950, 0.995] | 0.900 [0.800, 0.980] | "
+            "0.950 | 5.0 min |") in capsys.readouterr().out
+
+
 def test_the_table_is_written_between_the_readme_markers_and_nowhere_else(tmp_path):
     out = tmp_path / "compare.json"
     out.write_text(json.dumps([row("senet18", 0, 0.95, 0.98, 300)]))

@@ -59,7 +59,8 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
         epochs=1, batch_size=4, holdout=0, select="last", ema=0.0)}))
     out = tmp_path / "cv.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
-                           "--params", str(params), "--set", "train.lr=0.001", "--out", str(out)],
+                           "--params", str(params), "--set", "train.lr=0.001", "--out", str(out),
+                           "--threshold", "youden"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     oof = pd.read_csv(out.with_suffix(".csv"))
@@ -70,6 +71,13 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
     assert summary["n"] == 15 and len(summary["runs"]) == 3
     wrong = int(((oof["probability"] >= 0.5).astype(int) != oof["label"]).sum())
     assert summary["errors"] == wrong and summary["accuracy"] == pytest.approx(1 - wrong / 15)
+    # --threshold: the rule applied to the out-of-fold predictions, and their scores at it
+    from palm.metrics import choose_threshold
+
+    t = choose_threshold(oof["label"], oof["probability"], "youden")
+    assert summary["threshold_rule"] == "youden" and summary["chosen_threshold"] == pytest.approx(t)
+    wrong_at_t = int(((oof["probability"] >= t).astype(int) != oof["label"]).sum())
+    assert summary["at_threshold_fp"] + summary["at_threshold_fn"] == wrong_at_t
 
 
 def test_a_bad_setting_is_one_clear_line(shards, tmp_path):

@@ -92,7 +92,7 @@ def test_predict_reports_each_bad_image_in_its_row_and_predicts_the_rest(tmp_pat
     (img / "e_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     monkeypatch.setattr(palm.image, "MAX_PIXELS", 50_000)
     out = tmp_path / "p.csv"
-    code = palm_main(["predict", str(img), "--model", str(model_dir), "--out", str(out), "--quiet", "--batch-size", "2"])
+    code = palm_main(["predict", str(img), "--model", str(model_dir), "--out", str(out), "--quiet", "--batch-size", "2", "--grade-all"])
     rows = {r["image"].split("/")[-1]: r for r in csv.DictReader(out.open())}
     assert code == 1 and len(rows) == 5
     assert rows["a_good.jpg"]["error"] == "" and rows["c_sixteen.png"]["error"] == ""

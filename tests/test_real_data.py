@@ -8,8 +8,9 @@ import pytest
 
 from conftest import PALM_MINI, requires_palm_mini, train_section
 from palm.dataset import FundusDataset, load_split, make_loader
-from palm.evaluate import load_trained, score
+from palm.evaluate import load_trained
 from palm.labels import build_labels
+from palm.metrics import score
 from palm.preprocess import preprocess
 from palm.train import Trainer, predict_probs
 from palm.unzip import unzip_all

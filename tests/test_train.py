@@ -103,7 +103,8 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     assert train.pixels.shape[1:] == (24, 24, 3)
     expected = predict_probs(model, make_loader(FundusDataset(train), 8, shuffle=False), contextlib.nullcontext)
     files = [shards.parent / "raw" / "PALM-Training400" / name for name in train.images]
-    got = [r["probability"] for r in Predictor.load(out / "models").predict(files, progress=False)]
+    # grade_all: the test photographs are tiny random pictures, not gradable fundus photographs
+    got = [r["probability"] for r in Predictor.load(out / "models").predict(files, progress=False, grade_all=True)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert effective_config(params(input_size=48))["input_size"] == 32  # a cap: never above the shards
     with pytest.raises(ConfigError, match="train.input_size = 8: input should be greater than or equal to 16"):
@@ -189,3 +190,32 @@ def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, sha
         effective_config(params(dropout=0.3))
     with pytest.raises(ConfigError, match="models.alexnet.dropout = 1.0: input should be less than 1"):
         effective_config({**alex, "models": {"alexnet": {"dropout": 1.0}}})
+
+
+def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
+    import contextlib
+
+    from palm.dataset import FundusDataset, load_split, make_loader, stratified_holdout
+    from palm.evaluate import load_trained
+    from palm.metrics import choose_threshold
+    from palm.train import predict_probs
+
+    p = params(epochs=1, threshold="youden", select="last")
+    info, _, out = run(tmp_path, shards, p)
+    assert info["threshold_rule"] == "youden"
+    saved = json.loads((out / "models" / "model.json").read_text())
+    assert saved["threshold"] == info["threshold"] and 0 < saved["threshold"] <= 1
+    # the same rule on the saved network's holdout predictions gives the stored number
+    full = load_split(shards, "train")
+    hold = full.subset(stratified_holdout(full, 0.25, 0)[1])
+    model, _ = load_trained(out / "models")
+    probs = predict_probs(model, make_loader(FundusDataset(hold), 4, shuffle=False), contextlib.nullcontext)
+    assert choose_threshold(hold.labels, probs, "youden") == pytest.approx(saved["threshold"], abs=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [({"threshold": "youden", "holdout": 0}, "holdout must be above 0"),
+                                       ({"threshold": "median"}, "threshold"),
+                                       ({"threshold": 1.5}, "threshold")])
+def test_bad_threshold_settings_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        effective_config(params(**bad))

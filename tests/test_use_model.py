@@ -30,11 +30,13 @@ def save_model(folder, name="senet18"):
 
 
 def photos(folder, n=3):
+    """Synthetic fundus photographs (gradable: palm predict diagnoses them)."""
+    from palm.synthetic import draw_fundus
+
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        img = cv2.GaussianBlur(rng.integers(0, 255, (300 + 40 * i, 280, 3), dtype=np.uint8), (0, 0), 3)
-        cv2.circle(img, (100 + 30 * i, 140), 40, (255, 255, 255), -1)
+        img, _ = draw_fundus(rng, "PNH"[i % 3], (280, 300 + 40 * i), "L")
         cv2.imwrite(str(folder / f"img{i}.jpg"), img)
     return sorted(folder.glob("*.jpg"))
 
@@ -70,6 +72,7 @@ def test_predict_cli_reports_unreadable_files_and_predicts_the_rest(tmp_path, ca
     assert "broken.jpg" in rows[0]["error"] and rows[0]["probability"] == ""
     for r in rows[1:]:
         assert 0 <= float(r["probability"]) <= 1 and r["predicted"] in ("0", "1") and r["error"] == ""
+        assert r["quality"] == "ok"
     assert "broken.jpg" in capsys.readouterr().err
     assert palm_main(["predict", str(tmp_path / "img" / "img0.jpg"), "--model", str(models), "--quiet"]) == 0
 
@@ -139,3 +142,35 @@ def test_saved_weights_round_trip_exactly_and_reject_other_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     with pytest.raises(DataError, match="junk.safetensors: not a safetensors"):
         load_state(tmp_path / "junk.safetensors")
+
+
+def test_gradcam_figure_is_readable_and_captioned():
+    from palm.explain import caption, choose_images, figure
+    import pandas as pd
+
+    rgb = cv2.circle(np.zeros((96, 96, 3), np.uint8), (48, 48), 40, (200, 80, 40), -1)
+    cam = np.zeros((12, 12), np.float32)
+    cam[3:6, 3:6] = 1
+    lines = caption("V0012.jpg", 1, 0.31, 0.5)
+    assert lines[0] == "V0012: label PM, predicted non-PM (WRONG)" and "0.310" in lines[1] and "0.500" in lines[1]
+    fig = figure(rgb, cam, lines)
+    assert fig.dtype == np.uint8 and min(fig.shape[:2]) >= 448
+    band = fig[:96]
+    assert (band < 128).any()                     # the caption is written
+    left, right = fig[96:, :512], fig[96:, 520:]
+    assert left.shape == right.shape == (512, 512, 3)
+    assert not np.array_equal(left, right)        # the heatmap is drawn over the right one
+    # the most confident errors come first
+    preds = pd.DataFrame({"image": list("abcdef"), "label": [1, 1, 0, 0, 1, 0],
+                          "probability": [0.45, 0.05, 0.55, 0.99, 0.9, 0.1], "predicted": [0, 0, 1, 1, 1, 0]})
+    assert choose_images(preds, 6).image.tolist()[:2] == ["d", "b"]
+
+
+@pytest.mark.parametrize("threshold,expected", [(0.01, 1), (0.99, 0)])
+def test_predict_applies_the_threshold_stored_in_model_json(tmp_path, threshold, expected):
+    models = save_model(tmp_path / "models")
+    info = json.loads((models / "model.json").read_text())
+    (models / "model.json").write_text(json.dumps({**info, "threshold": threshold, "threshold_rule": "youden"}))
+    rows = list(Predictor.load(models).predict(photos(tmp_path / "img", 2), progress=False))
+    assert all(0.01 < r["probability"] < 0.99 for r in rows)   # an untrained network is unsure
+    assert [r["predicted"] for r in rows] == [expected, expected]

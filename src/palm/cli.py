@@ -9,7 +9,7 @@ import sys
 
 from palm.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
 
-FIELDS = ["image", "probability", "predicted", "diagnosis", "error"]
+FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 
 EXIT_CODES = """exit status:
   0  every image was predicted
@@ -49,17 +49,22 @@ def cmd_predict(args) -> int:
             predictor = Predictor.load(args.model, device=args.device)
         except DataError as exc:
             raise ConfigError(f"--model: {exc}") from None
-        failed = 0
+        failed = ungradable = 0
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet):
+        for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet,
+                                     grade_all=args.grade_all):
             if rec["error"]:
                 failed += 1
                 print(f"skipped: {rec['error']}", file=sys.stderr)
+            elif rec["quality"] != "ok":
+                ungradable += 1
             writer.writerow(rec)
             out.flush()
-    done = len(files) - failed
+    done = len(files) - failed - (0 if args.grade_all else ungradable)
     print(f"{predictor.name}: predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
+          + (f", {ungradable} not gradable fundus photographs (see the quality column"
+             + (")" if args.grade_all else "; --grade-all to diagnose them anyway)") if ungradable else "")
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return EXIT_DATA if failed else EXIT_OK
 
@@ -79,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--grade-all", action="store_true",
+                   help="also diagnose images whose quality is not ok (too dark, overexposed, blurred, "
+                        "no circular fundus, too small); by default they are listed without a diagnosis")
     p.set_defaults(func=cmd_predict)
     return ap
 

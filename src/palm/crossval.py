@@ -5,7 +5,7 @@ split of the shards is cut into ``k`` folds, stratified by group (H / N / P); fo
 the recipe (``Trainer``, exactly as the ``train`` stage runs it, its own internal holdout
 included) learns from the other folds and predicts this one. Every training image is
 predicted once, by a network that never saw it, and the pooled out-of-fold predictions
-are scored with :func:`palm.evaluate.score`: ~300 images instead of one 45-image holdout.
+are scored with :func:`palm.metrics.score`: ~300 images instead of one 45-image holdout.
 
 ``scripts/cross_validate.py`` is the command line.
 """
@@ -60,7 +60,8 @@ def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, 
 def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int = 3, seed: int = 0,
                    work_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Out-of-fold predictions (image, group, label, fold, probability) and their scores."""
-    from palm.evaluate import predict_valid, score
+    from palm.evaluate import predict_valid
+    from palm.metrics import score
     from palm.train import Trainer
 
     full = load_split(shards_dir, "train")

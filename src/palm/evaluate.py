@@ -1,9 +1,13 @@
 """The ``evaluate`` stage: predicts the validation set with the saved model and scores it.
 
 Writes ``metrics/predictions.csv`` (image, label, probability, predicted) and computes
-every number in ``metrics/eval.json`` from that file, so the reported figures are exactly
-those of the saved predictions. ROC curve and confusion matrix go to
-``metrics/eval/plots`` (dvclive) for ``dvc plots show``.
+every number in ``metrics/eval.json`` from that file with :func:`palm.metrics.score`
+(intervals, calibration, operating characteristics), so the reported figures are exactly
+those of the saved predictions. The operating threshold is the one ``models/model.json``
+stores (chosen at training time, never on the validation set). ROC and precision-recall
+curves, the confusion matrix and the reliability diagram go to ``metrics/eval/plots``
+(dvclive), the histogram of PM probabilities per class to
+``metrics/eval/plots/histogram.json``, for ``dvc plots show``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import pandas as pd
 
 from palm.errors import DataError
 from palm.fsutil import atomic_file
+from palm.metrics import DEFAULT_PREVALENCE, N_BOOT, score
 
 PREDICTIONS = Path("metrics/predictions.csv")
 EVAL_JSON = Path("metrics/eval.json")
 EVAL_PLOTS = Path("metrics/eval")
+HISTOGRAM = EVAL_PLOTS / "plots" / "histogram.json"
+HIST_BINS = 20
 
 
 def load_trained(model_dir: str | Path = "models"):
@@ -69,29 +76,6 @@ def input_size(info: dict) -> int:
     return int(info.get("input_size") or info["image_size"])
 
 
-def score(labels, probs, threshold: float) -> dict:
-    """All reported metrics, from labels and predicted probabilities."""
-    from sklearn.metrics import confusion_matrix, f1_score, log_loss, precision_score, recall_score, roc_auc_score
-
-    labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, dtype=np.float64)
-    pred = (probs >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
-    both = len(set(labels.tolist())) == 2
-    return {
-        "accuracy": float((pred == labels).mean()),
-        "auc": float(roc_auc_score(labels, probs)) if both else None,
-        "precision": float(precision_score(labels, pred, zero_division=0)),
-        "sensitivity": float(recall_score(labels, pred, zero_division=0)),
-        "specificity": float(tn / (tn + fp)) if tn + fp else None,
-        "f1": float(f1_score(labels, pred, zero_division=0)),
-        "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "n": int(len(labels)),
-        "threshold": float(threshold),
-        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
-    }
-
-
 def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32):
     """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
     the model's input size: ``(split, probabilities, model info)``."""
@@ -104,8 +88,19 @@ def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int
     return valid, probs, info
 
 
+def probability_histogram(labels, probs, n_bins: int = HIST_BINS) -> list[dict]:
+    """Rows (bin centre, number of PM and of non-PM images) of the PM probabilities, ``n_bins``
+    equal bins of [0, 1]: how well the classes separate and where the threshold cuts."""
+    labels = np.asarray(labels).astype(int)
+    edges = np.linspace(0, 1, n_bins + 1)
+    pm, _ = np.histogram(np.asarray(probs)[labels == 1], bins=edges)
+    non, _ = np.histogram(np.asarray(probs)[labels == 0], bins=edges)
+    return [{"probability": round(float(c), 4), "PM": int(a), "non_PM": int(b)}
+            for c, a, b in zip((edges[:-1] + edges[1:]) / 2, pm, non)]
+
+
 def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32,
-             device: str = "auto") -> dict:
+             prevalence: float = DEFAULT_PREVALENCE, n_boot: int = N_BOOT, device: str = "auto") -> dict:
     from dvclive import Live
 
     from palm.runtime import select_device
@@ -120,21 +115,28 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
         preds.to_csv(f, index=False)
 
     saved = pd.read_csv(PREDICTIONS)  # the reported numbers come from the saved file
-    metrics = {"model": info["model"], **score(saved["label"], saved["probability"], threshold)}
+    metrics = {"model": info["model"], "threshold_rule": str(info.get("threshold_rule", threshold)),
+               **score(saved["label"], saved["probability"], threshold, prevalence=prevalence, n_boot=n_boot)}
     with atomic_file(EVAL_JSON) as f:
         json.dump(metrics, f, indent=1)
 
     shutil.rmtree(EVAL_PLOTS, ignore_errors=True)
+    y, p = saved["label"].to_numpy(), saved["probability"].to_numpy()
     live = Live(str(EVAL_PLOTS), dvcyaml=False, save_dvc_exp=False)
-    live.log_sklearn_plot("roc", saved["label"].to_numpy(), saved["probability"].to_numpy(), name="roc.json")
-    live.log_sklearn_plot("confusion_matrix", saved["label"].to_numpy(), saved["predicted"].to_numpy(),
-                          name="confusion_matrix.json")
+    live.log_sklearn_plot("roc", y, p, name="roc.json")
+    live.log_sklearn_plot("precision_recall", y, p, name="precision_recall.json")
+    live.log_sklearn_plot("calibration", y, p, name="calibration.json", n_bins=10)
+    live.log_sklearn_plot("confusion_matrix", y, saved["predicted"].to_numpy(), name="confusion_matrix.json")
     live.end()
+    with atomic_file(HISTOGRAM) as f:
+        json.dump(probability_histogram(y, p), f, indent=1)
     return metrics
 
 
 def main(params: dict) -> None:
     from palm.runtime import configured_device
 
-    m = evaluate(batch_size=params["evaluate"]["batch_size"], device=configured_device(params))
+    cfg = params["evaluate"]
+    m = evaluate(batch_size=cfg["batch_size"], prevalence=cfg["prevalence"], n_boot=cfg["bootstrap"],
+                 device=configured_device(params))
     print(json.dumps(m, indent=1))

@@ -47,17 +47,25 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
     modes, and images of more than :data:`MAX_PIXELS` pixels are refused with the reason.
     Any failure is a :class:`DataError` naming the file.
     """
+    rgb, _ = decode(source, image_size)
+    rgb = resize_square(rgb, image_size)
+    return rgb if input_size is None else resize_square(rgb, input_size)
+
+
+def decode(source: str | Path | bytes, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB uint8 of ``source`` (JPEGs decoded at reduced resolution, never below ``min_side``),
+    and the original ``(width, height)``."""
     name = str(source) if not isinstance(source, bytes) else "<bytes>"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, below
             im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         with im:
-            w, h = im.size
+            size = w, h = im.size
             if w * h > MAX_PIXELS:
                 raise DataError(f"{name}: {w}x{h} pixels is above the limit of {MAX_PIXELS:,} "
                                 "(palm.image.MAX_PIXELS); refusing to decode it")
-            im.draft("RGB", (image_size, image_size))
+            im.draft("RGB", (min_side, min_side))
             rgb = _to_rgb(im, name)
     except DataError:
         raise
@@ -71,8 +79,7 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
         raise DataError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
         raise DataError(f"{name}: decoded to an unexpected shape {rgb.shape}")
-    rgb = resize_square(rgb, image_size)
-    return rgb if input_size is None else resize_square(rgb, input_size)
+    return rgb, size
 
 
 def _to_rgb(im: Image.Image, name: str) -> np.ndarray:

@@ -15,7 +15,7 @@ not rounded. The ``synthetic:`` section belongs to :mod:`palm.synthesize`, which
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
@@ -33,6 +33,8 @@ Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
 Side = Annotated[StrictInt, Field(ge=16, le=4096)]
+#: a probability, or a rule (youden, sensitivity>=X, specificity>=X) that palm.metrics.parse_threshold reads
+Threshold = Union[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)], Annotated[str, Field(min_length=1)]]
 
 
 class Section(BaseModel):
@@ -86,6 +88,7 @@ class TrainParams(Section):
     amp: Literal["auto", "off", "fp16", "bf16"]
     workers: NonNegInt
     to_static: StrictBool
+    threshold: Threshold
     input_size: Optional[Side] = None
     dropout: Optional[Fraction] = None
 
@@ -112,12 +115,15 @@ class ModelOverrides(Section):
     amp: Optional[Literal["auto", "off", "fp16", "bf16"]] = None
     workers: Optional[NonNegInt] = None
     to_static: Optional[StrictBool] = None
+    threshold: Optional[Threshold] = None
     input_size: Optional[Side] = None
     dropout: Optional[Fraction] = None
 
 
 class EvaluateParams(Section):
     batch_size: Count
+    prevalence: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    bootstrap: NonNegInt
 
 
 class ExplainParams(Section):

@@ -1,7 +1,10 @@
 """Applying a trained model to new photographs (``palm predict``).
 
 The images go through :func:`palm.image.load_image`, the very function the ``preprocess``
-stage uses, so a new photograph is seen exactly as the training images were.
+stage uses, so a new photograph is seen exactly as the training images were. Each one is
+first checked by :func:`palm.quality.check_file`: a picture that is not a gradable fundus
+photograph (too dark, overexposed, blurred, no circular fundus, too small) is listed with
+that reason and no diagnosis, unless ``grade_all`` is asked for.
 """
 
 from __future__ import annotations
@@ -79,11 +82,16 @@ class Predictor:
         return cls(run_batch, int(info["image_size"]), input_size(info), float(info.get("threshold", 0.5)),
                    info["model"])
 
-    def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True) -> Iterator[dict]:
-        """Yield one record per file, in order: probability and class, or the error."""
+    def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,
+                grade_all: bool = False) -> Iterator[dict]:
+        """Yield one record per file, in order: its ``quality`` (``ok`` or why it is not gradable)
+        and probability and class, or the error. Ungradable images get no probability unless
+        ``grade_all``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         from tqdm import tqdm
+
+        from palm.quality import OK, check_file
 
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
         for start in range(0, len(files), batch_size):
@@ -91,15 +99,19 @@ class Predictor:
             images, records = [], []
             for f in chunk:
                 try:
-                    images.append(load_image(f, self.image_size, self.input_size))
-                    records.append({"image": str(f), "error": None})
+                    quality = check_file(f)
+                    rec = {"image": str(f), "quality": quality, "error": None}
+                    if quality == OK or grade_all:
+                        images.append(load_image(f, self.image_size, self.input_size))
+                        rec["graded"] = True
+                    records.append(rec)
                 except DataError as exc:
-                    records.append({"image": str(f), "error": str(exc)})
+                    records.append({"image": str(f), "quality": None, "error": str(exc)})
                 except Exception as exc:  # noqa: BLE001 - one image's failure is that image's row
-                    records.append({"image": str(f), "error": f"{f}: {type(exc).__name__}: {exc}"})
+                    records.append({"image": str(f), "quality": None, "error": f"{f}: {type(exc).__name__}: {exc}"})
             probs = iter(self.run_batch(to_chw_float(np.stack(images))) if images else [])
             for rec in records:
-                if rec["error"] is None:
+                if rec.pop("graded", False):
                     p = float(next(probs))
                     rec.update(probability=round(p, 6), predicted=int(p >= self.threshold),
                                diagnosis="PM" if p >= self.threshold else "non-PM")

@@ -45,6 +45,13 @@ def effective_config(params: dict) -> dict:
     name = cfg["model"]
     # input_size caps the side the network sees: smaller shards (image_size) are used as they are
     cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
+    from palm.metrics import parse_threshold
+
+    cfg["threshold"] = parse_threshold(cfg["threshold"])
+    if isinstance(cfg["threshold"], str) and not float(cfg["holdout"]) > 0:
+        raise ConfigError(f"train.threshold: the rule {cfg['threshold']!r} is chosen on the internal holdout, "
+                          "so train.holdout must be above 0 (or choose it on out-of-fold predictions with "
+                          "scripts/cross_validate.py --threshold RULE and set the number it prints)")
     if cfg["dropout"] is not None:
         from palm.models import DROPOUT_MODELS
         if name not in DROPOUT_MODELS:
@@ -54,20 +61,18 @@ def effective_config(params: dict) -> dict:
 
 def fingerprint(cfg: dict, shards_dir: Path) -> str:
     """Identifies a training run: its configuration and the exact data it reads."""
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    # the threshold rule is applied after training: a finished run's checkpoint serves any rule
+    h = hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k != "threshold"}, sort_keys=True).encode())
     h.update((shards_dir / "manifest.json").read_bytes())
     return h.hexdigest()[:16]
 
 
-def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
-    from sklearn.metrics import roc_auc_score
+def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Loss, accuracy (at 0.5) and AUC of the holdout, by :func:`palm.metrics.score` (no intervals)."""
+    from palm.metrics import score
 
-    labels = np.asarray(labels).astype(int)
-    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs)))
-    acc = float(np.mean((probs >= threshold).astype(int) == labels))
-    auc = float(roc_auc_score(labels, probs)) if len(set(labels.tolist())) == 2 else float("nan")
-    return {"loss": loss, "accuracy": acc, "auc": auc}
+    m = score(labels, probs, 0.5, n_boot=0)
+    return {"loss": m["loss"], "accuracy": m["accuracy"], "auc": float("nan") if m["auc"] is None else m["auc"]}
 
 
 def predict_probs(model, loader, amp_ctx) -> np.ndarray:
@@ -336,7 +341,7 @@ class Trainer:
             rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(sched.get_lr()),
                    "epoch_seconds": time.perf_counter() - t0}
             if hold_loader is not None:
-                hm = binary_metrics(hold_split.labels, predict_probs(scored, hold_loader, amp_ctx))
+                hm = holdout_metrics(hold_split.labels, predict_probs(scored, hold_loader, amp_ctx))
                 rec.update({f"holdout_{k}": v for k, v in hm.items()})
             history.append(rec)
             self._log(live, rec)
@@ -354,9 +359,10 @@ class Trainer:
             raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
         train_seconds = sum(r["epoch_seconds"] for r in history)
 
+        threshold = self._threshold(scored, hold_split, hold_loader, amp_ctx, ckpt_dir / best_file)
         info = {
             "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
-            "threshold": 0.5,
+            "threshold": threshold, "threshold_rule": str(cfg["threshold"]),
             "selected_epoch": best["epoch"], "epochs": cfg["epochs"], "device": device, "amp": amp_mode,
             "train_seconds": round(train_seconds, 2), "n_train": len(train_split), "n_holdout": len(hold_split),
             "config": cfg,
@@ -371,6 +377,20 @@ class Trainer:
         print(f"saved {model_dir / MODEL_WEIGHTS} (epoch {best['epoch']}); "
               f"this run trained for {time.perf_counter() - t_start:.1f}s")
         return info
+
+    def _threshold(self, scored, hold_split, hold_loader, amp_ctx, weights: Path) -> float:
+        """``train.threshold`` as a number: itself, or its rule applied to the holdout's
+        predictions by the saved network (never the validation set)."""
+        from palm.metrics import choose_threshold
+        from palm.weights import load_state, to_paddle
+
+        rule = self.cfg["threshold"]
+        if isinstance(rule, float):
+            return rule
+        scored.set_state_dict(to_paddle(load_state(weights)))
+        t = choose_threshold(hold_split.labels, predict_probs(scored, hold_loader, amp_ctx), rule)
+        print(f"threshold {t:.4f}: {rule} on the {len(hold_split)}-image holdout")
+        return t
 
     def _selection_score(self, rec: dict) -> tuple:
         """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
