@@ -1,20 +1,20 @@
 """Applying a trained model to new photographs (``palm predict``).
 
 The images go through :func:`palm.image.load_image`, the very function the ``preprocess``
-stage uses, so a new photograph is seen exactly as the training images were.
+stage uses, so a new photograph is seen exactly as the training images were; they are
+decoded in worker processes while the network, run by Paddle Inference
+(:mod:`palm.inference`), scores the previous batch.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from palm.errors import DataError
-from palm.image import load_image, to_chw_float
+from palm.image import to_chw_float
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -39,57 +39,42 @@ class Predictor:
     input_size: int         # what the network takes
     threshold: float
     name: str
+    engine: str = "eager"   # which engine runs it (palm.inference)
 
     @classmethod
-    def load(cls, model_dir: str | Path = "models", device: str = "auto") -> "Predictor":
-        import paddle
-        import paddle.nn.functional as F
-
-        from palm.runtime import select_device
-
-        model_dir = Path(model_dir)
-        meta_path = model_dir / "model.json"
-        if not meta_path.is_file():
-            raise DataError(f"{model_dir}: no model.json; train a model first (dvc repro) or give --model DIR")
-        info = json.loads(meta_path.read_text())
-        select_device(device)
-        if (model_dir / "inference.pdmodel").is_file() or (model_dir / "inference.json").is_file():
-            layer = paddle.jit.load(str(model_dir / "inference"))
-        else:
-            from palm.evaluate import load_trained
-
-            layer, info = load_trained(model_dir)
-        layer.eval()
-
-        def run_batch(x: np.ndarray) -> np.ndarray:
-            from palm.models import main_logits
-
-            with paddle.no_grad():
-                logits = main_logits(layer(paddle.to_tensor(x)))
-            return F.sigmoid(logits.astype("float32")).numpy().reshape(-1)
-
+    def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
+             precision: str = "fp32") -> "Predictor":
+        """The model of ``model_dir``, run by :func:`palm.inference.load_engine` (Paddle Inference
+        by default, eager Paddle as the fallback)."""
         from palm.evaluate import input_size
+        from palm.inference import load_engine
 
-        return cls(run_batch, int(info["image_size"]), input_size(info), float(info.get("threshold", 0.5)),
-                   info["model"])
+        run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
+        return cls(run, int(info["image_size"]), input_size(info), float(info.get("threshold", 0.5)),
+                   info["model"], run.name)
 
-    def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True) -> Iterator[dict]:
-        """Yield one record per file, in order: probability and class, or the error."""
+    def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,
+                workers: int | None = None) -> Iterator[dict]:
+        """Yield one record per file, in order: probability and class, or the error.
+
+        The images are decoded by ``workers`` processes (default: one per core; 0: none)
+        while the network scores the previous batch (:func:`palm.decode.decode_stream`)."""
+        from itertools import islice
+
         from tqdm import tqdm
 
+        from palm.decode import decode_stream
+
+        if len(files) <= batch_size:
+            workers = 0          # one batch: starting decoding processes would cost more than it saves
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            images, records = [], []
-            for f in chunk:
-                try:
-                    images.append(load_image(f, self.image_size, self.input_size))
-                    records.append({"image": str(f), "error": None})
-                except DataError as exc:
-                    records.append({"image": str(f), "error": str(exc)})
+        decoded = decode_stream(files, self.image_size, self.input_size, workers, ahead=2 * batch_size)
+        while chunk := list(islice(decoded, batch_size)):
+            images = [d.image for d in chunk if d.error is None]
             probs = iter(self.run_batch(to_chw_float(np.stack(images))) if images else [])
-            for rec in records:
-                if rec["error"] is None:
+            for d in chunk:
+                rec = {"image": str(d.file), "error": d.error}
+                if d.error is None:
                     p = float(next(probs))
                     rec.update(probability=round(p, 6), predicted=int(p >= self.threshold),
                                diagnosis="PM" if p >= self.threshold else "non-PM")
