@@ -171,3 +171,29 @@ def test_decode_stream_reads_at_most_ahead_files_before_they_are_consumed(tmp_pa
     next(stream)
     assert len(taken) == 4       # memory is bounded: not a list of every decoded image
     assert len(list(stream)) == len(files) - 1
+
+
+def test_predict_cli_engine_choice_and_workers(tmp_path, capsys):
+    import csv
+
+    from palm.cli import main as palm_main
+
+    models = save_model(tmp_path / "models", "senet18")
+    synthetic_photos(tmp_path / "img", 3)
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"not a jpeg")
+    rows = {}
+    for engine, workers in (("eager", "0"), ("auto", "2")):
+        out = tmp_path / f"{engine}.csv"
+        code = palm_main(["predict", str(tmp_path / "img"), "--model", str(models), "--out", str(out), "--quiet",
+                          "--engine", engine, "--workers", workers, "--batch-size", "2"])
+        assert code == 1      # broken.jpg
+        rows[engine] = list(csv.DictReader(out.open()))
+    err = capsys.readouterr().err
+    assert "(eager cpu)" in err
+    assert "(paddle-inference " in err
+    assert [r["image"] for r in rows["eager"]] == [r["image"] for r in rows["auto"]]
+    assert [bool(r["error"]) for r in rows["auto"]] == [r["image"].endswith("broken.jpg") for r in rows["auto"]]
+    good = [i for i, r in enumerate(rows["auto"]) if not r["error"]]
+    assert len(good) == 3
+    np.testing.assert_allclose([float(rows["auto"][i]["probability"]) for i in good],
+                               [float(rows["eager"][i]["probability"]) for i in good], atol=FP32_TOL)

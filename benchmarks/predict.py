@@ -1,0 +1,219 @@
+"""Screening speed: ``palm predict`` against its two limits (decoding, the network), in one run.
+
+For the default network (SE-ResNet18: photographs decoded to 224 px, network at 96 px) and
+for ResNet50 at 224 px, with randomly initialised weights (speed does not depend on them):
+
+(a) decoding alone: ``palm.decode.decode_stream`` on full-size synthetic JPEGs, one process
+    per core;
+(b) the network alone, per engine, on a batch of ``--batch`` random images: eager Paddle,
+    Paddle Inference with oneDNN off, with oneDNN (what ``palm predict`` uses), with oneDNN
+    bf16 (``--precision bf16``); and for ResNet50 PyTorch eager, fp32 and bf16 autocast
+    (a benchmark-only extra: ``pip install -e ".[bench]"``);
+(c) ``palm predict`` end to end (``Predictor.predict``: decoding in worker processes while
+    the network runs; model loading excluded, timed separately) on full-size synthetic
+    JPEGs of both sizes of the real data, 1444x1444 and 2124x2056.
+
+Printed: images/s of each, and the ratios end-to-end / min(decode, network) (goal >= 0.8)
+and Paddle's best engine / PyTorch's best for ResNet50 (goal >= 1.0).
+
+    python benchmarks/predict.py [--images 64] [--batch 16] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import palm  # noqa: F401  (thread settings before paddle or torch load)
+
+NETWORKS = (("senet18", 224, 96), ("resnet50", 224, 224))   # (model, image_size, input_size)
+PHOTO_SIZES = ((1444, 1444), (2124, 2056))
+
+
+def photos(folder: Path, size: tuple[int, int], n: int, distinct: int = 8) -> list[Path]:
+    """``n`` full-size synthetic fundus JPEGs (``distinct`` drawings, repeated under new names)."""
+    import cv2
+    import numpy as np
+
+    from palm.synthetic import draw_fundus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    first = []
+    for i in range(distinct):
+        img, _ = draw_fundus(np.random.default_rng(i), "PHN"[i % 3], size, "LR"[i % 2])
+        f = folder / f"I{i:05d}.jpg"
+        cv2.imwrite(str(f), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        first.append(f)
+    files = list(first)
+    for i in range(distinct, n):
+        files.append(shutil.copyfile(first[i % distinct], folder / f"I{i:05d}.jpg"))
+    return files
+
+
+def best_rate(fn, n_images: int, repeat: int) -> float:
+    """Images/s of the fastest of ``repeat`` runs of ``fn`` (one warm-up run first)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return n_images / min(times)
+
+
+def decode_rate(files, image_size, input_size, repeat) -> float:
+    from palm.decode import decode_stream
+
+    return best_rate(lambda: all(d.error is None for d in decode_stream(files, image_size, input_size)),
+                     len(files), repeat)
+
+
+def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
+    import paddle
+
+    from palm.models import build_model
+
+    folder.mkdir(parents=True)
+    paddle.seed(0)
+    model = build_model(name, image_size=input_size)
+    paddle.save(model.state_dict(), str(folder / "model.pdparams"))
+    (folder / "model.json").write_text(json.dumps({"model": name, "image_size": image_size,
+                                                   "input_size": input_size, "threshold": 0.5}))
+    return folder
+
+
+def paddle_engines(models: Path, export: Path, batch: int, input_size: int, steps: int) -> dict[str, float]:
+    import numpy as np
+    import paddle.inference as pi
+
+    from palm.inference import Engine, load_engine, sigmoid
+    from palm.runtime import machine_share
+
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, input_size, input_size)).astype("float32")
+    out = {}
+    eager, _ = load_engine(models, device="cpu", engine="eager")
+    out["Paddle eager"] = best_rate(lambda: eager(x), batch, steps)
+    # Paddle Inference without oneDNN: configured here, palm.inference always enables it on the CPU
+    config = pi.Config(str(export / "inference.json"), str(export / "inference.pdiparams"))
+    config.disable_gpu()
+    config.disable_onednn()
+    config.set_cpu_math_library_num_threads(machine_share().threads)
+    config.disable_glog_info()
+    predictor = pi.create_predictor(config)
+    x_in = predictor.get_input_handle(predictor.get_input_names()[0])
+    y_out = predictor.get_output_handle(predictor.get_output_names()[0])
+
+    def plain(x):
+        x_in.reshape(list(x.shape))
+        x_in.copy_from_cpu(x)
+        predictor.run()
+        return sigmoid(y_out.copy_to_cpu())
+
+    out["Paddle Inference, oneDNN off"] = best_rate(lambda: Engine(plain, "")(x), batch, steps)
+    fp32, _ = load_engine(export, device="cpu", engine="paddle-inference", precision="fp32")
+    out["Paddle Inference + oneDNN (palm predict)"] = best_rate(lambda: fp32(x), batch, steps)
+    bf16, _ = load_engine(export, device="cpu", engine="paddle-inference", precision="bf16")
+    out["Paddle Inference + oneDNN bf16"] = best_rate(lambda: bf16(x), batch, steps)
+    return out
+
+
+def torch_engines(batch: int, size: int, steps: int) -> dict[str, float]:
+    try:
+        import torch
+    except ImportError:
+        print("(PyTorch not installed: pip install -e '.[bench]'; its rows are left out)", file=sys.stderr)
+        return {}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cpu_vs_torch import torch_models
+    from palm.runtime import machine_share
+
+    torch.set_num_threads(machine_share().threads)
+    torch.manual_seed(0)
+    model = torch_models()["resnet50"]().eval()
+    x = torch.randn(batch, 3, size, size)
+    out = {}
+    for label, ctx in (("PyTorch eager fp32", contextlib.nullcontext),
+                       ("PyTorch eager bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+        def run():
+            with torch.inference_mode(), ctx():
+                return torch.sigmoid(model(x).float())
+        out[label] = best_rate(run, batch, steps)
+    return out
+
+
+def end_to_end(model_dir: Path, files, batch: int, repeat: int) -> tuple[float, float]:
+    """(images/s of Predictor.predict, seconds of Predictor.load)."""
+    from palm.predict import Predictor
+
+    t0 = time.perf_counter()
+    predictor = Predictor.load(model_dir, device="cpu")
+    load_s = time.perf_counter() - t0
+
+    def run():
+        assert all(r["error"] is None for r in predictor.predict(files, batch_size=batch, progress=False))
+
+    return best_rate(run, len(files), repeat), load_s
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=64, help="photographs per size (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=16, help="batch of the network (palm predict's default)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each, the fastest counts")
+    args = ap.parse_args(argv)
+
+    from palm.export import export
+    from palm.runtime import machine_share, select_device
+
+    select_device("cpu")
+    print(f"{len(machine_share().cpus)} core(s), {args.images} photographs per size, batch {args.batch}; "
+          f"images/s, fastest of {args.repeat} runs after a warm-up")
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory(prefix="palm-bench-") as tmp:
+        tmp = Path(tmp)
+        folders = {size: photos(tmp / f"{size[0]}x{size[1]}", size, args.images) for size in PHOTO_SIZES}
+        for name, image_size, input_size in NETWORKS:
+            label = f"{name} ({image_size} px decoded, {input_size} px network)"
+            models = save_model(tmp / name / "models", name, image_size, input_size)
+            export(models, tmp / name / "export", device="cpu")
+            nets = paddle_engines(models, tmp / name / "export", args.batch, input_size, args.repeat)
+            if name == "resnet50":
+                nets |= torch_engines(args.batch, input_size, args.repeat)
+            for engine, rate in nets.items():
+                rows.append((label, f"network alone: {engine}", rate))
+            net = nets["Paddle Inference + oneDNN (palm predict)"]
+            for size, files in folders.items():
+                dec = decode_rate(files, image_size, input_size, args.repeat)
+                e2e, load_s = end_to_end(tmp / name / "export", files, args.batch, args.repeat)
+                rows.append((label, f"decoding alone, {size[0]}x{size[1]} JPEGs, all cores", dec))
+                rows.append((label, f"palm predict end to end, {size[0]}x{size[1]} (load {load_s:.1f} s excluded)",
+                             e2e))
+                ratios.append((f"{name} {size[0]}x{size[1]}: end-to-end / min(decode, network)",
+                               e2e / min(dec, net), 0.8))
+            if name == "resnet50" and any(k.startswith("PyTorch") for k in nets):
+                best_paddle = max(v for k, v in nets.items() if k.startswith("Paddle"))
+                best_torch = max(v for k, v in nets.items() if k.startswith("PyTorch"))
+                ratios.append(("resnet50: Paddle's best engine / PyTorch's best", best_paddle / best_torch, 1.0))
+                best_fp32 = max(v for k, v in nets.items() if k.startswith("Paddle") and "bf16" not in k)
+                ratios.append(("resnet50: Paddle's best fp32 / PyTorch eager fp32",
+                               best_fp32 / nets["PyTorch eager fp32"], 1.0))
+    print()
+    print("| network | measured | images/s |")
+    print("|---|---|---|")
+    for label, what, rate in rows:
+        print(f"| {label} | {what} | {rate:.1f} |")
+    print()
+    print("| ratio | value | goal |")
+    print("|---|---|---|")
+    for what, value, goal in ratios:
+        print(f"| {what} | {value:.2f} | >= {goal} |")
+
+
+if __name__ == "__main__":
+    main()
