@@ -26,10 +26,21 @@ SIZE = 64
 
 
 def save_model(folder, name, size=SIZE):
-    """A (randomly initialised) trained-model folder as the train stage writes it."""
+    """A (randomly initialised) trained-model folder as the train stage writes it.
+
+    The last layer is scaled so that logits are of order 1 (untrained ResNets give logits in
+    the hundreds, whose probabilities, all 0 or 1, would agree whatever the engine)."""
     folder.mkdir(parents=True)
     paddle.seed(1)
     model = build_model(name, image_size=size)
+    model.eval()
+    last = [m for m in model.sublayers() if isinstance(m, paddle.nn.Linear)][-1]
+    with paddle.no_grad():
+        probe = paddle.uniform([4, 3, size, size], min=-1, max=1, seed=2)
+        logits = model(probe).numpy()
+        scale = 2.0 / max(1e-3, float(np.abs(logits).max()))
+        last.weight.set_value(last.weight.numpy() * scale)
+        last.bias.set_value(last.bias.numpy() * scale)
     paddle.save(model.state_dict(), str(folder / "model.pdparams"))
     (folder / "model.json").write_text(json.dumps({"model": name, "image_size": size, "threshold": 0.5}))
     return folder
@@ -50,6 +61,7 @@ def assert_parity(models_dir, files, size=SIZE):
     assert fast.name == "paddle-inference cpu onednn fp32" and slow.name == "eager cpu"
     p_fast, p_slow = fast(x), slow(x)
     assert p_fast.shape == p_slow.shape == (len(files),)
+    assert 0.02 < p_slow.mean() < 0.98, p_slow      # not saturated: a difference would show
     np.testing.assert_allclose(p_fast, p_slow, atol=FP32_TOL, rtol=0)
     # a smaller last batch (another input shape for oneDNN) too
     np.testing.assert_allclose(fast(x[:3]), p_slow[:3], atol=FP32_TOL, rtol=0)
