@@ -209,3 +209,23 @@ def test_predict_cli_engine_choice_and_workers(tmp_path, capsys):
     assert len(good) == 3
     np.testing.assert_allclose([float(rows["auto"][i]["probability"]) for i in good],
                                [float(rows["eager"][i]["probability"]) for i in good], atol=FP32_TOL)
+
+
+def test_evaluate_scores_the_validation_shards_through_paddle_inference(tmp_path, capsys):
+    import contextlib
+
+    from conftest import make_shards
+    from palm.dataset import FundusDataset, load_split, make_loader
+    from palm.evaluate import load_trained, predict_valid
+    from palm.train import predict_probs
+
+    shards = make_shards(tmp_path, train=("P0001.jpg", "N0001.jpg"),
+                         valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 1)), image_size=32)
+    models = save_model(tmp_path / "models", "senet18", size=32)
+    valid, probs, info = predict_valid(shards, models, batch_size=2, device="cpu")
+    assert "warning" not in capsys.readouterr().err      # no fallback to eager
+    model, _ = load_trained(models)
+    expected = predict_probs(model, make_loader(FundusDataset(load_split(shards, "valid")), 2, shuffle=False),
+                             contextlib.nullcontext)
+    assert valid.images == ["V0001.jpg", "V0002.jpg", "V0003.jpg"] and info["model"] == "senet18"
+    np.testing.assert_allclose(probs, expected, atol=FP32_TOL)

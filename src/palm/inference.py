@@ -6,9 +6,9 @@ This module owns the exported inference model (``paddle.jit.save`` output, writt
 
 | engine | where | what |
 |---|---|---|
-| ``paddle-inference`` | CPU | Paddle Inference with oneDNN, ``threads`` = this run's cores (``palm.runtime``); with ``precision="bf16"`` oneDNN's bfloat16 kernels |
-| ``paddle-inference`` | GPU | Paddle Inference on CUDA, through TensorRT (fp32) when this Paddle is built with it |
-| ``eager`` | any | the network in eager Paddle (``layer(x)``): the documented fallback, and the reference the fast path is tested against |
+| ``paddle-inference`` | CPU | oneDNN, one thread per core of this run (``palm.runtime``); ``bf16``: oneDNN bfloat16 |
+| ``paddle-inference`` | GPU | CUDA, through TensorRT (fp32) when this Paddle is built with it |
+| ``eager`` | any | ``layer(x)`` in eager Paddle: the fallback, and the reference of the parity tests |
 
 ``load_engine`` picks ``paddle-inference`` by default, for an exported model and for a
 ``models/`` folder of weights alike (the weights are exported to a temporary folder first:
