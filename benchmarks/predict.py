@@ -13,8 +13,10 @@ for ResNet50 at 224 px, with randomly initialised weights (speed does not depend
     the network runs; model loading excluded, timed separately) on full-size synthetic
     JPEGs of both sizes of the real data, 1444x1444 and 2124x2056.
 
-Printed: images/s of each, and the ratios end-to-end / min(decode, network) (goal >= 0.8)
-and Paddle's best engine / PyTorch's best for ResNet50 (goal >= 1.0).
+Printed: images/s of each, and the ratios end-to-end / min(decode, network) (goal >= 0.8;
+decoding and the network share the cores, so end-to-end cannot exceed 1 / (1/decode +
+1/network), also printed as a ratio) and Paddle's best engine / PyTorch's best for ResNet50
+(goal >= 1.0).
 
     python benchmarks/predict.py [--images 64] [--batch 16] [--repeat 3]
 """
@@ -195,14 +197,17 @@ def main(argv=None) -> None:
                 rows.append((label, f"palm predict end to end, {size[0]}x{size[1]} (load {load_s:.1f} s excluded)",
                              e2e))
                 ratios.append((f"{name} {size[0]}x{size[1]}: end-to-end / min(decode, network)",
-                               e2e / min(dec, net), 0.8))
+                               e2e / min(dec, net), ">= 0.8"))
+                # decoding and the network share the same cores: together they cannot beat this
+                ratios.append((f"{name} {size[0]}x{size[1]}: end-to-end / (1 / (1/decode + 1/network))",
+                               e2e * (1 / dec + 1 / net), "1.0 = no overlap loss"))
             if name == "resnet50" and any(k.startswith("PyTorch") for k in nets):
                 best_paddle = max(v for k, v in nets.items() if k.startswith("Paddle"))
                 best_torch = max(v for k, v in nets.items() if k.startswith("PyTorch"))
-                ratios.append(("resnet50: Paddle's best engine / PyTorch's best", best_paddle / best_torch, 1.0))
+                ratios.append(("resnet50: Paddle's best engine / PyTorch's best", best_paddle / best_torch, ">= 1.0"))
                 best_fp32 = max(v for k, v in nets.items() if k.startswith("Paddle") and "bf16" not in k)
                 ratios.append(("resnet50: Paddle's best fp32 / PyTorch eager fp32",
-                               best_fp32 / nets["PyTorch eager fp32"], 1.0))
+                               best_fp32 / nets["PyTorch eager fp32"], ">= 1.0"))
     print()
     print("| network | measured | images/s |")
     print("|---|---|---|")
@@ -212,7 +217,7 @@ def main(argv=None) -> None:
     print("| ratio | value | goal |")
     print("|---|---|---|")
     for what, value, goal in ratios:
-        print(f"| {what} | {value:.2f} | >= {goal} |")
+        print(f"| {what} | {value:.2f} | {goal} |")
 
 
 if __name__ == "__main__":
