@@ -18,7 +18,7 @@ decoding and the network share the cores, so end-to-end cannot exceed 1 / (1/dec
 1/network), also printed as a ratio) and Paddle's best engine / PyTorch's best for ResNet50
 (goal >= 1.0).
 
-    python benchmarks/predict.py [--images 64] [--batch 16] [--repeat 3]
+    python benchmarks/predict.py [--images 256] [--batch 16] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import palm  # noqa: F401  (thread settings before paddle or torch load)
 
 NETWORKS = (("senet18", 224, 96), ("resnet50", 224, 224))   # (model, image_size, input_size)
 PHOTO_SIZES = ((1444, 1444), (2124, 2056))
+NET = "Paddle Inference + oneDNN (palm predict)"
 
 
 def photos(folder: Path, size: tuple[int, int], n: int, distinct: int = 8) -> list[Path]:
@@ -58,22 +59,30 @@ def photos(folder: Path, size: tuple[int, int], n: int, distinct: int = 8) -> li
     return files
 
 
-def best_rate(fn, n_images: int, repeat: int) -> float:
-    """Images/s of the fastest of ``repeat`` runs of ``fn`` (one warm-up run first)."""
+def best_rates(jobs: dict, repeat: int) -> dict[str, float]:
+    """Images/s of each job ``name: (fn, n_images)``: the fastest of ``repeat`` rounds after a
+    warm-up round, each round running every job once, so that jobs compared with each other
+    see the same load (this machine is shared)."""
+    best = dict.fromkeys(jobs, 0.0)
+    for r in range(repeat + 1):
+        for name, (fn, n) in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                best[name] = max(best[name], n / (time.perf_counter() - t0))
+    return best
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n_images / min(times)
+    return time.perf_counter() - t0
 
 
-def decode_rate(files, image_size, input_size, repeat) -> float:
+def decode_job(files, image_size, input_size):
     from palm.decode import decode_stream
 
-    return best_rate(lambda: all(d.error is None for d in decode_stream(files, image_size, input_size)),
-                     len(files), repeat)
+    return lambda: all(d.error is None for d in decode_stream(files, image_size, input_size))
 
 
 def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
@@ -90,17 +99,16 @@ def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Pat
     return folder
 
 
-def paddle_engines(models: Path, export: Path, batch: int, input_size: int, steps: int) -> dict[str, float]:
+def paddle_engines(models: Path, export: Path, batch: int, input_size: int) -> dict:
+    """Jobs: one batch through each Paddle engine."""
     import numpy as np
     import paddle.inference as pi
 
-    from palm.inference import Engine, load_engine, sigmoid
+    from palm.inference import load_engine, sigmoid
     from palm.runtime import machine_share
 
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, input_size, input_size)).astype("float32")
-    out = {}
     eager, _ = load_engine(models, device="cpu", engine="eager")
-    out["Paddle eager"] = best_rate(lambda: eager(x), batch, steps)
     # Paddle Inference without oneDNN: configured here, palm.inference always enables it on the CPU
     config = pi.Config(str(export / "inference.json"), str(export / "inference.pdiparams"))
     config.disable_gpu()
@@ -111,21 +119,22 @@ def paddle_engines(models: Path, export: Path, batch: int, input_size: int, step
     x_in = predictor.get_input_handle(predictor.get_input_names()[0])
     y_out = predictor.get_output_handle(predictor.get_output_names()[0])
 
-    def plain(x):
+    def plain():
         x_in.reshape(list(x.shape))
         x_in.copy_from_cpu(x)
         predictor.run()
         return sigmoid(y_out.copy_to_cpu())
 
-    out["Paddle Inference, oneDNN off"] = best_rate(lambda: Engine(plain, "")(x), batch, steps)
     fp32, _ = load_engine(export, device="cpu", engine="paddle-inference", precision="fp32")
-    out["Paddle Inference + oneDNN (palm predict)"] = best_rate(lambda: fp32(x), batch, steps)
     bf16, _ = load_engine(export, device="cpu", engine="paddle-inference", precision="bf16")
-    out["Paddle Inference + oneDNN bf16"] = best_rate(lambda: bf16(x), batch, steps)
-    return out
+    return {"Paddle eager": (lambda: eager(x), batch),
+            "Paddle Inference, oneDNN off": (plain, batch),
+            NET: (lambda: fp32(x), batch),
+            "Paddle Inference + oneDNN bf16": (lambda: bf16(x), batch)}
 
 
-def torch_engines(batch: int, size: int, steps: int) -> dict[str, float]:
+def torch_engines(batch: int, size: int) -> dict:
+    """Jobs: one batch through PyTorch eager, fp32 and bf16 autocast (none without torch)."""
     try:
         import torch
     except ImportError:
@@ -139,18 +148,18 @@ def torch_engines(batch: int, size: int, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = torch_models()["resnet50"]().eval()
     x = torch.randn(batch, 3, size, size)
-    out = {}
-    for label, ctx in (("PyTorch eager fp32", contextlib.nullcontext),
-                       ("PyTorch eager bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+    def job(ctx):
         def run():
             with torch.inference_mode(), ctx():
                 return torch.sigmoid(model(x).float())
-        out[label] = best_rate(run, batch, steps)
-    return out
+        return run, batch
+
+    return {"PyTorch eager fp32": job(contextlib.nullcontext),
+            "PyTorch eager bf16 autocast": job(lambda: torch.autocast("cpu", dtype=torch.bfloat16))}
 
 
-def end_to_end(model_dir: Path, files, batch: int, repeat: int) -> tuple[float, float]:
-    """(images/s of Predictor.predict, seconds of Predictor.load)."""
+def end_to_end_job(model_dir: Path, files, batch: int):
+    """(job: Predictor.predict on ``files``, seconds Predictor.load took)."""
     from palm.predict import Predictor
 
     t0 = time.perf_counter()
@@ -160,14 +169,14 @@ def end_to_end(model_dir: Path, files, batch: int, repeat: int) -> tuple[float, 
     def run():
         assert all(r["error"] is None for r in predictor.predict(files, batch_size=batch, progress=False))
 
-    return best_rate(run, len(files), repeat), load_s
+    return (run, len(files)), load_s
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=64, help="photographs per size (default: %(default)s)")
+    ap.add_argument("--images", type=int, default=256, help="photographs per size (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=16, help="batch of the network (palm predict's default)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs of each, the fastest counts")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds, the fastest counts")
     args = ap.parse_args(argv)
 
     from palm.export import export
@@ -175,25 +184,33 @@ def main(argv=None) -> None:
 
     select_device("cpu")
     print(f"{len(machine_share().cpus)} core(s), {args.images} photographs per size, batch {args.batch}; "
-          f"images/s, fastest of {args.repeat} runs after a warm-up")
+          f"images/s, fastest of {args.repeat} rounds after a warm-up round (the jobs of a comparison "
+          "interleaved in each round)")
     rows, ratios = [], []
     with tempfile.TemporaryDirectory(prefix="palm-bench-") as tmp:
         tmp = Path(tmp)
         folders = {size: photos(tmp / f"{size[0]}x{size[1]}", size, args.images) for size in PHOTO_SIZES}
+        two = folders[PHOTO_SIZES[0]][:2]
+        start = min(timed(decode_job(two, 224, 224)) for _ in range(3))
+        print(f"starting the decoding processes and decoding 2 photographs: {start:.2f} s (paid once per "
+              "palm predict run, and by every timed run of decoding and of palm predict below)")
         for name, image_size, input_size in NETWORKS:
             label = f"{name} ({image_size} px decoded, {input_size} px network)"
             models = save_model(tmp / name / "models", name, image_size, input_size)
             export(models, tmp / name / "export", device="cpu")
-            nets = paddle_engines(models, tmp / name / "export", args.batch, input_size, args.repeat)
+            jobs = paddle_engines(models, tmp / name / "export", args.batch, input_size)
             if name == "resnet50":
-                nets |= torch_engines(args.batch, input_size, args.repeat)
+                jobs |= torch_engines(args.batch, input_size)
+            nets = best_rates(jobs, args.repeat)
             for engine, rate in nets.items():
                 rows.append((label, f"network alone: {engine}", rate))
-            net = nets["Paddle Inference + oneDNN (palm predict)"]
             for size, files in folders.items():
-                dec = decode_rate(files, image_size, input_size, args.repeat)
-                e2e, load_s = end_to_end(tmp / name / "export", files, args.batch, args.repeat)
+                e2e_job, load_s = end_to_end_job(tmp / name / "export", files, args.batch)
+                got = best_rates({"decode": (decode_job(files, image_size, input_size), len(files)),
+                                  "net": jobs[NET], "e2e": e2e_job}, args.repeat)
+                dec, net, e2e = got["decode"], got["net"], got["e2e"]
                 rows.append((label, f"decoding alone, {size[0]}x{size[1]} JPEGs, all cores", dec))
+                rows.append((label, f"network alone ({NET}), in the same rounds", net))
                 rows.append((label, f"palm predict end to end, {size[0]}x{size[1]} (load {load_s:.1f} s excluded)",
                              e2e))
                 ratios.append((f"{name} {size[0]}x{size[1]}: end-to-end / min(decode, network)",
