@@ -209,6 +209,10 @@ def test_predict_cli_engine_choice_and_workers(tmp_path, capsys):
     assert len(good) == 3
     np.testing.assert_allclose([float(rows["auto"][i]["probability"]) for i in good],
                                [float(rows["eager"][i]["probability"]) for i in good], atol=FP32_TOL)
+    out = tmp_path / "never.csv"
+    with pytest.raises(SystemExit):
+        palm_main(["predict", str(tmp_path / "img"), "--model", str(models), "--out", str(out), "--workers", "-1"])
+    assert not out.exists()
 
 
 def test_evaluate_scores_the_validation_shards_through_paddle_inference(tmp_path, capsys):

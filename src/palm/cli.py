@@ -41,6 +41,13 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="palm", description="Pathologic myopia screening with a trained PALM model.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -59,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; README); "
                         "default: %(default)s")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=count, default=None,
                    help="image decoding processes (default: one per core; 0: decode in the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
