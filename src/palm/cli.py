@@ -46,14 +46,15 @@ def cmd_predict(args) -> int:
             except OSError as exc:
                 raise ConfigError(f"--out {args.out}: cannot write there ({exc.strerror or exc})") from None
         try:
-            predictor = Predictor.load(args.model, device=args.device)
+            predictor = Predictor.load(args.model, device=args.device, engine=args.engine,
+                                       precision=args.precision)
         except DataError as exc:
             raise ConfigError(f"--model: {exc}") from None
         failed = ungradable = 0
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet,
-                                     grade_all=args.grade_all):
+                                     grade_all=args.grade_all, workers=args.workers):
             if rec["error"]:
                 failed += 1
                 print(f"skipped: {rec['error']}", file=sys.stderr)
@@ -62,11 +63,19 @@ def cmd_predict(args) -> int:
             writer.writerow(rec)
             out.flush()
     done = len(files) - failed - (0 if args.grade_all else ungradable)
-    print(f"{predictor.name}: predicted {done} image(s)" + (f", {failed} could not be read" if failed else "")
+    print(f"{predictor.name} ({predictor.engine}): predicted {done} image(s)"
+          + (f", {failed} could not be read" if failed else "")
           + (f", {ungradable} not gradable fundus photographs (see the quality column"
              + (")" if args.grade_all else "; --grade-all to diagnose them anyway)") if ungradable else "")
           + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return EXIT_DATA if failed else EXIT_OK
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,6 +92,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (at least 1)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
+    p.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager"],
+                   help="auto: Paddle Inference (oneDNN on the CPU, CUDA/TensorRT on a GPU), eager Paddle "
+                        "if that cannot run; default: %(default)s")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; README); "
+                        "default: %(default)s")
+    p.add_argument("--workers", type=count, default=None,
+                   help="image decoding processes (default: one per core; 0: decode in the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--grade-all", action="store_true",
                    help="also diagnose images whose quality is not ok (too dark, overexposed, blurred, "

@@ -12,7 +12,6 @@ curves, the confusion matrix and the reliability diagram go to ``metrics/eval/pl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -76,16 +75,18 @@ def input_size(info: dict) -> int:
     return int(info.get("input_size") or info["image_size"])
 
 
-def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32):
+def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32, device: str = "auto"):
     """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
-    the model's input size: ``(split, probabilities, model info)``."""
-    from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.train import predict_probs
+    the model's input size: ``(split, probabilities, model info)``. Scored by
+    :func:`palm.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run)."""
+    from palm.dataset import load_split
+    from palm.image import to_chw_float
+    from palm.inference import load_engine
 
-    model, info = load_trained(model_dir)
+    engine, info = load_engine(model_dir, device=device)
     valid = load_split(shards_dir, "valid", size=input_size(info))
-    probs = predict_probs(model, make_loader(FundusDataset(valid), batch_size, shuffle=False), contextlib.nullcontext)
-    return valid, probs, info
+    probs = [engine(to_chw_float(valid.pixels[i:i + batch_size])) for i in range(0, len(valid), batch_size)]
+    return valid, np.concatenate(probs) if probs else np.zeros(0, np.float32), info
 
 
 def probability_histogram(labels, probs, n_bins: int = HIST_BINS) -> list[dict]:
@@ -107,7 +108,7 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
 
     select_device(device)
 
-    valid, probs, info = predict_valid(shards_dir, model_dir, batch_size)
+    valid, probs, info = predict_valid(shards_dir, model_dir, batch_size, device)
     threshold = float(info.get("threshold", 0.5))
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),
                           "predicted": (probs >= threshold).astype(int)})

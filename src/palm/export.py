@@ -1,8 +1,8 @@
 """The ``export`` stage: the trained model as a Paddle Inference model (``paddle.jit.save``).
 
-Writes ``models_export/inference.*`` (graph and weights, loadable by ``paddle.jit.load`` and
-Paddle Inference) and a copy of ``model.json``; ``palm predict --model models_export``
-runs from it.
+Writes ``models_export/inference.*`` (graph and weights, in the format :mod:`palm.inference`
+owns: what its Paddle Inference engine runs, also loadable by ``paddle.jit.load``) and a copy
+of ``model.json``; ``palm predict --model models_export`` runs from it.
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ EXPORT_DIR = Path("models_export")
 
 
 def export(model_dir="models", out_dir=EXPORT_DIR, device: str = "auto") -> Path:
-    import paddle
-
     from palm.evaluate import input_size, load_trained
+    from palm.inference import save
     from palm.runtime import select_device
 
     select_device(device)
     model, info = load_trained(model_dir)
-    size = input_size(info)
-    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name="image")]
     with atomic_dir(out_dir) as tmp:
-        paddle.jit.save(model, str(tmp / "inference"), input_spec=spec)
+        save(model, input_size(info), tmp)
         check_export_dir(tmp)  # the Paddle 3 format (JSON program + raw weights), nothing pickled
         shutil.copyfile(Path(model_dir) / "model.json", tmp / "model.json")
     return Path(out_dir)

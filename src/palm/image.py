@@ -48,6 +48,11 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
     Any failure is a :class:`DataError` naming the file.
     """
     rgb, _ = decode(source, image_size)
+    return fit(rgb, image_size, input_size)
+
+
+def fit(rgb: np.ndarray, image_size: int, input_size: int | None = None) -> np.ndarray:
+    """A decoded image (:func:`decode` with ``min_side=image_size``) as :func:`load_image` returns it."""
     rgb = resize_square(rgb, image_size)
     return rgb if input_size is None else resize_square(rgb, input_size)
 
