@@ -42,18 +42,18 @@ def shard_bytes(folder):
 
 
 def test_preprocess_holds_one_shard_not_the_split(tmp_path):
-    """60 images of 128 px are 2.9 MB; a shard of 4 is 0.2 MB: the peak of Python-tracked memory
-    (NumPy's arrays included) stays far below the split."""
-    labels, raw = photo_folder(tmp_path, 60, size=128)
+    """120 images of 128 px are 5.9 MB; a shard of 4 is 0.2 MB: the peak of Python-tracked memory
+    (NumPy's arrays included; 0.8 MB when measured) stays far below the split."""
+    labels, raw = photo_folder(tmp_path, 120, size=128)
     tracemalloc.start()
     try:
         pp.preprocess(labels, raw, tmp_path / "shards", image_size=128, shard_size=4, workers=1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    split_bytes = 60 * 128 * 128 * 3
+    split_bytes = 120 * 128 * 128 * 3
     assert peak < split_bytes / 3, (peak, split_bytes)
-    assert len(json.loads((tmp_path / "shards" / MANIFEST).read_text())["splits"]["train"]["shards"]) == 15
+    assert len(json.loads((tmp_path / "shards" / MANIFEST).read_text())["splits"]["train"]["shards"]) == 30
 
 
 def test_reading_a_split_holds_one_image_at_a_time(tmp_path):

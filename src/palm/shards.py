@@ -59,19 +59,14 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 class SplitWriter:
-    """Writes one split of ``manifest`` into ``folder``, ``shard_size`` images at a time.
-
-    ``add(pixels, images, labels, groups)`` takes any number of images; a shard is written each
-    time ``shard_size`` have gathered (so at most one shard's worth is held), ``close()`` writes
-    the rest and the split's entry of the manifest. :meth:`skip` records a shard that is already
-    in ``folder`` (a resumed run) without rewriting it.
-    """
+    """Writes one split of ``manifest`` into ``folder``, one shard (at most ``shard_size`` images)
+    per :meth:`write`; :meth:`skip` records a shard that is already in ``folder`` (a resumed run)
+    without rewriting it; :meth:`close` adds the split's entry to the manifest."""
 
     def __init__(self, folder: Path, manifest: dict, split: str, shard_size: int):
         self.folder, self.manifest, self.split, self.shard_size = Path(folder), manifest, split, shard_size
         self.side = int(manifest["image_size"])
         self.shards: list[dict] = []
-        self._pending: list[tuple[np.ndarray, str, int, str]] = []
 
     def entry(self, images, labels, groups) -> dict:
         """The manifest entry of the next shard (``images``, ``labels``, ``groups`` of its images)."""
@@ -88,26 +83,13 @@ class SplitWriter:
     def write(self, pixels: np.ndarray, images, labels, groups) -> dict:
         """Write one whole shard (``len(images)`` images, at most ``shard_size``)."""
         entry = self.entry(images, labels, groups)
-        if pixels.shape != tuple(entry["shape"]):
+        if len(images) > self.shard_size or pixels.shape != tuple(entry["shape"]):
             raise ValueError(f"shard {entry['file']}: pixels {pixels.shape}, expected {tuple(entry['shape'])}")
         save_shard(self.folder / entry["file"], pixels)
         self.shards.append(entry)
         return entry
 
-    def add(self, pixels, images, labels, groups) -> None:
-        for item in zip(pixels, images, labels, groups):
-            self._pending.append(item)
-            if len(self._pending) == self.shard_size:
-                self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            pix, images, labels, groups = zip(*self._pending)
-            self._pending = []
-            self.write(np.stack(pix), images, labels, groups)
-
     def close(self) -> dict:
-        self._flush()
         info = {"count": sum(s["shape"][0] for s in self.shards), "shards": self.shards}
         self.manifest["splits"][self.split] = info
         return info
