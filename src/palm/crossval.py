@@ -12,7 +12,6 @@ are scored with :func:`palm.metrics.score`: ~300 images instead of one 45-image 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +21,9 @@ import pandas as pd
 
 from palm.dataset import Split, load_split, strata
 from palm.errors import DataError
-from palm.preprocess import MANIFEST, new_manifest
+from palm.shards import SplitWriter, new_manifest, write_manifest
+
+FOLD_SHARD_SIZE = 256
 
 
 def fold_of(split: Split, k: int, seed: int = 0) -> np.ndarray:
@@ -44,16 +45,18 @@ def fold_of(split: Split, k: int, seed: int = 0) -> np.ndarray:
 
 
 def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, image_size: int) -> Path:
-    """Shards whose ``train`` split is every other fold and whose ``valid`` split is ``fold``."""
+    """Shards whose ``train`` split is every other fold and whose ``valid`` split is ``fold``,
+    copied a shard's worth at a time (:class:`palm.shards.SplitWriter`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(image_size, {"image_size": image_size, "fold": fold})
     for name, part in (("train", full.subset(np.flatnonzero(folds != fold))),
                        ("valid", full.subset(np.flatnonzero(folds == fold)))):
-        np.save(out_dir / f"{name}-000.npy", part.pixels)
-        manifest["splits"][name] = {"count": len(part), "shards": [{
-            "file": f"{name}-000.npy", "shape": list(part.pixels.shape), "images": part.images,
-            "labels": part.labels.tolist(), "groups": part.groups}]}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest))
+        writer = SplitWriter(out_dir, manifest, name, FOLD_SHARD_SIZE)
+        for start in range(0, len(part), FOLD_SHARD_SIZE):
+            chunk = part.subset(np.arange(start, min(start + FOLD_SHARD_SIZE, len(part))))
+            writer.write(chunk.pixels[:], chunk.images, chunk.labels, chunk.groups)
+        writer.close()
+    write_manifest(out_dir, manifest)
     return out_dir
 
 
@@ -80,6 +83,7 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
             runs.append({"fold": fold, "selected_epoch": info["selected_epoch"],
                          "train_seconds": info["train_seconds"]})
             shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(fold_dir, ignore_errors=True)
     oof = pd.DataFrame(rows)
     scores = score(oof["label"], oof["probability"], 0.5)
     summary = {"folds": k, "fold_seed": seed, **scores, "errors": scores["fp"] + scores["fn"], "runs": runs}

@@ -1,8 +1,11 @@
-"""Reading the preprocessed shards: a ``paddle.io.Dataset`` with optional augmentation."""
+"""Reading the preprocessed shards: a ``paddle.io.Dataset`` with optional augmentation.
+
+A :class:`Split` holds a split's labels and names; its pixels stay on disk and are read one
+image at a time (:class:`palm.shards.ShardImages`), so memory does not grow with the data.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,16 +13,15 @@ import cv2
 import numpy as np
 import paddle
 
-from palm.errors import DataError
-from palm.image import resize_square, to_chw_float
-from palm.preprocess import MANIFEST
+from palm.image import to_chw_float
+from palm.shards import ShardImages, open_split
 
 
 @dataclass
 class Split:
-    """One split of the shards, fully in memory (uint8 NHWC RGB)."""
+    """One split of the shards: ``pixels[i]`` is image ``i`` (uint8 HWC RGB, read from disk when asked)."""
 
-    pixels: np.ndarray
+    pixels: ShardImages
     labels: np.ndarray
     images: list[str]
     groups: list[str]
@@ -29,40 +31,19 @@ class Split:
 
     def subset(self, idx) -> "Split":
         idx = np.asarray(idx, dtype=np.int64)
-        return Split(self.pixels[idx], self.labels[idx],
+        return Split(self.pixels.subset(idx), self.labels[idx],
                      [self.images[i] for i in idx], [self.groups[i] for i in idx])
 
     def resized(self, size: int | None) -> "Split":
-        """The same images at ``size`` x ``size`` (a model's ``input_size``); self if already so."""
+        """The same images at ``size`` x ``size`` (a model's ``input_size``), resized as each is read."""
         if size is None or self.pixels.shape[1:3] == (size, size):
             return self
-        pixels = np.stack([resize_square(p, size) for p in self.pixels]) if len(self) else \
-            np.zeros((0, size, size, 3), np.uint8)
-        return Split(pixels, self.labels, self.images, self.groups)
-
-
-def read_manifest(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the preprocess stage first (dvc repro preprocess)") from None
+        return Split(self.pixels.resized(size), self.labels, self.images, self.groups)
 
 
 def load_split(shards_dir: str | Path, split: str, size: int | None = None) -> Split:
     """One split of the shards, resized to ``size`` when given (see ``Split.resized``)."""
-    shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"{shards_dir}: no split {split!r} (have {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
-    pixels = np.concatenate([np.load(shards_dir / s["file"]) for s in shards])
-    labels = np.array([v for s in shards for v in s["labels"]], dtype=np.int64)
-    images = [v for s in shards for v in s["images"]]
-    groups = [v for s in shards for v in s.get("groups", [""] * len(s["labels"]))]
-    if len(pixels) != len(labels):
-        raise DataError(f"{shards_dir}: manifest lists {len(labels)} {split} labels for {len(pixels)} images")
-    return Split(pixels, labels, images, groups).resized(size)
+    return Split(*open_split(shards_dir, split)).resized(size)
 
 
 def strata(split: Split) -> np.ndarray:

@@ -1,17 +1,28 @@
 """The ``preprocess`` stage: decode every image once into compact uint8 ``.npy`` shards.
 
-Output ``data/shards/``::
+Output ``data/shards/`` (the format: :mod:`palm.shards`)::
 
     manifest.json            shard list per split, labels, shape, dtype, parameters used
     train-000.npy ...        uint8, (n, image_size, image_size, 3), RGB
     valid-000.npy ...
+
+Streaming: one shard's worth of images is decoded, written and dropped before the next, so
+memory does not grow with the number of images. Finished shards wait in a resume folder
+(``checkpoints/preprocess`` for the stage) with a stamp of their source files (name, size,
+modification time) and the parameters; a run killed part-way and started again keeps the
+shards whose stamp still matches and decodes only the rest. The output folder appears whole,
+with its manifest, at the end (or not at all). The same input gives byte-identical shards.
 
 The loader (:mod:`palm.dataset`) normalises to float32 CHW in [-1, 1].
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -21,12 +32,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from palm.errors import DataError
-from palm.fsutil import atomic_dir
+from palm.fsutil import atomic_dir, atomic_file
 from palm.image import load_image
 from palm.runtime import machine_share
+from palm.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+#: the resume folder's record of its finished shards: {"shards": {file name: stamp}}
+PROGRESS = "progress.json"
+RESUME_DIR = Path("checkpoints/preprocess")
 
 
 def _decode(path: str, image_size: int):
@@ -34,6 +47,26 @@ def _decode(path: str, image_size: int):
         return load_image(path, image_size), None
     except DataError as exc:
         return None, str(exc)
+
+
+def _decode_into(out: np.ndarray, paths, image_size: int, pool, bar=None) -> list[str]:
+    """Decode ``paths`` into ``out`` (order kept, in ``pool``'s threads if given); the errors."""
+    fn = partial(_decode, image_size=image_size)
+    errors = []
+    for i, (arr, err) in enumerate(pool.map(fn, paths) if pool is not None else map(fn, paths)):
+        if err is not None:
+            errors.append(err)
+        else:
+            out[i] = arr
+        if bar is not None:
+            bar.update()
+    return errors
+
+
+def _raise_errors(errors: list[str]) -> None:
+    if errors:
+        raise DataError(f"{len(errors)} image(s) cannot be decoded: " + "; ".join(errors[:10])
+                        + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else ""))
 
 
 def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "decode") -> np.ndarray:
@@ -44,68 +77,120 @@ def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "dec
     with 2 threads, 363 with 2 processes, 216 with one).
     """
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    errors = []
-    fn = partial(_decode, image_size=image_size)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True)
-    if workers <= 1:
-        results = map(fn, paths)
-        pool = None
-    else:
-        pool = ThreadPoolExecutor(max_workers=workers)
-        results = pool.map(fn, paths)
-    try:
-        for i, (arr, err) in enumerate(results):
-            if err is not None:
-                errors.append(err)
-            else:
-                out[i] = arr
-            bar.update()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    if errors:
-        raise DataError(f"{len(errors)} image(s) cannot be decoded: " + "; ".join(errors[:10])
-                        + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else ""))
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers)) if workers > 1 else None
+        bar = stack.enter_context(tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True))
+        errors = _decode_into(out, paths, image_size, pool, bar)
+    _raise_errors(errors)
     return out
 
 
-def new_manifest(image_size: int, params: dict) -> dict:
-    """The manifest of a shards folder, before its splits are added (``splits[name] =
-    {"count": n, "shards": [{"file", "shape", "images", "labels", "groups"}, ...]}``)."""
-    return {"format_version": FORMAT_VERSION, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-            "image_size": image_size, "params": params, "splits": {}}
+def source_stamp(paths, image_size: int) -> str:
+    """What a shard is made from: the format, the image size and each file's name, size and
+    modification time (a changed or replaced photograph changes the stamp)."""
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, image_size]).encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(json.dumps([str(p), st.st_size, st.st_mtime_ns]).encode())
+        except OSError:
+            h.update(json.dumps([str(p), None]).encode())  # missing: decoding it will say so
+    return h.hexdigest()
+
+
+class _Progress:
+    """The resume folder: finished shards and their stamps (``progress.json``, written after each)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.stamps = json.loads((folder / PROGRESS).read_text())["shards"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            self.stamps = {}
+        for p in folder.iterdir():  # partial writes of a killed run, shards no record vouches for
+            if p.name != PROGRESS and p.name not in self.stamps:
+                p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+
+    def done(self, fname: str, stamp: str, n: int, image_size: int) -> bool:
+        if self.stamps.get(fname) != stamp:
+            return False
+        nbytes = n * image_size * image_size * 3
+        try:  # the stamp is written after its shard: the file is complete, unless changed since
+            return (self.folder / fname).stat().st_size >= nbytes and \
+                tuple(np.load(self.folder / fname, mmap_mode="r").shape) == (n, image_size, image_size, 3)
+        except (OSError, ValueError):
+            return False
+
+    def record(self, fname: str, stamp: str) -> None:
+        self.stamps[fname] = stamp
+        with atomic_file(self.folder / PROGRESS) as f:
+            json.dump({"shards": self.stamps}, f)
+
+    def forget(self, fname: str) -> None:
+        if self.stamps.pop(fname, None) is not None:
+            with atomic_file(self.folder / PROGRESS) as f:
+                json.dump({"shards": self.stamps}, f)
 
 
 def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path, *,
-               image_size: int = 224, shard_size: int = 256, workers: int = 0) -> dict:
+               image_size: int = 224, shard_size: int = 256, workers: int = 0,
+               resume_dir: str | Path | None = None) -> dict:
+    """Decode the images of ``labels_csv`` (below ``raw_dir``) into shards in ``out_dir``.
+
+    ``resume_dir`` (default: ``.<out_dir>.partial`` beside it) keeps finished shards across a
+    killed run; it is removed when the run succeeds, or fails on bad input.
+    """
     if image_size < 16:
         raise DataError(f"image_size must be at least 16, got {image_size}")
     if shard_size < 1:
         raise DataError(f"preprocess.shard_size must be at least 1, got {shard_size}")
     workers = workers or len(machine_share().cpus)
     labels = pd.read_csv(labels_csv, keep_default_na=False)
-    raw_dir = Path(raw_dir)
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    resume_dir = Path(resume_dir) if resume_dir is not None else out_dir.with_name(f".{out_dir.name}.partial")
+    progress = _Progress(resume_dir)
     manifest = new_manifest(image_size, {"image_size": image_size, "shard_size": shard_size})
+    errors, reused = [], 0
+    buf = np.empty((shard_size, image_size, image_size, 3), dtype=np.uint8)
+    try:
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers)) if workers > 1 else None
+            for split, part in labels.groupby("split", sort=False):
+                writer = SplitWriter(resume_dir, manifest, split, shard_size)
+                with tqdm(total=len(part), desc=f"preprocess {split}", unit="img", dynamic_ncols=True) as bar:
+                    for start in range(0, len(part), shard_size):
+                        chunk = part.iloc[start:start + shard_size]
+                        paths = [str(raw_dir / p) for p in chunk["image"]]
+                        meta = ([Path(p).name for p in chunk["image"]], chunk["label"], chunk["group"])
+                        fname, stamp = writer.entry(*meta)["file"], source_stamp(paths, image_size)
+                        if progress.done(fname, stamp, len(paths), image_size):
+                            writer.skip(*meta)
+                            reused += 1
+                            bar.update(len(paths))
+                            continue
+                        progress.forget(fname)
+                        pixels = buf[:len(paths)]
+                        bad = _decode_into(pixels, paths, image_size, pool, bar)
+                        if bad:  # go on: the error names every bad file, not just the first
+                            errors += bad
+                            writer.skip(*meta)
+                            continue
+                        writer.write(pixels, *meta)
+                        progress.record(fname, stamp)
+                writer.close()
+        _raise_errors(errors)
+    except DataError:
+        shutil.rmtree(resume_dir, ignore_errors=True)  # bad input: nothing is left behind
+        raise
+    if reused:
+        print(f"resumed: {reused} finished shard(s) kept from an interrupted run")
+    files = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
     with atomic_dir(out_dir) as tmp:
-        for split, part in labels.groupby("split", sort=False):
-            paths = [str(raw_dir / p) for p in part["image"]]
-            pixels = decode_all(paths, image_size, workers, desc=f"preprocess {split}")
-            shards = []
-            for k, start in enumerate(range(0, len(part), shard_size)):
-                stop = min(start + shard_size, len(part))
-                fname = f"{split}-{k:03d}.npy"
-                np.save(tmp / fname, pixels[start:stop])
-                shards.append({
-                    "file": fname,
-                    "shape": [stop - start, image_size, image_size, 3],
-                    "images": [Path(p).name for p in part["image"].iloc[start:stop]],
-                    "labels": [int(v) for v in part["label"].iloc[start:stop]],
-                    "groups": [str(g) for g in part["group"].iloc[start:stop]],
-                })
-            manifest["splits"][split] = {"count": len(part), "shards": shards}
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
+        for fname in sorted(files):
+            os.replace(resume_dir / fname, tmp / fname)
+        write_manifest(tmp, manifest)
+    shutil.rmtree(resume_dir, ignore_errors=True)
     return manifest
 
 
@@ -114,6 +199,7 @@ def main(params: dict) -> None:
     manifest = preprocess(
         "data/labels/labels.csv", "data/raw", "data/shards",
         image_size=params["image_size"], shard_size=cfg["shard_size"], workers=cfg["workers"],
+        resume_dir=RESUME_DIR,
     )
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['count']} images in {len(info['shards'])} shard(s)")

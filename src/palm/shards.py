@@ -1,0 +1,247 @@
+"""The shard format, its one owner: writing shards and their manifest, and reading images back.
+
+A shards folder (``data/shards/``)::
+
+    manifest.json            shard list per split, labels, shape, dtype, parameters used
+    train-000.npy ...        uint8, (n, image_size, image_size, 3), RGB, NumPy's .npy format
+    valid-000.npy ...
+
+``manifest.json``: ``{"format_version", "dtype", "layout", "channels", "image_size", "params",
+"splits": {name: {"count": n, "shards": [{"file", "shape", "images", "labels", "groups"}, ...]}}}``.
+
+Memory does not grow with the data: shards are written one at a time (:class:`SplitWriter`), and
+:class:`ShardImages` reads one image at a time from its shard (``os.preadv`` at the image's offset
+in the ``.npy`` file, no memory map whose pages would stay resident), resized to a network's
+``input_size`` as it is read. Only the manifest's names and labels are held for a whole split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from palm.errors import DataError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SUFFIX = ".npy"
+
+
+def new_manifest(image_size: int, params: dict) -> dict:
+    """The manifest of a shards folder, before its splits are added (``splits[name] =
+    {"count": n, "shards": [{"file", "shape", "images", "labels", "groups"}, ...]}``)."""
+    return {"format_version": FORMAT_VERSION, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
+            "image_size": image_size, "params": params, "splits": {}}
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:03d}{SUFFIX}"
+
+
+def save_shard(path: Path, pixels: np.ndarray) -> None:
+    """Write one shard so that ``path`` is complete or absent (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    with open(Path(folder) / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+
+
+class SplitWriter:
+    """Writes one split of ``manifest`` into ``folder``, one shard (at most ``shard_size`` images)
+    per :meth:`write`; :meth:`skip` records a shard that is already in ``folder`` (a resumed run)
+    without rewriting it; :meth:`close` adds the split's entry to the manifest."""
+
+    def __init__(self, folder: Path, manifest: dict, split: str, shard_size: int):
+        self.folder, self.manifest, self.split, self.shard_size = Path(folder), manifest, split, shard_size
+        self.side = int(manifest["image_size"])
+        self.shards: list[dict] = []
+
+    def entry(self, images, labels, groups) -> dict:
+        """The manifest entry of the next shard (``images``, ``labels``, ``groups`` of its images)."""
+        return {"file": shard_name(self.split, len(self.shards)),
+                "shape": [len(images), self.side, self.side, 3],
+                "images": [str(v) for v in images], "labels": [int(v) for v in labels],
+                "groups": [str(v) for v in groups]}
+
+    def skip(self, images, labels, groups) -> dict:
+        entry = self.entry(images, labels, groups)
+        self.shards.append(entry)
+        return entry
+
+    def write(self, pixels: np.ndarray, images, labels, groups) -> dict:
+        """Write one whole shard (``len(images)`` images, at most ``shard_size``)."""
+        entry = self.entry(images, labels, groups)
+        if len(images) > self.shard_size or pixels.shape != tuple(entry["shape"]):
+            raise ValueError(f"shard {entry['file']}: pixels {pixels.shape}, expected {tuple(entry['shape'])}")
+        save_shard(self.folder / entry["file"], pixels)
+        self.shards.append(entry)
+        return entry
+
+    def close(self) -> dict:
+        info = {"count": sum(s["shape"][0] for s in self.shards), "shards": self.shards}
+        self.manifest["splits"][self.split] = info
+        return info
+
+
+def read_manifest(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the preprocess stage first (dvc repro preprocess)") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: shard format {manifest.get('format_version')!r}, this code reads "
+                        f"{FORMAT_VERSION}; run the preprocess stage again (dvc repro preprocess)")
+    return manifest
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
+    """(shape, offset of the data) of a uint8 C-order ``.npy`` file, from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard not found; run the preprocess stage again") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not a shard ({exc})") from None
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+        raise DataError(f"{path}: expected uint8 (n, side, side, 3) images, found {dtype} {shape}")
+    return tuple(int(v) for v in shape), offset
+
+
+class ShardImages:
+    """The images of a split, read from disk one at a time: ``images[i]`` is uint8 HWC RGB.
+
+    Array-like where the pipeline needs it (``len``, ``shape``, integer indexing, iteration,
+    ``np.asarray`` for small splits), never holding more than the image asked for. ``rows``
+    selects and orders images (a subset), ``size`` resizes each image as it is read
+    (:func:`palm.image.resize_square`, exactly as preprocessing resized a whole split before).
+    Picklable (for loader worker processes); each process opens the files itself.
+    """
+
+    def __init__(self, files: list[Path], counts: list[int], side: int, rows: np.ndarray | None = None,
+                 size: int | None = None, offsets: list[int] | None = None):
+        self.files, self.counts, self.side = [Path(p) for p in files], list(counts), int(side)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.offsets = offsets
+        self.rows = np.arange(self.starts[-1], dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        self.size = self.side if size is None else int(size)
+        self._fds: dict[int, int] = {}
+
+    # -- views -------------------------------------------------------------------------
+    def _view(self, rows, size) -> "ShardImages":
+        return ShardImages(self.files, self.counts, self.side, rows, size, self.offsets)
+
+    def subset(self, idx) -> "ShardImages":
+        return self._view(self.rows[np.asarray(idx, dtype=np.int64)], self.size)
+
+    def resized(self, size: int) -> "ShardImages":
+        return self._view(self.rows, size)
+
+    # -- array-like ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), self.size, self.size, 3)
+
+    dtype = np.dtype(np.uint8)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice) or not np.isscalar(i):
+            idx = np.arange(len(self))[i] if isinstance(i, slice) else np.asarray(i)
+            return np.stack([self[int(j)] for j in idx]) if len(idx) else np.zeros((0, self.size, self.size, 3), np.uint8)
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image {i} of {len(self)}")
+        img = self._read(int(self.rows[i]))
+        if self.size != self.side:
+            from palm.image import resize_square
+
+            img = resize_square(img, self.size)
+        return img
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[:]
+        return arr if dtype is None else arr.astype(dtype)
+
+    # -- reading ----------------------------------------------------------------------------
+    def _read(self, row: int) -> np.ndarray:
+        k = int(np.searchsorted(self.starts, row, side="right")) - 1
+        if self.offsets is None:
+            self.offsets = [_npy_layout(p)[1] for p in self.files]
+        nbytes = self.side * self.side * 3
+        out = np.empty((self.side, self.side, 3), np.uint8)
+        got = os.preadv(self._fd(k), [out], self.offsets[k] + (row - int(self.starts[k])) * nbytes)
+        if got != nbytes:
+            raise DataError(f"{self.files[k]}: truncated shard (image {row - int(self.starts[k])})")
+        return out
+
+    def _fd(self, k: int) -> int:
+        fd = self._fds.get(k)
+        if fd is None:
+            if len(self._fds) >= 64:  # a bounded number of open files, whatever the number of shards
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[k] = os.open(self.files[k], os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fds": {}}
+
+
+def open_split(shards_dir: str | Path, split: str, manifest: dict | None = None):
+    """``(images, labels, names, groups)`` of one split: :class:`ShardImages` and the manifest's
+    lists, after checking every shard's header against the manifest."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir) if manifest is None else manifest
+    if split not in manifest["splits"]:
+        raise DataError(f"{shards_dir}: no split {split!r} (have {', '.join(manifest['splits'])})")
+    shards = manifest["splits"][split]["shards"]
+    side = int(manifest["image_size"])
+    files, counts, offsets = [], [], []
+    for s in shards:
+        path = shards_dir / s["file"]
+        shape, offset = _npy_layout(path)
+        if shape[1:3] != (side, side) or shape[0] != len(s["labels"]):
+            raise DataError(f"{path}: holds {shape[0]} images of {shape[1]}x{shape[2]} px, the manifest lists "
+                            f"{len(s['labels'])} labels of {side} px")
+        files.append(path)
+        counts.append(shape[0])
+        offsets.append(offset)
+    labels = np.array([v for s in shards for v in s["labels"]], dtype=np.int64)
+    names = [v for s in shards for v in s["images"]]
+    groups = [v for s in shards for v in s.get("groups", [""] * len(s["labels"]))]
+    return ShardImages(files, counts, side, offsets=offsets), labels, names, groups
