@@ -298,3 +298,18 @@ def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys)
         assert stop.value.code == code
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """eval.json and the other atomically written outputs are readable like any file the user writes."""
+    import os
+    import stat
+
+    from palm.fsutil import atomic_file
+
+    with atomic_file(tmp_path / "a.json") as f:
+        f.write("{}")
+    with open(tmp_path / "b.json", "w") as f:
+        f.write("{}")
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "b.json")

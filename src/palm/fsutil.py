@@ -49,6 +49,9 @@ def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private to its owner)
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
