@@ -14,10 +14,10 @@ Run it from the repository's top folder, e.g. on the real data in data/original:
 
     python scripts/compare_models.py --zips-dir data/original --seeds 0 1
     python scripts/compare_models.py --table-only      # the table of an earlier --out file
-    python scripts/compare_models.py --table-only --out results/palm-mini.json --readme README.md
+    python scripts/compare_models.py --table-only --out results/palm-mini.json --readme results/README.md
 
-``--readme FILE`` writes the table into FILE between the lines ``<!-- results table -->``
-and ``<!-- end of results table -->``, so the README shows exactly the rows of the file.
+``--readme FILE`` (results/README.md) writes the table into FILE between the lines ``<!-- results table -->``
+and ``<!-- end of results table -->``, so results/README.md shows exactly the rows of the file.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from pathlib import Path
 
 from palm.evaluate import input_size
 from palm.fsutil import atomic_file
+from palm.models import model_names
 
-MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet50", "senet18"]
+MODELS = model_names()  # every registered network, in the registry's order
 COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")
 
 

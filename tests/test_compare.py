@@ -67,3 +67,17 @@ def test_runs_refuse_to_start_on_a_detached_head(tmp_path):
     subprocess.run(git + ["checkout", "-q", "--detach"], cwd=tmp_path, check=True)
     with pytest.raises(SystemExit, match="HEAD is detached"):
         compare_models.require_branch(tmp_path)
+
+
+def test_results_readme_table_is_the_committed_runs():
+    """results/README.md's table is exactly what the script writes from results/palm-mini.json."""
+    doc = (REPO / "results" / "README.md").read_text(encoding="utf-8")
+    rows = json.loads((REPO / "results" / "palm-mini.json").read_text())
+    table = doc.split(compare_models.BEGIN + "\n", 1)[1].split("\n" + compare_models.END, 1)[0]
+    assert table == compare_models.table(rows)
+
+
+def test_the_comparison_covers_every_registered_network():
+    from palm.models import model_names
+
+    assert compare_models.MODELS == model_names()

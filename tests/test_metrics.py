@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, precision_score, recall_score,
+from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, log_loss, precision_score, recall_score,
                              roc_auc_score)
 
 from palm.errors import ConfigError, DataError
@@ -38,6 +38,9 @@ def test_score_on_a_known_confusion_matrix():
     assert m["sensitivity"] == pytest.approx(recall_score(LABELS, pred))
     assert m["f1"] == pytest.approx(f1_score(LABELS, pred))
     assert m["auc"] == pytest.approx(roc_auc_score(LABELS, PROBS))
+    # by hand: of the 4 x 6 (PM, non-PM) pairs, the PM image scores higher in 6 + 6 + 5 + 3
+    assert m["auc"] == pytest.approx(20 / 24)
+    assert m["loss"] == pytest.approx(log_loss(LABELS, PROBS))
     assert m["brier"] == pytest.approx(brier_score_loss(LABELS, PROBS))
     assert m["brier"] == pytest.approx(np.mean((PROBS - LABELS) ** 2))
     assert "accuracy_ci_low" not in m and m["ci_method"] == "none"

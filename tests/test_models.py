@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from palm.models import build_model, main_logits, model_names, training_loss
+from palm.models import DROPOUT_MODELS, MODELS, build_model, gradcam_layer, main_logits, model_names, training_loss
 
 SMALL = 64
 # Overfit test: (image size, steps, lr). 32 px keeps the big networks quick; LeNet's
@@ -18,6 +18,31 @@ def test_registry_has_the_course_models():
             "senet18"} <= set(model_names())
     with pytest.raises(ValueError, match="known models: lenet"):
         build_model("inception_v9")
+
+
+def test_every_list_of_names_comes_from_the_registry():
+    from palm.params import MODEL_NAMES
+
+    assert model_names() == list(MODELS) == list(MODEL_NAMES)
+    assert DROPOUT_MODELS == ("alexnet",)  # derived from each spec's tunable arguments
+    with pytest.raises(ValueError, match="unknown model 'inception_v9'"):
+        gradcam_layer("inception_v9", build_model("lenet", image_size=SMALL))
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_each_spec_names_a_convolutional_layer_of_its_network_for_grad_cam(name):
+    paddle.seed(0)
+    model = build_model(name, image_size=SMALL)
+    layer = gradcam_layer(name, model)
+    assert any(layer is sub for sub in model.sublayers())
+    assert any(isinstance(sub, paddle.nn.Conv2D) for sub in [layer, *layer.sublayers()])
+
+
+@pytest.mark.parametrize("name", DROPOUT_MODELS)
+def test_tunable_dropout_reaches_the_network(name):
+    model = build_model(name, image_size=SMALL, dropout=0.3)
+    rates = [sub.p for sub in model.sublayers() if isinstance(sub, paddle.nn.Dropout)]
+    assert rates and all(r == 0.3 for r in rates)
 
 
 @pytest.mark.parametrize("name", model_names())

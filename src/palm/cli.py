@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: Paddle Inference (oneDNN on the CPU, CUDA/TensorRT on a GPU), eager Paddle "
                         "if that cannot run; default: %(default)s")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; README); "
+                   help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; benchmarks/README.md); "
                         "default: %(default)s")
     p.add_argument("--workers", type=count, default=None,
                    help="image decoding processes (default: one per core; 0: decode in the main process)")

@@ -1,8 +1,14 @@
 """The model registry: ``model`` in params.yaml -> a network with one PM logit per image.
 
-Every builder takes ``image_size`` and returns a ``paddle.nn.Layer`` mapping float32 NCHW
-images in [-1, 1] to logits of shape (N, 1). GoogLeNet in training mode returns
-``(main, aux1, aux2)``; use :func:`training_loss` and :func:`main_logits` to handle both.
+:data:`MODELS` holds one :class:`ModelSpec` per network: everything known about it (its
+builder, its Grad-CAM layer, the arguments params.yaml may tune). Every list of model names
+is derived from it (:func:`model_names`; ``palm.params.MODEL_NAMES`` is tested against it).
+
+Every builder is called with ``image_size`` and returns a ``paddle.nn.Layer`` mapping float32
+NCHW images in [-1, 1] to logits of shape (N, 1). Only LeNet and AlexNet, whose first fully
+connected layer depends on it, use ``image_size``; the others end in an adaptive pool and
+take any size. GoogLeNet in training mode returns ``(main, aux1, aux2)``; use
+:func:`training_loss` and :func:`main_logits` to handle both.
 
 | name | built from |
 |---|---|
@@ -16,6 +22,7 @@ images in [-1, 1] to logits of shape (N, 1). GoogLeNet in training mode returns
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import paddle
@@ -194,34 +201,61 @@ def vgg16(image_size: int = 224, batch_norm: bool = True) -> nn.Layer:
     return pvm.vgg16(batch_norm=batch_norm, num_classes=1)
 
 
-MODELS: dict[str, Callable[..., nn.Layer]] = {
-    "lenet": lambda image_size=224, **kw: LeNet(image_size, **kw),
-    "alexnet": lambda image_size=224, **kw: AlexNet(image_size, **kw),
-    "vgg16": vgg16,
-    "googlenet": lambda image_size=224, **kw: GoogLeNet(image_size, **kw),
-    "resnet50": lambda image_size=224, **kw: pvm.resnet50(num_classes=1, **kw),
-    "resnet101": lambda image_size=224, **kw: pvm.resnet101(num_classes=1, **kw),
-    "resnet152": lambda image_size=224, **kw: pvm.resnet152(num_classes=1, **kw),
-    "senet18": senet18,
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything known about one network."""
+
+    build: Callable[..., nn.Layer]
+    """``build(image_size=..., **tunable)`` -> the network."""
+    gradcam_layer: Callable[[nn.Layer], nn.Layer]
+    """The layer whose output feature maps Grad-CAM explains: the last convolutional stage."""
+    tunable: tuple[str, ...] = ()
+    """Builder arguments that ``models.<name>`` in params.yaml may set (e.g. ``dropout``)."""
+
+
+def _resnet(depth: int) -> Callable[..., nn.Layer]:
+    factory = {50: pvm.resnet50, 101: pvm.resnet101, 152: pvm.resnet152}[depth]
+    return lambda image_size=224, **kw: factory(num_classes=1, **kw)
+
+
+def _layer4(model: nn.Layer) -> nn.Layer:
+    return model.layer4
+
+
+MODELS: dict[str, ModelSpec] = {
+    "lenet": ModelSpec(lambda image_size=224, **kw: LeNet(image_size, **kw), lambda m: m[0]),
+    "alexnet": ModelSpec(lambda image_size=224, **kw: AlexNet(image_size, **kw), lambda m: m[0],
+                         tunable=("dropout",)),
+    "vgg16": ModelSpec(vgg16, lambda m: m.features),
+    "googlenet": ModelSpec(lambda image_size=224, **kw: GoogLeNet(image_size, **kw), lambda m: m.tail[3]),
+    "resnet50": ModelSpec(_resnet(50), _layer4),
+    "resnet101": ModelSpec(_resnet(101), _layer4),
+    "resnet152": ModelSpec(_resnet(152), _layer4),
+    "senet18": ModelSpec(senet18, _layer4),
 }
 
 
 # Networks whose classifier dropout rate is a training parameter (``dropout`` in params.yaml).
-DROPOUT_MODELS: tuple[str, ...] = ("alexnet",)
+DROPOUT_MODELS: tuple[str, ...] = tuple(name for name, spec in MODELS.items() if "dropout" in spec.tunable)
 
 
 def model_names() -> list[str]:
     return list(MODELS)
 
 
-def build_model(name: str, image_size: int = 224, **kwargs) -> nn.Layer:
+def spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    return MODELS[name](image_size=image_size, **kwargs)
+    return MODELS[name]
 
 
-def default_data_format(name: str) -> str:
-    return "NCHW"
+def build_model(name: str, image_size: int = 224, **kwargs) -> nn.Layer:
+    return spec(name).build(image_size=image_size, **kwargs)
+
+
+def gradcam_layer(name: str, model: nn.Layer) -> nn.Layer:
+    """The layer whose output feature maps Grad-CAM explains: the last convolutional stage."""
+    return spec(name).gradcam_layer(model)
 
 
 def main_logits(output) -> paddle.Tensor:
@@ -235,16 +269,3 @@ def training_loss(output, labels, loss_fn) -> paddle.Tensor:
         main, *aux = output
         return loss_fn(main, labels) + AUX_WEIGHT * sum(loss_fn(a, labels) for a in aux)
     return loss_fn(output, labels)
-
-
-def gradcam_layer(name: str, model: nn.Layer) -> nn.Layer:
-    """The layer whose output feature maps Grad-CAM explains: the last convolutional stage."""
-    if name in ("lenet", "alexnet"):
-        return model[0]
-    if name == "vgg16":
-        return model.features
-    if name == "googlenet":
-        return model.tail[3]
-    if name.startswith("resnet") or name == "senet18":
-        return model.layer4
-    raise ValueError(f"no Grad-CAM layer known for model {name!r}")
