@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -293,8 +294,12 @@ class Trainer:
         if resumed is not None:
             meta, state = resumed
             model.set_state_dict(state["model"])
-            opt.set_state_dict(state["opt"])
-            sched.set_state_dict(state["sched"])
+            with warnings.catch_warnings():
+                # LinearWarmup keeps its inner schedule's state under a key of its own, which it
+                # restores itself; Paddle's base class still warns that the key is "unused"
+                warnings.filterwarnings("ignore", message="There are some unused values in state_dict")
+                opt.set_state_dict(state["opt"])
+                sched.set_state_dict(state["sched"])
             if ema is not None:
                 ema.set_state_dict(state["ema"])
             start, history, best = meta["epoch"], meta["history"], meta.get("best")
