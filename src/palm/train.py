@@ -33,9 +33,15 @@ from palm.errors import ConfigError, DataError, RunError
 from palm.fsutil import atomic_dir
 from palm.weights import MODEL_WEIGHTS
 
+# Paddle's notices at the first training step, not problems: batch norm's change of behaviour in
+# an old release, and a Tensor.place lookup inside its own static-graph (to_static) code.
+warnings.filterwarnings("ignore", message="When training, we now always track global mean", category=UserWarning)
+warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface", category=UserWarning)
+
 MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
 LIVE_DIR = Path("metrics/train")
+
 
 def effective_config(params: dict) -> dict:
     """``train:`` of params.yaml overridden by ``models.<model>:`` for the chosen model, validated
