@@ -89,11 +89,12 @@ def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Pat
     import paddle
 
     from palm.models import build_model
+    from palm.weights import MODEL_WEIGHTS, save_state
 
     folder.mkdir(parents=True)
     paddle.seed(0)
     model = build_model(name, image_size=input_size)
-    paddle.save(model.state_dict(), str(folder / "model.pdparams"))
+    save_state(model.state_dict(), folder / MODEL_WEIGHTS)
     (folder / "model.json").write_text(json.dumps({"model": name, "image_size": image_size,
                                                    "input_size": input_size, "threshold": 0.5}))
     return folder
