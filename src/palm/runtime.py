@@ -67,7 +67,7 @@ def _take_slot(jobs: int) -> int:
             continue
         _held_locks.append(f)
         return slot
-    print(f"warning: more than {JOBS_ENV}={jobs} runs at once; sharing slot {os.getpid() % jobs}")
+    print(f"warning: more than {JOBS_ENV}={jobs} runs at once; sharing slot {os.getpid() % jobs}", file=sys.stderr)
     return os.getpid() % jobs
 
 
@@ -116,5 +116,5 @@ def select_device(device: str = "auto") -> str:
     paddle.set_device(device)
     if share.jobs > 1:
         print(f"{JOBS_ENV}={share.jobs}: slot {share.slot}, {share.threads} thread(s) on cores "
-              f"{','.join(map(str, share.cpus))}, device {device}")
+              f"{','.join(map(str, share.cpus))}, device {device}", file=sys.stderr)
     return device
