@@ -11,7 +11,6 @@ the model did: ``V0012_label-PM_pred-nonPM_p0.31.png``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import cv2

@@ -1,8 +1,9 @@
 """The fast inference path: a trained model run through Paddle Inference (``paddle.inference``).
 
 This module owns the exported inference model (``paddle.jit.save`` output, written by the
-``export`` stage with :func:`save`: ``inference.json`` + ``inference.pdiparams`` in Paddle 3,
-``inference.pdmodel`` + ``.pdiparams`` in Paddle 2) and the engines that run a model:
+``export`` stage with :func:`save`: ``inference.json`` + ``inference.pdiparams`` in Paddle 3; the
+older pickled ``inference.pdmodel`` format is refused by :func:`palm.weights.check_export_dir`)
+and the engines that run a model:
 
 | engine | where | what |
 |---|---|---|
@@ -29,7 +30,7 @@ import numpy as np
 from palm.errors import DataError
 from palm.weights import check_export_dir
 
-PREFIX = "inference"                     # models_export/inference.json (.pdmodel) + inference.pdiparams
+PREFIX = "inference"                     # models_export/inference.json + inference.pdiparams
 ENGINES = ("auto", "paddle-inference", "eager")
 PRECISIONS = ("fp32", "bf16")
 INPUT_NAME = "image"
@@ -59,11 +60,8 @@ def save(layer, input_size: int, out_dir: str | Path) -> None:
 
 def program_file(model_dir: str | Path) -> Path | None:
     """The exported graph in ``model_dir`` (Paddle 3's ``.json``), or None."""
-    for suffix in (".json",):
-        f = Path(model_dir) / (PREFIX + suffix)
-        if f.is_file():
-            return f
-    return None
+    f = Path(model_dir) / (PREFIX + ".json")
+    return f if f.is_file() else None
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

@@ -27,7 +27,6 @@ from typing import Callable
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 from paddle.vision import models as pvm
 from paddle.vision.models.resnet import BasicBlock
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palm.errors import ConfigError, DataError, RunError
+from palm.errors import ConfigError, RunError
 from palm.fsutil import atomic_dir
 from palm.weights import MODEL_WEIGHTS
 
