@@ -24,8 +24,8 @@ def main(argv=None) -> None:
 
     import numpy as np
 
+    from palm.artifact import input_size
     from palm.decode import decode_stream
-    from palm.evaluate import input_size
     from palm.image import to_chw_float
     from palm.inference import load_engine
     from palm.predict import find_images

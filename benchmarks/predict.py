@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import sys
 import tempfile
@@ -88,6 +87,7 @@ def decode_job(files, image_size, input_size):
 def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
     import paddle
 
+    from palm.artifact import DEFAULT_THRESHOLD, write_info
     from palm.models import build_model
     from palm.weights import MODEL_WEIGHTS, save_state
 
@@ -95,8 +95,8 @@ def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Pat
     paddle.seed(0)
     model = build_model(name, image_size=input_size)
     save_state(model.state_dict(), folder / MODEL_WEIGHTS)
-    (folder / "model.json").write_text(json.dumps({"model": name, "image_size": image_size,
-                                                   "input_size": input_size, "threshold": 0.5}))
+    write_info(folder, {"model": name, "image_size": image_size, "input_size": input_size,
+                        "threshold": DEFAULT_THRESHOLD})
     return folder
 
 
@@ -143,6 +143,7 @@ def torch_engines(batch: int, size: int) -> dict:
         return {}
     sys.path.insert(0, str(Path(__file__).parent))
     from cpu_vs_torch import torch_models
+
     from palm.runtime import machine_share
 
     torch.set_num_threads(machine_share().threads)

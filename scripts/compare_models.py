@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from palm.evaluate import input_size
+from palm.artifact import input_size, read_info
 from palm.fsutil import atomic_file
 from palm.models import model_names
 
@@ -55,7 +55,7 @@ def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> di
     subprocess.run(cmd, check=True)
     ev = json.loads(Path("metrics/eval.json").read_text())
     tr = json.loads(Path("metrics/train/metrics.json").read_text())
-    info = json.loads(Path("models/model.json").read_text())
+    info = read_info("models")
     return {"model": model, "seed": seed, "input_size": input_size(info),
             "epochs": info["epochs"], "selected_epoch": tr["selected_epoch"],
             "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS},

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 import yaml
-
 from conftest import make_shards, train_section
-from palm.crossval import apply_overrides, fold_of
+
+from palm.crossval import apply_overrides
 from palm.dataset import load_split
 from palm.errors import DataError
+from palm.splits import fold_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [f"P{i:04d}.jpg" for i in range(7)] + [f"N{i:04d}.jpg" for i in range(5)] + ["H0001.jpg", "H0002.jpg", "H0003.jpg"]
@@ -27,19 +27,19 @@ def shards(tmp_path_factory):
 
 def test_folds_are_stratified_by_group_and_cover_every_image_once(shards):
     split = load_split(shards, "train")
-    folds = fold_of(split, 3, seed=0)
+    folds = fold_of(split.labels, split.groups, 3, seed=0)
     assert sorted(set(folds.tolist())) == [0, 1, 2]
     assert np.bincount(folds).tolist() == [5, 5, 5]
     groups = np.array(split.groups)
     for g in "HNP":  # each group spread over the folds as evenly as it can be
         counts = np.bincount(folds[groups == g], minlength=3)
         assert counts.max() - counts.min() <= 1
-    assert np.array_equal(fold_of(split, 3, seed=0), folds)
-    assert not np.array_equal(fold_of(split, 3, seed=1), folds)
+    assert np.array_equal(fold_of(split.labels, split.groups, 3, seed=0), folds)
+    assert not np.array_equal(fold_of(split.labels, split.groups, 3, seed=1), folds)
     with pytest.raises(DataError, match="at least 2 folds"):
-        fold_of(split, 1)
+        fold_of(split.labels, split.groups, 1)
     with pytest.raises(DataError, match="cannot make 20 folds"):
-        fold_of(split, 20)
+        fold_of(split.labels, split.groups, 20)
 
 
 def test_overrides_are_set_like_dvc_exp_run():

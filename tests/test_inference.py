@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import paddle
 import pytest
-
 from conftest import PALM_MINI, requires_palm_mini
+
 from palm import inference
 from palm.decode import decode_stream
 from palm.errors import DataError
@@ -220,9 +220,11 @@ def test_evaluate_scores_the_validation_shards_through_paddle_inference(tmp_path
     import contextlib
 
     from conftest import make_shards
+
+    from palm.artifact import load as load_trained
+    from palm.artifact import predict_probs
     from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.evaluate import load_trained, predict_valid
-    from palm.train import predict_probs
+    from palm.evaluate import predict_valid
 
     shards = make_shards(tmp_path, train=("P0001.jpg", "N0001.jpg"),
                          valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 1)), image_size=32)

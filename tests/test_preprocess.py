@@ -3,13 +3,14 @@ import json
 import cv2
 import numpy as np
 import pytest
-
 from conftest import make_palm_zips
-from palm.dataset import Augment, FundusDataset, load_split, stratified_holdout
+
+from palm.dataset import Augment, FundusDataset, load_split
 from palm.errors import DataError
 from palm.image import load_image, to_chw_float
 from palm.labels import build_labels
 from palm.preprocess import preprocess
+from palm.splits import stratified_holdout
 from palm.unzip import unzip_all
 
 
@@ -104,7 +105,7 @@ def test_holdout_is_stratified_and_disjoint(tmp_path):
                    + [f"H{i:04d}.jpg" for i in range(4)])
     preprocess(tmp_path / "labels.csv", raw, tmp_path / "shards", image_size=16, workers=1)
     split = load_split(tmp_path / "shards", "train")
-    tr, ho = stratified_holdout(split, 0.2, seed=0)
+    tr, ho = stratified_holdout(split.labels, split.groups, 0.2, seed=0)
     assert set(tr).isdisjoint(ho) and len(tr) + len(ho) == 24
     assert sorted(split.groups[i] for i in ho) == ["H", "N", "N", "P", "P"]
-    assert np.array_equal(stratified_holdout(split, 0.2, seed=0)[1], ho)
+    assert np.array_equal(stratified_holdout(split.labels, split.groups, 0.2, seed=0)[1], ho)

@@ -5,14 +5,15 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import PALM_MINI, requires_palm_mini, train_section
+
+from palm.artifact import load as load_trained
+from palm.artifact import predict_probs
 from palm.dataset import FundusDataset, load_split, make_loader
-from palm.evaluate import load_trained
 from palm.labels import build_labels
 from palm.metrics import score
 from palm.preprocess import preprocess
-from palm.train import Trainer, predict_probs
+from palm.train import Trainer
 from palm.unzip import unzip_all
 
 pytestmark = [requires_palm_mini, pytest.mark.realdata]

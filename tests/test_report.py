@@ -73,7 +73,7 @@ def inputs(tmp_path):
 
 def test_report_parses_images_decode_and_numbers_match_eval_json(inputs):
     tmp, m, wrong = inputs
-    out = write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp / "model.json",
+    out = write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp,
                        tmp / "explain", tmp / "labels.csv", {"data": {"zips_dir": "data/original"}})
     page = Page()
     page.feed(out.read_text(encoding="utf-8"))
@@ -106,7 +106,7 @@ def test_missing_inputs_are_a_clear_error_and_write_nothing(inputs):
     tmp, _, _ = inputs
     (tmp / "eval.json").unlink()
     with pytest.raises(DataError, match="eval.json: not found"):
-        write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp / "model.json",
+        write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp,
                      tmp / "explain", tmp / "labels.csv", {})
     assert not (tmp / "report.html").exists()
 

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_shards, train_section
+
+from palm import checkpoint
+from palm.errors import ConfigError
 from palm.train import Trainer, effective_config
-from palm.errors import ConfigError, DataError
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
 
@@ -46,18 +47,18 @@ def test_same_seed_same_metrics_and_resume_after_a_crash(tmp_path, shards, monke
     assert summary["selected_epoch"] in (1, 2, 3)
 
     # crash right after the first checkpoint is written, then run again
-    real_save = Trainer._save_checkpoint
+    real_save = checkpoint.save
     calls = []
 
-    def save_then_crash(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "c", shards, params(to_static=to_static, ema=ema))
-    monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save", real_save)
     ckpt = json.loads((tmp_path / "c" / "run" / "checkpoints" / "checkpoint.json").read_text())
     assert ckpt["epoch"] == 1
     _, h3, out3 = run(tmp_path / "c", shards, params(to_static=to_static, ema=ema))
@@ -90,10 +91,10 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     on the original photographs gives what the network gives on those resized shards."""
     import contextlib
 
+    from palm.artifact import load as load_trained
+    from palm.artifact import predict_probs
     from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.evaluate import load_trained
     from palm.predict import Predictor
-    from palm.train import predict_probs
 
     info, _, out = run(tmp_path, shards, params(epochs=1, input_size=24))
     assert (info["image_size"], info["input_size"]) == (32, 24)
@@ -114,9 +115,9 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
 def test_static_graph_training_is_deterministic_and_saves_an_ordinary_model(tmp_path, shards):
     import contextlib
 
+    from palm.artifact import load as load_trained
+    from palm.artifact import predict_probs
     from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.evaluate import load_trained
-    from palm.train import predict_probs
 
     p = params(epochs=2, to_static=True)
     _, h1, out = run(tmp_path / "a", shards, p)
@@ -195,10 +196,11 @@ def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, sha
 def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
     import contextlib
 
-    from palm.dataset import FundusDataset, load_split, make_loader, stratified_holdout
-    from palm.evaluate import load_trained
+    from palm.artifact import load as load_trained
+    from palm.artifact import predict_probs
+    from palm.dataset import FundusDataset, load_split, make_loader
     from palm.metrics import choose_threshold
-    from palm.train import predict_probs
+    from palm.splits import stratified_holdout
 
     p = params(epochs=1, threshold="youden", select="last")
     info, _, out = run(tmp_path, shards, p)
@@ -207,7 +209,7 @@ def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
     assert saved["threshold"] == info["threshold"] and 0 < saved["threshold"] <= 1
     # the same rule on the saved network's holdout predictions gives the stored number
     full = load_split(shards, "train")
-    hold = full.subset(stratified_holdout(full, 0.25, 0)[1])
+    hold = full.subset(stratified_holdout(full.labels, full.groups, 0.25, 0)[1])
     model, _ = load_trained(out / "models")
     probs = predict_probs(model, make_loader(FundusDataset(hold), 4, shuffle=False), contextlib.nullcontext)
     assert choose_threshold(hold.labels, probs, "youden") == pytest.approx(saved["threshold"], abs=1e-5)

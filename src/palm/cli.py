@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import signal
 import sys
 
 from palm.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
+from palm.fsutil import atomic_file
 
 FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 
@@ -30,9 +32,8 @@ def positive_int(text: str) -> int:
 
 
 def cmd_predict(args) -> int:
-    import contextlib
-
-    from palm.fsutil import atomic_file
+    # imported here, not at the top: it loads Paddle (seconds), which `palm --help` and a bad
+    # argument do not need
     from palm.predict import Predictor, find_images
 
     files = find_images(args.paths)

@@ -10,6 +10,8 @@ from typing import Any, Callable
 import yaml
 
 from palm.errors import ConfigError, report
+from palm.fsutil import remove_stale_temporaries
+from palm.params import validate
 
 PARAMS_FILE = "params.yaml"
 
@@ -17,8 +19,6 @@ PARAMS_FILE = "params.yaml"
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """params.yaml as a dict, validated (:func:`palm.params.validate`): a :class:`ConfigError`
     lists every bad key with its value."""
-    from palm.params import validate
-
     try:
         with open(path, encoding="utf-8") as f:
             params = yaml.safe_load(f) or {}
@@ -42,8 +42,6 @@ def _terminate(signum, frame):
 def run_stage(main: Callable[[dict[str, Any]], None]) -> None:
     """Run ``main(params)``: every error ends the process with one line and the documented
     exit status (:mod:`palm.errors`); SIGTERM and Ctrl-C clean up as an error does."""
-    from palm.fsutil import remove_stale_temporaries
-
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         remove_stale_temporaries()

@@ -12,36 +12,25 @@ are scored with :func:`palm.metrics.score`: ~300 images instead of one 45-image 
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from palm.dataset import Split, load_split, strata
+from palm.artifact import DEFAULT_THRESHOLD
+from palm.dataset import Split, load_split
 from palm.errors import DataError
+from palm.evaluate import predict_valid
+from palm.metrics import score
 from palm.shards import SplitWriter, new_manifest, write_manifest
+from palm.splits import fold_of
+from palm.train import Trainer
 
 FOLD_SHARD_SIZE = 256
-
-
-def fold_of(split: Split, k: int, seed: int = 0) -> np.ndarray:
-    """Fold number (0..k-1) of each image, stratified by group (H/N/P, else the label)."""
-    if k < 2:
-        raise DataError(f"cross-validation needs at least 2 folds, got {k}")
-    if len(split) < k:
-        raise DataError(f"{len(split)} training images cannot make {k} folds")
-    keys = strata(split)
-    rng = np.random.default_rng([seed, 4099])
-    folds = np.zeros(len(split), dtype=np.int64)
-    offset = 0
-    for key in sorted(set(keys)):
-        idx = np.flatnonzero(keys == key)
-        rng.shuffle(idx)
-        folds[idx] = (np.arange(len(idx)) + offset) % k  # keeps the folds' sizes within one
-        offset += len(idx)
-    return folds
 
 
 def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, image_size: int) -> Path:
@@ -63,12 +52,8 @@ def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, 
 def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int = 3, seed: int = 0,
                    work_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Out-of-fold predictions (image, group, label, fold, probability) and their scores."""
-    from palm.evaluate import predict_valid
-    from palm.metrics import score
-    from palm.train import Trainer
-
     full = load_split(shards_dir, "train")
-    folds = fold_of(full, k, seed)
+    folds = fold_of(full.labels, full.groups, k, seed)
     rows, runs = [], []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fold in range(k):
@@ -85,17 +70,13 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.rmtree(fold_dir, ignore_errors=True)
     oof = pd.DataFrame(rows)
-    scores = score(oof["label"], oof["probability"], 0.5)
+    scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
     summary = {"folds": k, "fold_seed": seed, **scores, "errors": scores["fp"] + scores["fn"], "runs": runs}
     return oof, summary
 
 
 def apply_overrides(params: dict, items: list[str]) -> dict:
     """``params`` with ``key.sub=value`` items set (values read as YAML), as ``dvc exp run -S``."""
-    import copy
-
-    import yaml
-
     params = copy.deepcopy(params)
     for item in items:
         key, sep, value = item.partition("=")

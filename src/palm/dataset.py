@@ -46,27 +46,6 @@ def load_split(shards_dir: str | Path, split: str, size: int | None = None) -> S
     return Split(*open_split(shards_dir, split)).resized(size)
 
 
-def strata(split: Split) -> np.ndarray:
-    """Each image's stratum for splitting: its group (H/N/P), else its label."""
-    return np.array([g or str(l) for g, l in zip(split.groups, split.labels)])
-
-
-def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, holdout): ``fraction`` of each group (H/N/P, else label) held out."""
-    rng = np.random.default_rng([seed, 7919])
-    keys = strata(split)
-    train_idx, hold_idx = [], []
-    for key in sorted(set(keys)):
-        idx = np.flatnonzero(keys == key)
-        rng.shuffle(idx)
-        n_hold = int(round(fraction * len(idx)))
-        if fraction > 0 and len(idx) > 1:
-            n_hold = min(max(n_hold, 1), len(idx) - 1)
-        hold_idx.extend(idx[:n_hold])
-        train_idx.extend(idx[n_hold:])
-    return np.sort(np.array(train_idx, dtype=np.int64)), np.sort(np.array(hold_idx, dtype=np.int64))
-
-
 @dataclass
 class Augment:
     """Random photometric and geometric changes to a uint8 RGB image (all off by default)."""

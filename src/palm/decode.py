@@ -20,6 +20,7 @@ import numpy as np
 from palm.errors import DataError
 from palm.image import decode, fit, load_image
 from palm.quality import SIDE, assess, check_file
+from palm.runtime import machine_share
 
 
 class Decoded(NamedTuple):
@@ -54,8 +55,6 @@ def _init_worker() -> None:
 
 def default_workers() -> int:
     """One decoding process per core of this run's share of the machine (``palm.runtime``)."""
-    from palm.runtime import machine_share
-
     return len(machine_share().cpus)
 
 

@@ -18,10 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from dvclive import Live
 
-from palm.errors import DataError
+from palm.artifact import input_size, threshold
+from palm.dataset import load_split
 from palm.fsutil import atomic_file
+from palm.image import to_chw_float
+from palm.inference import load_engine
 from palm.metrics import DEFAULT_PREVALENCE, N_BOOT, score
+from palm.runtime import configured_device, select_device
 
 PREDICTIONS = Path("metrics/predictions.csv")
 EVAL_JSON = Path("metrics/eval.json")
@@ -30,59 +35,10 @@ HISTOGRAM = EVAL_PLOTS / "plots" / "histogram.json"
 HIST_BINS = 20
 
 
-def load_trained(model_dir: str | Path = "models"):
-    """The saved model in eval mode, and its ``model.json``: one-line errors for a bad folder."""
-    from palm.models import build_model, model_names
-    from palm.weights import check_model_dir, load_state
-
-    model_dir = Path(model_dir)
-    info = read_model_info(model_dir)
-    weights = load_state(check_model_dir(model_dir))
-    if info["model"] not in model_names():
-        raise DataError(f"{model_dir}/model.json: unknown model {info['model']!r} "
-                        f"(known: {', '.join(model_names())})")
-    model = build_model(info["model"], image_size=input_size(info))
-    expected = model.state_dict()
-    wrong = [k for k, v in expected.items() if k not in weights or list(weights[k].shape) != list(v.shape)]
-    if wrong or set(weights) - set(expected):
-        raise DataError(f"{model_dir}: the weights do not fit a {info['model']} at {input_size(info)} px "
-                        f"({len(wrong)} missing or of another shape, {len(set(weights) - set(expected))} unknown)")
-    model.set_state_dict(weights)
-    model.eval()
-    return model, info
-
-
-def read_model_info(model_dir: str | Path) -> dict:
-    """``model_dir/model.json``, checked: a one-line error naming the file when it is missing or broken."""
-    path = Path(model_dir) / "model.json"
-    if not path.is_file():
-        raise DataError(f"{model_dir}: no model.json; train a model first (dvc repro) or give --model DIR")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(info, dict) or not isinstance(info.get("model"), str):
-            raise ValueError("no 'model' name")
-        size = int(info.get("input_size") or info["image_size"])
-        if not (int(info["image_size"]) >= 1 and size >= 1):
-            raise ValueError("sizes must be positive")
-        float(info.get("threshold", 0.5))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a valid model description ({type(exc).__name__}: {exc})") from None
-    return info
-
-
-def input_size(info: dict) -> int:
-    """The side of the images the model takes (``model.json``; older files: ``image_size``)."""
-    return int(info.get("input_size") or info["image_size"])
-
-
 def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32, device: str = "auto"):
     """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
     the model's input size: ``(split, probabilities, model info)``. Scored by
     :func:`palm.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run)."""
-    from palm.dataset import load_split
-    from palm.image import to_chw_float
-    from palm.inference import load_engine
-
     engine, info = load_engine(model_dir, device=device)
     valid = load_split(shards_dir, "valid", size=input_size(info))
     probs = [engine(to_chw_float(valid.pixels[i:i + batch_size])) for i in range(0, len(valid), batch_size)]
@@ -102,22 +58,18 @@ def probability_histogram(labels, probs, n_bins: int = HIST_BINS) -> list[dict]:
 
 def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32,
              prevalence: float = DEFAULT_PREVALENCE, n_boot: int = N_BOOT, device: str = "auto") -> dict:
-    from dvclive import Live
-
-    from palm.runtime import select_device
-
     select_device(device)
 
     valid, probs, info = predict_valid(shards_dir, model_dir, batch_size, device)
-    threshold = float(info.get("threshold", 0.5))
+    cut = threshold(info)
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),
-                          "predicted": (probs >= threshold).astype(int)})
+                          "predicted": (probs >= cut).astype(int)})
     with atomic_file(PREDICTIONS, newline="") as f:
         preds.to_csv(f, index=False)
 
     saved = pd.read_csv(PREDICTIONS)  # the reported numbers come from the saved file
-    metrics = {"model": info["model"], "threshold_rule": str(info.get("threshold_rule", threshold)),
-               **score(saved["label"], saved["probability"], threshold, prevalence=prevalence, n_boot=n_boot)}
+    metrics = {"model": info["model"], "threshold_rule": str(info.get("threshold_rule", cut)),
+               **score(saved["label"], saved["probability"], cut, prevalence=prevalence, n_boot=n_boot)}
     with atomic_file(EVAL_JSON) as f:
         json.dump(metrics, f, indent=1)
 
@@ -135,8 +87,6 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
 
 
 def main(params: dict) -> None:
-    from palm.runtime import configured_device
-
     cfg = params["evaluate"]
     m = evaluate(batch_size=cfg["batch_size"], prevalence=cfg["prevalence"], n_boot=cfg["bootstrap"],
                  device=configured_device(params))

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import paddle
+import paddle.nn.functional as F
 import pandas as pd
 
+from palm.artifact import DEFAULT_THRESHOLD, input_size, load
+from palm.artifact import threshold as model_threshold
+from palm.dataset import load_split
 from palm.fsutil import atomic_dir
+from palm.image import to_chw_float
+from palm.models import gradcam_layer, main_logits
+from palm.runtime import configured_device, select_device
 
 EXPLAIN_DIR = Path("metrics/explain")
 DISPLAY = 512      # side of each of the two panels, pixels
@@ -30,11 +38,6 @@ def gradcam(model, layer, image_chw: np.ndarray) -> tuple[np.ndarray, float]:
     The heatmap shows the evidence for the predicted class: for the PM logit when the model
     says PM, for its negative when it says non-PM.
     """
-    import paddle
-    import paddle.nn.functional as F
-
-    from palm.models import main_logits
-
     captured = {}
 
     def hook(_layer, _inputs, output):
@@ -87,7 +90,7 @@ def caption(image: str, label: int, prob: float, threshold: float) -> list[str]:
             "left: photograph; right: Grad-CAM evidence for the predicted class (red = most)"]
 
 
-def choose_images(preds: pd.DataFrame, n: int, threshold: float = 0.5) -> pd.DataFrame:
+def choose_images(preds: pd.DataFrame, n: int, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     """Up to ``n`` images: the most confident errors first (a third), then PM and non-PM in turn."""
     wrong = preds[preds.label != preds.predicted]
     wrong = wrong.loc[(wrong.probability - threshold).abs().sort_values(ascending=False, kind="stable").index]
@@ -104,16 +107,10 @@ def choose_images(preds: pd.DataFrame, n: int, threshold: float = 0.5) -> pd.Dat
 
 def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
             predictions="metrics/predictions.csv", out_dir=EXPLAIN_DIR, device: str = "auto") -> list[Path]:
-    from palm.dataset import load_split
-    from palm.evaluate import input_size, load_trained
-    from palm.image import to_chw_float
-    from palm.models import gradcam_layer
-    from palm.runtime import select_device
-
     select_device(device)
-    model, info = load_trained(model_dir)
+    model, info = load(model_dir)
     layer = gradcam_layer(info["model"], model)
-    threshold = float(info.get("threshold", 0.5))
+    threshold = model_threshold(info)
     photos = load_split(shards_dir, "valid")                  # full image_size, for the eye
     valid = photos.resized(input_size(info))                   # what the network sees
     index = {name: i for i, name in enumerate(valid.images)}
@@ -133,7 +130,5 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
 
 
 def main(params: dict) -> None:
-    from palm.runtime import configured_device
-
     written = explain(params["explain"]["n_images"], device=configured_device(params))
     print(f"wrote {len(written)} Grad-CAM images to {EXPLAIN_DIR}")

@@ -7,31 +7,27 @@ of ``model.json``; ``palm predict --model models_export`` runs from it.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+from palm.artifact import input_size, load, write_info
 from palm.fsutil import atomic_dir
+from palm.inference import save
+from palm.runtime import configured_device, select_device
 from palm.weights import check_export_dir
 
 EXPORT_DIR = Path("models_export")
 
 
 def export(model_dir="models", out_dir=EXPORT_DIR, device: str = "auto") -> Path:
-    from palm.evaluate import input_size, load_trained
-    from palm.inference import save
-    from palm.runtime import select_device
-
     select_device(device)
-    model, info = load_trained(model_dir)
+    model, info = load(model_dir)
     with atomic_dir(out_dir) as tmp:
         save(model, input_size(info), tmp)
         check_export_dir(tmp)  # the Paddle 3 format (JSON program + raw weights), nothing pickled
-        shutil.copyfile(Path(model_dir) / "model.json", tmp / "model.json")
+        write_info(tmp, info)
     return Path(out_dir)
 
 
 def main(params: dict) -> None:
-    from palm.runtime import configured_device
-
     out = export(device=configured_device(params))
     print(f"exported the inference model to {out}/")

@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import paddle
+import paddle.inference as pi
 
+from palm import artifact
 from palm.errors import DataError
+from palm.models import main_logits
+from palm.runtime import machine_share, select_device
 from palm.weights import check_export_dir
 
 PREFIX = "inference"                     # models_export/inference.json + inference.pdiparams
@@ -51,8 +56,6 @@ class Engine:
 
 def save(layer, input_size: int, out_dir: str | Path) -> None:
     """``layer`` (eval mode) as an inference model in ``out_dir`` (batch size left free)."""
-    import paddle
-
     layer.eval()
     spec = [paddle.static.InputSpec([None, 3, input_size, input_size], "float32", name=INPUT_NAME)]
     paddle.jit.save(layer, str(Path(out_dir) / PREFIX), input_spec=spec)
@@ -87,10 +90,8 @@ def configure(config, device: str, precision: str = "fp32", threads: int = 1, te
         config.enable_use_gpu(GPU_MEMORY_MB, int(device.partition(":")[2] or 0))
         if not tensorrt:
             return f"paddle-inference {device} cuda fp32"
-        from paddle.inference import PrecisionType
-
         config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=TRT_MAX_BATCH, min_subgraph_size=3,
-                                      precision_mode=PrecisionType.Float32, use_static=False, use_calib_mode=False)
+                                      precision_mode=pi.PrecisionType.Float32, use_static=False, use_calib_mode=False)
         shape = lambda n: {INPUT_NAME: [n, 3, input_size, input_size]}  # noqa: E731
         config.set_trt_dynamic_shape_info(shape(1), shape(TRT_MAX_BATCH), shape(16))
         return f"paddle-inference {device} tensorrt fp32"
@@ -104,8 +105,6 @@ def configure(config, device: str, precision: str = "fp32", threads: int = 1, te
 
 def has_tensorrt() -> bool:
     """Whether this Paddle is built with TensorRT and finds its libraries."""
-    import paddle.inference as pi
-
     try:
         return pi.get_trt_compile_version()[0] > 0 and pi.get_trt_runtime_version()[0] > 0
     except Exception:  # noqa: BLE001  (no TensorRT library on this machine)
@@ -115,8 +114,6 @@ def has_tensorrt() -> bool:
 def paddle_inference(model_dir: str | Path, device: str, precision: str = "fp32", threads: int = 1,
                      input_size: int | None = None) -> Engine:
     """A Paddle Inference predictor of the exported model in ``model_dir``."""
-    import paddle.inference as pi
-
     prog = program_file(model_dir)
     if prog is None:
         raise DataError(f"{model_dir}: no exported inference model ({PREFIX}.json); run the export stage")
@@ -137,10 +134,6 @@ def paddle_inference(model_dir: str | Path, device: str, precision: str = "fp32"
 
 def eager(layer, device: str) -> Engine:
     """The network as an ordinary eager Paddle layer (the fallback and the reference)."""
-    import paddle
-
-    from palm.models import main_logits
-
     layer.eval()
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -151,28 +144,18 @@ def eager(layer, device: str) -> Engine:
     return Engine(run, f"eager {device}")
 
 
-def model_info(model_dir: str | Path) -> dict:
-    """``model.json`` of ``model_dir``, checked (:func:`palm.evaluate.read_model_info`)."""
-    from palm.evaluate import read_model_info
-
-    return read_model_info(model_dir)
-
-
 def load_engine(model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
                 precision: str = "fp32") -> tuple[Engine, dict]:
     """The trained model of ``model_dir`` (``models/`` weights or an export) ready to score
     batches, and its ``model.json``. ``engine``: auto (Paddle Inference, eager if that fails),
     paddle-inference or eager."""
-    from palm.evaluate import input_size
-    from palm.runtime import machine_share, select_device
-
     if engine not in ENGINES:
         raise DataError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if precision not in PRECISIONS:
         raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    info = model_info(model_dir)
+    info = artifact.read_info(model_dir)
     device = select_device(device)
-    size = input_size(info)
+    size = artifact.input_size(info)
     exported = any(p.name.startswith(PREFIX + ".") for p in Path(model_dir).iterdir())
     if exported:
         check_export_dir(model_dir)   # Paddle 3's JSON program and raw weights; older pickled formats refused
@@ -197,9 +180,5 @@ def load_engine(model_dir: str | Path = "models", device: str = "auto", engine: 
 
 def _eager_layer(model_dir: str | Path, exported: bool):
     if exported:
-        import paddle
-
         return paddle.jit.load(str(Path(model_dir) / PREFIX))
-    from palm.evaluate import load_trained
-
-    return load_trained(model_dir)[0]
+    return artifact.load(model_dir)[0]

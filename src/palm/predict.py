@@ -12,12 +12,18 @@ that reason and no diagnosis, unless ``grade_all`` is asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
+from palm import artifact
+from palm.decode import decode_stream
 from palm.image import to_chw_float
+from palm.inference import load_engine
+from palm.quality import OK
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
@@ -50,11 +56,8 @@ class Predictor:
              precision: str = "fp32") -> "Predictor":
         """The model of ``model_dir``, run by :func:`palm.inference.load_engine` (Paddle Inference
         by default, eager Paddle as the fallback)."""
-        from palm.evaluate import input_size
-        from palm.inference import load_engine
-
         run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
-        return cls(run, int(info["image_size"]), input_size(info), float(info.get("threshold", 0.5)),
+        return cls(run, int(info["image_size"]), artifact.input_size(info), artifact.threshold(info),
                    info["model"], run.name)
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,
@@ -65,13 +68,6 @@ class Predictor:
 
         The images are decoded by ``workers`` processes (default: one per core; 0: none)
         while the network scores the previous batch (:func:`palm.decode.decode_stream`)."""
-        from itertools import islice
-
-        from tqdm import tqdm
-
-        from palm.decode import decode_stream
-        from palm.quality import OK
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if workers is None and len(files) < FEW_FILES:

@@ -26,6 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from palm.image import decode
+
 OK = "ok"
 REASONS = ("too small", "too dark", "overexposed", "no circular fundus", "blurred")
 
@@ -76,8 +78,6 @@ def assess(rgb: np.ndarray, original_size: tuple[int, int] | None = None) -> str
 
 def check_file(path: str | Path | bytes) -> str:
     """:func:`assess` of an image file (decoded at reduced resolution, not below ``SIDE``)."""
-    from palm.image import decode
-
     rgb, size = decode(path, SIDE)
     return assess(rgb, size)
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from palm.artifact import read_info
 from palm.errors import DataError
 from palm.fsutil import atomic_file
+from palm.metrics import reliability_table
 
 REPORT = Path("metrics/report.html")
 N_ERRORS = 10
@@ -98,8 +100,6 @@ def plots(labels: np.ndarray, probs: np.ndarray, metrics: dict) -> dict[str, byt
     """ROC, precision-recall, reliability diagram and probability histogram, as PNG bytes."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from palm.metrics import reliability_table
-
     threshold = float(metrics["threshold"])
     both = len(set(labels.tolist())) == 2
 
@@ -168,11 +168,11 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
-def build_report(eval_json: Path, predictions: Path, model_json: Path, explain_dir: Path, labels_csv: Path,
+def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_dir: Path, labels_csv: Path,
                  params: dict) -> str:
     """The report's HTML."""
     metrics = _read_json(eval_json)
-    info = _read_json(model_json)
+    info = read_info(model_dir)
     try:
         preds = pd.read_csv(predictions)
         labels_df = pd.read_csv(labels_csv)
@@ -301,10 +301,10 @@ not medical data, and metrics on it say nothing about eyes.</li>
 
 
 def write_report(out: Path = REPORT, eval_json: Path = Path("metrics/eval.json"),
-                 predictions: Path = Path("metrics/predictions.csv"), model_json: Path = Path("models/model.json"),
+                 predictions: Path = Path("metrics/predictions.csv"), model_dir: Path = Path("models"),
                  explain_dir: Path = Path("metrics/explain"), labels_csv: Path = Path("data/labels/labels.csv"),
                  params: dict | None = None) -> Path:
-    page = build_report(Path(eval_json), Path(predictions), Path(model_json), Path(explain_dir), Path(labels_csv),
+    page = build_report(Path(eval_json), Path(predictions), Path(model_dir), Path(explain_dir), Path(labels_csv),
                         params or {})
     with atomic_file(out, encoding="utf-8") as f:
         f.write(page)

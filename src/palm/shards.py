@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from palm.errors import DataError
+from palm.image import resize_square
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -175,8 +176,6 @@ class ShardImages:
             raise IndexError(f"image {i} of {len(self)}")
         img = self._read(int(self.rows[i]))
         if self.size != self.side:
-            from palm.image import resize_square
-
             img = resize_square(img, self.size)
         return img
 

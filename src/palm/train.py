@@ -1,19 +1,22 @@
 """The ``train`` stage: trains ``model`` (params.yaml) on the training shards.
 
-- The training split is divided into a stratified *internal holdout* (``train.holdout``)
-  and the images the network learns from. Model selection (``train.select``: ``best`` on
-  the holdout, or ``last``) never looks at the validation set.
+- The training split is divided into a stratified *internal holdout* (``train.holdout``,
+  :mod:`palm.splits`) and the images the network learns from. Model selection
+  (``train.select``: ``best`` on the holdout, or ``last``) never looks at the validation set.
 - Per epoch it logs train loss and holdout loss/accuracy/AUC with dvclive
-  (``metrics/train``) and writes a checkpoint to ``checkpoints/`` (git-ignored, not a DVC output):
-  model, optimizer, learning-rate schedule, epoch, best score and history. A run killed
-  mid-training resumes from the last checkpoint when run again with the same parameters
-  and data, and starts afresh when they changed.
+  (``metrics/train``) and writes a checkpoint (:mod:`palm.checkpoint`): model, optimizer,
+  learning-rate schedule, weight average (:mod:`palm.ema`), epoch, best score and history. A
+  run killed mid-training resumes from the last checkpoint when run again with the same
+  parameters and data, and starts afresh when they changed.
 - Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
   same seed on the same machine gives the same metrics, resumed or not.
 
-Outputs: ``models/model.safetensors`` (weights, :mod:`palm.weights`) and ``models/model.json`` (what is needed to
-rebuild and apply it: model name, image size of the shards, the network's input size,
-threshold).
+Output: the trained-model folder ``models/`` (:mod:`palm.artifact`: weights and ``model.json``).
+
+The run is one function per phase: :meth:`Trainer._data` (shards, holdout, loaders),
+:meth:`Trainer._networks` (network, optimizer, weight average, loss), :meth:`Trainer._resume`,
+then per epoch :meth:`Trainer._train_epoch`, :meth:`Trainer._holdout_epoch` and
+:meth:`Trainer._checkpoint`, and :meth:`Trainer._finish` (threshold, ``models/``, summary).
 """
 
 from __future__ import annotations
@@ -25,13 +28,24 @@ import math
 import shutil
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import paddle
+from dvclive import Live
+from tqdm import tqdm
 
+from palm import artifact, checkpoint
+from palm.dataset import Augment, FundusDataset, Split, load_split, make_loader
+from palm.ema import WeightEMA
 from palm.errors import ConfigError, RunError
-from palm.fsutil import atomic_dir
-from palm.weights import MODEL_WEIGHTS
+from palm.metrics import choose_threshold, parse_threshold, score
+from palm.models import DROPOUT_MODELS, build_model, training_loss
+from palm.params import training_config
+from palm.runtime import select_device
+from palm.splits import stratified_holdout
+from palm.weights import load_state, to_paddle
 
 # Paddle's notices at the first training step, not problems: batch norm's change of behaviour in
 # an old release, and a Tensor.place lookup inside its own static-graph (to_static) code.
@@ -46,23 +60,17 @@ LIVE_DIR = Path("metrics/train")
 def effective_config(params: dict) -> dict:
     """``train:`` of params.yaml overridden by ``models.<model>:`` for the chosen model, validated
     (:func:`palm.params.training_config`: params.yaml is the one source of the defaults)."""
-    from palm.params import training_config
-
     cfg = training_config(params)
     name = cfg["model"]
     # input_size caps the side the network sees: smaller shards (image_size) are used as they are
     cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
-    from palm.metrics import parse_threshold
-
     cfg["threshold"] = parse_threshold(cfg["threshold"])
     if isinstance(cfg["threshold"], str) and not float(cfg["holdout"]) > 0:
         raise ConfigError(f"train.threshold: the rule {cfg['threshold']!r} is chosen on the internal holdout, "
                           "so train.holdout must be above 0 (or choose it on out-of-fold predictions with "
                           "scripts/cross_validate.py --threshold RULE and set the number it prints)")
-    if cfg["dropout"] is not None:
-        from palm.models import DROPOUT_MODELS
-        if name not in DROPOUT_MODELS:
-            raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
+    if cfg["dropout"] is not None and name not in DROPOUT_MODELS:
+        raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
     return cfg
 
 
@@ -75,63 +83,48 @@ def fingerprint(cfg: dict, shards_dir: Path) -> str:
 
 
 def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Loss, accuracy (at 0.5) and AUC of the holdout, by :func:`palm.metrics.score` (no intervals)."""
-    from palm.metrics import score
-
-    m = score(labels, probs, 0.5, n_boot=0)
+    """Loss, accuracy (at the default threshold) and AUC of the holdout, by :func:`palm.metrics.score`."""
+    m = score(labels, probs, artifact.DEFAULT_THRESHOLD, n_boot=0)
     return {"loss": m["loss"], "accuracy": m["accuracy"], "auc": float("nan") if m["auc"] is None else m["auc"]}
 
 
-def predict_probs(model, loader, amp_ctx) -> np.ndarray:
-    import paddle
-    import paddle.nn.functional as F
+@dataclass
+class Data:
+    """The images a run learns from and the holdout that judges it."""
 
-    from palm.models import main_logits
-
-    model.eval()
-    out = []
-    with paddle.no_grad():
-        for x, _ in loader:
-            with amp_ctx():
-                logits = main_logits(model(x))
-            out.append(F.sigmoid(logits.astype("float32")).numpy().reshape(-1))
-    return np.concatenate(out) if out else np.zeros(0)
+    train: Split
+    hold: Split
+    train_ds: FundusDataset
+    train_loader: object
+    hold_loader: object | None
 
 
-class WeightEMA:
-    """Exponential moving average of a network's weights and batch-norm statistics.
+@dataclass
+class Nets:
+    """The network being trained, its weight average, and what updates it."""
 
-    ``decay`` applies per optimizer step, ramped up as ``min(decay, (1 + t) / (10 + t))`` so
-    that the first steps do not keep the random initial weights. The averaged network is a
-    second, eager copy of the architecture (``shadow``), used for the holdout and saved.
-    """
+    model: object
+    ema: WeightEMA | None
+    opt: object
+    sched: object
+    loss_fn: object
+    amp_ctx: object
+    scaler: object
 
-    def __init__(self, model, shadow, decay: float):
-        self.shadow, self.decay, self.steps = shadow, float(decay), 0
-        self.shadow.set_state_dict(model.state_dict())
-        self.shadow.eval()
-        # (average, current) tensor pairs, looked up once: update() runs after every step
-        current = model.state_dict()
-        self.pairs = [(avg, current[name]) for name, avg in shadow.state_dict().items()]
+    @property
+    def scored(self):
+        """The network the holdout judges and that is saved: the weight average, if any."""
+        return self.ema.shadow if self.ema is not None else self.model
 
-    def update(self) -> None:
-        import paddle
 
-        self.steps += 1
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        with paddle.no_grad():
-            for avg, cur in self.pairs:
-                if paddle.is_floating_point(avg):
-                    avg.set_value(avg * d + cur * (1 - d))
-                else:
-                    avg.set_value(cur)
+@dataclass
+class Progress:
+    """Where the run is: the next epoch, the history of the finished ones, the selected one."""
 
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "weights": self.shadow.state_dict()}
-
-    def set_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.shadow.set_state_dict(state["weights"])
+    start: int = 0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    best_file: str | None = None
 
 
 class Trainer:
@@ -140,12 +133,67 @@ class Trainer:
         self.shards_dir = Path(shards_dir)
         self.fp = fingerprint(self.cfg, self.shards_dir)
 
+    def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
+        """Train (or resume), save the selected model; returns what ``models/model.json`` says."""
+        # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
+        # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
+        with paddle.utils.unique_name.guard():
+            return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+
+    def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict:
+        cfg = self.cfg
+        device = select_device(cfg["device"])
+        data = self._data()
+        nets = self._networks(data, device)
+        progress = self._resume(ckpt_dir, nets)
+        shutil.rmtree(live_dir, ignore_errors=True)
+        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        for rec in progress.history:  # replay what the checkpoint remembers, so the curves are whole
+            self._log(live, rec)
+        print(f"training {cfg['model']} on {device} (amp {self.amp_mode}): {len(data.train)} images, "
+              f"{len(data.hold)} held out, {len(data.train_loader)} steps/epoch, "
+              f"epochs {progress.start + 1}..{cfg['epochs']}")
+        t_start = time.perf_counter()
+        for epoch in range(progress.start, int(cfg["epochs"])):
+            rec = self._train_epoch(epoch, data, nets)
+            rec.update(self._holdout_epoch(data, nets))
+            progress.history.append(rec)
+            self._log(live, rec)
+            print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            self._checkpoint(ckpt_dir, epoch, rec, data, nets, progress)
+        info = self._finish(model_dir, ckpt_dir, data, nets, progress, device)
+        live.summary = {**{k: v for k, v in progress.history[progress.best["epoch"] - 1].items() if k != "epoch"},
+                        "selected_epoch": progress.best["epoch"], "train_seconds": info["train_seconds"]}
+        live.make_summary()
+        live.end()
+        print(f"saved {model_dir / artifact.MODEL_INFO} and its weights (epoch {progress.best['epoch']}); "
+              f"this run trained for {time.perf_counter() - t_start:.1f}s")
+        return info
+
     # -- set-up ----------------------------------------------------------------------
+    def _data(self) -> Data:
+        """The training shards at the network's input size, divided into learning images and holdout."""
+        cfg, seed = self.cfg, int(self.cfg["seed"])
+        full = load_split(self.shards_dir, "train")
+        if full.pixels.shape[1] != cfg["image_size"]:
+            raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
+        full = full.resized(cfg["input_size"])
+        tr_idx, ho_idx = stratified_holdout(full.labels, full.groups, float(cfg["holdout"]), seed)
+        train, hold = full.subset(tr_idx), full.subset(ho_idx)
+        try:
+            augment = Augment(**cfg["augment"])
+        except TypeError:
+            raise ConfigError(f"train.augment: unknown key in {cfg['augment']} (known: "
+                              f"{', '.join(Augment.__dataclass_fields__)})") from None
+        train_ds = FundusDataset(train, augment, seed=seed)
+        bs = int(cfg["batch_size"])
+        train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=int(cfg["workers"]),
+                                   drop_last=len(train_ds) > bs)
+        hold_loader = make_loader(FundusDataset(hold), bs, shuffle=False) if len(hold) else None
+        return Data(train, hold, train_ds, train_loader, hold_loader)
+
     def _amp(self, device: str):
-        import contextlib
-
-        import paddle
-
+        """``(autocast context, loss scaler or None, mode)`` of ``train.amp`` on ``device``."""
         mode = self.cfg["amp"]
         if mode == "auto":
             mode = "fp16" if device.startswith("gpu") else "off"
@@ -157,9 +205,34 @@ class Trainer:
         scaler = paddle.amp.GradScaler(init_loss_scaling=1024) if mode == "fp16" else None
         return ctx, scaler, mode
 
-    def _optimizer(self, model, steps_per_epoch: int):
-        import paddle
+    def _networks(self, data: Data, device: str) -> Nets:
+        """The network (seeded), its optimizer and schedule, its weight average and the loss."""
+        cfg = self.cfg
+        amp_ctx, scaler, self.amp_mode = self._amp(device)
+        paddle.seed(int(cfg["seed"]))
+        net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
 
+        def new_network():  # the trained network and its weight average are built alike
+            return build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
+
+        model = new_network()
+        if cfg["to_static"]:
+            if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
+                # the static graph draws its dropout masks from its own generator, which
+                # paddle.seed does not reset: the same seed would no longer give the same run
+                raise ConfigError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
+                                  "are not reproducible from train.seed; use it for networks without dropout")
+            model = paddle.jit.to_static(model, full_graph=True)
+        opt, sched = self._optimizer(model, len(data.train_loader))
+        ema = WeightEMA(model, new_network(), cfg["ema"]) if cfg["ema"] else None
+        n_pos = int(data.train.labels.sum())
+        pos_weight = None
+        if cfg["class_balance"] and n_pos:
+            pos_weight = paddle.to_tensor([(len(data.train) - n_pos) / n_pos], dtype="float32")
+        return Nets(model, ema, opt, sched, paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight), amp_ctx, scaler)
+
+    def _optimizer(self, model, steps_per_epoch: int):
+        """AdamW or Nesterov momentum, with a linear warm-up into a cosine or constant rate."""
         cfg = self.cfg
         total = max(1, cfg["epochs"] * steps_per_epoch)
         warm = min(total - 1, int(cfg["warmup_epochs"] * steps_per_epoch))
@@ -181,227 +254,84 @@ class Trainer:
             raise ConfigError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
         return opt, sched
 
-    # -- checkpoints -----------------------------------------------------------------
-    # checkpoints/checkpoint.json is the manifest, written last (atomically): it names the
-    # weights files of its epoch (state-NNNN.safetensors: network, optimizer, schedule, weight
-    # average; best-NNNN.safetensors: the selected network), which are complete before it is
-    # written. A kill at any instant leaves the previous manifest with its files, or the new
-    # one with its files; files that no manifest names are removed at the next save or resume.
-    def _load_checkpoint(self, ckpt_dir: Path):
-        from palm.weights import load_state
-
-        meta_path = ckpt_dir / "checkpoint.json"
-        if not meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:
-            print(f"{meta_path} is unreadable: starting afresh")
-            return None
-        if meta.get("fingerprint") != self.fp or "state_file" not in meta:
-            print("checkpoint is from other parameters or data: starting afresh")
-            return None
-        _remove_unlisted(ckpt_dir, meta)
-        return meta, load_state(ckpt_dir / meta["state_file"])
-
-    def _save_checkpoint(self, ckpt_dir: Path, model, opt, sched, meta: dict, ema=None, best_state=None):
-        from palm.fsutil import atomic_file
-        from palm.weights import save_state
-
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        old = {}
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            old = json.loads((ckpt_dir / "checkpoint.json").read_text())
-        epoch = int(meta["epoch"])
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        meta = {**meta, "state_file": f"state-{epoch:04d}.safetensors"}
-        save_state(state, ckpt_dir / meta["state_file"])
-        if best_state is not None:
-            meta["best_file"] = f"best-{epoch:04d}.safetensors"
-            save_state(best_state, ckpt_dir / meta["best_file"])
-        else:
-            meta["best_file"] = old.get("best_file")
-        with atomic_file(ckpt_dir / "checkpoint.json") as f:
-            f.write(json.dumps(meta, indent=1))
-        _remove_unlisted(ckpt_dir, meta)
-        return meta
-
-    # -- the loop ----------------------------------------------------------------------
-    def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
-        """Train (or resume), save the selected model; returns what ``models/model.json`` says."""
-        import paddle
-
-        # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
-        # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
-        with paddle.utils.unique_name.guard():
-            return self._run(model_dir, ckpt_dir, live_dir)
-
-    def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict:
-        import paddle
-        from dvclive import Live
-        from tqdm import tqdm
-
-        from palm.dataset import Augment, FundusDataset, load_split, make_loader, stratified_holdout
-        from palm.models import build_model, training_loss
-        from palm.runtime import select_device
-
-        cfg = self.cfg
-        device = select_device(cfg["device"])
-        amp_ctx, scaler, amp_mode = self._amp(device)
-        seed = int(cfg["seed"])
-
-        full = load_split(self.shards_dir, "train")
-        if full.pixels.shape[1] != cfg["image_size"]:
-            raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
-        full = full.resized(cfg["input_size"])
-        tr_idx, ho_idx = stratified_holdout(full, float(cfg["holdout"]), seed)
-        train_split, hold_split = full.subset(tr_idx), full.subset(ho_idx)
-        try:
-            augment = Augment(**cfg["augment"])
-        except TypeError:
-            raise ConfigError(f"train.augment: unknown key in {cfg['augment']} (known: "
-                            f"{', '.join(Augment.__dataclass_fields__)})") from None
-        train_ds = FundusDataset(train_split, augment, seed=seed)
-        bs = int(cfg["batch_size"])
-        train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=int(cfg["workers"]),
-                                   drop_last=len(train_ds) > bs)
-        hold_loader = make_loader(FundusDataset(hold_split), bs, shuffle=False) if len(hold_split) else None
-        steps_per_epoch = len(train_loader)
-
-        paddle.seed(seed)
-        net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
-
-        def new_network():  # the trained network and its weight average are built alike
-            return build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
-
-        model = new_network()
-        if cfg["to_static"]:
-            if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
-                # the static graph draws its dropout masks from its own generator, which
-                # paddle.seed does not reset: the same seed would no longer give the same run
-                raise ConfigError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
-                                "are not reproducible from train.seed; use it for networks without dropout")
-            model = paddle.jit.to_static(model, full_graph=True)
-        opt, sched = self._optimizer(model, steps_per_epoch)
-        ema = None
-        if cfg["ema"]:
-            ema = WeightEMA(model, new_network(), cfg["ema"])
-        scored = ema.shadow if ema is not None else model  # the network the holdout judges and that is saved
-        n_pos = int(train_split.labels.sum())
-        pos_weight = None
-        if cfg["class_balance"] and n_pos:
-            pos_weight = paddle.to_tensor([(len(train_split) - n_pos) / n_pos], dtype="float32")
-        loss_fn = paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-
-        start, history, best, best_file = 0, [], None, None
-        resumed = self._load_checkpoint(ckpt_dir)
-        if resumed is not None:
-            meta, state = resumed
-            model.set_state_dict(state["model"])
-            with warnings.catch_warnings():
-                # LinearWarmup keeps its inner schedule's state under a key of its own, which it
-                # restores itself; Paddle's base class still warns that the key is "unused"
-                warnings.filterwarnings("ignore", message="There are some unused values in state_dict")
-                opt.set_state_dict(state["opt"])
-                sched.set_state_dict(state["sched"])
-            if ema is not None:
-                ema.set_state_dict(state["ema"])
-            start, history, best = meta["epoch"], meta["history"], meta.get("best")
-            best_file = meta.get("best_file")
-            print(f"resuming from the checkpoint of epoch {start} of {cfg['epochs']}")
-        else:
+    def _resume(self, ckpt_dir: Path, nets: Nets) -> Progress:
+        """The progress of this run's checkpoint, loaded into ``nets``; a fresh start without one."""
+        resumed = checkpoint.load(ckpt_dir, self.fp)
+        if resumed is None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+            return Progress()
+        meta, state = resumed
+        nets.model.set_state_dict(state["model"])
+        with warnings.catch_warnings():
+            # LinearWarmup keeps its inner schedule's state under a key of its own, which it
+            # restores itself; Paddle's base class still warns that the key is "unused"
+            warnings.filterwarnings("ignore", message="There are some unused values in state_dict")
+            nets.opt.set_state_dict(state["opt"])
+            nets.sched.set_state_dict(state["sched"])
+        if nets.ema is not None:
+            nets.ema.set_state_dict(state["ema"])
+        print(f"resuming from the checkpoint of epoch {meta['epoch']} of {self.cfg['epochs']}")
+        return Progress(meta["epoch"], meta["history"], meta.get("best"), meta.get("best_file"))
 
-        shutil.rmtree(live_dir, ignore_errors=True)
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-        for rec in history:  # replay what the checkpoint remembers, so the curves are whole
-            self._log(live, rec)
-        print(f"training {cfg['model']} on {device} (amp {amp_mode}): {len(train_split)} images, "
-              f"{len(hold_split)} held out, {steps_per_epoch} steps/epoch, epochs {start + 1}..{cfg['epochs']}")
-        t_start = time.perf_counter()
-        for epoch in range(start, int(cfg["epochs"])):
-            paddle.seed(seed * 100003 + epoch)  # dropout etc.: a function of (seed, epoch)
-            train_ds.set_epoch(epoch)
-            model.train()
-            t0, total, n = time.perf_counter(), 0.0, 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", dynamic_ncols=True)
-            for x, y in bar:
-                with amp_ctx():
-                    out = model(x)
-                    loss = training_loss(out, y, loss_fn)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                opt.clear_grad()
-                sched.step()
-                if ema is not None:
-                    ema.update()
-                lv = float(loss)
-                if not math.isfinite(lv):
-                    raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
-                                    f"(lower train.lr for {cfg['model']})")
-                total += lv * len(y)
-                n += len(y)
-                bar.set_postfix(loss=f"{total / n:.4f}")
-            rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(sched.get_lr()),
-                   "epoch_seconds": time.perf_counter() - t0}
-            if hold_loader is not None:
-                hm = holdout_metrics(hold_split.labels, predict_probs(scored, hold_loader, amp_ctx))
-                rec.update({f"holdout_{k}": v for k, v in hm.items()})
-            history.append(rec)
-            self._log(live, rec)
-            print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+    # -- one epoch -----------------------------------------------------------------------
+    def _train_epoch(self, epoch: int, data: Data, nets: Nets) -> dict:
+        """One pass over the learning images; returns the epoch's record (train loss, rate, seconds)."""
+        cfg = self.cfg
+        paddle.seed(int(cfg["seed"]) * 100003 + epoch)  # dropout etc.: a function of (seed, epoch)
+        data.train_ds.set_epoch(epoch)
+        nets.model.train()
+        t0, total, n = time.perf_counter(), 0.0, 0
+        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", dynamic_ncols=True)
+        for x, y in bar:
+            lv = self._step(nets, x, y)
+            if not math.isfinite(lv):
+                raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
+                               f"(lower train.lr for {cfg['model']})")
+            total += lv * len(y)
+            n += len(y)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        return {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(nets.sched.get_lr()),
+                "epoch_seconds": time.perf_counter() - t0}
 
-            score = self._selection_score(rec)
-            best_state = None
-            if cfg["select"] == "last" or hold_loader is None or best is None or score > tuple(best["score"]):
-                best = {"epoch": epoch + 1, "score": list(score)}
-                best_state = scored.state_dict()
-            best_file = self._save_checkpoint(ckpt_dir, model, opt, sched, {
-                "fingerprint": self.fp, "epoch": epoch + 1, "history": history, "best": best, "config": cfg},
-                ema, best_state)["best_file"]
-        if best is None or not best_file:
-            raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
-        train_seconds = sum(r["epoch_seconds"] for r in history)
+    @staticmethod
+    def _step(nets: Nets, x, y) -> float:
+        """One optimizer step on the batch ``(x, y)`` (loss scaled under fp16); returns its loss."""
+        with nets.amp_ctx():
+            loss = training_loss(nets.model(x), y, nets.loss_fn)
+        if nets.scaler is not None:
+            nets.scaler.scale(loss).backward()
+            nets.scaler.step(nets.opt)
+            nets.scaler.update()
+        else:
+            loss.backward()
+            nets.opt.step()
+        nets.opt.clear_grad()
+        nets.sched.step()
+        if nets.ema is not None:
+            nets.ema.update()
+        return float(loss)
 
-        threshold = self._threshold(scored, hold_split, hold_loader, amp_ctx, ckpt_dir / best_file)
-        info = {
-            "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
-            "threshold": threshold, "threshold_rule": str(cfg["threshold"]),
-            "selected_epoch": best["epoch"], "epochs": cfg["epochs"], "device": device, "amp": amp_mode,
-            "train_seconds": round(train_seconds, 2), "n_train": len(train_split), "n_holdout": len(hold_split),
-            "config": cfg,
-        }
-        with atomic_dir(model_dir) as tmp:  # weights and model.json appear together, or not at all
-            shutil.copyfile(ckpt_dir / best_file, tmp / MODEL_WEIGHTS)
-            (tmp / "model.json").write_text(json.dumps(info, indent=1))
-        live.summary = {**{k: v for k, v in history[best["epoch"] - 1].items() if k != "epoch"},
-                        "selected_epoch": best["epoch"], "train_seconds": round(train_seconds, 2)}
-        live.make_summary()
-        live.end()
-        print(f"saved {model_dir / MODEL_WEIGHTS} (epoch {best['epoch']}); "
-              f"this run trained for {time.perf_counter() - t_start:.1f}s")
-        return info
+    @staticmethod
+    def _holdout_epoch(data: Data, nets: Nets) -> dict:
+        """The holdout's loss, accuracy and AUC by the network that would be saved (none without a holdout)."""
+        if data.hold_loader is None:
+            return {}
+        hm = holdout_metrics(data.hold.labels, artifact.predict_probs(nets.scored, data.hold_loader, nets.amp_ctx))
+        return {f"holdout_{k}": v for k, v in hm.items()}
 
-    def _threshold(self, scored, hold_split, hold_loader, amp_ctx, weights: Path) -> float:
-        """``train.threshold`` as a number: itself, or its rule applied to the holdout's
-        predictions by the saved network (never the validation set)."""
-        from palm.metrics import choose_threshold
-        from palm.weights import load_state, to_paddle
-
-        rule = self.cfg["threshold"]
-        if isinstance(rule, float):
-            return rule
-        scored.set_state_dict(to_paddle(load_state(weights)))
-        t = choose_threshold(hold_split.labels, predict_probs(scored, hold_loader, amp_ctx), rule)
-        print(f"threshold {t:.4f}: {rule} on the {len(hold_split)}-image holdout")
-        return t
+    def _checkpoint(self, ckpt_dir: Path, epoch: int, rec: dict, data: Data, nets: Nets, progress: Progress) -> None:
+        """Select (``train.select``) and write this epoch's checkpoint."""
+        best, best_state = progress.best, None
+        score_ = self._selection_score(rec)
+        if self.cfg["select"] == "last" or data.hold_loader is None or best is None or score_ > tuple(best["score"]):
+            progress.best = {"epoch": epoch + 1, "score": list(score_)}
+            best_state = nets.scored.state_dict()
+        state = {"model": nets.model.state_dict(), "opt": nets.opt.state_dict(), "sched": nets.sched.state_dict()}
+        if nets.ema is not None:
+            state["ema"] = nets.ema.state_dict()
+        meta = {"fingerprint": self.fp, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
+                "config": self.cfg}
+        progress.best_file = checkpoint.save(ckpt_dir, state, meta, best_state)["best_file"]
 
     def _selection_score(self, rec: dict) -> tuple:
         """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
@@ -411,22 +341,43 @@ class Trainer:
                 "accuracy": (rec.get("holdout_accuracy", 0.0), loss),
                 "auc": (auc if math.isfinite(auc) else 0.0, loss)}[self.cfg["select_by"]]
 
+    # -- the end ---------------------------------------------------------------------------
+    def _finish(self, model_dir: Path, ckpt_dir: Path, data: Data, nets: Nets, progress: Progress,
+                device: str) -> dict:
+        """Save the selected network with its threshold as ``models/``; returns its ``model.json``."""
+        cfg, best = self.cfg, progress.best
+        if best is None or not progress.best_file:
+            raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
+        weights = ckpt_dir / progress.best_file
+        threshold = self._threshold(nets, data, weights)
+        info = {
+            "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
+            "threshold": threshold, "threshold_rule": str(cfg["threshold"]),
+            "selected_epoch": best["epoch"], "epochs": cfg["epochs"], "device": device, "amp": self.amp_mode,
+            "train_seconds": round(sum(r["epoch_seconds"] for r in progress.history), 2),
+            "n_train": len(data.train), "n_holdout": len(data.hold), "config": cfg,
+        }
+        artifact.save(model_dir, weights, info)
+        return info
+
+    def _threshold(self, nets: Nets, data: Data, weights: Path) -> float:
+        """``train.threshold`` as a number: itself, or its rule applied to the holdout's
+        predictions by the saved network (never the validation set)."""
+        rule = self.cfg["threshold"]
+        if isinstance(rule, float):
+            return rule
+        nets.scored.set_state_dict(to_paddle(load_state(weights)))
+        t = choose_threshold(data.hold.labels, artifact.predict_probs(nets.scored, data.hold_loader, nets.amp_ctx),
+                             rule)
+        print(f"threshold {t:.4f}: {rule} on the {len(data.hold)}-image holdout")
+        return t
+
     @staticmethod
     def _log(live, rec: dict) -> None:
         for key, value in rec.items():
             if key != "epoch" and value is not None and math.isfinite(value):
                 live.log_metric(key, value)
         live.next_step()
-
-
-def _remove_unlisted(ckpt_dir: Path, meta: dict) -> None:
-    """Remove the weights files (and temporary files) of ``ckpt_dir`` that ``meta`` does not name."""
-    keep = {meta.get("state_file"), meta.get("best_file"), "checkpoint.json"}
-    for p in ckpt_dir.iterdir():
-        if p.name not in keep and (p.suffix == ".safetensors" or p.name.startswith(".") or
-                                   p.name.endswith((".tmp", ".pdckpt", ".pdparams"))):
-            with contextlib.suppress(OSError):
-                p.unlink()
 
 
 def main(params: dict) -> None:

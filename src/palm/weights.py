@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from palm.errors import DataError
+from palm.fsutil import atomic_file
 
 MODEL_WEIGHTS = "model.safetensors"
 META_KEY = "palm_state"
@@ -89,8 +90,6 @@ def unflatten(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
 def save_state(state: Any, path: str | Path) -> Path:
     """Write ``state`` to ``path`` (safetensors + JSON metadata) atomically, synced to disk."""
     from safetensors.numpy import save
-
-    from palm.fsutil import atomic_file
 
     tensors, tree = flatten(state)
     data = save(tensors, metadata={META_KEY: json.dumps(tree)})
