@@ -25,6 +25,7 @@ import io
 import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -92,137 +93,191 @@ def _vessel(rng, mask, p, angle, length, width, depth, bend, scale):
     cv2.polylines(mask, [np.array(pts, np.int32)], False, 1.0, thickness=t, lineType=cv2.LINE_AA)
 
 
-def draw_fundus(rng: np.random.Generator, kind: str, size: tuple[int, int], eye: str):
-    """One synthetic colour fundus photograph.
+@dataclass
+class _Frame:
+    """The geometry of one drawing (working resolution ``w`` x ``h``, drawing unit ``s``)."""
 
-    kind: 'P', 'H' or 'N'; size: (width, height); eye: 'L' or 'R'.
-    Returns (BGR uint8 image of shape (height, width, 3), (fovea_x, fovea_y) in its pixels).
-    """
-    if kind not in ("P", "H", "N") or eye not in ("L", "R"):
-        raise ValueError(f"kind must be P, H or N and eye L or R, got {kind!r}, {eye!r}")
-    W, H = size
-    f = min(1.0, WORK_SIDE / max(W, H))
-    w, h = max(16, int(round(W * f))), max(16, int(round(H * f)))
+    w: int
+    h: int
+    s: float
+    xx: np.ndarray
+    yy: np.ndarray
+    cx: float
+    cy: float
+    R: float                   # radius of the field of view
+    dist: np.ndarray           # distance from its centre, in radii
+    nasal: int = 1             # +1: disc on the right (right eye)
+    disc_r: float = 0.0
+    dx: float = 0.0            # disc centre
+    dy: float = 0.0
+    fov_x: float = 0.0         # fovea
+    fov_y: float = 0.0
+
+
+def _frame(rng, w: int, h: int) -> _Frame:
     s = min(w, h) / 700.0                                       # drawing unit
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cx, cy = w / 2 + rng.normal(0, 0.01) * w, h / 2 + rng.normal(0, 0.01) * h
     R = min(w, h) * rng.uniform(0.46, 0.5)
     dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / R
+    return _Frame(w, h, s, xx, yy, cx, cy, R, dist)
 
-    # background: orange-red fundus with low-frequency mottling
+
+def _background(rng, g: _Frame) -> np.ndarray:
+    """Orange-red fundus with low-frequency mottling."""
     base = np.array([rng.uniform(0.62, 0.85), rng.uniform(0.25, 0.40), rng.uniform(0.06, 0.16)], np.float32)
-    img = np.empty((h, w, 3), np.float32)
+    img = np.empty((g.h, g.w, 3), np.float32)
     img[:] = base
-    img *= (1 + 0.10 * _low_freq(rng, (h, w), 6))[..., None]
-    img *= (1 + 0.04 * _low_freq(rng, (h, w), 24, 0.8))[..., None]
+    img *= (1 + 0.10 * _low_freq(rng, (g.h, g.w), 6))[..., None]
+    img *= (1 + 0.04 * _low_freq(rng, (g.h, g.w), 24, 0.8))[..., None]
+    return img
 
-    nasal = 1 if eye == "R" else -1                          # disc on the right for a right eye
-    disc_r = R * rng.uniform(0.135, 0.16)
-    dx, dy = cx + nasal * R * rng.uniform(0.36, 0.46), cy + R * rng.normal(0, 0.04)
-    fov_x = dx - nasal * 5.0 * disc_r * rng.uniform(0.9, 1.05)   # ~2.5 disc diameters temporal
-    fov_y = dy + disc_r * rng.uniform(0.1, 0.5)
 
-    # How far myopic degeneration has gone. The signs grow with it, each with its own scatter, and
-    # the classes overlap as in real eyes: a mild PM eye (no atrophic patch, a small crescent) can
-    # look like a highly myopic one, and a normal eye may show some tessellation or a thin crescent.
-    sev = rng.uniform(0.0, 1.0) if kind == "P" else 0.0
+def _landmarks(rng, g: _Frame, eye: str) -> None:
+    """Place the optic disc (nasal) and the fovea, about 2.5 disc diameters temporal to it."""
+    g.nasal = 1 if eye == "R" else -1
+    g.disc_r = g.R * rng.uniform(0.135, 0.16)
+    g.dx, g.dy = g.cx + g.nasal * g.R * rng.uniform(0.36, 0.46), g.cy + g.R * rng.normal(0, 0.04)
+    g.fov_x = g.dx - g.nasal * 5.0 * g.disc_r * rng.uniform(0.9, 1.05)
+    g.fov_y = g.dy + g.disc_r * rng.uniform(0.1, 0.5)
 
-    # tessellation: large choroidal vessels showing through a thin retina
+
+def _tessellation(rng, img: np.ndarray, g: _Frame, kind: str) -> None:
+    """Large choroidal vessels showing through a thin retina."""
     tess = {"N": rng.uniform(0.05, 0.2) * (rng.random() < 0.3), "H": rng.uniform(0.18, 0.38),
             "P": rng.uniform(0.2, 0.5)}[kind]
-    if tess:
-        vm = np.zeros((h, w), np.float32)
-        for _ in range(int(rng.integers(40, 60))):
-            a = rng.uniform(0, 2 * np.pi)
-            p0 = (cx + rng.uniform(-1, 1) * R, cy + rng.uniform(-1, 1) * R)
-            _vessel(rng, vm, p0, a, R * rng.uniform(0.3, 0.7), 7 * s * rng.uniform(0.8, 1.6), 1,
-                    rng.normal(0, 0.7), s)
-        vm = np.clip(_soft(vm, 2 * s), 0, 1)
-        img *= (1 - tess * (1 - vm) * np.clip(1.2 - dist, 0, 1))[..., None]   # darker pigmented interstices
+    if not tess:
+        return
+    vm = np.zeros((g.h, g.w), np.float32)
+    for _ in range(int(rng.integers(40, 60))):
+        a = rng.uniform(0, 2 * np.pi)
+        p0 = (g.cx + rng.uniform(-1, 1) * g.R, g.cy + rng.uniform(-1, 1) * g.R)
+        _vessel(rng, vm, p0, a, g.R * rng.uniform(0.3, 0.7), 7 * g.s * rng.uniform(0.8, 1.6), 1,
+                rng.normal(0, 0.7), g.s)
+    vm = np.clip(_soft(vm, 2 * g.s), 0, 1)
+    img *= (1 - tess * (1 - vm) * np.clip(1.2 - g.dist, 0, 1))[..., None]   # darker pigmented interstices
 
-    # peripapillary atrophy: a pale crescent (temporal) or ring around the disc; larger with severity
+
+def _peripapillary_atrophy(rng, img: np.ndarray, g: _Frame, kind: str, sev: float) -> None:
+    """A pale crescent (temporal) or ring around the disc; larger with severity."""
     crescent = {"N": rng.random() < 0.2, "H": rng.random() < 0.9, "P": True}[kind]
-    if crescent:
-        m = np.zeros((h, w), np.float32)
-        if kind == "P":
-            scale_r = 1.15 + sev * rng.uniform(0.5, 1.3)
-            shift = (0.1 + 0.4 * sev) * rng.uniform(0.8, 1.2) * disc_r
-        else:
-            scale_r = rng.uniform(1.1, 1.45) if kind == "H" else rng.uniform(1.05, 1.2)
-            shift = rng.uniform(0.1, 0.25) * disc_r
-        ax = (int(disc_r * scale_r), int(disc_r * scale_r * rng.uniform(0.85, 1.05)))
-        cv2.ellipse(m, (int(dx - nasal * shift), int(dy)), ax, rng.uniform(-20, 20), 0, 360, 1.0, -1, cv2.LINE_AA)
-        pale = np.array([0.95, 0.80, 0.50], np.float32) * rng.uniform(0.9, 1.05)
-        _blend(img, _soft(m, 2 * s), pale, rng.uniform(0.6, 0.9))
-        if kind == "P" and rng.random() < sev:   # pigment at the atrophy's rim
-            rim = np.zeros((h, w), np.float32)
-            cv2.ellipse(rim, (int(dx - nasal * shift), int(dy)), ax, 0, 0, 360, 1.0, max(1, int(3 * s)), cv2.LINE_AA)
-            _blend(img, _soft(rim, s), (0.25, 0.12, 0.05), 0.5)
-
-    # patchy chorioretinal atrophy (P only, more and larger with severity; mild PM may have none):
-    # pale irregular patches with pigmented edges
+    if not crescent:
+        return
+    m = np.zeros((g.h, g.w), np.float32)
     if kind == "P":
-        for _ in range(int(rng.poisson(3.5 * sev))):
-            ang = rng.uniform(0, 2 * np.pi)
-            rr = rng.uniform(0.3, 1.1)
-            px = (fov_x + dx) / 2 + np.cos(ang) * rr * 3 * disc_r
-            py = (fov_y + dy) / 2 + np.sin(ang) * rr * 2.2 * disc_r
-            if np.hypot(px - cx, py - cy) > 0.85 * R:
-                continue
-            poly = _blob_polygon(rng, (px, py), disc_r * rng.uniform(0.25, 0.35 + 0.65 * sev))
-            pm = np.zeros((h, w), np.float32)
-            cv2.fillPoly(pm, [poly], 1.0, cv2.LINE_AA)
-            _blend(img, _soft(pm, 1.5 * s), np.array([0.97, 0.85, 0.55], np.float32) * rng.uniform(0.9, 1.05),
-                   rng.uniform(0.45, 0.65) + 0.25 * sev)
-            em = np.zeros((h, w), np.float32)
-            cv2.polylines(em, [poly], True, 1.0, max(1, int(rng.uniform(2, 5) * s)), cv2.LINE_AA)
-            for _ in range(int(rng.integers(1, 5))):       # pigment clumps
-                q = poly[rng.integers(len(poly))]
-                cv2.circle(em, (int(q[0]), int(q[1])), max(1, int(rng.uniform(3, 8) * s)), 1.0, -1, cv2.LINE_AA)
-            _blend(img, _soft(em, s), (0.18, 0.09, 0.04), rng.uniform(0.5, 0.8))
+        scale_r = 1.15 + sev * rng.uniform(0.5, 1.3)
+        shift = (0.1 + 0.4 * sev) * rng.uniform(0.8, 1.2) * g.disc_r
+    else:
+        scale_r = rng.uniform(1.1, 1.45) if kind == "H" else rng.uniform(1.05, 1.2)
+        shift = rng.uniform(0.1, 0.25) * g.disc_r
+    ax = (int(g.disc_r * scale_r), int(g.disc_r * scale_r * rng.uniform(0.85, 1.05)))
+    centre = (int(g.dx - g.nasal * shift), int(g.dy))
+    cv2.ellipse(m, centre, ax, rng.uniform(-20, 20), 0, 360, 1.0, -1, cv2.LINE_AA)
+    pale = np.array([0.95, 0.80, 0.50], np.float32) * rng.uniform(0.9, 1.05)
+    _blend(img, _soft(m, 2 * g.s), pale, rng.uniform(0.6, 0.9))
+    if kind == "P" and rng.random() < sev:   # pigment at the atrophy's rim
+        rim = np.zeros((g.h, g.w), np.float32)
+        cv2.ellipse(rim, centre, ax, 0, 0, 360, 1.0, max(1, int(3 * g.s)), cv2.LINE_AA)
+        _blend(img, _soft(rim, g.s), (0.25, 0.12, 0.05), 0.5)
 
-    # macula and fovea: a darker zone with a small bright reflex
-    d_f = np.sqrt((xx - fov_x) ** 2 + (yy - fov_y) ** 2)
-    img *= (1 - rng.uniform(0.25, 0.4) * np.exp(-(d_f / (1.3 * disc_r)) ** 2))[..., None]
-    _blend(img, np.exp(-(d_f / (0.08 * disc_r)) ** 2), (0.9, 0.75, 0.55), 0.5)
 
-    # optic disc: bright yellow-white, brighter cup
-    m = np.zeros((h, w), np.float32)
-    cv2.ellipse(m, (int(dx), int(dy)), (int(disc_r * rng.uniform(0.85, 0.95)), int(disc_r)), 0, 0, 360, 1.0, -1,
-                cv2.LINE_AA)
-    _blend(img, _soft(m, 2 * s), np.array([0.98, 0.85, 0.55], np.float32) * rng.uniform(0.95, 1.05), 0.92)
-    d_d = np.sqrt((xx - dx) ** 2 + (yy - dy) ** 2)
-    _blend(img, np.exp(-(d_d / (0.45 * disc_r)) ** 2), (1.0, 0.97, 0.88), rng.uniform(0.5, 0.8))
+def _patchy_atrophy(rng, img: np.ndarray, g: _Frame, sev: float) -> None:
+    """Pale irregular patches with pigmented edges around the macula (PM only; more and
+    larger with severity, so mild PM may have none)."""
+    for _ in range(int(rng.poisson(3.5 * sev))):
+        ang = rng.uniform(0, 2 * np.pi)
+        rr = rng.uniform(0.3, 1.1)
+        px = (g.fov_x + g.dx) / 2 + np.cos(ang) * rr * 3 * g.disc_r
+        py = (g.fov_y + g.dy) / 2 + np.sin(ang) * rr * 2.2 * g.disc_r
+        if np.hypot(px - g.cx, py - g.cy) > 0.85 * g.R:
+            continue
+        poly = _blob_polygon(rng, (px, py), g.disc_r * rng.uniform(0.25, 0.35 + 0.65 * sev))
+        pm = np.zeros((g.h, g.w), np.float32)
+        cv2.fillPoly(pm, [poly], 1.0, cv2.LINE_AA)
+        _blend(img, _soft(pm, 1.5 * g.s), np.array([0.97, 0.85, 0.55], np.float32) * rng.uniform(0.9, 1.05),
+               rng.uniform(0.45, 0.65) + 0.25 * sev)
+        em = np.zeros((g.h, g.w), np.float32)
+        cv2.polylines(em, [poly], True, 1.0, max(1, int(rng.uniform(2, 5) * g.s)), cv2.LINE_AA)
+        for _ in range(int(rng.integers(1, 5))):       # pigment clumps
+            q = poly[rng.integers(len(poly))]
+            cv2.circle(em, (int(q[0]), int(q[1])), max(1, int(rng.uniform(3, 8) * g.s)), 1.0, -1, cv2.LINE_AA)
+        _blend(img, _soft(em, g.s), (0.18, 0.09, 0.04), rng.uniform(0.5, 0.8))
 
-    # vessel tree: four arcades leaving the disc, branching, thinner as they go
-    vm = np.zeros((h, w), np.float32)
-    temporal = np.pi if nasal == 1 else 0.0
+
+def _macula_and_disc(rng, img: np.ndarray, g: _Frame) -> None:
+    """A darker macula with a small bright foveal reflex; a bright yellow-white disc, brighter cup."""
+    d_f = np.sqrt((g.xx - g.fov_x) ** 2 + (g.yy - g.fov_y) ** 2)
+    img *= (1 - rng.uniform(0.25, 0.4) * np.exp(-(d_f / (1.3 * g.disc_r)) ** 2))[..., None]
+    _blend(img, np.exp(-(d_f / (0.08 * g.disc_r)) ** 2), (0.9, 0.75, 0.55), 0.5)
+    m = np.zeros((g.h, g.w), np.float32)
+    cv2.ellipse(m, (int(g.dx), int(g.dy)), (int(g.disc_r * rng.uniform(0.85, 0.95)), int(g.disc_r)), 0, 0, 360,
+                1.0, -1, cv2.LINE_AA)
+    _blend(img, _soft(m, 2 * g.s), np.array([0.98, 0.85, 0.55], np.float32) * rng.uniform(0.95, 1.05), 0.92)
+    d_d = np.sqrt((g.xx - g.dx) ** 2 + (g.yy - g.dy) ** 2)
+    _blend(img, np.exp(-(d_d / (0.45 * g.disc_r)) ** 2), (1.0, 0.97, 0.88), rng.uniform(0.5, 0.8))
+
+
+def _vessel_tree(rng, img: np.ndarray, g: _Frame) -> None:
+    """Four arcades leaving the disc, branching, thinner as they go."""
+    vm = np.zeros((g.h, g.w), np.float32)
+    temporal = np.pi if g.nasal == 1 else 0.0
     for up in (-1, 1):   # superior (-1, y grows downwards) and inferior arcades
-        a0 = temporal - up * nasal * rng.uniform(0.9, 1.2)
-        _vessel(rng, vm, (dx, dy), a0, R * rng.uniform(1.0, 1.3), 9 * s, 3, up * nasal * rng.uniform(1.2, 1.7), s)
-        a1 = (temporal + np.pi) + up * nasal * rng.uniform(0.5, 0.9)
-        _vessel(rng, vm, (dx, dy), a1, R * rng.uniform(0.4, 0.6), 6 * s, 2, rng.normal(0, 0.4), s)
-    vm = np.clip(_soft(vm, 0.7 * s), 0, 1)
+        a0 = temporal - up * g.nasal * rng.uniform(0.9, 1.2)
+        _vessel(rng, vm, (g.dx, g.dy), a0, g.R * rng.uniform(1.0, 1.3), 9 * g.s, 3,
+                up * g.nasal * rng.uniform(1.2, 1.7), g.s)
+        a1 = (temporal + np.pi) + up * g.nasal * rng.uniform(0.5, 0.9)
+        _vessel(rng, vm, (g.dx, g.dy), a1, g.R * rng.uniform(0.4, 0.6), 6 * g.s, 2, rng.normal(0, 0.4), g.s)
+    vm = np.clip(_soft(vm, 0.7 * g.s), 0, 1)
     _blend(img, vm, np.array([0.45, 0.06, 0.04], np.float32) * rng.uniform(0.8, 1.1), rng.uniform(0.75, 0.9))
 
-    # field of view: vignetting toward the rim, black outside
-    img *= np.clip(1 - 0.45 * dist ** 3, 0, 1)[..., None]
-    fov = np.clip((1 - dist) * R / (2 * s), 0, 1)
-    img *= fov[..., None]
 
-    # global colour: rescale the field of view's mean to a target drawn the same way for every class
+def _photograph(rng, img: np.ndarray, g: _Frame, W: int, H: int) -> np.ndarray:
+    """The field of view (vignetting, black outside), a class-blind global colour, the full size
+    ``W`` x ``H``, sensor noise: the BGR uint8 photograph."""
+    img *= np.clip(1 - 0.45 * g.dist ** 3, 0, 1)[..., None]
+    fov = np.clip((1 - g.dist) * g.R / (2 * g.s), 0, 1)
+    img *= fov[..., None]
+    # rescale the field of view's mean to a target drawn the same way for every class
     inside = fov > 0.5
     red = rng.uniform(0.45, 0.75)
     target = np.array([red, red * rng.uniform(0.36, 0.5), red * rng.uniform(0.1, 0.2)], np.float32)
     img *= target / np.maximum(img[inside].mean(0), 1e-3)
-
-    img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR) if (w, h) != (W, H) else img
+    full = (g.w, g.h) != (W, H)
+    img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR) if full else img
     out = img * 255.0
     out += rng.normal(0, 2.0, (H, W, 1)).astype(np.float32)            # sensor noise
     out = np.clip(out, 0, 255).astype(np.uint8)
-    fov_full = cv2.resize(fov, (W, H), interpolation=cv2.INTER_LINEAR) if (w, h) != (W, H) else fov
+    fov_full = cv2.resize(fov, (W, H), interpolation=cv2.INTER_LINEAR) if full else fov
     out[fov_full < 0.02] = 0
-    return cv2.cvtColor(out, cv2.COLOR_RGB2BGR), (float(fov_x / f), float(fov_y / f))
+    return cv2.cvtColor(out, cv2.COLOR_RGB2BGR)
+
+
+def draw_fundus(rng: np.random.Generator, kind: str, size: tuple[int, int], eye: str):
+    """One synthetic colour fundus photograph.
+
+    kind: 'P', 'H' or 'N'; size: (width, height); eye: 'L' or 'R'.
+    Returns (BGR uint8 image of shape (height, width, 3), (fovea_x, fovea_y) in its pixels).
+    The layers are drawn in order at a working resolution of at most ``WORK_SIDE``, each
+    drawing from ``rng`` in turn (so the same generator state gives the same photograph).
+    """
+    if kind not in ("P", "H", "N") or eye not in ("L", "R"):
+        raise ValueError(f"kind must be P, H or N and eye L or R, got {kind!r}, {eye!r}")
+    W, H = size
+    f = min(1.0, WORK_SIDE / max(W, H))
+    g = _frame(rng, max(16, int(round(W * f))), max(16, int(round(H * f))))
+    img = _background(rng, g)
+    _landmarks(rng, g, eye)
+    # How far myopic degeneration has gone. The signs grow with it, each with its own scatter, and
+    # the classes overlap as in real eyes: a mild PM eye (no atrophic patch, a small crescent) can
+    # look like a highly myopic one, and a normal eye may show some tessellation or a thin crescent.
+    sev = rng.uniform(0.0, 1.0) if kind == "P" else 0.0
+    _tessellation(rng, img, g, kind)
+    _peripapillary_atrophy(rng, img, g, kind, sev)
+    if kind == "P":
+        _patchy_atrophy(rng, img, g, sev)
+    _macula_and_disc(rng, img, g)
+    _vessel_tree(rng, img, g)
+    return _photograph(rng, img, g, W, H), (float(g.fov_x / f), float(g.fov_y / f))
 
 
 # -- the data set -------------------------------------------------------------------------
