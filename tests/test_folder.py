@@ -2,6 +2,7 @@
 checks as the PALM path (test_unzip.py, test_labels.py), and the train/valid split."""
 
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,20 @@ def test_split_must_be_train_or_valid(tmp_path, bad):
 def test_listed_image_missing(tmp_path):
     check_refused(tmp_path, r"not found in .*clinic: b/p2.jpg \(row 4\)",
                   images=["a/p1.jpg", "a/n1.jpg", "n2.jpg"])
+
+
+def test_rows_are_numbered_as_lines_of_the_file_and_blank_lines_are_skipped(tmp_path):
+    csv = "image,label,split\n\na/p1.jpg,1,train\na/n1.jpg,0,train\n\nb/p2.jpg,maybe,valid\nn2.jpg,0,valid\n\n"
+    check_refused(tmp_path, r"bad value in row 6 \(b/p2.jpg: 'maybe'\)", csv=csv, images=[r[0] for r in SPLIT_ROWS])
+    csv = csv.replace("maybe", "1")
+    assert len(folder_labels(raw(tmp_path / "ok", csv=csv, images=[r[0] for r in SPLIT_ROWS]))) == 4
+
+
+def test_columns_are_case_insensitive_extra_ones_ignored_and_a_repeated_one_refused(tmp_path):
+    csv = "Image, Label ,SPLIT,eye\n" + "".join(f"{a},{b},{c},left\n" for a, b, c in SPLIT_ROWS)
+    assert len(folder_labels(raw(tmp_path / "ok", csv=csv, images=[r[0] for r in SPLIT_ROWS]))) == 4
+    check_refused(tmp_path, "column.*label appear more than once", csv=csv.replace("eye", "LABEL"),
+                  images=[r[0] for r in SPLIT_ROWS])
 
 
 def test_duplicate_rows(tmp_path):
@@ -240,3 +255,35 @@ def test_too_few_images_to_split_is_a_clear_error(tmp_path):
     out = raw(tmp_path / "g", unsplit(2, 2, groups=lambda i: "same"), "image,label,group")
     with pytest.raises(DataError, match=r"1 group\(s\) cannot be split 5 ways"):
         folder_labels(out, 0.2, 0)
+
+
+# --- the stages, as dvc runs them
+
+
+@pytest.mark.parametrize("header, rows, stage, match", [
+    ("image,label,split", SPLIT_ROWS[:3] + [("../n2.jpg", 0, "valid")], "unzip", r"row 5 \('../n2.jpg'\)"),
+    ("image,label", [("a/p1.jpg", 1), ("a/n1.jpg", 0), ("b/p2.jpg", 0), ("n2.jpg", 0)], "labels",
+     r"labels.csv: cannot split 4 images \(1 PM\) with data.val_fraction 0.2"),
+])
+def test_a_stage_stops_with_one_error_line_naming_the_problem_and_exit_1(tmp_path, header, rows, stage, match):
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ENV, REPO
+
+    shutil.copytree(REPO / "stages", tmp_path / "stages")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="folder", input="clinic")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    make_folder(tmp_path / "clinic", rows, header, images=[r[0] for r in SPLIT_ROWS])
+    if stage == "labels":  # the split is made (and found impossible) by the labels stage
+        copy_folder(tmp_path / "clinic", tmp_path / "data" / "raw")
+    proc = subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(match, errors[0]), errors[0]
+    assert not (tmp_path / "data" / "labels").exists()
+    assert (tmp_path / "data" / "raw").exists() == (stage == "labels")

@@ -69,7 +69,7 @@ def _label(value: str):
 def _relative(value: str) -> str | None:
     """The photograph's path, normalised (``/`` separators), or None if it could leave the folder."""
     v = value.strip().replace("\\", "/")
-    if v.startswith("/") or (len(v) > 1 and v[1] == ":") or ".." in v.split("/"):
+    if any(ord(c) < 32 for c in v) or v.startswith("/") or (len(v) > 1 and v[1] == ":") or ".." in v.split("/"):
         return None
     return posixpath.normpath(v).lstrip("/")
 
@@ -80,7 +80,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     one-line :class:`DataError` naming the file and the rows."""
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True,
+                         skip_blank_lines=False)  # so that a row's number is its line in the file
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (a folder source needs labels.csv with columns image,label "
                         "at its top)") from None
@@ -89,12 +90,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path}: cannot read it as CSV ({' '.join(str(exc).split())})") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
+    twice = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: column(s) {', '.join(twice)} appear more than once")
+    df.index = df.index + 2  # the header is line 1
+    df = df[(df != "").any(axis=1)]  # blank lines
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns) or 'none'})")
     if df.empty:
         raise DataError(f"{path}: no rows (no photographs listed)")
-    out = pd.DataFrame({"row": df.index + 2})  # the header is line 1
+    out = pd.DataFrame({"row": df.index}, index=df.index)
 
     names = df["image"].str.strip()
     empty = out["row"][names == ""]
@@ -195,6 +201,8 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
         except FileNotFoundError:
             missing.append(f"{rel} (row {row})")
             continue
+        except OSError as exc:
+            raise DataError(f"{what}: cannot read it ({exc.strerror or exc})") from None
         if not stat.S_ISREG(st.st_mode):
             raise DataError(f"{what}: not a regular file; refusing it")
         if st.st_size > limits.max_entry_mb * MB:
@@ -217,7 +225,11 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
     with atomic_dir(out_dir) as tmp:
         (tmp / IMAGES_DIR).mkdir()
         for row, rel, src, dst in zip(table["row"], table["image"], sources, flat):
-            budget -= _copy(src, tmp / dst, min(int(limits.max_entry_mb * MB), budget), f"{csv}: row {row} ({rel})")
+            what = f"{csv}: row {row} ({rel})"
+            try:
+                budget -= _copy(src, tmp / dst, min(int(limits.max_entry_mb * MB), budget), what)
+            except OSError as exc:
+                raise DataError(f"{what}: cannot copy it ({exc.strerror or exc})") from None
         out = table.drop(columns="row").rename(columns={"image": "source"})
         out.insert(0, "image", flat.to_numpy())
         out.to_csv(tmp / LABELS_CSV, index=False)
@@ -243,7 +255,10 @@ def folder_labels(raw_dir: str | Path, val_fraction: float = 0.2, split_seed: in
     how = ""
     if "split" not in table.columns:
         table = table.sort_values("image", kind="stable").reset_index(drop=True)  # row order does not matter
-        valid = train_valid_split(table["label"], val_fraction, split_seed, table.get("group"))
+        try:
+            valid = train_valid_split(table["label"], val_fraction, split_seed, table.get("group"))
+        except DataError as exc:
+            raise DataError(f"{csv}: {exc}") from None
         table["split"] = np.where(valid, "valid", "train")
         how = (f" after splitting {len(table)} images with data.val_fraction {val_fraction:g}, "
                f"data.split_seed {split_seed}")

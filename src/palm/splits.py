@@ -35,6 +35,9 @@ def train_valid_split(labels, fraction: float, seed: int, groups=None) -> np.nda
         raise DataError(f"{n} image(s) cannot be split into train and valid")
     valid = np.zeros(n, dtype=bool)
     if groups is None:
+        if min(int(y.sum()), int(n - y.sum())) < 2:
+            raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with data.val_fraction {fraction:g}: "
+                            "each class needs at least 2 images, one for each side")
         try:
             _, test_idx = train_test_split(np.arange(n), test_size=fraction, stratify=y, random_state=seed)
         except ValueError as exc:
