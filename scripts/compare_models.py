@@ -12,7 +12,7 @@ over the seeds.
 
 Run it from the repository's top folder, e.g. on the real data in data/original:
 
-    python scripts/compare_models.py --zips-dir data/original --seeds 0 1
+    python scripts/compare_models.py --input data/original --seeds 0 1
     python scripts/compare_models.py --table-only      # the table of an earlier --out file
     python scripts/compare_models.py --table-only --out results/palm-mini.json --readme results/README.md
 
@@ -45,10 +45,10 @@ def require_branch(cwd: str | Path = ".") -> None:
                          "`git checkout <your branch>` first, then run the comparison")
 
 
-def run_one(model: str, seed: int, zips_dir: str | None, extra: list[str]) -> dict:
+def run_one(model: str, seed: int, data_input: str | None, extra: list[str]) -> dict:
     cmd = ["dvc", "exp", "run", "-S", f"model={model}", "-S", f"train.seed={seed}"]
-    if zips_dir:
-        cmd += ["-S", f"data.zips_dir={zips_dir}"]
+    if data_input:
+        cmd += ["-S", f"data.input={data_input}"]
     for item in extra:
         cmd += ["-S", item]
     print("$ " + " ".join(cmd), flush=True)
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--zips-dir", help="data.zips_dir for these runs (e.g. data/original)")
+    ap.add_argument("--input", "--zips-dir", dest="input", help="data.input for these runs (e.g. data/original)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more -S parameters for every run")
     ap.add_argument("--out", default="metrics/compare.json")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out, run nothing")
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         for model in args.models:
             for seed in args.seeds:
                 try:
-                    rows.append(run_one(model, seed, args.zips_dir, args.set))
+                    rows.append(run_one(model, seed, args.input, args.set))
                 except subprocess.CalledProcessError as exc:
                     print(f"{model} seed {seed} failed ({exc}); the table has the other runs", file=sys.stderr)
                     continue

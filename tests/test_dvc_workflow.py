@@ -134,14 +134,14 @@ def tracked(tmp_path_factory):
 
 
 def test_queued_experiment_sees_the_tracked_zips(tracked):
-    run(["dvc", "exp", "run", "--queue", "-S", "data.zips_dir=data/original", "-n", "real"], tracked)
+    run(["dvc", "exp", "run", "--queue", "-S", "data.input=data/original", "-n", "real"], tracked)
     run(["dvc", "queue", "start"], tracked)
     wait_for_queue(tracked)
     rows = json.loads(run(["dvc", "exp", "show", "--json"], tracked).stdout)
     exp = _find_exp(rows, "real")
     m = exp["data"]["metrics"]["metrics/eval.json"]["data"]
     assert m["n"] == 9 and m["model"] == "lenet" and 0 <= m["accuracy"] <= 1
-    assert exp["data"]["params"]["params.yaml"]["data"]["data"]["zips_dir"] == "data/original"
+    assert exp["data"]["params"]["params.yaml"]["data"]["data"]["input"] == "data/original"
 
 
 def _find_exp(rows: list, name: str) -> dict:
@@ -157,7 +157,7 @@ def _find_exp(rows: list, name: str) -> dict:
 def test_two_queue_workers_share_the_cores_and_match_runs_one_at_a_time(tracked, tmp_path):
     params = {"a": ["-S", "train.seed=3"], "b": ["-S", "train.seed=4"]}
     for name, args in params.items():
-        run(["dvc", "exp", "run", "--queue", "-S", "data.zips_dir=data/original", *args, "-n", f"par-{name}"],
+        run(["dvc", "exp", "run", "--queue", "-S", "data.input=data/original", *args, "-n", f"par-{name}"],
             tracked)
     env = {"PALM_JOBS": "2", "PALM_SLOT_DIR": str(tmp_path)}
     run(["dvc", "queue", "start", "-j", "2"], tracked, env=env)
@@ -169,7 +169,7 @@ def test_two_queue_workers_share_the_cores_and_match_runs_one_at_a_time(tracked,
     assert logs.count("PALM_JOBS=2: slot") >= 2 and f"{share} thread(s)" in logs, logs[-3000:]
 
     for name, args in params.items():   # the same experiments, one at a time, in the workspace
-        run(["dvc", "exp", "run", "-S", "data.zips_dir=data/original", *args, "-n", f"seq-{name}"], tracked)
+        run(["dvc", "exp", "run", "-S", "data.input=data/original", *args, "-n", f"seq-{name}"], tracked)
         alone = metrics(tracked)
         for key in ("accuracy", "auc", "sensitivity", "specificity", "n"):
             assert alone[key] == parallel[name][key], (name, key, alone, parallel[name])

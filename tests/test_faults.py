@@ -40,7 +40,7 @@ def project(dest: Path, **train) -> Path:
     dest.mkdir(parents=True)
     shutil.copytree(REPO / "stages", dest / "stages")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["zips_dir"] = "data/original"
+    params["data"]["input"] = "data/original"
     params["image_size"] = 32
     params["preprocess"]["workers"] = 1
     params["preprocess"]["shard_size"] = 5

@@ -45,6 +45,12 @@ def test_the_repository_params_are_valid_and_the_model_list_is_the_networks():
     ("unzip.max_ratio", 0.5, "unzip.max_ratio = 0.5"),
     ("evaluate.batch_size", 2.0, "evaluate.batch_size = 2.0: must be a whole number"),
     ("explain", None, "explain = None: must be a mapping"),
+    ("data.source", "zips", "data.source = 'zips': input should be 'palm' or 'folder'"),
+    ("data.input", "", "data.input = '': string should have at least 1 character"),
+    ("data.val_fraction", 0.9, "data.val_fraction = 0.9: input should be less than or equal to 0.5"),
+    ("data.val_fraction", 0, "data.val_fraction = 0: input should be greater than 0"),
+    ("data.split_seed", -1, "data.split_seed = -1"),
+    ("data.zips_dir", "data/original", "data.zips_dir = 'data/original': is not a known key"),
 ])
 def test_a_bad_value_is_one_line_naming_key_and_value(path, value, message):
     with pytest.raises(ConfigError) as exc:

@@ -34,7 +34,7 @@ def test_every_stage_has_a_thin_entry_point_named_like_it():
 
 def test_embedded_default_is_the_synthetic_set():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert params["data"]["zips_dir"] == "data/synthetic"
+    assert params["data"]["source"] == "palm" and params["data"]["input"] == "data/synthetic"
     assert re.fullmatch(r"[a-z0-9]+", params["model"])
 
 

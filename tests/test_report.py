@@ -74,7 +74,7 @@ def inputs(tmp_path):
 def test_report_parses_images_decode_and_numbers_match_eval_json(inputs):
     tmp, m, wrong = inputs
     out = write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp,
-                       tmp / "explain", tmp / "labels.csv", {"data": {"zips_dir": "data/original"}})
+                       tmp / "explain", tmp / "labels.csv", {"data": {"source": "palm", "input": "data/original"}})
     page = Page()
     page.feed(out.read_text(encoding="utf-8"))
     page.close()

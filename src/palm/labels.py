@@ -6,6 +6,7 @@ myopia and ``N`` normal = 0). Validation labels come from the ground-truth xlsx
 
 Output columns: ``split`` (train/valid), ``image`` (path relative to ``data/raw``),
 ``label`` (0/1), ``group`` (H/N/P for training images, empty for validation).
+With ``data.source: folder``, the same columns come from your labels.csv (:mod:`palm.folder`).
 """
 
 from __future__ import annotations
@@ -126,7 +127,13 @@ def build_labels(raw_dir: str | Path) -> pd.DataFrame:
 
 
 def main(params: dict) -> None:
-    df = build_labels("data/raw")
+    data = params["data"]
+    if data["source"] == "folder":  # your own photographs: palm.folder
+        from palm.folder import folder_labels
+
+        df = folder_labels("data/raw", data["val_fraction"], data["split_seed"])
+    else:
+        df = build_labels("data/raw")
     out = Path("data/labels/labels.csv")
     with atomic_file(out, newline="") as f:
         df.to_csv(f, index=False)

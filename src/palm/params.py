@@ -42,7 +42,10 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    zips_dir: Annotated[str, Field(min_length=1)]
+    source: Literal["palm", "folder"]
+    input: Annotated[str, Field(min_length=1)]
+    val_fraction: Annotated[float, Field(gt=0, le=0.5, allow_inf_nan=False)]
+    split_seed: NonNegInt
 
 
 class UnzipParams(Section):

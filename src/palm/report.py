@@ -180,8 +180,9 @@ def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_di
         raise DataError(f"{exc.filename}: not found; run the earlier stages first (dvc repro)") from None
     y, p = preds["label"].to_numpy().astype(int), preds["probability"].to_numpy(dtype=float)
     esc = html.escape
-    zips_dir = str((params.get("data") or {}).get("zips_dir", "?"))
-    synthetic = "synthetic" in zips_dir
+    data = params.get("data") or {}
+    data_input, source = str(data.get("input", "?")), data.get("source", "palm")
+    synthetic = source == "palm" and "synthetic" in data_input
 
     # --- model and parameters
     cfg = info.get("config") or {}
@@ -229,9 +230,10 @@ def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_di
 
     data_source = ("the <b>synthetic</b> PALM-like set drawn by <code>palm.synthetic</code> "
                    "(not medical data: no clinical conclusion may be drawn from these numbers)" if synthetic else
+                   f"the photographs and labels of the folder <code>{esc(data_input)}</code>" if source == "folder" else
                    "the iChallenge-PM / PALM fundus photographs (PALM challenge, ISBI 2019; Baidu Research "
                    "and the Zhongshan Ophthalmic Center, Sun Yat-sen University), as found in "
-                   f"<code>{esc(zips_dir)}</code>")
+                   f"<code>{esc(data_input)}</code>")
 
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -284,14 +286,14 @@ diagnose them.</dd>
 <dt><b>Training data</b></dt><dd>{data_source[0].upper() + data_source[1:]}; training split: {int(counts.loc['train'].sum()) if 'train' in counts.index else 0}
 images, validation split: {int(counts.loc['valid'].sum()) if 'valid' in counts.index else 0} images.</dd>
 <dt><b>Limitations</b></dt><dd><ul>
-<li>Single-source data: the photographs come from one challenge data set (one population, one set of
+<li>Single-source data: the photographs come from one {'collection' if source == 'folder' else 'challenge data set'} (one population, one set of
 cameras); performance on other cameras, populations or image quality is unknown.</li>
 <li>A small validation set: one image moves accuracy by {fmt(1 / max(int(metrics.get('n') or 1), 1))}; read the
 intervals, not only the estimates.</li>
 <li>The validation set's PM prevalence ({fmt(metrics.get('prevalence_observed'))}) is far above a screening
 population's; the PPV a clinic would see is the one at the screening prevalence
 ({fmt(metrics.get('prevalence'))}), not the raw precision.</li>
-<li>The pipeline's default data (<code>data.zips_dir: data/synthetic</code>) is synthetic, drawn by a program: it is
+<li>The pipeline's default data (<code>data.input: data/synthetic</code>) is synthetic, drawn by a program: it is
 not medical data, and metrics on it say nothing about eyes.</li>
 <li>Grad-CAM heatmaps show where the network looked, not why; they are coarse (the last convolutional layer).</li>
 </ul></dd>

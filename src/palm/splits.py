@@ -1,15 +1,31 @@
-"""Dividing the training images: the internal holdout of a training run and the folds of
-cross-validation. Both are stratified by each image's group (H / N / P in PALM), else its
-label, and seeded, so the same seed divides the same images alike.
+"""Dividing labelled images: the ``train`` / ``valid`` split of a folder source, the internal
+holdout of a training run and the folds of cross-validation. All are stratified and seeded, so
+the same seed divides the same images alike.
+
+- :func:`train_valid_split` serves a folder source (``data.source: folder``) whose labels.csv has
+  no ``split`` column; its ``group`` (a patient id) keeps a patient's images on one side.
+- :func:`stratified_holdout` and :func:`fold_of` divide the training images. In PALM the shards'
+  ``group`` is the class subtype (H / N / P), and they stratify by it; from a folder source it is
+  a patient id, and they keep each patient's images on one side, stratified by label.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from palm.errors import DataError
+
+#: the ``group`` values of PALM's training images: the class subtype, not a patient
+PALM_SUBTYPES = frozenset({"H", "N", "P", ""})
+
+
+def _patients(groups: Sequence[str]) -> bool:
+    """Whether ``groups`` are patient ids (a folder source) rather than PALM's subtypes."""
+    return any(str(g) not in PALM_SUBTYPES for g in groups)
 
 
 def strata(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
@@ -20,7 +36,11 @@ def strata(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
 def stratified_holdout(labels: np.ndarray, groups: Sequence[str], fraction: float,
                        seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, holdout): ``fraction`` of each stratum held out (at least one image of
-    each stratum of two or more when ``fraction`` > 0, never a whole stratum)."""
+    each stratum of two or more when ``fraction`` > 0, never a whole stratum). With patient
+    groups, a patient's images are all on one side (:func:`train_valid_split`)."""
+    if _patients(groups) and fraction > 0:
+        hold = train_valid_split(labels, fraction, seed, groups, key="train.holdout")
+        return np.flatnonzero(~hold), np.flatnonzero(hold)
     rng = np.random.default_rng([seed, 7919])
     keys = strata(labels, groups)
     train_idx, hold_idx = [], []
@@ -36,11 +56,21 @@ def stratified_holdout(labels: np.ndarray, groups: Sequence[str], fraction: floa
 
 
 def fold_of(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
-    """Fold number (0..k-1) of each image, stratified; the folds' sizes differ by one at most."""
+    """Fold number (0..k-1) of each image, stratified; the folds' sizes differ by one at most
+    (with patient groups: a patient's images share a fold, ``StratifiedGroupKFold``)."""
     if k < 2:
         raise DataError(f"cross-validation needs at least 2 folds, got {k}")
     if len(labels) < k:
         raise DataError(f"{len(labels)} training images cannot make {k} folds")
+    if _patients(groups):
+        folds = np.zeros(len(labels), dtype=np.int64)
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for fold, (_, idx) in enumerate(cv.split(np.zeros(len(labels)), np.asarray(labels).astype(int),
+                                                     [str(g) for g in groups])):
+                folds[idx] = fold
+        return folds
     keys = strata(labels, groups)
     rng = np.random.default_rng([seed, 4099])
     folds = np.zeros(len(labels), dtype=np.int64)
@@ -51,3 +81,53 @@ def fold_of(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) ->
         folds[idx] = (np.arange(len(idx)) + offset) % k
         offset += len(idx)
     return folds
+
+
+def train_valid_split(labels, fraction: float, seed: int, groups=None,
+                      key: str = "data.val_fraction") -> np.ndarray:
+    """A boolean mask, True for the validation images: stratified by label, seeded.
+
+    Without ``groups``, ``fraction`` of the images (rounded, at least one of each class
+    where a class has two or more) go to validation (scikit-learn's ``train_test_split``).
+    With ``groups`` (e.g. a patient id per image; empty = an image of its own), all images of
+    a group go to the same side, so one eye or patient never appears in both splits; the
+    groups are dealt into ``round(1 / fraction)`` label-stratified folds
+    (``StratifiedGroupKFold``) and the first is validation, so the fraction is approximate
+    (0.2: one fifth of the groups; 0.3: one third). ``key`` names the parameter in errors.
+
+    The result depends only on the inputs (their order included) and ``seed``.
+    """
+    y = np.asarray(labels).astype(int)
+    n = len(y)
+    if not 0 < fraction < 1:
+        raise DataError(f"{key} must be between 0 and 1, got {fraction}")
+    if n < 2:
+        raise DataError(f"{n} image(s) cannot be split into train and valid")
+    valid = np.zeros(n, dtype=bool)
+    if groups is None:
+        if min(int(y.sum()), int(n - y.sum())) < 2:
+            raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} {fraction:g}: "
+                            "each class needs at least 2 images, one for each side")
+        try:
+            _, test_idx = train_test_split(np.arange(n), test_size=fraction, stratify=y, random_state=seed)
+        except ValueError as exc:
+            raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} "
+                            f"{fraction:g}: {exc}") from None
+        valid[test_idx] = True
+        return valid
+    keys = np.array(["" if g is None else str(g) for g in groups], dtype=object)
+    if len(keys) != n:
+        raise ValueError("labels and groups differ in length")
+    alone = keys == ""
+    keys[alone] = [f"\0image-{i}" for i in np.flatnonzero(alone)]  # no group: its own
+    n_groups = len(set(keys))
+    k = max(2, int(round(1 / fraction)))
+    if n_groups < k:
+        raise DataError(f"{n_groups} group(s) cannot be split {k} ways ({key} {fraction:g}): "
+                        f"add groups or raise {key}")
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # "least populated class ... less than n_splits": checked by the caller
+        warnings.simplefilter("ignore", UserWarning)
+        _, test_idx = next(cv.split(np.zeros(n), y, keys))
+    valid[test_idx] = True
+    return valid

@@ -1,9 +1,10 @@
 """The ``synthesize`` stage: writes the embedded default data set to ``data/synthetic``.
 
 It generates the three PALM zips (see :mod:`palm.synthetic`) only when the pipeline reads
-its zips from ``data/synthetic`` (``data.zips_dir`` in params.yaml, the default). When a
-user points ``data.zips_dir`` at the real download, it writes just a note, so that real
-data never waits for synthetic images.
+its zips from ``data/synthetic`` (``data.source: palm`` and ``data.input: data/synthetic`` in
+params.yaml, the default). When a user points ``data.input`` at the real download, or sets
+``data.source: folder`` (their own photographs), it writes just a note, so that real data
+never waits for synthetic images.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ COUNT_KEYS = ("n_train_p", "n_train_n", "n_train_h", "n_val_pm", "n_val_non_pm")
 
 
 def main(params: dict) -> None:
-    zips_dir = Path(params["data"]["zips_dir"])
+    source, data_input = params["data"]["source"], Path(params["data"]["input"])
     cfg = params.get("synthetic", {}) or {}
-    if os.path.normpath(zips_dir) != os.path.normpath(SYNTHETIC_DIR):
+    if source != "palm" or os.path.normpath(data_input) != os.path.normpath(SYNTHETIC_DIR):
         with atomic_dir(SYNTHETIC_DIR) as tmp:
             (tmp / "SKIPPED.txt").write_text(
-                f"data.zips_dir is {zips_dir}: the synthetic data set is not generated.\n")
-        print(f"data.zips_dir = {zips_dir}: synthetic data not needed, skipped")
+                f"data.source is {source}, data.input is {data_input}: the synthetic data set is not generated.\n")
+        print(f"data.source = {source}, data.input = {data_input}: synthetic data not needed, skipped")
         return
     unknown = set(cfg) - {"seed", "scale", "jpeg_quality", *COUNT_KEYS}
     if unknown:

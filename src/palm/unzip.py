@@ -1,5 +1,7 @@
 """The ``unzip`` stage: the three original PALM zips -> ``data/raw/``.
 
+(With ``data.source: folder``, it copies a folder of your own photographs instead: :mod:`palm.folder`.)
+
 Layout written (the original folder names are kept)::
 
     data/raw/PALM-Training400/{H,N,P}NNNN.jpg      from training.zip's nested PALM-Training400.zip
@@ -251,6 +253,12 @@ def limits_of(params: dict) -> Limits:
 
 
 def main(params: dict) -> None:
-    zips_dir = params["data"]["zips_dir"]
-    counts = unzip_all(zips_dir, "data/raw", limits_of(params))
+    data = params["data"]
+    if data["source"] == "folder":  # your own photographs: palm.folder
+        from palm.folder import copy_folder
+
+        n = copy_folder(data["input"], "data/raw", limits_of(params))
+        print(f"copied {n} photographs and their labels from {data['input']} into data/raw")
+        return
+    counts = unzip_all(data["input"], "data/raw", limits_of(params))
     print("extracted " + ", ".join(f"{n}: {c} files" for n, c in counts.items()) + " into data/raw")
