@@ -168,36 +168,20 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
-def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_dir: Path, labels_csv: Path,
-                 params: dict) -> str:
-    """The report's HTML."""
-    metrics = _read_json(eval_json)
-    info = read_info(model_dir)
-    try:
-        preds = pd.read_csv(predictions)
-        labels_df = pd.read_csv(labels_csv)
-    except FileNotFoundError as exc:
-        raise DataError(f"{exc.filename}: not found; run the earlier stages first (dvc repro)") from None
-    y, p = preds["label"].to_numpy().astype(int), preds["probability"].to_numpy(dtype=float)
+def _model_tables(info: dict) -> tuple[str, str]:
+    """Rows of the model's summary and of all its training parameters."""
     esc = html.escape
-    data = params.get("data") or {}
-    data_input, source = str(data.get("input", "?")), data.get("source", "palm")
-    synthetic = source == "palm" and "synthetic" in data_input
-
-    # --- model and parameters
-    cfg = info.get("config") or {}
     model_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v))}</td></tr>"
-                         for k, v in cfg.items())
+                         for k, v in (info.get("config") or {}).items())
     head_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(info.get(k)))}</td></tr>" for k in
                         ("model", "image_size", "input_size", "threshold", "threshold_rule", "selected_epoch",
                          "epochs", "n_train", "n_holdout", "train_seconds", "device"))
+    return head_rows, model_rows
 
-    # --- data
-    counts = labels_df.groupby(["split", "label"]).size().unstack(fill_value=0)
-    data_rows = "".join(f"<tr><th>{esc(str(split))}</th><td>{int(row.get(1, 0))}</td><td>{int(row.get(0, 0))}</td>"
-                        f"<td>{int(row.sum())}</td></tr>" for split, row in counts.iterrows())
 
-    # --- metrics
+def _metric_tables(metrics: dict) -> tuple[str, str, str]:
+    """Rows of the metrics with intervals, of the others, and the confusion matrix."""
+    esc = html.escape
     ci_rows = "".join(
         f"<tr><th>{esc(label)}</th><td>{num(key, metrics)}</td>"
         f"<td>{num(key + '_ci_low', metrics)} &ndash; {num(key + '_ci_high', metrics)}</td></tr>"
@@ -207,12 +191,12 @@ def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_di
     confusion = (f"<table class='cm'><tr><td></td><th>predicted PM</th><th>predicted non-PM</th></tr>"
                  f"<tr><th>PM</th><td>{num('tp', metrics)}</td><td>{num('fn', metrics)}</td></tr>"
                  f"<tr><th>non-PM</th><td>{num('fp', metrics)}</td><td>{num('tn', metrics)}</td></tr></table>")
+    return ci_rows, other_rows, confusion
 
-    figs = "".join(f"<figure>{img(png, name)}<figcaption>{esc(name)}</figcaption></figure>"
-                   for name, png in plots(y, p, metrics).items())
 
-    # --- the most confident errors, with the heatmaps the explain stage drew
-    threshold = float(metrics["threshold"])
+def _errors(preds: pd.DataFrame, threshold: float, explain_dir: Path) -> tuple[str, str]:
+    """Rows of the most confident errors, and the heatmaps the explain stage drew of them."""
+    esc = html.escape
     wrong = preds[(preds["probability"] >= threshold).astype(int) != preds["label"]].copy()
     wrong["confidence"] = (wrong["probability"] - threshold).abs()
     wrong = wrong.sort_values("confidence", ascending=False, kind="stable").head(N_ERRORS)
@@ -227,14 +211,58 @@ def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_di
                            f"<figcaption>{esc(stem)}</figcaption></figure>")
     if not len(wrong):
         error_rows = "<tr><td colspan='4'>no errors on the validation set</td></tr>"
+    return error_rows, error_figs
 
-    data_source = ("the <b>synthetic</b> PALM-like set drawn by <code>palm.synthetic</code> "
-                   "(not medical data: no clinical conclusion may be drawn from these numbers)" if synthetic else
-                   f"the photographs and labels of the folder <code>{esc(data_input)}</code>" if source == "folder" else
-                   "the iChallenge-PM / PALM fundus photographs (PALM challenge, ISBI 2019; Baidu Research "
-                   "and the Zhongshan Ophthalmic Center, Sun Yat-sen University), as found in "
-                   f"<code>{esc(data_input)}</code>")
 
+def _data_source(params: dict) -> str:
+    """Where the photographs came from, as a phrase (``data.source`` and ``data.input``)."""
+    esc = html.escape
+    data = params.get("data") or {}
+    data_input, source = str(data.get("input", "?")), data.get("source", "palm")
+    if source == "palm" and "synthetic" in data_input:
+        return ("the <b>synthetic</b> PALM-like set drawn by <code>palm.synthetic</code> "
+                "(not medical data: no clinical conclusion may be drawn from these numbers)")
+    if source == "folder":
+        return f"the photographs and labels of the folder <code>{esc(data_input)}</code>"
+    return ("the iChallenge-PM / PALM fundus photographs (PALM challenge, ISBI 2019; Baidu Research "
+            "and the Zhongshan Ophthalmic Center, Sun Yat-sen University), as found in "
+            f"<code>{esc(data_input)}</code>")
+
+
+def _read_inputs(eval_json: Path, predictions: Path, model_dir: Path, labels_csv: Path):
+    """``(metrics, model info, predictions, labels)``, with one-line errors for what is missing."""
+    metrics = _read_json(eval_json)
+    info = read_info(model_dir)
+    try:
+        return metrics, info, pd.read_csv(predictions), pd.read_csv(labels_csv)
+    except FileNotFoundError as exc:
+        raise DataError(f"{exc.filename}: not found; run the earlier stages first (dvc repro)") from None
+
+
+def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_dir: Path, labels_csv: Path,
+                 params: dict) -> str:
+    """The report's HTML."""
+    metrics, info, preds, labels_df = _read_inputs(eval_json, predictions, model_dir, labels_csv)
+    y, p = preds["label"].to_numpy().astype(int), preds["probability"].to_numpy(dtype=float)
+    head_rows, model_rows = _model_tables(info)
+    counts = labels_df.groupby(["split", "label"]).size().unstack(fill_value=0)
+    data_rows = "".join(f"<tr><th>{html.escape(str(split))}</th><td>{int(row.get(1, 0))}</td>"
+                        f"<td>{int(row.get(0, 0))}</td><td>{int(row.sum())}</td></tr>" for split, row in counts.iterrows())
+    ci_rows, other_rows, confusion = _metric_tables(metrics)
+    figs = "".join(f"<figure>{img(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>"
+                   for name, png in plots(y, p, metrics).items())
+    error_rows, error_figs = _errors(preds, float(metrics["threshold"]), explain_dir)
+    data_source = _data_source(params)
+    n_split = {split: int(counts.loc[split].sum()) if split in counts.index else 0 for split in ("train", "valid")}
+    origin = "collection" if (params.get("data") or {}).get("source") == "folder" else "challenge data set"
+    return _page(info, metrics, head_rows, model_rows, data_source, data_rows, ci_rows, other_rows, confusion,
+                 figs, error_rows, error_figs, n_split, origin)
+
+
+def _page(info, metrics, head_rows, model_rows, data_source, data_rows, ci_rows, other_rows, confusion,  # noqa: PLR0913
+          figs, error_rows, error_figs, n_split, origin) -> str:
+    """The page around the sections (a template: HTML, not logic)."""
+    esc = html.escape
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Pathologic myopia screening: {esc(str(info.get('model')))} evaluation report</title>
@@ -283,10 +311,10 @@ for clinical use; every positive or doubtful result needs an ophthalmologist.</p
 pathologic myopia, for review by an eye-care professional. Not a diagnosis, not a medical device.
 <code>palm predict</code> flags pictures that are not gradable fundus photographs (quality column) and does not
 diagnose them.</dd>
-<dt><b>Training data</b></dt><dd>{data_source[0].upper() + data_source[1:]}; training split: {int(counts.loc['train'].sum()) if 'train' in counts.index else 0}
-images, validation split: {int(counts.loc['valid'].sum()) if 'valid' in counts.index else 0} images.</dd>
+<dt><b>Training data</b></dt><dd>{data_source[0].upper() + data_source[1:]}; training split: {n_split['train']}
+images, validation split: {n_split['valid']} images.</dd>
 <dt><b>Limitations</b></dt><dd><ul>
-<li>Single-source data: the photographs come from one {'collection' if source == 'folder' else 'challenge data set'} (one population, one set of
+<li>Single-source data: the photographs come from one {origin} (one population, one set of
 cameras); performance on other cameras, populations or image quality is unknown.</li>
 <li>A small validation set: one image moves accuracy by {fmt(1 / max(int(metrics.get('n') or 1), 1))}; read the
 intervals, not only the estimates.</li>
