@@ -5,15 +5,14 @@ import os
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
-
 from conftest import jpeg_bytes
+
 from palm.errors import DataError
 from palm.folder import copy_folder, folder_labels
+from palm.layout import Limits
 from palm.preprocess import preprocess
 from palm.splits import train_valid_split
-from palm.unzip import Limits
 
 
 def make_folder(root, rows, header="image,label", images=None, csv=None):
@@ -271,7 +270,6 @@ def test_a_stage_stops_with_one_error_line_naming_the_problem_and_exit_1(tmp_pat
     import sys
 
     import yaml
-
     from conftest import ENV, REPO
 
     shutil.copytree(REPO / "stages", tmp_path / "stages")

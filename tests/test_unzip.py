@@ -2,10 +2,11 @@ import stat
 import zipfile
 
 import pytest
-
 from conftest import make_palm_zips, write_zip
+
 from palm.errors import DataError
-from palm.unzip import Limits, unzip_all
+from palm.layout import Limits
+from palm.unzip import unzip_all
 
 
 def test_extracts_the_original_layout(tmp_path):

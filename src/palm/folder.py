@@ -36,8 +36,8 @@ import pandas as pd
 
 from palm.errors import DataError
 from palm.fsutil import atomic_dir
+from palm.layout import MB, Limits, mb
 from palm.splits import train_valid_split
-from palm.unzip import MB, Limits, _mb
 
 LABELS_CSV = "labels.csv"
 IMAGES_DIR = "images"
@@ -206,7 +206,7 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
         if not stat.S_ISREG(st.st_mode):
             raise DataError(f"{what}: not a regular file; refusing it")
         if st.st_size > limits.max_entry_mb * MB:
-            raise DataError(f"{what}: {_mb(st.st_size)}, above unzip.max_entry_mb ({limits.max_entry_mb:g}); "
+            raise DataError(f"{what}: {mb(st.st_size)}, above unzip.max_entry_mb ({limits.max_entry_mb:g}); "
                             "refusing it")
         total += st.st_size
         if total > limits.max_total_mb * MB:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from palm.errors import DataError
 from palm.fsutil import atomic_file
-from palm.unzip import GT_FILE, TRAIN_DIR, VALID_DIR
+from palm.layout import GT_FILE, TRAIN_DIR, VALID_DIR
 
 REQUIRED_COLUMNS = ("imgName", "Label")
 TRAIN_NAME = re.compile(r"^([HNP])\d+\.jpe?g$", re.IGNORECASE)

@@ -32,9 +32,18 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from palm.layout import (
+    GT_FILE,
+    GT_ZIP,
+    NESTED_TRAIN_ZIP,
+    TRAIN_DIR,
+    TRAIN_ZIP,
+    VALID_DIR,
+    VALID_ZIP,
+)
+
 SIZES = ((1444, 1444), (2124, 2056))   # (width, height) of the real photographs
 WORK_SIDE = 768                        # drawn at most this large, then resized (fundus images are smooth)
-TRAIN_DIR, VALID_DIR, GT_DIR = "PALM-Training400", "PALM-Validation400", "PALM-Validation-GT"
 H_SHARE_OF_NON_PM = 26 / 187           # as in the real training set
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -359,9 +368,9 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
     xlsx = io.BytesIO()
     gt.to_excel(xlsx, index=False)
     zips = {
-        "training.zip": _zip_bytes({f"{TRAIN_DIR}/PALM-Training400.zip": _zip_bytes(train)}),
-        "validation.zip": _zip_bytes({f"{VALID_DIR}/{v[0]}": v[2] for v in valid}),
-        "valid_gt.zip": _zip_bytes({f"{GT_DIR}/PM_Label_and_Fovea_Location.xlsx": _deterministic_xlsx(xlsx.getvalue())}),
+        TRAIN_ZIP: _zip_bytes({NESTED_TRAIN_ZIP: _zip_bytes(train)}),
+        VALID_ZIP: _zip_bytes({f"{VALID_DIR}/{v[0]}": v[2] for v in valid}),
+        GT_ZIP: _zip_bytes({GT_FILE: _deterministic_xlsx(xlsx.getvalue())}),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ Layout written (the original folder names are kept)::
 
 Every entry is checked before anything is written: absolute paths, ``..`` components and
 symbolic links are refused (zip-slip), naming the entry; so are sizes beyond the limits
-(:class:`Limits`, ``unzip:`` in params.yaml): the total uncompressed size, one entry's size,
+(:class:`palm.layout.Limits`, ``unzip:`` in params.yaml): the total uncompressed size, one entry's size,
 and an entry's compression ratio (a zip bomb). The limits are checked from each zip's
 directory before extracting, and enforced again on the bytes actually decompressed. The
 nested training zip is streamed through an anonymous temporary file, never held in memory.
@@ -29,21 +29,25 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from palm.errors import DataError
+from palm.folder import copy_folder
 from palm.fsutil import atomic_dir
-
-TRAIN_ZIP = "training.zip"
-VALID_ZIP = "validation.zip"
-GT_ZIP = "valid_gt.zip"
-NESTED_TRAIN_ZIP = "PALM-Training400/PALM-Training400.zip"
-
-TRAIN_DIR = "PALM-Training400"
-VALID_DIR = "PALM-Validation400"
-GT_DIR = "PALM-Validation-GT"
-GT_FILE = f"{GT_DIR}/PM_Label_and_Fovea_Location.xlsx"
+from palm.layout import (
+    GT_DIR,
+    GT_FILE,
+    GT_ZIP,
+    MB,
+    NESTED_TRAIN_ZIP,
+    TRAIN_DIR,
+    TRAIN_ZIP,
+    VALID_DIR,
+    VALID_ZIP,
+    Limits,
+    limits_of,
+    mb,
+)
 
 
 def _is_ignorable(name: str) -> bool:
@@ -65,46 +69,20 @@ def check_entry(info: zipfile.ZipInfo, archive: str) -> None:
         raise DataError(f"{archive}: entry {name!r} contains '..'; refusing to extract it")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What the unzip stage accepts (``unzip:`` in params.yaml overrides these).
-
-    The real PALM download is about 1.3 GB in all, its largest entry the ~0.5 GB nested
-    training zip, its JPEGs compressed about 1:1.
-    """
-
-    max_total_mb: float = 8192      # all extracted files together, uncompressed
-    max_entry_mb: float = 4096      # one entry (the nested training zip included)
-    max_ratio: float = 200          # uncompressed / compressed size of one entry ...
-    ratio_floor_mb: float = 1       # ... once it is larger than this (tiny files compress freely)
-
-    def entry_budget(self, info: zipfile.ZipInfo) -> int:
-        """The most bytes ``info`` may decompress to."""
-        by_ratio = max(self.max_ratio * info.compress_size, self.ratio_floor_mb * MB)
-        return int(min(self.max_entry_mb * MB, by_ratio))
-
-
-MB = 1 << 20
-
-
-def _mb(n: float) -> str:
-    return f"{n / MB:.1f} MB"
-
-
 def check_sizes(infos: list[zipfile.ZipInfo], label: str, limits: Limits, budget: int) -> int:
     """Refuse, from the zip's directory, an entry or a total beyond the limits; the total's bytes."""
     total = 0
     for info in infos:
         if info.file_size > limits.max_entry_mb * MB:
-            raise DataError(f"{label}: entry {info.filename!r} is {_mb(info.file_size)} uncompressed, above "
+            raise DataError(f"{label}: entry {info.filename!r} is {mb(info.file_size)} uncompressed, above "
                             f"unzip.max_entry_mb ({limits.max_entry_mb:g}); refusing to extract it")
         if info.file_size > limits.entry_budget(info):
             raise DataError(f"{label}: entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}"
-                            f"-fold ({_mb(info.compress_size)} -> {_mb(info.file_size)}), above unzip.max_ratio "
+                            f"-fold ({mb(info.compress_size)} -> {mb(info.file_size)}), above unzip.max_ratio "
                             f"({limits.max_ratio:g}): a zip bomb? refusing to extract it")
         total += info.file_size
     if total > budget:
-        raise DataError(f"{label}: {_mb(total)} uncompressed would exceed unzip.max_total_mb "
+        raise DataError(f"{label}: {mb(total)} uncompressed would exceed unzip.max_total_mb "
                         f"({limits.max_total_mb:g} MB for all zips); refusing to extract it")
     return total
 
@@ -126,7 +104,7 @@ def copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst, label: str, li
             while chunk := src.read(1 << 20):
                 n += len(chunk)
                 if n > limit:
-                    raise DataError(f"{label}: entry {info.filename!r} decompresses to more than {_mb(limit)}, "
+                    raise DataError(f"{label}: entry {info.filename!r} decompresses to more than {mb(limit)}, "
                                     "beyond what its directory says or the unzip limits allow; refusing it")
                 dst.write(chunk)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
@@ -247,16 +225,9 @@ def unzip_all(zips_dir: str | Path, out_dir: str | Path, limits: Limits | None =
     return counts
 
 
-def limits_of(params: dict) -> Limits:
-    """``unzip:`` of params.yaml (validated by :mod:`palm.params`) as :class:`Limits`."""
-    return Limits(**(params.get("unzip") or {}))
-
-
 def main(params: dict) -> None:
     data = params["data"]
     if data["source"] == "folder":  # your own photographs: palm.folder
-        from palm.folder import copy_folder
-
         n = copy_folder(data["input"], "data/raw", limits_of(params))
         print(f"copied {n} photographs and their labels from {data['input']} into data/raw")
         return
