@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from palm.errors import DataError
+from palm.folder import folder_labels
 from palm.fsutil import atomic_file
 from palm.layout import GT_FILE, TRAIN_DIR, VALID_DIR
 
@@ -129,8 +130,6 @@ def build_labels(raw_dir: str | Path) -> pd.DataFrame:
 def main(params: dict) -> None:
     data = params["data"]
     if data["source"] == "folder":  # your own photographs: palm.folder
-        from palm.folder import folder_labels
-
         df = folder_labels("data/raw", data["val_fraction"], data["split_seed"])
     else:
         df = build_labels("data/raw")
