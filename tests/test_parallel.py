@@ -6,6 +6,7 @@ project), with a ``sitecustomize`` on PYTHONPATH that records every file a rank 
 writing, creates, renames or removes, and can kill rank 0 (SIGKILL) as it starts a given file.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -119,7 +120,7 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path, shards, mo
     project(two, shards, nproc=2)
     proc, t_two, writes = stage(two)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 processes" in proc.stdout
+    assert "2 processes of 2 images per batch" in proc.stdout
 
     # the same weights and metrics
     w1 = load_state(one / "models" / "model.safetensors")
@@ -153,3 +154,77 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path, shards, mo
     assert strip_times(history(killed)) == strip_times(history(two))
     lines = (killed / "metrics" / "train" / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()
     assert len(lines) == 1 + 3
+
+
+def test_each_rank_takes_its_part_of_the_global_batches_of_one_process(shards):
+    """The batches of N ranks, put side by side, are the batches of one process, epoch by epoch."""
+    from palm.dataset import FundusDataset, load_split, make_loader
+
+    ds = FundusDataset(load_split(shards, "train"), seed=3)
+    for drop_last, batch in ((True, 6), (False, 16), (True, 4)):
+        one = make_loader(ds, batch, shuffle=True, seed=3, drop_last=drop_last).batch_sampler
+        ranks = [make_loader(ds, batch, shuffle=True, seed=3, drop_last=drop_last, rank=r, nranks=2).batch_sampler
+                 for r in range(2)]
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            parts = [list(r) for r in ranks]
+            assert [a + b for a, b in zip(*parts, strict=True)] == list(one)
+            assert all(len(r) == len(one) for r in ranks)
+            assert all(len(a) == len(b) for a, b in zip(*parts))
+
+
+def test_the_global_batch_must_divide_among_the_processes():
+    from conftest import train_section
+
+    from palm.errors import ConfigError
+    from palm.train import effective_config
+
+    p = {"model": "lenet", "image_size": 32, "train": train_section(batch_size=6, nproc=4)}
+    with pytest.raises(ConfigError, match="train.batch_size = 6: the global batch must divide evenly among 4"):
+        effective_config(p)
+    assert effective_config({**p, "train": {**p["train"], "nproc": 3}})["nproc"] == 3
+    with pytest.raises(ConfigError, match="train.nproc = 0"):
+        effective_config({**p, "train": {**p["train"], "nproc": 0}})
+
+
+def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
+    """``python -m paddle.distributed.launch --nnodes 2 --nproc_per_node 2``: rank 3 of 4, the
+    second process of its machine; the launcher's count replaces train.nproc (and the fingerprint)."""
+    from conftest import train_section
+
+    from palm import parallel
+    from palm.errors import ConfigError
+    from palm.train import effective_config
+
+    assert parallel.current() == parallel.Rank(0, 1, 0, 1) and not parallel.launched()
+    for key, value in {"PADDLE_TRAINERS_NUM": "4", "PADDLE_TRAINER_ID": "3", "PADDLE_LOCAL_RANK": "1",
+                       "PADDLE_LOCAL_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    rank = parallel.current()
+    assert rank == parallel.Rank(3, 4, 1, 2) and parallel.launched() and not rank.writer
+    p = {"model": "lenet", "image_size": 32, "train": train_section(batch_size=8, nproc=1)}
+    assert effective_config(p)["nproc"] == 4
+    with pytest.raises(ConfigError, match="among 4 processes"):
+        effective_config({**p, "train": {**p["train"], "batch_size": 6}})
+
+
+@pytest.mark.filterwarnings("ignore:AmpScaler can only be enabled")  # on the CPU build; a GPU uses it
+@pytest.mark.parametrize("amp,device,expected", [("auto", "gpu:1", ("float16", True)), ("fp16", "cpu", ("float16", True)),
+                                                 ("bf16", "gpu:0", ("bfloat16", False)), ("auto", "cpu", None),
+                                                 ("off", "gpu:0", None)])
+def test_mixed_precision_is_fp16_with_a_loss_scaler_on_gpus_and_off_on_the_cpu(monkeypatch, amp, device, expected):
+    """``Trainer._amp``: the autocast each step runs under, and the loss scaler (fp16 only)."""
+    import paddle
+
+    from palm.train import Trainer
+
+    trainer = object.__new__(Trainer)
+    trainer.cfg = {"amp": amp}
+    monkeypatch.setattr(paddle.amp, "auto_cast", lambda **kw: kw)  # what the context would be made of
+    ctx, scaler, mode = trainer._amp(device)
+    if expected is None:
+        assert mode == "off" and scaler is None and ctx is contextlib.nullcontext
+        return
+    dtype, scaled = expected
+    assert ctx() == {"level": "O1", "dtype": dtype} and mode == {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    assert isinstance(scaler, paddle.amp.GradScaler) if scaled else scaler is None

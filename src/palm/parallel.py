@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 from palm.errors import ConfigError, PalmError, RunError, report
@@ -111,7 +112,9 @@ def spawn(fn, args: tuple, nprocs: int, gpu: bool):
 
     share = machine_share()
     os.environ[SLOT_ENV] = f"{share.slot}/{share.jobs}"  # the ranks share this run's slot and cores
-    ctx = dist.spawn(_rank_main, args=(fn, args), nprocs=nprocs, join=False, backend="nccl" if gpu else "gloo")
+    with warnings.catch_warnings():  # "trained under CPUONLY mode by using GLOO": as asked
+        warnings.filterwarnings("ignore", message="Your model will be trained under CPUONLY mode")
+        ctx = dist.spawn(_rank_main, args=(fn, args), nprocs=nprocs, join=False, backend="nccl" if gpu else "gloo")
     try:
         while True:
             try:
@@ -120,9 +123,9 @@ def spawn(fn, args: tuple, nprocs: int, gpu: bool):
             except Exception as exc:  # noqa: BLE001 - a rank failed: Paddle has stopped the others
                 codes = [p.exitcode for p in ctx.processes]
                 bad = next((c for c in codes if c not in (0, None)), 1)
-                text = str(exc).strip().splitlines()
+                text = str(exc).strip().splitlines()  # a traceback (not a palm error): its last line
                 err = RunError(f"a training process failed (exit status {bad}): "
-                               f"{text[-1] if text else 'see the lines above'}")
+                               + (text[-1] if len(text) > 1 else "its error is above"))
                 err.exit_code = bad if bad > 0 else err.exit_code
                 raise err from None
     finally:

@@ -113,24 +113,14 @@ def rank_share(share: Share, local_rank: int, local_size: int) -> Share:
     return Share(share.slot, share.jobs, cpus)
 
 
-def select_device(device: str = "auto", local_rank: int = 0, local_size: int = 1) -> str:
-    """``auto``: a GPU when Paddle has CUDA and a GPU is present, else the CPU.
-
-    ``gpu`` and ``auto`` take this run's GPU (``slot % GPUs``); ``gpu:N`` takes GPU N. A run
-    of several training processes on this machine (``local_size``) gives process
-    ``local_rank`` GPU ``(slot x local_size + local_rank) % GPUs`` and its part of the cores
-    (:func:`rank_share`). On the CPU, Paddle gets the process's cores as threads.
-    """
-    import paddle
-
+def resolve_device(device: str = "auto", local_rank: int = 0, local_size: int = 1, share: Share | None = None) -> str:
+    """The device ``device`` means for this process, without taking it (see :func:`select_device`)."""
     if device not in ("auto", "cpu", "gpu") and not (device.startswith("gpu:") and device[4:].isdigit()):
         raise ConfigError(f"device must be auto, cpu, gpu or gpu:N, got {device!r}")
     if local_size > 1 and ":" in device:
         raise ConfigError(f"device {device!r} names one GPU, but {local_size} training processes run on this "
                           "machine (train.nproc): set train.device to gpu or auto, one GPU per process")
-    share = rank_share(machine_share(), local_rank, local_size)
-    if local_size > 1 and share.cpus != machine_share().cpus:
-        os.sched_setaffinity(0, share.cpus)
+    share = share or machine_share()
     n_gpus = gpu_count()
     if device == "auto":
         device = "gpu" if n_gpus else "cpu"
@@ -142,9 +132,28 @@ def select_device(device: str = "auto", local_rank: int = 0, local_size: int = 1
         if index >= n_gpus:
             raise ConfigError(f"device {device!r} asked for, but this machine has {n_gpus} GPU(s)")
         device = f"gpu:{index}"
+    return device
+
+
+def select_device(device: str = "auto", local_rank: int = 0, local_size: int = 1) -> str:
+    """``auto``: a GPU when Paddle has CUDA and a GPU is present, else the CPU.
+
+    ``gpu`` and ``auto`` take this run's GPU (``slot % GPUs``); ``gpu:N`` takes GPU N. A run
+    of several training processes on this machine (``local_size``) gives process
+    ``local_rank`` GPU ``(slot x local_size + local_rank) % GPUs`` and its part of the cores
+    (:func:`rank_share`). On the CPU, Paddle gets the process's cores as threads.
+    """
+    import paddle
+
+    device = resolve_device(device, local_rank, local_size)
+    share = rank_share(machine_share(), local_rank, local_size)
+    if share.cpus != machine_share().cpus:
+        os.sched_setaffinity(0, share.cpus)
     paddle.base.core.set_num_threads(share.threads)
     paddle.set_device(device)
-    if share.jobs > 1:
-        print(f"{JOBS_ENV}={share.jobs}: slot {share.slot}, {share.threads} thread(s) on cores "
-              f"{','.join(map(str, share.cpus))}, device {device}", file=sys.stderr)
+    if share.jobs > 1 or local_size > 1:
+        who = [f"{JOBS_ENV}={share.jobs}: slot {share.slot}"] if share.jobs > 1 else []
+        who += [f"process {local_rank + 1} of {local_size} on this machine"] if local_size > 1 else []
+        print(f"{', '.join(who)}: {share.threads} thread(s) on cores {','.join(map(str, share.cpus))}, "
+              f"device {device}", file=sys.stderr)
     return device

@@ -47,7 +47,7 @@ from palm.errors import ConfigError, RunError
 from palm.metrics import choose_threshold, parse_threshold, score
 from palm.models import DROPOUT_MODELS, build_model, training_loss
 from palm.params import training_config
-from palm.runtime import gpu_count, select_device
+from palm.runtime import resolve_device, select_device
 from palm.splits import stratified_holdout
 from palm.weights import load_state, to_paddle
 
@@ -164,7 +164,7 @@ class Trainer:
         progress = self._resume(ckpt_dir, nets)
         live = self._live(live_dir, progress) if rank.writer else None
         print(f"training {cfg['model']} on {device} (amp {self.amp_mode}"
-              + (f", {rank.size} processes, {len(data.train_loader)} global batches of {cfg['batch_size']}"
+              + (f", {rank.size} processes of {int(cfg['batch_size']) // rank.size} images per batch"
                  if rank.size > 1 else "") + f"): {len(data.train)} images, "
               f"{len(data.hold)} held out, {len(data.train_loader)} steps/epoch, "
               f"epochs {progress.start + 1}..{cfg['epochs']}")
@@ -434,7 +434,8 @@ def main(params: dict) -> None:
     cfg = effective_config(params)
     nproc = int(cfg["nproc"])
     if nproc > 1 and not parallel.launched():
-        print(f"train.nproc = {nproc}: starting {nproc} training processes")
-        parallel.spawn(train_rank, (params,), nproc, gpu=cfg["device"] != "cpu" and gpu_count() > 0)
+        device = resolve_device(cfg["device"], 0, nproc)  # a bad device is one error here, not one per process
+        print(f"train.nproc = {nproc}: starting {nproc} training processes on {device.split(':')[0]}")
+        parallel.spawn(train_rank, (params,), nproc, gpu=device.startswith("gpu"))
     else:
         train_rank(params)
