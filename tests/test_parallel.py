@@ -173,16 +173,19 @@ def test_each_rank_takes_its_part_of_the_global_batches_of_one_process(shards):
             assert all(len(a) == len(b) for a, b in zip(*parts))
 
 
-def test_the_global_batch_must_divide_among_the_processes():
+def test_the_global_batch_must_divide_among_the_processes_and_their_count_is_part_of_the_run(shards):
     from conftest import train_section
 
     from palm.errors import ConfigError
-    from palm.train import effective_config
+    from palm.train import effective_config, fingerprint
 
     p = {"model": "lenet", "image_size": 32, "train": train_section(batch_size=6, nproc=4)}
     with pytest.raises(ConfigError, match="train.batch_size = 6: the global batch must divide evenly among 4"):
         effective_config(p)
-    assert effective_config({**p, "train": {**p["train"], "nproc": 3}})["nproc"] == 3
+    three = effective_config({**p, "train": {**p["train"], "nproc": 3}})
+    assert three["nproc"] == 3
+    # another process count is another run: its checkpoint is not resumed
+    assert fingerprint(three, shards) != fingerprint({**three, "nproc": 2}, shards)
     with pytest.raises(ConfigError, match="train.nproc = 0"):
         effective_config({**p, "train": {**p["train"], "nproc": 0}})
 

@@ -13,7 +13,10 @@ gradients are averaged by ``paddle.DataParallel``; only rank 0 writes anything.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -92,9 +95,19 @@ def same_everywhere(value: int, what: str) -> None:
                        "machines checkpoints/ must be one shared folder")
 
 
-def _rank_main(fn, args):
+def _die_with(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends (SIGKILL included): no orphan rank
+    goes on training and writing (Linux's parent-death signal)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
+def _rank_main(parent: int, fn, args):
     """A spawned rank: ``fn(*args)``; a palm error is printed as one line and becomes the rank's
     exit status, which :func:`spawn` passes on."""
+    _die_with(parent)
     try:
         return fn(*args)
     except PalmError as exc:
@@ -114,7 +127,7 @@ def spawn(fn, args: tuple, nprocs: int, gpu: bool):
     os.environ[SLOT_ENV] = f"{share.slot}/{share.jobs}"  # the ranks share this run's slot and cores
     with warnings.catch_warnings():  # "trained under CPUONLY mode by using GLOO": as asked
         warnings.filterwarnings("ignore", message="Your model will be trained under CPUONLY mode")
-        ctx = dist.spawn(_rank_main, args=(fn, args), nprocs=nprocs, join=False, backend="nccl" if gpu else "gloo")
+        ctx = dist.spawn(_rank_main, args=(os.getpid(), fn, args), nprocs=nprocs, join=False, backend="nccl" if gpu else "gloo")
     try:
         while True:
             try:

@@ -317,7 +317,8 @@ class Trainer:
     def _train_epoch(self, epoch: int, data: Data, nets: Nets) -> dict:
         """One pass over the learning images; returns the epoch's record (train loss, rate, seconds)."""
         cfg = self.cfg
-        paddle.seed(int(cfg["seed"]) * 100003 + epoch)  # dropout etc.: a function of (seed, epoch)
+        # dropout etc.: a function of (seed, epoch), and of the rank, whose images are others
+        paddle.seed(int(cfg["seed"]) * 100003 + epoch + 7919 * self.rank.rank)
         data.train_ds.set_epoch(epoch)
         nets.model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
