@@ -38,6 +38,33 @@ def test_each_queue_worker_takes_its_own_gpu_and_its_cores(monkeypatch, fake_gpu
     assert select_device("cpu") == "cpu"
 
 
+def test_each_training_process_takes_its_own_gpu_and_its_part_of_the_cores(monkeypatch, fake_gpus):
+    """train.nproc (or the launcher's --nproc_per_node) processes on one machine: process
+    ``local_rank`` takes GPU ``local_rank % GPUs`` (after its run's PALM_JOBS slot) and its part
+    of the run's cores as threads."""
+    pinned = []
+    monkeypatch.setattr(runtime.os, "sched_setaffinity", lambda pid, cpus: pinned.append(tuple(cpus)))
+    with_share(monkeypatch, Share(slot=0, jobs=1, cpus=(0, 1, 2, 3)))
+    assert [select_device("auto", r, 2) for r in range(2)] == ["gpu:0", "gpu:1"]
+    assert fake_gpus == ["threads=2", "gpu:0", "threads=2", "gpu:1"] and pinned == [(0, 1), (2, 3)]
+    assert [select_device("gpu", r, 8) for r in (3, 5)] == ["gpu:3", "gpu:1"]  # more processes than GPUs
+    assert select_device("cpu", 1, 2) == "cpu" and pinned[-1] == (2, 3)
+    with_share(monkeypatch, Share(slot=1, jobs=2, cpus=(2, 3)))   # the second of two queued runs
+    assert [select_device("gpu", r, 2) for r in range(2)] == ["gpu:2", "gpu:3"]
+    with pytest.raises(ConfigError, match="names one GPU, but 2 training processes"):
+        select_device("gpu:1", 0, 2)
+
+
+def test_spawned_training_processes_share_their_runs_slot(monkeypatch):
+    """A rank spawned by a run under PALM_JOBS takes no slot of its own: it has its run's."""
+    monkeypatch.setenv("PALM_JOBS", "4")
+    monkeypatch.setenv(runtime.SLOT_ENV, "2/4")
+    share = runtime.machine_share.__wrapped__()
+    assert (share.slot, share.jobs, share.cpus) == (2, 4, tuple(sorted(os.sched_getaffinity(0))))
+    assert runtime.rank_share(Share(0, 1, (0, 1, 2)), 1, 2).cpus == (1,)
+    assert runtime.rank_share(Share(0, 1, (0,)), 1, 2).cpus == (0,)  # fewer cores than processes: shared
+
+
 @pytest.mark.parametrize("device", ["tpu", "gpu:x", "gpu:9", "cuda"])
 def test_unknown_or_missing_devices_are_one_clear_error(monkeypatch, fake_gpus, device):
     with_share(monkeypatch, Share(0, 1, (0,)))

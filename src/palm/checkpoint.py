@@ -20,8 +20,10 @@ from palm.weights import load_state, save_state
 MANIFEST = "checkpoint.json"
 
 
-def load(ckpt_dir: Path, fingerprint: str):
-    """``(manifest, state)`` of the run ``fingerprint`` in ``ckpt_dir``, or None (none, unreadable, another run)."""
+def load(ckpt_dir: Path, fingerprint: str, tidy: bool = True):
+    """``(manifest, state)`` of the run ``fingerprint`` in ``ckpt_dir``, or None (none, unreadable, another run).
+    ``tidy``: remove the files the manifest does not name (a reader that is not the writer, such
+    as a training process other than rank 0, does not)."""
     meta_path = ckpt_dir / MANIFEST
     if not meta_path.is_file():
         return None
@@ -33,7 +35,8 @@ def load(ckpt_dir: Path, fingerprint: str):
     if meta.get("fingerprint") != fingerprint or "state_file" not in meta:
         print("checkpoint is from other parameters or data: starting afresh")
         return None
-    remove_unlisted(ckpt_dir, meta)
+    if tidy:
+        remove_unlisted(ckpt_dir, meta)
     return meta, load_state(ckpt_dir / meta["state_file"])
 
 

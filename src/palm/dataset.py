@@ -109,23 +109,59 @@ class FundusDataset(paddle.io.Dataset):
         return to_chw_float(img), np.array([self.split.labels[i]], dtype=np.float32)
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The order of the ``n`` training images in ``epoch``: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 1]).permutation(n).tolist()
+
+
 class EpochShuffleSampler(paddle.io.Sampler):
-    """A different, reproducible order each epoch: a permutation seeded by (seed, epoch)."""
+    """A different, reproducible order each epoch (:func:`epoch_order`)."""
 
     def __init__(self, dataset: FundusDataset, seed: int):
         super().__init__(dataset)
         self.dataset, self.seed = dataset, seed
 
     def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.dataset.epoch, 1]).permutation(len(self.dataset)).tolist())
+        return iter(epoch_order(self.seed, self.dataset.epoch, len(self.dataset)))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
 
+class RankBatchSampler(paddle.io.DistributedBatchSampler):
+    """Rank ``rank``'s part of every global batch of ``batch_size`` images: the global batches
+    are those one process makes of :func:`epoch_order` (``drop_last`` alike), and each is cut
+    into ``nranks`` consecutive equal parts (a global batch smaller than ``batch_size``, the
+    only one of a training set no larger than it, as evenly as it goes). So N processes see
+    exactly the batches one process sees, the augmentation of each image included."""
+
+    def __init__(self, dataset: FundusDataset, batch_size: int, seed: int, rank: int, nranks: int,
+                 drop_last: bool):
+        super().__init__(dataset, batch_size // nranks, num_replicas=nranks, rank=rank, shuffle=True,
+                         drop_last=drop_last)
+        self.global_batch, self.seed = batch_size, seed
+
+    def __iter__(self):
+        order = epoch_order(self.seed, self.dataset.epoch, len(self.dataset))
+        for start in range(0, len(order), self.global_batch):
+            batch = order[start:start + self.global_batch]
+            if len(batch) < self.global_batch and self.drop_last:
+                return
+            yield np.array_split(np.asarray(batch), self.nranks)[self.local_rank].tolist()
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+
+
 def make_loader(dataset: FundusDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                workers: int = 0, drop_last: bool = False) -> paddle.io.DataLoader:
-    sampler = EpochShuffleSampler(dataset, seed) if shuffle else paddle.io.SequenceSampler(dataset)
-    batch_sampler = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
+                workers: int = 0, drop_last: bool = False, rank: int = 0, nranks: int = 1) -> paddle.io.DataLoader:
+    """Batches of ``dataset`` (shuffled per epoch, or in order); with ``nranks`` > 1, rank
+    ``rank``'s parts of the global batches of ``batch_size`` (:class:`RankBatchSampler`)."""
+    if shuffle and nranks > 1:
+        batch_sampler = RankBatchSampler(dataset, batch_size, seed, rank, nranks, drop_last)
+    else:
+        sampler = EpochShuffleSampler(dataset, seed) if shuffle else paddle.io.SequenceSampler(dataset)
+        batch_sampler = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
     return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                                 use_shared_memory=workers > 0)

@@ -90,6 +90,7 @@ class TrainParams(Section):
     device: Annotated[str, Field(pattern=r"^(auto|cpu|gpu(:\d+)?)$")]
     amp: Literal["auto", "off", "fp16", "bf16"]
     workers: NonNegInt
+    nproc: Count
     to_static: StrictBool
     threshold: Threshold
     input_size: Optional[Side] = None
@@ -117,6 +118,7 @@ class ModelOverrides(Section):
     device: Optional[Annotated[str, Field(pattern=r"^(auto|cpu|gpu(:\d+)?)$")]] = None
     amp: Optional[Literal["auto", "off", "fp16", "bf16"]] = None
     workers: Optional[NonNegInt] = None
+    nproc: Optional[Count] = None
     to_static: Optional[StrictBool] = None
     threshold: Optional[Threshold] = None
     input_size: Optional[Side] = None

@@ -26,6 +26,7 @@ from palm.errors import ConfigError
 
 JOBS_ENV = "PALM_JOBS"
 SLOT_DIR_ENV = "PALM_SLOT_DIR"           # where the slot locks live (default: the system's temp dir)
+SLOT_ENV = "PALM_SLOT"                   # "slot/jobs" a run hands the training processes it spawns
 # The user's thread count, read before Paddle's import sets an unset one to "1" (when Paddle
 # was imported first, a "1" may be Paddle's own and is not taken as the user's).
 USER_THREADS = os.environ.get("OMP_NUM_THREADS")
@@ -76,6 +77,10 @@ def machine_share() -> Share:
     """This process's share of the machine (taken once; see the module's doc)."""
     jobs = _jobs()
     cpus = tuple(sorted(os.sched_getaffinity(0)))
+    inherited = os.environ.get(SLOT_ENV, "")
+    if inherited.count("/") == 1:  # a rank spawned by a run: its slot, its cores (the affinity is inherited)
+        slot, jobs = (int(v) for v in inherited.split("/"))
+        return Share(slot, jobs, cpus)
     if jobs == 1:
         return Share(0, 1, cpus)
     slot = _take_slot(jobs)
@@ -90,31 +95,65 @@ def configured_device(params: dict) -> str:
     return str((params.get("train") or {}).get("device", "auto"))
 
 
-def select_device(device: str = "auto") -> str:
-    """``auto``: a GPU when Paddle has CUDA and a GPU is present, else the CPU.
-
-    ``gpu`` and ``auto`` take this run's GPU (``slot % GPUs``); ``gpu:N`` takes GPU N.
-    On the CPU, Paddle gets this run's share of the cores as threads.
-    """
+def gpu_count() -> int:
+    """The GPUs this Paddle can use (0 on its CPU build)."""
     import paddle
 
+    return paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
+
+
+def rank_share(share: Share, local_rank: int, local_size: int) -> Share:
+    """The part of a run's ``share`` that one of its ``local_size`` training processes on this
+    machine gets: an equal part of the cores (all of them, shared, when there are fewer cores
+    than processes); ``OMP_NUM_THREADS`` exported by the user is taken per process."""
+    if local_size <= 1:
+        return share
+    per = len(share.cpus) // local_size
+    cpus = share.cpus[local_rank * per:(local_rank + 1) * per] if per else share.cpus
+    return Share(share.slot, share.jobs, cpus)
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0, local_size: int = 1, share: Share | None = None) -> str:
+    """The device ``device`` means for this process, without taking it (see :func:`select_device`)."""
     if device not in ("auto", "cpu", "gpu") and not (device.startswith("gpu:") and device[4:].isdigit()):
         raise ConfigError(f"device must be auto, cpu, gpu or gpu:N, got {device!r}")
-    share = machine_share()
-    n_gpus = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
+    if local_size > 1 and ":" in device:
+        raise ConfigError(f"device {device!r} names one GPU, but {local_size} training processes run on this "
+                          "machine (train.nproc): set train.device to gpu or auto, one GPU per process")
+    share = share or machine_share()
+    n_gpus = gpu_count()
     if device == "auto":
         device = "gpu" if n_gpus else "cpu"
     if device.startswith("gpu"):
         if not n_gpus:
             raise ConfigError(f"device {device!r} asked for, but this Paddle has no usable GPU "
                             "(install Paddle's CUDA build, or set train.device: cpu)")
-        index = int(device[4:]) if ":" in device else share.slot % n_gpus
+        index = int(device[4:]) if ":" in device else (share.slot * local_size + local_rank) % n_gpus
         if index >= n_gpus:
             raise ConfigError(f"device {device!r} asked for, but this machine has {n_gpus} GPU(s)")
         device = f"gpu:{index}"
+    return device
+
+
+def select_device(device: str = "auto", local_rank: int = 0, local_size: int = 1) -> str:
+    """``auto``: a GPU when Paddle has CUDA and a GPU is present, else the CPU.
+
+    ``gpu`` and ``auto`` take this run's GPU (``slot % GPUs``); ``gpu:N`` takes GPU N. A run
+    of several training processes on this machine (``local_size``) gives process
+    ``local_rank`` GPU ``(slot x local_size + local_rank) % GPUs`` and its part of the cores
+    (:func:`rank_share`). On the CPU, Paddle gets the process's cores as threads.
+    """
+    import paddle
+
+    device = resolve_device(device, local_rank, local_size)
+    share = rank_share(machine_share(), local_rank, local_size)
+    if share.cpus != machine_share().cpus:
+        os.sched_setaffinity(0, share.cpus)
     paddle.base.core.set_num_threads(share.threads)
     paddle.set_device(device)
-    if share.jobs > 1:
-        print(f"{JOBS_ENV}={share.jobs}: slot {share.slot}, {share.threads} thread(s) on cores "
-              f"{','.join(map(str, share.cpus))}, device {device}", file=sys.stderr)
+    if share.jobs > 1 or local_size > 1:
+        who = [f"{JOBS_ENV}={share.jobs}: slot {share.slot}"] if share.jobs > 1 else []
+        who += [f"process {local_rank + 1} of {local_size} on this machine"] if local_size > 1 else []
+        print(f"{', '.join(who)}: {share.threads} thread(s) on cores {','.join(map(str, share.cpus))}, "
+              f"device {device}", file=sys.stderr)
     return device

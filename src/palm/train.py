@@ -10,6 +10,9 @@
   parameters and data, and starts afresh when they changed.
 - Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
   same seed on the same machine gives the same metrics, resumed or not.
+- ``train.nproc`` > 1 trains data-parallel (:mod:`palm.parallel`): every process sees its part
+  of each global batch of ``batch_size``, gradients are averaged, only rank 0 writes. Batch-norm
+  statistics are each process's own (no SyncBatchNorm).
 
 Output: the trained-model folder ``models/`` (:mod:`palm.artifact`: weights and ``model.json``).
 
@@ -25,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -36,14 +40,14 @@ import paddle
 from dvclive import Live
 from tqdm import tqdm
 
-from palm import artifact, checkpoint
+from palm import artifact, checkpoint, parallel
 from palm.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.ema import WeightEMA
 from palm.errors import ConfigError, RunError
 from palm.metrics import choose_threshold, parse_threshold, score
 from palm.models import DROPOUT_MODELS, build_model, training_loss
 from palm.params import training_config
-from palm.runtime import select_device
+from palm.runtime import resolve_device, select_device
 from palm.splits import stratified_holdout
 from palm.weights import load_state, to_paddle
 
@@ -71,6 +75,10 @@ def effective_config(params: dict) -> dict:
                           "scripts/cross_validate.py --threshold RULE and set the number it prints)")
     if cfg["dropout"] is not None and name not in DROPOUT_MODELS:
         raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
+    rank = parallel.current()
+    if rank.size > 1 and cfg["nproc"] != rank.size:  # started by paddle.distributed.launch: its count
+        cfg["nproc"] = rank.size
+    parallel.check_batch(int(cfg["batch_size"]), int(cfg["nproc"]))
     return cfg
 
 
@@ -95,7 +103,7 @@ class Data:
     train: Split
     hold: Split
     train_ds: FundusDataset
-    train_loader: object
+    train_loader: object  # this process's part of each global batch
     hold_loader: object | None
 
 
@@ -103,7 +111,8 @@ class Data:
 class Nets:
     """The network being trained, its weight average, and what updates it."""
 
-    model: object
+    model: object          # the network (its weights are what is saved)
+    trained: object        # what the steps run: the network, or paddle.DataParallel of it
     ema: WeightEMA | None
     opt: object
     sched: object
@@ -130,6 +139,7 @@ class Progress:
 class Trainer:
     def __init__(self, params: dict, shards_dir: str | Path = "data/shards"):
         self.cfg = effective_config(params)
+        self.rank = parallel.current()
         self.shards_dir = Path(shards_dir)
         self.fp = fingerprint(self.cfg, self.shards_dir)
 
@@ -138,29 +148,38 @@ class Trainer:
         # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
         # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
         with paddle.utils.unique_name.guard():
-            return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+            if self.rank.writer:
+                return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
 
-    def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict:
-        cfg = self.cfg
-        device = select_device(cfg["device"])
+    def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict | None:
+        """Rank 0 (a lone process included) returns what it saved; the other ranks write nothing."""
+        cfg, rank = self.cfg, self.rank
+        device = select_device(cfg["device"], rank.local_rank, rank.local_size)
+        if rank.size > 1:
+            parallel.init()
         data = self._data()
         nets = self._networks(data, device)
         progress = self._resume(ckpt_dir, nets)
-        shutil.rmtree(live_dir, ignore_errors=True)
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-        for rec in progress.history:  # replay what the checkpoint remembers, so the curves are whole
-            self._log(live, rec)
-        print(f"training {cfg['model']} on {device} (amp {self.amp_mode}): {len(data.train)} images, "
+        live = self._live(live_dir, progress) if rank.writer else None
+        print(f"training {cfg['model']} on {device} (amp {self.amp_mode}"
+              + (f", {rank.size} processes of {int(cfg['batch_size']) // rank.size} images per batch"
+                 if rank.size > 1 else "") + f"): {len(data.train)} images, "
               f"{len(data.hold)} held out, {len(data.train_loader)} steps/epoch, "
               f"epochs {progress.start + 1}..{cfg['epochs']}")
         t_start = time.perf_counter()
         for epoch in range(progress.start, int(cfg["epochs"])):
             rec = self._train_epoch(epoch, data, nets)
+            if not rank.writer:
+                continue
             rec.update(self._holdout_epoch(data, nets))
             progress.history.append(rec)
             self._log(live, rec)
             print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
             self._checkpoint(ckpt_dir, epoch, rec, data, nets, progress)
+        if not rank.writer:
+            return None
         info = self._finish(model_dir, ckpt_dir, data, nets, progress, device)
         live.summary = {**{k: v for k, v in progress.history[progress.best["epoch"] - 1].items() if k != "epoch"},
                         "selected_epoch": progress.best["epoch"], "train_seconds": info["train_seconds"]}
@@ -169,6 +188,14 @@ class Trainer:
         print(f"saved {model_dir / artifact.MODEL_INFO} and its weights (epoch {progress.best['epoch']}); "
               f"this run trained for {time.perf_counter() - t_start:.1f}s")
         return info
+
+    def _live(self, live_dir: Path, progress: Progress) -> Live:
+        """dvclive's logger, with the checkpoint's history replayed so that the curves are whole."""
+        shutil.rmtree(live_dir, ignore_errors=True)
+        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        for rec in progress.history:
+            self._log(live, rec)
+        return live
 
     # -- set-up ----------------------------------------------------------------------
     def _data(self) -> Data:
@@ -187,8 +214,10 @@ class Trainer:
                               f"{', '.join(Augment.__dataclass_fields__)})") from None
         train_ds = FundusDataset(train, augment, seed=seed)
         bs = int(cfg["batch_size"])
+        if len(train_ds) < self.rank.size:
+            raise ConfigError(f"train.nproc: {self.rank.size} processes, but only {len(train_ds)} training images")
         train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=int(cfg["workers"]),
-                                   drop_last=len(train_ds) > bs)
+                                   drop_last=len(train_ds) > bs, rank=self.rank.rank, nranks=self.rank.size)
         hold_loader = make_loader(FundusDataset(hold), bs, shuffle=False) if len(hold) else None
         return Data(train, hold, train_ds, train_loader, hold_loader)
 
@@ -223,13 +252,16 @@ class Trainer:
                 raise ConfigError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
                                   "are not reproducible from train.seed; use it for networks without dropout")
             model = paddle.jit.to_static(model, full_graph=True)
+        # the same initial weights on every rank (paddle.seed above); DataParallel averages the gradients
+        trained = paddle.DataParallel(model) if self.rank.size > 1 else model
         opt, sched = self._optimizer(model, len(data.train_loader))
         ema = WeightEMA(model, new_network(), cfg["ema"]) if cfg["ema"] else None
         n_pos = int(data.train.labels.sum())
         pos_weight = None
         if cfg["class_balance"] and n_pos:
             pos_weight = paddle.to_tensor([(len(data.train) - n_pos) / n_pos], dtype="float32")
-        return Nets(model, ema, opt, sched, paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight), amp_ctx, scaler)
+        return Nets(model, trained, ema, opt, sched, paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight), amp_ctx,
+                    scaler)
 
     def _optimizer(self, model, steps_per_epoch: int):
         """AdamW or Nesterov momentum, with a linear warm-up into a cosine or constant rate."""
@@ -255,10 +287,18 @@ class Trainer:
         return opt, sched
 
     def _resume(self, ckpt_dir: Path, nets: Nets) -> Progress:
-        """The progress of this run's checkpoint, loaded into ``nets``; a fresh start without one."""
-        resumed = checkpoint.load(ckpt_dir, self.fp)
+        """The progress of this run's checkpoint, loaded into ``nets``; a fresh start without one.
+        Every rank loads the same checkpoint (on several machines, ``checkpoints/`` is shared)."""
+        progress = self._load_checkpoint(ckpt_dir, nets)
+        if self.rank.size > 1:
+            parallel.same_everywhere(progress.start, "the epoch to resume from")
+        return progress
+
+    def _load_checkpoint(self, ckpt_dir: Path, nets: Nets) -> Progress:
+        resumed = checkpoint.load(ckpt_dir, self.fp, tidy=self.rank.writer)
         if resumed is None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if self.rank.writer:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
             return Progress()
         meta, state = resumed
         nets.model.set_state_dict(state["model"])
@@ -277,11 +317,13 @@ class Trainer:
     def _train_epoch(self, epoch: int, data: Data, nets: Nets) -> dict:
         """One pass over the learning images; returns the epoch's record (train loss, rate, seconds)."""
         cfg = self.cfg
-        paddle.seed(int(cfg["seed"]) * 100003 + epoch)  # dropout etc.: a function of (seed, epoch)
+        # dropout etc.: a function of (seed, epoch), and of the rank, whose images are others
+        paddle.seed(int(cfg["seed"]) * 100003 + epoch + 7919 * self.rank.rank)
         data.train_ds.set_epoch(epoch)
         nets.model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
-        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", dynamic_ncols=True)
+        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", dynamic_ncols=True,
+                   disable=not self.rank.writer)
         for x, y in bar:
             lv = self._step(nets, x, y)
             if not math.isfinite(lv):
@@ -290,6 +332,8 @@ class Trainer:
             total += lv * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.4f}")
+        if self.rank.size > 1:  # the mean over every global batch, as one process logs it
+            total, n = parallel.all_reduce_sum([total, n])
         return {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(nets.sched.get_lr()),
                 "epoch_seconds": time.perf_counter() - t0}
 
@@ -297,7 +341,7 @@ class Trainer:
     def _step(nets: Nets, x, y) -> float:
         """One optimizer step on the batch ``(x, y)`` (loss scaled under fp16); returns its loss."""
         with nets.amp_ctx():
-            loss = training_loss(nets.model(x), y, nets.loss_fn)
+            loss = training_loss(nets.trained(x), y, nets.loss_fn)
         if nets.scaler is not None:
             nets.scaler.scale(loss).backward()
             nets.scaler.step(nets.opt)
@@ -380,5 +424,19 @@ class Trainer:
         live.next_step()
 
 
+def train_rank(params: dict) -> dict | None:
+    """One training process: the whole run, or one rank of a distributed one."""
+    return Trainer(params).run()
+
+
 def main(params: dict) -> None:
-    Trainer(params).run()
+    """The train stage: one process, or ``train.nproc`` ranks spawned on this machine, or (under
+    ``paddle.distributed.launch``) this process as one rank of the launcher's job."""
+    cfg = effective_config(params)
+    nproc = int(cfg["nproc"])
+    if nproc > 1 and not parallel.launched():
+        device = resolve_device(cfg["device"], 0, nproc)  # a bad device is one error here, not one per process
+        print(f"train.nproc = {nproc}: starting {nproc} training processes on {device.split(':')[0]}")
+        parallel.spawn(train_rank, (params,), nproc, gpu=device.startswith("gpu"))
+    else:
+        train_rank(params)
