@@ -87,7 +87,8 @@ def decode_job(files, image_size, input_size):
 def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
     import paddle
 
-    from palm.artifact import DEFAULT_THRESHOLD, write_info
+    from palm.artifact import write_info
+    from palm.metrics import DEFAULT_THRESHOLD
     from palm.models import build_model
     from palm.weights import MODEL_WEIGHTS, save_state
 

@@ -7,7 +7,7 @@ This module is the one writer and the one reader of that folder's description. `
 - ``model``: the network's name in :data:`palm.models.MODELS`;
 - ``image_size``: the side of the square images ``preprocess`` decodes (what a new photograph
   is decoded to); ``input_size``: the side the network takes (older files: ``image_size``);
-- ``threshold``: PM if the probability is at least this (:data:`DEFAULT_THRESHOLD` if absent),
+- ``threshold``: PM if the probability is at least this (:data:`palm.metrics.DEFAULT_THRESHOLD` if absent),
   and ``threshold_rule``, where it came from;
 - what the training run was (``selected_epoch``, ``epochs``, ``device``, ``config``, ...), for people.
 
@@ -25,12 +25,11 @@ import numpy as np
 
 from palm.errors import DataError
 from palm.fsutil import atomic_dir
+from palm.metrics import DEFAULT_THRESHOLD  # a model whose model.json names none
 from palm.models import build_model, main_logits, model_names
 from palm.weights import MODEL_WEIGHTS, check_model_dir, load_state
 
 MODEL_INFO = "model.json"
-#: the operating threshold of a model whose model.json names none
-DEFAULT_THRESHOLD = 0.5
 
 
 def write_info(folder: str | Path, info: dict) -> None:

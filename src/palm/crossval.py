@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from palm.artifact import DEFAULT_THRESHOLD
 from palm.dataset import Split, load_split
 from palm.errors import DataError
 from palm.evaluate import predict_valid
-from palm.metrics import score
+from palm.metrics import DEFAULT_THRESHOLD, score
 from palm.shards import SplitWriter, new_manifest, write_manifest
 from palm.splits import fold_of
 from palm.train import Trainer

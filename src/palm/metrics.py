@@ -35,6 +35,8 @@ import numpy as np
 from palm.errors import ConfigError, DataError
 
 N_BOOT = 2000
+#: PM if the probability is at least this, unless a model or params.yaml says otherwise
+DEFAULT_THRESHOLD = 0.5
 BOOT_SEED = 0
 ECE_BINS = 10
 # PM prevalence of a screening population: population studies put it at 0.9-3.1%
@@ -208,7 +210,7 @@ def _bootstrap(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, prevalen
     return out
 
 
-def score(labels, probs, threshold: float = 0.5, prevalence: float = DEFAULT_PREVALENCE,
+def score(labels, probs, threshold: float = DEFAULT_THRESHOLD, prevalence: float = DEFAULT_PREVALENCE,
           n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
     """All reported metrics of PM probabilities ``probs`` against 0/1 ``labels``, as a flat dict.
 

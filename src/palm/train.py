@@ -44,7 +44,7 @@ from palm import artifact, checkpoint, parallel
 from palm.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.ema import WeightEMA
 from palm.errors import ConfigError, RunError
-from palm.metrics import choose_threshold, parse_threshold, score
+from palm.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
 from palm.models import DROPOUT_MODELS, build_model, training_loss
 from palm.params import training_config
 from palm.runtime import resolve_device, select_device
@@ -92,7 +92,7 @@ def fingerprint(cfg: dict, shards_dir: Path) -> str:
 
 def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     """Loss, accuracy (at the default threshold) and AUC of the holdout, by :func:`palm.metrics.score`."""
-    m = score(labels, probs, artifact.DEFAULT_THRESHOLD, n_boot=0)
+    m = score(labels, probs, DEFAULT_THRESHOLD, n_boot=0)
     return {"loss": m["loss"], "accuracy": m["accuracy"], "auc": float("nan") if m["auc"] is None else m["auc"]}
 
 
