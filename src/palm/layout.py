@@ -53,13 +53,6 @@ class Limits:
         return int(min(self.max_entry_mb * MB, by_ratio))
 
 
-MB = 1 << 20
-
-
-def _mb(n: float) -> str:
-    return f"{n / MB:.1f} MB"
-
-
 def limits_of(params: dict) -> Limits:
     """``unzip:`` of params.yaml (validated by :mod:`palm.params`) as :class:`Limits`."""
     return Limits(**(params.get("unzip") or {}))
