@@ -43,6 +43,12 @@ class RunError(PalmError):
     exit_code = EXIT_INTERNAL
 
 
+def listing(rows, limit: int = 10) -> str:
+    """The first ``limit`` of ``rows`` for a message, and how many there are in all when more."""
+    rows = list(rows)
+    return ", ".join(str(r) for r in rows[:limit]) + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
 def report(exc: BaseException) -> int:
     """Print ``exc`` to standard error as one line; return the exit status for it."""
     import os

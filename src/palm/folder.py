@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from palm.errors import DataError
-from palm.fsutil import atomic_dir
+from palm.errors import DataError, listing
+from palm.fsutil import atomic_dir, copy_at_most
+from palm.image import IMAGE_SUFFIXES
 from palm.layout import MB, Limits, mb
 from palm.splits import train_valid_split
 
@@ -46,13 +47,6 @@ OPTIONAL = ("group", "split")
 LABEL_VALUES = {"1": 1, "pm": 1, "0": 0, "non-pm": 0, "nonpm": 0, "non_pm": 0, "non pm": 0}
 SPLIT_VALUES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid"}
 SPLITS = ("train", "valid")
-#: files whose suffix says "photograph": those not in the table are named in a warning
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-
-
-def _listing(rows, limit: int = 10) -> str:
-    rows = list(rows)
-    return ", ".join(str(r) for r in rows[:limit]) + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
 
 
 def _label(value: str):
@@ -105,25 +99,25 @@ def read_table(path: str | Path) -> pd.DataFrame:
     names = df["image"].str.strip()
     empty = out["row"][names == ""]
     if len(empty):
-        raise DataError(f"{path}: empty image in row(s) {_listing(empty)}")
+        raise DataError(f"{path}: empty image in row(s) {listing(empty)}")
     rel = [_relative(n) for n in names]
     bad = [f"row {r} ({n!r})" for r, n, p in zip(out["row"], names, rel) if p is None]
     if bad:
         raise DataError(f"{path}: image path(s) must stay inside the folder (no absolute path, no '..'): "
-                        f"{_listing(bad)}")
+                        f"{listing(bad)}")
     rel = pd.Series(rel, index=df.index, dtype=object)
     if (rel == LABELS_CSV).any():
         raise DataError(f"{path}: row {out['row'][rel == LABELS_CSV].iloc[0]} lists {LABELS_CSV} itself as an image")
     dup = rel[rel.duplicated(keep=False)]
     if len(dup):
         rows = [f"{n} (rows {', '.join(str(r) for r in out['row'][rel == n])})" for n in sorted(set(dup))]
-        raise DataError(f"{path}: image(s) listed more than once: {_listing(rows)}")
+        raise DataError(f"{path}: image(s) listed more than once: {listing(rows)}")
     out["image"] = rel.to_numpy()
 
     labels = [_label(v) for v in df["label"]]
     bad = [f"row {r} ({n}: {v!r})" for r, n, v, p in zip(out["row"], rel, df["label"], labels) if p is None]
     if bad:
-        raise DataError(f"{path}: label must be 0 or 1 (or PM / non-PM); bad value in {_listing(bad)}")
+        raise DataError(f"{path}: label must be 0 or 1 (or PM / non-PM); bad value in {listing(bad)}")
     out["label"] = np.array(labels, dtype=np.int64)
 
     if "group" in df.columns:
@@ -132,7 +126,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         splits = [SPLIT_VALUES.get(v.strip().lower()) for v in df["split"]]
         bad = [f"row {r} ({n}: {v!r})" for r, n, v, s in zip(out["row"], rel, df["split"], splits) if s is None]
         if bad:
-            raise DataError(f"{path}: split must be train or valid (or val, validation); bad value in {_listing(bad)}")
+            raise DataError(f"{path}: split must be train or valid (or val, validation); bad value in {listing(bad)}")
         out["split"] = splits
     return out
 
@@ -166,14 +160,11 @@ def _unlisted(root: Path, listed: set[str]) -> list[str]:
 
 
 def _copy(src: Path, dst: Path, limit: int, what: str) -> int:
-    n = 0
     fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as f, open(dst, "xb") as out:  # "x": never replaces a file
-        while chunk := f.read(1 << 20):
-            n += len(chunk)
-            if n > limit:
-                raise DataError(f"{what} grew past the unzip limits while being copied; refusing it")
-            out.write(chunk)
+        n = copy_at_most(f, out, limit)
+    if n is None:
+        raise DataError(f"{what} grew past the unzip limits while being copied; refusing it")
     return n
 
 
@@ -214,12 +205,12 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
                             f"({limits.max_total_mb:g} MB); stopping")
         sources.append(real)
     if missing:
-        raise DataError(f"{csv}: listed image(s) not found in {folder}: {_listing(missing)}")
+        raise DataError(f"{csv}: listed image(s) not found in {folder}: {listing(missing)}")
     flat = table["image"].map(flat_name)
     clash = flat.str.casefold().duplicated(keep=False)
     if clash.any():
         rows = [f"{r} ({n})" for r, n in zip(table["row"][clash], table["image"][clash])]
-        raise DataError(f"{csv}: rows {_listing(rows)} would be copied to the same name; rename one")
+        raise DataError(f"{csv}: rows {listing(rows)} would be copied to the same name; rename one")
 
     budget = int(limits.max_total_mb * MB)
     with atomic_dir(out_dir) as tmp:
@@ -236,7 +227,7 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
     unlisted = _unlisted(folder, set(table["image"]))
     if unlisted:
         print(f"warning: {len(unlisted)} photograph(s) in {folder} are not in {LABELS_CSV} and not used: "
-              + _listing(unlisted), file=sys.stderr)
+              + listing(unlisted), file=sys.stderr)
     return len(table)
 
 
@@ -251,7 +242,7 @@ def folder_labels(raw_dir: str | Path, val_fraction: float = 0.2, split_seed: in
     table = read_table(csv)
     missing = [f"{n} (row {r})" for r, n in zip(table["row"], table["image"]) if not (raw_dir / n).is_file()]
     if missing:
-        raise DataError(f"{csv}: listed image(s) not found in {raw_dir}: {_listing(missing)}")
+        raise DataError(f"{csv}: listed image(s) not found in {raw_dir}: {listing(missing)}")
     how = ""
     if "split" not in table.columns:
         table = table.sort_values("image", kind="stable").reset_index(drop=True)  # row order does not matter

@@ -67,6 +67,18 @@ OUTPUT_PARENTS = (".", "data", "data/labels", "metrics", "metrics/eval", "checkp
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:-|$)")
 
 
+def copy_at_most(src, dst, limit: int) -> int | None:
+    """Copy the file object ``src`` to ``dst`` a megabyte at a time; the bytes copied, or None as
+    soon as they would pass ``limit`` (``dst`` then holds a part, for the caller to discard)."""
+    n = 0
+    while chunk := src.read(1 << 20):
+        n += len(chunk)
+        if n > limit:
+            return None
+        dst.write(chunk)
+    return n
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -17,21 +17,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from palm.errors import DataError
+from palm.errors import DataError, listing
 from palm.folder import folder_labels
 from palm.fsutil import atomic_file
 from palm.layout import GT_FILE, TRAIN_DIR, VALID_DIR
 
 REQUIRED_COLUMNS = ("imgName", "Label")
 TRAIN_NAME = re.compile(r"^([HNP])\d+\.jpe?g$", re.IGNORECASE)
-IMAGE_SUFFIXES = (".jpg", ".jpeg")
+PALM_SUFFIXES = (".jpg", ".jpeg")     # the PALM photographs' (palm.image.IMAGE_SUFFIXES: any we read)
 CLASS_OF_PREFIX = {"P": 1, "H": 0, "N": 0}
-
-
-def _listing(rows, limit: int = 10) -> str:
-    rows = list(rows)
-    shown = ", ".join(str(r) for r in rows[:limit])
-    return shown + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
 
 
 def training_labels(raw_dir: Path) -> pd.DataFrame:
@@ -41,7 +35,7 @@ def training_labels(raw_dir: Path) -> pd.DataFrame:
     if bad:
         raise DataError(
             f"{folder}: training file name(s) must be H, N or P followed by a number and .jpg "
-            f"(H/N = non-PM, P = PM): {_listing(bad)}"
+            f"(H/N = non-PM, P = PM): {listing(bad)}"
         )
     if not files:
         raise DataError(f"{folder}: no training images")
@@ -83,7 +77,7 @@ def validation_labels(raw_dir: Path) -> pd.DataFrame:
     names = df["imgName"].map(lambda v: "" if pd.isna(v) else str(v).strip())
     empty = excel_row[names == ""]
     if len(empty):
-        raise DataError(f"{gt_path}: empty imgName in row(s) {_listing(empty)}")
+        raise DataError(f"{gt_path}: empty imgName in row(s) {listing(empty)}")
 
     def parse_label(v):
         if isinstance(v, bool) or pd.isna(v):
@@ -97,21 +91,21 @@ def validation_labels(raw_dir: Path) -> pd.DataFrame:
     labels = pd.Series([parse_label(v) for v in df["Label"]], index=df.index, dtype=object)
     bad = [f"row {r} ({n}: {v!r})" for r, n, v, p in zip(excel_row, names, df["Label"], labels) if p is None]
     if bad:
-        raise DataError(f"{gt_path}: Label must be 0 or 1; bad value in {_listing(bad)}")
+        raise DataError(f"{gt_path}: Label must be 0 or 1; bad value in {listing(bad)}")
 
     dup = names[names.duplicated(keep=False)]
     if len(dup):
         rows = [f"{n} (rows {', '.join(str(r) for r in excel_row[names == n])})" for n in sorted(set(dup))]
-        raise DataError(f"{gt_path}: image(s) listed more than once: {_listing(rows)}")
+        raise DataError(f"{gt_path}: image(s) listed more than once: {listing(rows)}")
 
     folder = raw_dir / VALID_DIR
     present = {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
     not_found = [f"{n} (row {r})" for r, n in zip(excel_row, names) if n not in present]
     if not_found:
-        raise DataError(f"{gt_path}: listed image(s) not found in {folder}: {_listing(not_found)}")
-    unlabelled = sorted(n for n in present - set(names) if n.lower().endswith(IMAGE_SUFFIXES))
+        raise DataError(f"{gt_path}: listed image(s) not found in {folder}: {listing(not_found)}")
+    unlabelled = sorted(n for n in present - set(names) if n.lower().endswith(PALM_SUFFIXES))
     if unlabelled:
-        raise DataError(f"{folder}: validation image(s) without a label in {GT_FILE}: {_listing(unlabelled)}")
+        raise DataError(f"{folder}: validation image(s) without a label in {GT_FILE}: {listing(unlabelled)}")
 
     order = names.argsort(kind="stable")
     return pd.DataFrame({

@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from palm import artifact
 from palm.decode import decode_stream
-from palm.image import to_chw_float
+from palm.image import IMAGE_SUFFIXES, to_chw_float
 from palm.inference import load_engine
 from palm.quality import OK
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
 
 

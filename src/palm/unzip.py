@@ -33,7 +33,7 @@ from pathlib import Path
 
 from palm.errors import DataError
 from palm.folder import copy_folder
-from palm.fsutil import atomic_dir
+from palm.fsutil import atomic_dir, copy_at_most
 from palm.layout import (
     GT_DIR,
     GT_FILE,
@@ -98,17 +98,14 @@ def open_zip(source, label: str) -> zipfile.ZipFile:
 
 def copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst, label: str, limit: int) -> int:
     """Stream ``info`` into ``dst``, stopping with an error past ``limit`` bytes (the directory may lie)."""
-    n = 0
     try:
         with zf.open(info) as src:
-            while chunk := src.read(1 << 20):
-                n += len(chunk)
-                if n > limit:
-                    raise DataError(f"{label}: entry {info.filename!r} decompresses to more than {mb(limit)}, "
-                                    "beyond what its directory says or the unzip limits allow; refusing it")
-                dst.write(chunk)
+            n = copy_at_most(src, dst, limit)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"{label}: cannot extract entry {info.filename!r} ({exc})") from None
+    if n is None:
+        raise DataError(f"{label}: entry {info.filename!r} decompresses to more than {mb(limit)}, "
+                        "beyond what its directory says or the unzip limits allow; refusing it")
     return n
 
 
