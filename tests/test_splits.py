@@ -34,3 +34,13 @@ def test_patient_groups_stay_on_one_side_of_the_holdout_and_of_the_folds():
 def test_too_few_patients_for_the_holdout_is_one_line_naming_the_parameter():
     with pytest.raises(DataError, match="train.holdout"):
         stratified_holdout(LABELS[:4], ["a", "a", "b", "b"], 0.2, seed=0)
+
+
+def test_images_without_a_patient_group_are_each_their_own_group_in_the_folds():
+    labels = np.array([1, 0] * 10)
+    groups = ["a", "a", "b", "b"] + [""] * 16          # 16 images with no patient id
+    folds = fold_of(labels, groups, 3, seed=0)
+    assert folds[0] == folds[1] and folds[2] == folds[3]
+    assert set(folds[4:]) == {0, 1, 2}                  # not all dealt into one fold as one "" group
+    with pytest.raises(DataError, match="2 patient group"):
+        fold_of(labels[:4], groups[:4], 3, seed=0)

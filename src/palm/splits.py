@@ -63,14 +63,10 @@ def fold_of(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) ->
     if len(labels) < k:
         raise DataError(f"{len(labels)} training images cannot make {k} folds")
     if _patients(groups):
-        folds = np.zeros(len(labels), dtype=np.int64)
-        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for fold, (_, idx) in enumerate(cv.split(np.zeros(len(labels)), np.asarray(labels).astype(int),
-                                                     [str(g) for g in groups])):
-                folds[idx] = fold
-        return folds
+        keys = _group_keys(groups, len(labels))
+        if len(set(keys)) < k:
+            raise DataError(f"{len(set(keys))} patient group(s) cannot make {k} folds")
+        return _group_folds(labels, keys, k, seed)
     keys = strata(labels, groups)
     rng = np.random.default_rng([seed, 4099])
     folds = np.zeros(len(labels), dtype=np.int64)
@@ -103,7 +99,6 @@ def train_valid_split(labels, fraction: float, seed: int, groups=None,
         raise DataError(f"{key} must be between 0 and 1, got {fraction}")
     if n < 2:
         raise DataError(f"{n} image(s) cannot be split into train and valid")
-    valid = np.zeros(n, dtype=bool)
     if groups is None:
         if min(int(y.sum()), int(n - y.sum())) < 2:
             raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} {fraction:g}: "
@@ -113,21 +108,35 @@ def train_valid_split(labels, fraction: float, seed: int, groups=None,
         except ValueError as exc:
             raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} "
                             f"{fraction:g}: {exc}") from None
+        valid = np.zeros(n, dtype=bool)
         valid[test_idx] = True
         return valid
-    keys = np.array(["" if g is None else str(g) for g in groups], dtype=object)
-    if len(keys) != n:
-        raise ValueError("labels and groups differ in length")
-    alone = keys == ""
-    keys[alone] = [f"\0image-{i}" for i in np.flatnonzero(alone)]  # no group: its own
+    keys = _group_keys(groups, n)
     n_groups = len(set(keys))
     k = max(2, int(round(1 / fraction)))
     if n_groups < k:
         raise DataError(f"{n_groups} group(s) cannot be split {k} ways ({key} {fraction:g}): "
                         f"add groups or raise {key}")
+    return _group_folds(y, keys, k, seed) == 0
+
+
+def _group_keys(groups, n: int) -> np.ndarray:
+    """Each image's group as a string; an image without one (empty) is a group of its own."""
+    keys = np.array(["" if g is None else str(g) for g in groups], dtype=object)
+    if len(keys) != n:
+        raise ValueError("labels and groups differ in length")
+    alone = keys == ""
+    keys[alone] = [f"\0image-{i}" for i in np.flatnonzero(alone)]
+    return keys
+
+
+def _group_folds(labels, keys: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold number (0..k-1) of each image: whole groups dealt into ``k`` label-stratified folds,
+    seeded (scikit-learn's ``StratifiedGroupKFold``)."""
+    folds = np.zeros(len(keys), dtype=np.int64)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # "least populated class ... less than n_splits": checked by the caller
+    with warnings.catch_warnings():  # "least populated class ... less than n_splits": checked by the callers
         warnings.simplefilter("ignore", UserWarning)
-        _, test_idx = next(cv.split(np.zeros(n), y, keys))
-    valid[test_idx] = True
-    return valid
+        for fold, (_, idx) in enumerate(cv.split(np.zeros(len(keys)), np.asarray(labels).astype(int), keys)):
+            folds[idx] = fold
+    return folds
