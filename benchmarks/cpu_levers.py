@@ -72,7 +72,7 @@ def child(opts: dict) -> dict:
     import palm  # noqa: F401  (the project's thread settings, unless the lever overrides them)
     import paddle
 
-    from palm.models import build_model
+    from palm.nn.models import build_model
     from palm.runtime import select_device
 
     select_device("cpu")

@@ -24,11 +24,11 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from palm.artifact import input_size
-    from palm.decode import decode_stream
-    from palm.image import to_chw_float
-    from palm.inference import load_engine
-    from palm.predict import find_images
+    from palm.nn.artifact import input_size
+    from palm.serve.decode import decode_stream
+    from palm.data.image import to_chw_float
+    from palm.serve.inference import load_engine
+    from palm.serve.predict import find_images
 
     files = find_images(args.paths)
     ref_engine, info = load_engine(args.model, device="cpu", engine="eager")

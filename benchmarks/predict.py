@@ -3,7 +3,7 @@
 For the default network (SE-ResNet18: photographs decoded to 224 px, network at 96 px) and
 for ResNet50 at 224 px, with randomly initialised weights (speed does not depend on them):
 
-(a) decoding alone: ``palm.decode.decode_stream`` on full-size synthetic JPEGs, one process
+(a) decoding alone: ``palm.serve.decode.decode_stream`` on full-size synthetic JPEGs, one process
     per core;
 (b) the network alone, per engine, on a batch of ``--batch`` random images: eager Paddle,
     Paddle Inference with oneDNN off, with oneDNN (what ``palm predict`` uses), with oneDNN
@@ -43,7 +43,7 @@ def photos(folder: Path, size: tuple[int, int], n: int, distinct: int = 8) -> li
     import cv2
     import numpy as np
 
-    from palm.synthetic import draw_fundus
+    from palm.data.synthetic import draw_fundus
 
     folder.mkdir(parents=True, exist_ok=True)
     first = []
@@ -79,7 +79,7 @@ def timed(fn) -> float:
 
 
 def decode_job(files, image_size, input_size):
-    from palm.decode import decode_stream
+    from palm.serve.decode import decode_stream
 
     return lambda: all(d.error is None for d in decode_stream(files, image_size, input_size))
 
@@ -87,10 +87,10 @@ def decode_job(files, image_size, input_size):
 def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
     import paddle
 
-    from palm.artifact import write_info
-    from palm.metrics import DEFAULT_THRESHOLD
-    from palm.models import build_model
-    from palm.weights import MODEL_WEIGHTS, save_state
+    from palm.nn.artifact import write_info
+    from palm.evaluation.metrics import DEFAULT_THRESHOLD
+    from palm.nn.models import build_model
+    from palm.nn.weights import MODEL_WEIGHTS, save_state
 
     folder.mkdir(parents=True)
     paddle.seed(0)
@@ -106,12 +106,12 @@ def paddle_engines(models: Path, export: Path, batch: int, input_size: int) -> d
     import numpy as np
     import paddle.inference as pi
 
-    from palm.inference import load_engine, sigmoid
+    from palm.serve.inference import load_engine, sigmoid
     from palm.runtime import machine_share
 
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, input_size, input_size)).astype("float32")
     eager, _ = load_engine(models, device="cpu", engine="eager")
-    # Paddle Inference without oneDNN: configured here, palm.inference always enables it on the CPU
+    # Paddle Inference without oneDNN: configured here, palm.serve.inference always enables it on the CPU
     config = pi.Config(str(export / "inference.json"), str(export / "inference.pdiparams"))
     config.disable_gpu()
     config.disable_onednn()
@@ -163,7 +163,7 @@ def torch_engines(batch: int, size: int) -> dict:
 
 def end_to_end_job(model_dir: Path, files, batch: int):
     """(job: Predictor.predict on ``files``, seconds Predictor.load took)."""
-    from palm.predict import Predictor
+    from palm.serve.predict import Predictor
 
     t0 = time.perf_counter()
     predictor = Predictor.load(model_dir, device="cpu")
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds, the fastest counts")
     args = ap.parse_args(argv)
 
-    from palm.export import export
+    from palm.serve.export import export
     from palm.runtime import machine_share, select_device
 
     select_device("cpu")

@@ -21,8 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from palm.preprocess import decode_all
-from palm.synthetic import generate
+from palm.data.preprocess import decode_all
+from palm.data.synthetic import generate
 
 
 def seed_style(paths: list[str], size: int) -> np.ndarray:

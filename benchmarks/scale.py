@@ -2,8 +2,8 @@
 ``preprocess`` and of one training epoch, at growing data sizes.
 
 Synthetic photographs (a bright disc on a dark field with noise, ``--source-size`` px JPEGs)
-in the labels stage's layout go through :func:`palm.preprocess.preprocess` and one epoch of
-:class:`palm.train.Trainer` (``--model``, default LeNet, at ``--image-size`` px), each stage in
+in the labels stage's layout go through :func:`palm.data.preprocess.preprocess` and one epoch of
+:class:`palm.training.train.Trainer` (``--model``, default LeNet, at ``--image-size`` px), each stage in
 a fresh process that reports its own wall time and peak resident set size (``ru_maxrss``).
 Goals (issue #22): from the smallest to the largest size, seconds per image grow at most
 1.2x and peak memory at most 1.3x.
@@ -61,7 +61,7 @@ def labels_csv(root: Path, n: int, n_valid: int = 32) -> Path:
 
 # -- the measured stages, each run in a child process ---------------------------------------
 def child_preprocess(args) -> dict:
-    from palm.preprocess import preprocess
+    from palm.data.preprocess import preprocess
 
     t0 = time.perf_counter()
     preprocess(args.labels, args.raw, args.shards, image_size=args.image_size, shard_size=args.shard_size,
@@ -72,7 +72,7 @@ def child_preprocess(args) -> dict:
 def child_train(args) -> dict:
     import yaml
 
-    from palm.train import Trainer
+    from palm.training.train import Trainer
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = args.model

@@ -21,13 +21,13 @@ import palm  # noqa: F401  (CPU thread settings before paddle loads)
 import numpy as np
 import paddle
 
-from palm.dataset import Augment, FundusDataset, load_split, make_loader
-from palm.labels import build_labels
-from palm.models import build_model, training_loss
-from palm.preprocess import preprocess
+from palm.data.dataset import Augment, FundusDataset, load_split, make_loader
+from palm.data.labels import build_labels
+from palm.nn.models import build_model, training_loss
+from palm.data.preprocess import preprocess
 from palm.runtime import select_device
-from palm.synthetic import generate
-from palm.unzip import unzip_all
+from palm.data.synthetic import generate
+from palm.data.unzip import unzip_all
 
 
 def make_shards(tmp: Path, size: int, n: int) -> Path:

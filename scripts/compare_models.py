@@ -29,9 +29,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from palm.artifact import input_size, read_info
+from palm.nn.artifact import input_size, read_info
 from palm.fsutil import atomic_file
-from palm.models import model_names
+from palm.nn.models import model_names
 
 MODELS = model_names()  # every registered network, in the registry's order
 COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")

@@ -1,6 +1,6 @@
 """K-fold cross-validation of params.yaml's training recipe on the training images only.
 
-For tuning defaults without ever looking at the validation set (``palm.crossval``): each
+For tuning defaults without ever looking at the validation set (``palm.training.crossval``): each
 fold of the TRAINING split of the shards (``data/shards``, written by ``dvc repro
 preprocess``) is predicted by the recipe trained on the other folds, and the pooled
 out-of-fold predictions are scored. Compare recipes with ``--set``, as ``dvc exp run -S``:
@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 
 from palm.config import load_params
-from palm.crossval import apply_overrides, cross_validate
+from palm.training.crossval import apply_overrides, cross_validate
 from palm.errors import PalmError, report
 from palm.fsutil import atomic_file
-from palm.metrics import choose_threshold, parse_threshold, score
+from palm.evaluation.metrics import choose_threshold, parse_threshold, score
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
-"""DVC stage `evaluate`: see :mod:`palm.evaluate`."""
+"""DVC stage `evaluate`: see :mod:`palm.evaluation.evaluate`."""
 
 from palm.config import run_stage
-from palm.evaluate import main
+from palm.evaluation.evaluate import main
 
 if __name__ == "__main__":
     run_stage(main)

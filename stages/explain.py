@@ -1,7 +1,7 @@
-"""DVC stage `explain`: see :mod:`palm.explain`."""
+"""DVC stage `explain`: see :mod:`palm.evaluation.explain`."""
 
 from palm.config import run_stage
-from palm.explain import main
+from palm.evaluation.explain import main
 
 if __name__ == "__main__":
     run_stage(main)

@@ -1,7 +1,7 @@
-"""DVC stage `export`: see :mod:`palm.export`."""
+"""DVC stage `export`: see :mod:`palm.serve.export`."""
 
 from palm.config import run_stage
-from palm.export import main
+from palm.serve.export import main
 
 if __name__ == "__main__":
     run_stage(main)

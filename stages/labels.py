@@ -1,7 +1,7 @@
-"""DVC stage `labels`: see :mod:`palm.labels`."""
+"""DVC stage `labels`: see :mod:`palm.data.labels`."""
 
 from palm.config import run_stage
-from palm.labels import main
+from palm.data.labels import main
 
 if __name__ == "__main__":
     run_stage(main)

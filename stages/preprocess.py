@@ -1,7 +1,7 @@
-"""DVC stage `preprocess`: see :mod:`palm.preprocess`."""
+"""DVC stage `preprocess`: see :mod:`palm.data.preprocess`."""
 
 from palm.config import run_stage
-from palm.preprocess import main
+from palm.data.preprocess import main
 
 if __name__ == "__main__":
     run_stage(main)

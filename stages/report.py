@@ -1,7 +1,7 @@
-"""DVC stage `report`: see :mod:`palm.report`."""
+"""DVC stage `report`: see :mod:`palm.evaluation.report`."""
 
 from palm.config import run_stage
-from palm.report import main
+from palm.evaluation.report import main
 
 if __name__ == "__main__":
     run_stage(main)

@@ -1,7 +1,7 @@
-"""DVC stage `synthesize`: the embedded default data set, see :mod:`palm.synthesize` and :mod:`palm.synthetic`."""
+"""DVC stage `synthesize`: the embedded default data set, see :mod:`palm.data.synthesize` and :mod:`palm.data.synthetic`."""
 
 from palm.config import run_stage
-from palm.synthesize import main
+from palm.data.synthesize import main
 
 if __name__ == "__main__":
     run_stage(main)

@@ -1,7 +1,7 @@
-"""DVC stage `train`: see :mod:`palm.train`."""
+"""DVC stage `train`: see :mod:`palm.training.train`."""
 
 from palm.config import run_stage
-from palm.train import main
+from palm.training.train import main
 
 if __name__ == "__main__":
     run_stage(main)

@@ -1,7 +1,7 @@
-"""DVC stage `unzip`: see :mod:`palm.unzip`."""
+"""DVC stage `unzip`: see :mod:`palm.data.unzip`."""
 
 from palm.config import run_stage
-from palm.unzip import main
+from palm.data.unzip import main
 
 if __name__ == "__main__":
     run_stage(main)

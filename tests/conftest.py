@@ -75,9 +75,9 @@ def make_palm_zips(folder: Path, train=("P0001.jpg", "P0002.jpg", "N0001.jpg", "
 
 def make_shards(tmp: Path, train, valid=(("V0001.jpg", 1), ("V0002.jpg", 0)), image_size: int = 32) -> Path:
     """``tmp/shards``: tiny PALM zips (``make_palm_zips``) through unzip, labels and preprocess."""
-    from palm.labels import build_labels
-    from palm.preprocess import preprocess
-    from palm.unzip import unzip_all
+    from palm.data.labels import build_labels
+    from palm.data.preprocess import preprocess
+    from palm.data.unzip import unzip_all
 
     unzip_all(make_palm_zips(tmp / "zips", train=train, valid=valid), tmp / "raw")
     build_labels(tmp / "raw").to_csv(tmp / "labels.csv", index=False)

@@ -78,6 +78,6 @@ def test_results_readme_table_is_the_committed_runs():
 
 
 def test_the_comparison_covers_every_registered_network():
-    from palm.models import model_names
+    from palm.nn.models import model_names
 
     assert compare_models.MODELS == model_names()

@@ -1,4 +1,4 @@
-"""Cross-validation on the training images (scripts/cross_validate.py, palm.crossval)."""
+"""Cross-validation on the training images (scripts/cross_validate.py, palm.training.crossval)."""
 
 import json
 import subprocess
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from conftest import make_shards, train_section
 
-from palm.crossval import apply_overrides
-from palm.dataset import load_split
+from palm.training.crossval import apply_overrides
+from palm.data.dataset import load_split
 from palm.errors import DataError
-from palm.splits import fold_of
+from palm.data.splits import fold_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [f"P{i:04d}.jpg" for i in range(7)] + [f"N{i:04d}.jpg" for i in range(5)] + ["H0001.jpg", "H0002.jpg", "H0003.jpg"]
@@ -72,7 +72,7 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
     wrong = int(((oof["probability"] >= 0.5).astype(int) != oof["label"]).sum())
     assert summary["errors"] == wrong and summary["accuracy"] == pytest.approx(1 - wrong / 15)
     # --threshold: the rule applied to the out-of-fold predictions, and their scores at it
-    from palm.metrics import choose_threshold
+    from palm.evaluation.metrics import choose_threshold
 
     t = choose_threshold(oof["label"], oof["probability"], "youden")
     assert summary["threshold_rule"] == "youden" and summary["chosen_threshold"] == pytest.approx(t)

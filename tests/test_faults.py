@@ -275,7 +275,9 @@ def test_broken_params_yaml_is_exit_2(tmp_path):
 
 
 def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
-    from palm import cli, config, predict
+    from palm import cli
+    from palm import config
+    from palm.serve import predict
     from palm.errors import RunError
 
     def boom(*args, **kwargs):

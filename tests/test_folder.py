@@ -1,4 +1,4 @@
-"""A folder of your own photographs as the data source (palm.folder, palm.splits): the same
+"""A folder of your own photographs as the data source (palm.data.folder, palm.data.splits): the same
 checks as the PALM path (test_unzip.py, test_labels.py), and the train/valid split."""
 
 import os
@@ -9,10 +9,10 @@ import pytest
 from conftest import jpeg_bytes
 
 from palm.errors import DataError
-from palm.folder import copy_folder, folder_labels
-from palm.layout import Limits
-from palm.preprocess import preprocess
-from palm.splits import train_valid_split
+from palm.data.folder import copy_folder, folder_labels
+from palm.data.layout import Limits
+from palm.data.preprocess import preprocess
+from palm.data.splits import train_valid_split
 
 
 def make_folder(root, rows, header="image,label", images=None, csv=None):

@@ -1,4 +1,4 @@
-"""Decoding one photograph (palm.image): unusual formats converted correctly or refused with a
+"""Decoding one photograph (palm.data.image): unusual formats converted correctly or refused with a
 reason, decoding limits, and ``palm predict`` going on past any one bad image."""
 
 import csv
@@ -10,12 +10,12 @@ import paddle
 import pytest
 from PIL import Image
 
-import palm.image
+import palm.data.image
 from palm.cli import main as palm_main
 from palm.errors import DataError
-from palm.image import load_image
-from palm.models import build_model
-from palm.weights import save_state
+from palm.data.image import load_image
+from palm.nn.models import build_model
+from palm.nn.weights import save_state
 
 SIZE = 32
 
@@ -63,10 +63,10 @@ def test_pixels_that_cannot_be_converted_faithfully_are_refused(tmp_path, mode, 
 
 def test_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
     cv2.imwrite(str(tmp_path / "big.png"), gradient(200, 300))
-    monkeypatch.setattr(palm.image, "MAX_PIXELS", 300 * 199)
+    monkeypatch.setattr(palm.data.image, "MAX_PIXELS", 300 * 199)
     with pytest.raises(DataError, match=r"big.png: 300x200 pixels is above the limit"):
         load_image(tmp_path / "big.png", SIZE)
-    monkeypatch.setattr(palm.image, "MAX_PIXELS", 10**9)
+    monkeypatch.setattr(palm.data.image, "MAX_PIXELS", 10**9)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own bomb check: also one line
     with pytest.raises(DataError, match=r"big.png: refusing to decode it"):
         load_image(tmp_path / "big.png", SIZE)
@@ -90,7 +90,7 @@ def test_predict_reports_each_bad_image_in_its_row_and_predicts_the_rest(tmp_pat
     cv2.imwrite(str(img / "c_sixteen.png"), gradient()[..., 0].astype(np.uint16) * 257)
     Image.new("F", (20, 20)).save(img / "d_float.tif")
     (img / "e_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    monkeypatch.setattr(palm.image, "MAX_PIXELS", 50_000)
+    monkeypatch.setattr(palm.data.image, "MAX_PIXELS", 50_000)
     out = tmp_path / "p.csv"
     code = palm_main(["predict", str(img), "--model", str(model_dir), "--out", str(out), "--quiet", "--batch-size", "2", "--grade-all"])
     rows = {r["image"].split("/")[-1]: r for r in csv.DictReader(out.open())}

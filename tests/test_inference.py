@@ -1,4 +1,4 @@
-"""The fast inference path (palm.inference) and decoding in worker processes (palm.decode).
+"""The fast inference path (palm.serve.inference) and decoding in worker processes (palm.serve.decode).
 
 Parity: Paddle Inference (oneDNN, fp32) gives eager Paddle's probabilities within
 ``FP32_TOL`` for every registered network, on synthetic photographs and on palm-mini's.
@@ -12,15 +12,15 @@ import paddle
 import pytest
 from conftest import PALM_MINI, requires_palm_mini
 
-from palm import inference
-from palm.decode import decode_stream
+from palm.serve import inference
+from palm.serve.decode import decode_stream
 from palm.errors import DataError
-from palm.image import load_image, to_chw_float
-from palm.inference import configure, load_engine
-from palm.models import build_model, model_names
-from palm.predict import Predictor
-from palm.synthetic import draw_fundus
-from palm.weights import MODEL_WEIGHTS, save_state
+from palm.data.image import load_image, to_chw_float
+from palm.serve.inference import configure, load_engine
+from palm.nn.models import build_model, model_names
+from palm.serve.predict import Predictor
+from palm.data.synthetic import draw_fundus
+from palm.nn.weights import MODEL_WEIGHTS, save_state
 
 FP32_TOL = 1e-4          # |probability(Paddle Inference fp32) - probability(eager)|
 SIZE = 64
@@ -91,7 +91,7 @@ def test_paddle_inference_matches_eager_on_real_photographs(tmp_path, name):
 
 
 def test_predict_runs_exports_and_weights_through_paddle_inference(tmp_path):
-    from palm.export import export
+    from palm.serve.export import export
 
     models = save_model(tmp_path / "models", "senet18")
     export(models, tmp_path / "export")
@@ -221,10 +221,10 @@ def test_evaluate_scores_the_validation_shards_through_paddle_inference(tmp_path
 
     from conftest import make_shards
 
-    from palm.artifact import load as load_trained
-    from palm.artifact import predict_probs
-    from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.evaluate import predict_valid
+    from palm.nn.artifact import load as load_trained
+    from palm.nn.artifact import predict_probs
+    from palm.data.dataset import FundusDataset, load_split, make_loader
+    from palm.evaluation.evaluate import predict_valid
 
     shards = make_shards(tmp_path, train=("P0001.jpg", "N0001.jpg"),
                          valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 1)), image_size=32)

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import make_palm_zips
 from palm.errors import DataError
-from palm.labels import build_labels
-from palm.unzip import unzip_all
+from palm.data.labels import build_labels
+from palm.data.unzip import unzip_all
 
 
 def raw_from(tmp_path, **kwargs):

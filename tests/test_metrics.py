@@ -1,4 +1,4 @@
-"""palm.metrics: every statistic against a value computed by hand or by scikit-learn."""
+"""palm.evaluation.metrics: every statistic against a value computed by hand or by scikit-learn."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, log_los
                              roc_auc_score)
 
 from palm.errors import ConfigError, DataError
-from palm.metrics import (choose_threshold, expected_calibration_error, parse_threshold, reliability_table,
+from palm.evaluation.metrics import (choose_threshold, expected_calibration_error, parse_threshold, reliability_table,
                           score, sensitivity_at_specificity, specificity_at_sensitivity, wilson_interval)
 
 # a known confusion matrix at 0.5: tp 3, fn 1, fp 2, tn 4
@@ -102,7 +102,7 @@ def test_bootstrap_intervals_are_reproducible_cover_the_estimate_and_are_fast():
     # the proportions' intervals are Wilson's: sensitivity tp of the 211 PM images
     assert (m["sensitivity_ci_low"], m["sensitivity_ci_high"]) == pytest.approx(wilson_interval(m["tp"], 211))
     # and the bootstrap's agree with it where both apply (the accuracy, on the same resamples)
-    from palm.metrics import _bootstrap
+    from palm.evaluation.metrics import _bootstrap
     boot = _bootstrap(labels, probs, (probs >= 0.5).astype(float), 0.02, 2000, 0)["accuracy"]
     assert np.percentile(boot, [2.5, 97.5]) == pytest.approx([m["accuracy_ci_low"], m["accuracy_ci_high"]], abs=0.01)
 
@@ -132,7 +132,7 @@ def test_wilson_interval_by_hand():
 
 def test_bootstrap_auc_matches_scikit_learn_on_a_resample():
     """The vectorised AUC of a resample equals roc_auc_score of the same resample drawn explicitly."""
-    from palm.metrics import _bootstrap
+    from palm.evaluation.metrics import _bootstrap
 
     rng = np.random.default_rng(3)
     labels = np.r_[np.ones(30), np.zeros(25)].astype(int)

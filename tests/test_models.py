@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from palm.models import DROPOUT_MODELS, MODELS, build_model, gradcam_layer, main_logits, model_names, training_loss
+from palm.nn.models import DROPOUT_MODELS, MODELS, build_model, gradcam_layer, main_logits, model_names, training_loss
 
 SMALL = 64
 # Overfit test: (image size, steps, lr). 32 px keeps the big networks quick; LeNet's

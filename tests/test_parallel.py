@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import REPO, make_shards
 
-from palm.weights import load_state
+from palm.nn.weights import load_state
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
 # LeNet has neither batch norm nor dropout: one process and two see the same arithmetic
@@ -104,7 +104,7 @@ def max_difference(h1, h2):
 
 
 def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path, shards, monkeypatch):
-    from palm.train import Trainer
+    from palm.training.train import Trainer
 
     # one process, the same global batch
     one = tmp_path / "one"
@@ -158,7 +158,7 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path, shards, mo
 
 def test_each_rank_takes_its_part_of_the_global_batches_of_one_process(shards):
     """The batches of N ranks, put side by side, are the batches of one process, epoch by epoch."""
-    from palm.dataset import FundusDataset, load_split, make_loader
+    from palm.data.dataset import FundusDataset, load_split, make_loader
 
     ds = FundusDataset(load_split(shards, "train"), seed=3)
     for drop_last, batch in ((True, 6), (False, 16), (True, 4)):
@@ -177,7 +177,7 @@ def test_the_global_batch_must_divide_among_the_processes_and_their_count_is_par
     from conftest import train_section
 
     from palm.errors import ConfigError
-    from palm.train import effective_config, fingerprint
+    from palm.training.train import effective_config, fingerprint
 
     p = {"model": "lenet", "image_size": 32, "train": train_section(batch_size=6, nproc=4)}
     with pytest.raises(ConfigError, match="train.batch_size = 6: the global batch must divide evenly among 4"):
@@ -195,9 +195,9 @@ def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
     second process of its machine; the launcher's count replaces train.nproc (and the fingerprint)."""
     from conftest import train_section
 
-    from palm import parallel
+    from palm.training import parallel
     from palm.errors import ConfigError
-    from palm.train import effective_config
+    from palm.training.train import effective_config
 
     assert parallel.current() == parallel.Rank(0, 1, 0, 1) and not parallel.launched()
     for key, value in {"PADDLE_TRAINERS_NUM": "4", "PADDLE_TRAINER_ID": "3", "PADDLE_LOCAL_RANK": "1",
@@ -219,7 +219,7 @@ def test_mixed_precision_is_fp16_with_a_loss_scaler_on_gpus_and_off_on_the_cpu(m
     """``Trainer._amp``: the autocast each step runs under, and the loss scaler (fp16 only)."""
     import paddle
 
-    from palm.train import Trainer
+    from palm.training.train import Trainer
 
     trainer = object.__new__(Trainer)
     trainer.cfg = {"amp": amp}

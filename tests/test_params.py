@@ -23,7 +23,7 @@ def with_(path: str, value):
 
 
 def test_the_repository_params_are_valid_and_the_model_list_is_the_networks():
-    from palm.models import model_names
+    from palm.nn.models import model_names
 
     assert validate(PARAMS) is PARAMS
     assert list(MODEL_NAMES) == model_names()

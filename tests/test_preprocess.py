@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from conftest import make_palm_zips
 
-from palm.dataset import Augment, FundusDataset, load_split
+from palm.data.dataset import Augment, FundusDataset, load_split
 from palm.errors import DataError
-from palm.image import load_image, to_chw_float
-from palm.labels import build_labels
-from palm.preprocess import preprocess
-from palm.splits import stratified_holdout
-from palm.unzip import unzip_all
+from palm.data.image import load_image, to_chw_float
+from palm.data.labels import build_labels
+from palm.data.preprocess import preprocess
+from palm.data.splits import stratified_holdout
+from palm.data.unzip import unzip_all
 
 
 def prepared(tmp_path, **kwargs):

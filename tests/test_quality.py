@@ -1,4 +1,4 @@
-"""palm.quality and palm predict's quality column: pictures that are not gradable fundus
+"""palm.serve.quality and palm predict's quality column: pictures that are not gradable fundus
 photographs are recognised, real and synthetic fundus photographs are not flagged."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from conftest import PALM_MINI, requires_palm_mini
 from palm.cli import main as palm_main
-from palm.quality import OK, REASONS, assess, check_file
-from palm.synthetic import draw_fundus
+from palm.serve.quality import OK, REASONS, assess, check_file
+from palm.data.synthetic import draw_fundus
 
 
 def fundus(seed=0, kind="P", size=(600, 600)):
@@ -86,8 +86,8 @@ def test_no_real_palm_mini_photograph_is_flagged():
 
 
 def save_model(folder, size=48):
-    from palm.models import build_model
-    from palm.weights import MODEL_WEIGHTS, save_state
+    from palm.nn.models import build_model
+    from palm.nn.weights import MODEL_WEIGHTS, save_state
 
     folder.mkdir(parents=True)
     paddle.seed(1)

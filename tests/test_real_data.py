@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from conftest import PALM_MINI, requires_palm_mini, train_section
 
-from palm.artifact import load as load_trained
-from palm.artifact import predict_probs
-from palm.dataset import FundusDataset, load_split, make_loader
-from palm.labels import build_labels
-from palm.metrics import score
-from palm.preprocess import preprocess
-from palm.train import Trainer
-from palm.unzip import unzip_all
+from palm.nn.artifact import load as load_trained
+from palm.nn.artifact import predict_probs
+from palm.data.dataset import FundusDataset, load_split, make_loader
+from palm.data.labels import build_labels
+from palm.evaluation.metrics import score
+from palm.data.preprocess import preprocess
+from palm.training.train import Trainer
+from palm.data.unzip import unzip_all
 
 pytestmark = [requires_palm_mini, pytest.mark.realdata]
 REAL_SIZE = 128

@@ -1,4 +1,4 @@
-"""palm.report: metrics/report.html parses, every embedded image decodes, every number is eval.json's."""
+"""palm.evaluation.report: metrics/report.html parses, every embedded image decodes, every number is eval.json's."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from palm.errors import DataError
-from palm.metrics import score
-from palm.report import fmt, write_report
+from palm.evaluation.metrics import score
+from palm.evaluation.report import fmt, write_report
 
 
 class Page(html.parser.HTMLParser):

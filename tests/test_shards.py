@@ -1,5 +1,5 @@
 """Memory that does not grow with the data: streaming preprocess, resume after a kill, shards read
-one image at a time (palm.shards, palm.preprocess, palm.dataset)."""
+one image at a time (palm.data.shards, palm.data.preprocess, palm.data.dataset)."""
 
 import json
 import os
@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from palm import preprocess as pp
-from palm.dataset import FundusDataset, load_split, make_loader
+from palm.data import preprocess as pp
+from palm.data.dataset import FundusDataset, load_split, make_loader
 from palm.errors import DataError
-from palm.image import resize_square
-from palm.shards import MANIFEST, open_split
+from palm.data.image import resize_square
+from palm.data.shards import MANIFEST, open_split
 
 
 def photo_folder(root, n, size=96, valid=3):

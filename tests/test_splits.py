@@ -1,11 +1,11 @@
-"""palm.splits: the internal holdout and the cross-validation folds, for PALM's subtypes and for
+"""palm.data.splits: the internal holdout and the cross-validation folds, for PALM's subtypes and for
 a folder source's patient groups."""
 
 import numpy as np
 import pytest
 
 from palm.errors import DataError
-from palm.splits import fold_of, stratified_holdout
+from palm.data.splits import fold_of, stratified_holdout
 
 LABELS = np.array([1] * 30 + [0] * 30)
 SUBTYPES = ["P"] * 30 + ["N"] * 24 + ["H"] * 6

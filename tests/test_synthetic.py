@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from palm import synthetic
-from palm.synthetic import SIZES, draw_fundus, generate
+from palm.data import synthetic
+from palm.data.synthetic import SIZES, draw_fundus, generate
 
 SCALE = 0.06
 SMALL_SIZES = {(round(w * SCALE), round(h * SCALE)) for w, h in SIZES}

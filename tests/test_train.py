@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import make_shards, train_section
 
-from palm import checkpoint
+from palm.nn import checkpoint
 from palm.errors import ConfigError
-from palm.train import Trainer, effective_config
+from palm.training.train import Trainer, effective_config
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
 
@@ -91,10 +91,10 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     on the original photographs gives what the network gives on those resized shards."""
     import contextlib
 
-    from palm.artifact import load as load_trained
-    from palm.artifact import predict_probs
-    from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.predict import Predictor
+    from palm.nn.artifact import load as load_trained
+    from palm.nn.artifact import predict_probs
+    from palm.data.dataset import FundusDataset, load_split, make_loader
+    from palm.serve.predict import Predictor
 
     info, _, out = run(tmp_path, shards, params(epochs=1, input_size=24))
     assert (info["image_size"], info["input_size"]) == (32, 24)
@@ -115,9 +115,9 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
 def test_static_graph_training_is_deterministic_and_saves_an_ordinary_model(tmp_path, shards):
     import contextlib
 
-    from palm.artifact import load as load_trained
-    from palm.artifact import predict_probs
-    from palm.dataset import FundusDataset, load_split, make_loader
+    from palm.nn.artifact import load as load_trained
+    from palm.nn.artifact import predict_probs
+    from palm.data.dataset import FundusDataset, load_split, make_loader
 
     p = params(epochs=2, to_static=True)
     _, h1, out = run(tmp_path / "a", shards, p)
@@ -138,7 +138,7 @@ def test_static_graph_training_is_refused_for_networks_with_dropout(tmp_path, sh
 def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, shards):
     """``train.ema``: the saved weights are the moving average, not the last step's weights,
     and the holdout metrics are those of the average (they differ from the plain run's)."""
-    from palm.weights import load_state
+    from palm.nn.weights import load_state
 
     _, plain, out_plain = run(tmp_path / "plain", shards, params(epochs=2, select="last"))
     _, avg, out_avg = run(tmp_path / "avg", shards, params(epochs=2, select="last", ema=0.9))
@@ -196,11 +196,11 @@ def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, sha
 def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
     import contextlib
 
-    from palm.artifact import load as load_trained
-    from palm.artifact import predict_probs
-    from palm.dataset import FundusDataset, load_split, make_loader
-    from palm.metrics import choose_threshold
-    from palm.splits import stratified_holdout
+    from palm.nn.artifact import load as load_trained
+    from palm.nn.artifact import predict_probs
+    from palm.data.dataset import FundusDataset, load_split, make_loader
+    from palm.evaluation.metrics import choose_threshold
+    from palm.data.splits import stratified_holdout
 
     p = params(epochs=1, threshold="youden", select="last")
     info, _, out = run(tmp_path, shards, p)

@@ -5,8 +5,8 @@ import pytest
 from conftest import make_palm_zips, write_zip
 
 from palm.errors import DataError
-from palm.layout import Limits
-from palm.unzip import unzip_all
+from palm.data.layout import Limits
+from palm.data.unzip import unzip_all
 
 
 def test_extracts_the_original_layout(tmp_path):

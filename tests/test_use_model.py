@@ -9,12 +9,12 @@ import paddle
 import pytest
 
 from palm.cli import main as palm_main
-from palm.explain import gradcam
-from palm.export import export
-from palm.image import load_image, to_chw_float
-from palm.models import build_model, gradcam_layer
-from palm.predict import Predictor
-from palm.weights import load_state, save_state
+from palm.evaluation.explain import gradcam
+from palm.serve.export import export
+from palm.data.image import load_image, to_chw_float
+from palm.nn.models import build_model, gradcam_layer
+from palm.serve.predict import Predictor
+from palm.nn.weights import load_state, save_state
 
 SIZE = 48
 
@@ -31,7 +31,7 @@ def save_model(folder, name="senet18"):
 
 def photos(folder, n=3):
     """Synthetic fundus photographs (gradable: palm predict diagnoses them)."""
-    from palm.synthetic import draw_fundus
+    from palm.data.synthetic import draw_fundus
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def test_saved_weights_round_trip_exactly_and_reject_other_files(tmp_path):
 
 
 def test_gradcam_figure_is_readable_and_captioned():
-    from palm.explain import caption, choose_images, figure
+    from palm.evaluation.explain import caption, choose_images, figure
     import pandas as pd
 
     rgb = cv2.circle(np.zeros((96, 96, 3), np.uint8), (48, 48), 40, (200, 80, 40), -1)

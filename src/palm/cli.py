@@ -34,7 +34,7 @@ def positive_int(text: str) -> int:
 def cmd_predict(args) -> int:
     # imported here, not at the top: it loads Paddle (seconds), which `palm --help` and a bad
     # argument do not need
-    from palm.predict import Predictor, find_images
+    from palm.serve.predict import Predictor, find_images
 
     files = find_images(args.paths)
     if not files:

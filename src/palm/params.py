@@ -10,7 +10,7 @@ load_params``, and again on the merged training configuration); a bad value is a
     params.yaml: models.alexnet.lr = -1: must be greater than 0
 
 Whole numbers (epochs, sizes, seeds) must be written as such: ``"2"`` and ``2.5`` are refused,
-not rounded. The ``synthetic:`` section belongs to :mod:`palm.synthesize`, which checks it.
+not rounded. The ``synthetic:`` section belongs to :mod:`palm.data.synthesize`, which checks it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic import (
 
 from palm.errors import ConfigError
 
-#: the networks of :data:`palm.models.MODELS` (listed here so that validating params.yaml does not
+#: the networks of :data:`palm.nn.models.MODELS` (listed here so that validating params.yaml does not
 #: import Paddle; tests/test_params.py checks that the two lists agree)
 MODEL_NAMES = ("lenet", "alexnet", "vgg16", "googlenet", "resnet50", "resnet101", "resnet152", "senet18")
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
@@ -40,7 +40,7 @@ Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
 Side = Annotated[StrictInt, Field(ge=16, le=4096)]
-#: a probability, or a rule (youden, sensitivity>=X, specificity>=X) that palm.metrics.parse_threshold reads
+#: a probability, or a rule (youden, sensitivity>=X, specificity>=X) that palm.evaluation.metrics.parse_threshold reads
 Threshold = Union[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)], Annotated[str, Field(min_length=1)]]
 
 
@@ -68,7 +68,7 @@ class PreprocessParams(Section):
 
 
 class AugmentParams(Section):
-    """Fields of :class:`palm.dataset.Augment`; those not given keep its defaults (off)."""
+    """Fields of :class:`palm.data.dataset.Augment`; those not given keep its defaults (off)."""
 
     hflip: Optional[StrictBool] = None
     vflip: Optional[StrictBool] = None

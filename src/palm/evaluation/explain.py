@@ -19,13 +19,13 @@ import paddle
 import paddle.nn.functional as F
 import pandas as pd
 
-from palm.artifact import input_size, load
-from palm.artifact import threshold as model_threshold
-from palm.dataset import load_split
+from palm.nn.artifact import input_size, load
+from palm.nn.artifact import threshold as model_threshold
+from palm.data.dataset import load_split
 from palm.fsutil import atomic_dir
-from palm.image import to_chw_float
-from palm.metrics import DEFAULT_THRESHOLD
-from palm.models import gradcam_layer, main_logits
+from palm.data.image import to_chw_float
+from palm.evaluation.metrics import DEFAULT_THRESHOLD
+from palm.nn.models import gradcam_layer, main_logits
 from palm.runtime import configured_device, select_device
 
 EXPLAIN_DIR = Path("metrics/explain")

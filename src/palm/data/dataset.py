@@ -1,7 +1,7 @@
 """Reading the preprocessed shards: a ``paddle.io.Dataset`` with optional augmentation.
 
 A :class:`Split` holds a split's labels and names; its pixels stay on disk and are read one
-image at a time (:class:`palm.shards.ShardImages`), so memory does not grow with the data.
+image at a time (:class:`palm.data.shards.ShardImages`), so memory does not grow with the data.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import paddle
 
-from palm.image import to_chw_float
-from palm.shards import ShardImages, open_split
+from palm.data.image import to_chw_float
+from palm.data.shards import ShardImages, open_split
 
 
 @dataclass

@@ -5,7 +5,7 @@ split of the shards is cut into ``k`` folds, stratified by group (H / N / P); fo
 the recipe (``Trainer``, exactly as the ``train`` stage runs it, its own internal holdout
 included) learns from the other folds and predicts this one. Every training image is
 predicted once, by a network that never saw it, and the pooled out-of-fold predictions
-are scored with :func:`palm.metrics.score`: ~300 images instead of one 45-image holdout.
+are scored with :func:`palm.evaluation.metrics.score`: ~300 images instead of one 45-image holdout.
 
 ``scripts/cross_validate.py`` is the command line.
 """
@@ -21,20 +21,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from palm.dataset import Split, load_split
+from palm.data.dataset import Split, load_split
 from palm.errors import DataError
-from palm.evaluate import predict_valid
-from palm.metrics import DEFAULT_THRESHOLD, score
-from palm.shards import SplitWriter, new_manifest, write_manifest
-from palm.splits import fold_of
-from palm.train import Trainer
+from palm.evaluation.evaluate import predict_valid
+from palm.evaluation.metrics import DEFAULT_THRESHOLD, score
+from palm.data.shards import SplitWriter, new_manifest, write_manifest
+from palm.data.splits import fold_of
+from palm.training.train import Trainer
 
 FOLD_SHARD_SIZE = 256
 
 
 def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, image_size: int) -> Path:
     """Shards whose ``train`` split is every other fold and whose ``valid`` split is ``fold``,
-    copied a shard's worth at a time (:class:`palm.shards.SplitWriter`)."""
+    copied a shard's worth at a time (:class:`palm.data.shards.SplitWriter`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(image_size, {"image_size": image_size, "fold": fold})
     for name, part in (("train", full.subset(np.flatnonzero(folds != fold))),

@@ -1,6 +1,6 @@
 """The ``unzip`` stage: the three original PALM zips -> ``data/raw/``.
 
-(With ``data.source: folder``, it copies a folder of your own photographs instead: :mod:`palm.folder`.)
+(With ``data.source: folder``, it copies a folder of your own photographs instead: :mod:`palm.data.folder`.)
 
 Layout written (the original folder names are kept)::
 
@@ -10,7 +10,7 @@ Layout written (the original folder names are kept)::
 
 Every entry is checked before anything is written: absolute paths, ``..`` components and
 symbolic links are refused (zip-slip), naming the entry; so are sizes beyond the limits
-(:class:`palm.layout.Limits`, ``unzip:`` in params.yaml): the total uncompressed size, one entry's size,
+(:class:`palm.data.layout.Limits`, ``unzip:`` in params.yaml): the total uncompressed size, one entry's size,
 and an entry's compression ratio (a zip bomb). The limits are checked from each zip's
 directory before extracting, and enforced again on the bytes actually decompressed. The
 nested training zip is streamed through an anonymous temporary file, never held in memory.
@@ -32,9 +32,9 @@ import zlib
 from pathlib import Path
 
 from palm.errors import DataError
-from palm.folder import copy_folder
+from palm.data.folder import copy_folder
 from palm.fsutil import atomic_dir, copy_at_most
-from palm.layout import (
+from palm.data.layout import (
     GT_DIR,
     GT_FILE,
     GT_ZIP,
@@ -224,7 +224,7 @@ def unzip_all(zips_dir: str | Path, out_dir: str | Path, limits: Limits | None =
 
 def main(params: dict) -> None:
     data = params["data"]
-    if data["source"] == "folder":  # your own photographs: palm.folder
+    if data["source"] == "folder":  # your own photographs: palm.data.folder
         n = copy_folder(data["input"], "data/raw", limits_of(params))
         print(f"copied {n} photographs and their labels from {data['input']} into data/raw")
         return

@@ -1,7 +1,7 @@
 """The ``evaluate`` stage: predicts the validation set with the saved model and scores it.
 
 Writes ``metrics/predictions.csv`` (image, label, probability, predicted) and computes
-every number in ``metrics/eval.json`` from that file with :func:`palm.metrics.score`
+every number in ``metrics/eval.json`` from that file with :func:`palm.evaluation.metrics.score`
 (intervals, calibration, operating characteristics), so the reported figures are exactly
 those of the saved predictions. The operating threshold is the one ``models/model.json``
 stores (chosen at training time, never on the validation set). ROC and precision-recall
@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
-from palm.artifact import input_size, threshold
-from palm.dataset import load_split
+from palm.nn.artifact import input_size, threshold
+from palm.data.dataset import load_split
 from palm.fsutil import atomic_file
-from palm.image import to_chw_float
-from palm.inference import load_engine
-from palm.metrics import DEFAULT_PREVALENCE, N_BOOT, score
+from palm.data.image import to_chw_float
+from palm.serve.inference import load_engine
+from palm.evaluation.metrics import DEFAULT_PREVALENCE, N_BOOT, score
 from palm.runtime import configured_device, select_device
 
 PREDICTIONS = Path("metrics/predictions.csv")
@@ -38,7 +38,7 @@ HIST_BINS = 20
 def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32, device: str = "auto"):
     """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
     the model's input size: ``(split, probabilities, model info)``. Scored by
-    :func:`palm.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run)."""
+    :func:`palm.serve.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run)."""
     engine, info = load_engine(model_dir, device=device)
     valid = load_split(shards_dir, "valid", size=input_size(info))
     probs = [engine(to_chw_float(valid.pixels[i:i + batch_size])) for i in range(0, len(valid), batch_size)]

@@ -70,7 +70,7 @@ def decode(source: str | Path | bytes, min_side: int) -> tuple[np.ndarray, tuple
             size = w, h = im.size
             if w * h > MAX_PIXELS:
                 raise DataError(f"{name}: {w}x{h} pixels is above the limit of {MAX_PIXELS:,} "
-                                "(palm.image.MAX_PIXELS); refusing to decode it")
+                                "(palm.data.image.MAX_PIXELS); refusing to decode it")
             im.draft("RGB", (min_side, min_side))
             rgb = _to_rgb(im, name)
     except DataError:

@@ -1,10 +1,10 @@
 """Applying a trained model to new photographs (``palm predict``).
 
-The images go through :func:`palm.image.load_image`, the very function the ``preprocess``
+The images go through :func:`palm.data.image.load_image`, the very function the ``preprocess``
 stage uses, so a new photograph is seen exactly as the training images were; they are
 decoded in worker processes while the network, run by Paddle Inference
-(:mod:`palm.inference`), scores the previous batch. Each one is also checked by
-:mod:`palm.quality` (on the same decoded image): a picture that is not a gradable fundus
+(:mod:`palm.serve.inference`), scores the previous batch. Each one is also checked by
+:mod:`palm.serve.quality` (on the same decoded image): a picture that is not a gradable fundus
 photograph (too dark, overexposed, blurred, no circular fundus, too small) is listed with
 that reason and no diagnosis, unless ``grade_all`` is asked for.
 """
@@ -19,11 +19,11 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from palm import artifact
-from palm.decode import decode_stream
-from palm.image import IMAGE_SUFFIXES, to_chw_float
-from palm.inference import load_engine
-from palm.quality import OK
+from palm.nn import artifact
+from palm.serve.decode import decode_stream
+from palm.data.image import IMAGE_SUFFIXES, to_chw_float
+from palm.serve.inference import load_engine
+from palm.serve.quality import OK
 
 FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
 
@@ -48,12 +48,12 @@ class Predictor:
     input_size: int         # what the network takes
     threshold: float
     name: str
-    engine: str = "eager"   # which engine runs it (palm.inference)
+    engine: str = "eager"   # which engine runs it (palm.serve.inference)
 
     @classmethod
     def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
              precision: str = "fp32") -> "Predictor":
-        """The model of ``model_dir``, run by :func:`palm.inference.load_engine` (Paddle Inference
+        """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
         by default, eager Paddle as the fallback)."""
         run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
         return cls(run, int(info["image_size"]), artifact.input_size(info), artifact.threshold(info),
@@ -66,7 +66,7 @@ class Predictor:
         ``grade_all``.
 
         The images are decoded by ``workers`` processes (default: one per core; 0: none)
-        while the network scores the previous batch (:func:`palm.decode.decode_stream`)."""
+        while the network scores the previous batch (:func:`palm.serve.decode.decode_stream`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if workers is None and len(files) < FEW_FILES:

@@ -1,20 +1,20 @@
 """The ``train`` stage: trains ``model`` (params.yaml) on the training shards.
 
 - The training split is divided into a stratified *internal holdout* (``train.holdout``,
-  :mod:`palm.splits`) and the images the network learns from. Model selection
+  :mod:`palm.data.splits`) and the images the network learns from. Model selection
   (``train.select``: ``best`` on the holdout, or ``last``) never looks at the validation set.
 - Per epoch it logs train loss and holdout loss/accuracy/AUC with dvclive
-  (``metrics/train``) and writes a checkpoint (:mod:`palm.checkpoint`): model, optimizer,
-  learning-rate schedule, weight average (:mod:`palm.ema`), epoch, best score and history. A
+  (``metrics/train``) and writes a checkpoint (:mod:`palm.nn.checkpoint`): model, optimizer,
+  learning-rate schedule, weight average (:mod:`palm.nn.ema`), epoch, best score and history. A
   run killed mid-training resumes from the last checkpoint when run again with the same
   parameters and data, and starts afresh when they changed.
 - Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
   same seed on the same machine gives the same metrics, resumed or not.
-- ``train.nproc`` > 1 trains data-parallel (:mod:`palm.parallel`): every process sees its part
+- ``train.nproc`` > 1 trains data-parallel (:mod:`palm.training.parallel`): every process sees its part
   of each global batch of ``batch_size``, gradients are averaged, only rank 0 writes. Batch-norm
   statistics are each process's own (no SyncBatchNorm).
 
-Output: the trained-model folder ``models/`` (:mod:`palm.artifact`: weights and ``model.json``).
+Output: the trained-model folder ``models/`` (:mod:`palm.nn.artifact`: weights and ``model.json``).
 
 The run is one function per phase: :meth:`Trainer._data` (shards, holdout, loaders),
 :meth:`Trainer._networks` (network, optimizer, weight average, loss), :meth:`Trainer._resume`,
@@ -40,16 +40,18 @@ import paddle
 from dvclive import Live
 from tqdm import tqdm
 
-from palm import artifact, checkpoint, parallel
-from palm.dataset import Augment, FundusDataset, Split, load_split, make_loader
-from palm.ema import WeightEMA
+from palm.nn import artifact
+from palm.nn import checkpoint
+from palm.training import parallel
+from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
+from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
-from palm.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
-from palm.models import DROPOUT_MODELS, build_model, training_loss
+from palm.evaluation.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
+from palm.nn.models import DROPOUT_MODELS, build_model, training_loss
 from palm.params import training_config
 from palm.runtime import resolve_device, select_device
-from palm.splits import stratified_holdout
-from palm.weights import load_state, to_paddle
+from palm.data.splits import stratified_holdout
+from palm.nn.weights import load_state, to_paddle
 
 # Paddle's notices at the first training step, not problems: batch norm's change of behaviour in
 # an old release, and a Tensor.place lookup inside its own static-graph (to_static) code.
@@ -91,7 +93,7 @@ def fingerprint(cfg: dict, shards_dir: Path) -> str:
 
 
 def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Loss, accuracy (at the default threshold) and AUC of the holdout, by :func:`palm.metrics.score`."""
+    """Loss, accuracy (at the default threshold) and AUC of the holdout, by :func:`palm.evaluation.metrics.score`."""
     m = score(labels, probs, DEFAULT_THRESHOLD, n_boot=0)
     return {"loss": m["loss"], "accuracy": m["accuracy"], "auc": float("nan") if m["auc"] is None else m["auc"]}
 

@@ -7,7 +7,7 @@
   --nproc_per_node N stages/train.py`` on each; every process is then already a rank
   (:func:`launched`) and trains as one.
 
-Each rank sees its share of every global batch (:class:`palm.dataset.RankBatchSampler`); the
+Each rank sees its share of every global batch (:class:`palm.data.dataset.RankBatchSampler`); the
 gradients are averaged by ``paddle.DataParallel``; only rank 0 writes anything.
 """
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from palm.errors import DataError
-from palm.image import resize_square
+from palm.data.image import resize_square
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -134,7 +134,7 @@ class ShardImages:
     Array-like where the pipeline needs it (``len``, ``shape``, integer indexing, iteration,
     ``np.asarray`` for small splits), never holding more than the image asked for. ``rows``
     selects and orders images (a subset), ``size`` resizes each image as it is read
-    (:func:`palm.image.resize_square`, exactly as preprocessing resized a whole split before).
+    (:func:`palm.data.image.resize_square`, exactly as preprocessing resized a whole split before).
     Picklable (for loader worker processes); each process opens the files itself.
     """
 

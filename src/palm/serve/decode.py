@@ -1,7 +1,7 @@
 """Decoding photographs in worker processes while the network runs (``palm predict``).
 
 :func:`decode_stream` yields, in the order of the files given, each file's image decoded by
-:func:`palm.image.load_image` (the preprocessing of training) or the reason it could not be
+:func:`palm.data.image.load_image` (the preprocessing of training) or the reason it could not be
 read. Worker processes decode ahead of the consumer, at most ``ahead`` images at a time, so
 memory stays bounded however many files there are, and the consumer (the network) runs
 while the next images are decoded.
@@ -18,8 +18,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from palm.errors import DataError
-from palm.image import decode, fit, load_image
-from palm.quality import SIDE, assess, check_file
+from palm.data.image import decode, fit, load_image
+from palm.serve.quality import SIDE, assess, check_file
 from palm.runtime import machine_share
 
 
@@ -27,12 +27,12 @@ class Decoded(NamedTuple):
     file: Path
     image: np.ndarray | None     # RGB uint8 (input_size, input_size, 3), or None when unreadable
     error: str | None            # why the file could not be read
-    quality: str | None = None   # with check_quality: palm.quality's verdict (ok, or why not gradable)
+    quality: str | None = None   # with check_quality: palm.serve.quality's verdict (ok, or why not gradable)
 
 
 def decode_one(file: Path, image_size: int, input_size: int | None, check_quality: bool = False) -> Decoded:
-    """``file`` as :func:`palm.image.load_image` returns it; with ``check_quality`` also its
-    :mod:`palm.quality` verdict, from the same decoding when the shards are at least the
+    """``file`` as :func:`palm.data.image.load_image` returns it; with ``check_quality`` also its
+    :mod:`palm.serve.quality` verdict, from the same decoding when the shards are at least the
     checks' resolution (the default 224 px)."""
     try:
         if not check_quality:

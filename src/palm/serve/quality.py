@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from palm.image import decode
+from palm.data.image import decode
 
 OK = "ok"
 REASONS = ("too small", "too dark", "overexposed", "no circular fundus", "blurred")

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from palm.layout import (
+from palm.data.layout import (
     GT_FILE,
     GT_ZIP,
     NESTED_TRAIN_ZIP,

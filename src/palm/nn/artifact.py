@@ -4,14 +4,14 @@ This module is the one writer and the one reader of that folder's description. `
 (the ``train`` stage), ``models_export/`` (the ``export`` stage) and any folder handed to
 ``palm predict --model`` hold a ``model.json`` with:
 
-- ``model``: the network's name in :data:`palm.models.MODELS`;
+- ``model``: the network's name in :data:`palm.nn.models.MODELS`;
 - ``image_size``: the side of the square images ``preprocess`` decodes (what a new photograph
   is decoded to); ``input_size``: the side the network takes (older files: ``image_size``);
-- ``threshold``: PM if the probability is at least this (:data:`palm.metrics.DEFAULT_THRESHOLD` if absent),
+- ``threshold``: PM if the probability is at least this (:data:`palm.evaluation.metrics.DEFAULT_THRESHOLD` if absent),
   and ``threshold_rule``, where it came from;
 - what the training run was (``selected_epoch``, ``epochs``, ``device``, ``config``, ...), for people.
 
-The weights are :data:`palm.weights.MODEL_WEIGHTS` (safetensors: never unpickled).
+The weights are :data:`palm.nn.weights.MODEL_WEIGHTS` (safetensors: never unpickled).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 
 from palm.errors import DataError
 from palm.fsutil import atomic_dir
-from palm.metrics import DEFAULT_THRESHOLD  # a model whose model.json names none
-from palm.models import build_model, main_logits, model_names
-from palm.weights import MODEL_WEIGHTS, check_model_dir, load_state
+from palm.evaluation.metrics import DEFAULT_THRESHOLD  # a model whose model.json names none
+from palm.nn.models import build_model, main_logits, model_names
+from palm.nn.weights import MODEL_WEIGHTS, check_model_dir, load_state
 
 MODEL_INFO = "model.json"
 

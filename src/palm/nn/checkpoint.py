@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from palm.fsutil import atomic_file
-from palm.weights import load_state, save_state
+from palm.nn.weights import load_state, save_state
 
 MANIFEST = "checkpoint.json"
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from palm.artifact import read_info
+from palm.nn.artifact import read_info
 from palm.errors import DataError
 from palm.fsutil import atomic_file
-from palm.metrics import reliability_table
+from palm.evaluation.metrics import reliability_table
 
 REPORT = Path("metrics/report.html")
 N_ERRORS = 10
@@ -220,7 +220,7 @@ def _data_source(params: dict) -> str:
     data = params.get("data") or {}
     data_input, source = str(data.get("input", "?")), data.get("source", "palm")
     if source == "palm" and "synthetic" in data_input:
-        return ("the <b>synthetic</b> PALM-like set drawn by <code>palm.synthetic</code> "
+        return ("the <b>synthetic</b> PALM-like set drawn by <code>palm.data.synthetic</code> "
                 "(not medical data: no clinical conclusion may be drawn from these numbers)")
     if source == "folder":
         return f"the photographs and labels of the folder <code>{esc(data_input)}</code>"

@@ -6,9 +6,9 @@ The original PALM download (``data.source: palm``)::
     validation.zip  -> PALM-Validation400/VNNNN.jpg
     valid_gt.zip    -> PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx
 
-:mod:`palm.unzip` extracts it with these names, :mod:`palm.labels` reads it, :mod:`palm.synthetic`
+:mod:`palm.data.unzip` extracts it with these names, :mod:`palm.data.labels` reads it, :mod:`palm.data.synthetic`
 writes its synthetic twin. :class:`Limits` (``unzip:`` in params.yaml) bounds the disk an
-archive or a folder of photographs (:mod:`palm.folder`) may fill.
+archive or a folder of photographs (:mod:`palm.data.folder`) may fill.
 """
 
 from __future__ import annotations

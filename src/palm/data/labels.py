@@ -6,7 +6,7 @@ myopia and ``N`` normal = 0). Validation labels come from the ground-truth xlsx
 
 Output columns: ``split`` (train/valid), ``image`` (path relative to ``data/raw``),
 ``label`` (0/1), ``group`` (H/N/P for training images, empty for validation).
-With ``data.source: folder``, the same columns come from your labels.csv (:mod:`palm.folder`).
+With ``data.source: folder``, the same columns come from your labels.csv (:mod:`palm.data.folder`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from palm.errors import DataError, listing
-from palm.folder import folder_labels
+from palm.data.folder import folder_labels
 from palm.fsutil import atomic_file
-from palm.layout import GT_FILE, TRAIN_DIR, VALID_DIR
+from palm.data.layout import GT_FILE, TRAIN_DIR, VALID_DIR
 
 REQUIRED_COLUMNS = ("imgName", "Label")
 TRAIN_NAME = re.compile(r"^([HNP])\d+\.jpe?g$", re.IGNORECASE)
-PALM_SUFFIXES = (".jpg", ".jpeg")     # the PALM photographs' (palm.image.IMAGE_SUFFIXES: any we read)
+PALM_SUFFIXES = (".jpg", ".jpeg")     # the PALM photographs' (palm.data.image.IMAGE_SUFFIXES: any we read)
 CLASS_OF_PREFIX = {"P": 1, "H": 0, "N": 0}
 
 
@@ -123,7 +123,7 @@ def build_labels(raw_dir: str | Path) -> pd.DataFrame:
 
 def main(params: dict) -> None:
     data = params["data"]
-    if data["source"] == "folder":  # your own photographs: palm.folder
+    if data["source"] == "folder":  # your own photographs: palm.data.folder
         df = folder_labels("data/raw", data["val_fraction"], data["split_seed"])
     else:
         df = build_labels("data/raw")

@@ -1,6 +1,6 @@
 """The ``preprocess`` stage: decode every image once into compact uint8 ``.npy`` shards.
 
-Output ``data/shards/`` (the format: :mod:`palm.shards`)::
+Output ``data/shards/`` (the format: :mod:`palm.data.shards`)::
 
     manifest.json            shard list per split, labels, shape, dtype, parameters used
     train-000.npy ...        uint8, (n, image_size, image_size, 3), RGB
@@ -13,7 +13,7 @@ modification time) and the parameters; a run killed part-way and started again k
 shards whose stamp still matches and decodes only the rest. The output folder appears whole,
 with its manifest, at the end (or not at all). The same input gives byte-identical shards.
 
-The loader (:mod:`palm.dataset`) normalises to float32 CHW in [-1, 1].
+The loader (:mod:`palm.data.dataset`) normalises to float32 CHW in [-1, 1].
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from palm.errors import DataError
 from palm.fsutil import atomic_dir, atomic_file
-from palm.image import load_image
+from palm.data.image import load_image
 from palm.runtime import machine_share
-from palm.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
+from palm.data.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
 
 #: the resume folder's record of its finished shards: {"shards": {file name: stamp}}
 PROGRESS = "progress.json"

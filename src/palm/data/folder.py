@@ -8,7 +8,7 @@ The folder (``data.input``) holds the photographs (subfolders allowed) and, at i
     group   optional: e.g. a patient id; the images of a group stay on one side of the split
     split   optional: train, or valid (also val, validation; case-insensitive) = the evaluated set
 
-Other columns are ignored. Without ``split``, :func:`palm.splits.train_valid_split` divides
+Other columns are ignored. Without ``split``, :func:`palm.data.splits.train_valid_split` divides
 the images (``data.val_fraction``, ``data.split_seed``) in the ``labels`` stage.
 
 The ``unzip`` stage (:func:`copy_folder`) checks the table and copies the listed photographs
@@ -36,9 +36,9 @@ import pandas as pd
 
 from palm.errors import DataError, listing
 from palm.fsutil import atomic_dir, copy_at_most
-from palm.image import IMAGE_SUFFIXES
-from palm.layout import MB, Limits, mb
-from palm.splits import train_valid_split
+from palm.data.image import IMAGE_SUFFIXES
+from palm.data.layout import MB, Limits, mb
+from palm.data.splits import train_valid_split
 
 LABELS_CSV = "labels.csv"
 IMAGES_DIR = "images"

@@ -1,6 +1,6 @@
 """The ``export`` stage: the trained model as a Paddle Inference model (``paddle.jit.save``).
 
-Writes ``models_export/inference.*`` (graph and weights, in the format :mod:`palm.inference`
+Writes ``models_export/inference.*`` (graph and weights, in the format :mod:`palm.serve.inference`
 owns: what its Paddle Inference engine runs, also loadable by ``paddle.jit.load``) and a copy
 of ``model.json``; ``palm predict --model models_export`` runs from it.
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from palm.artifact import input_size, load, write_info
+from palm.nn.artifact import input_size, load, write_info
 from palm.fsutil import atomic_dir
-from palm.inference import save
+from palm.serve.inference import save
 from palm.runtime import configured_device, select_device
-from palm.weights import check_export_dir
+from palm.nn.weights import check_export_dir
 
 EXPORT_DIR = Path("models_export")
 

@@ -2,7 +2,7 @@
 
 This module owns the exported inference model (``paddle.jit.save`` output, written by the
 ``export`` stage with :func:`save`: ``inference.json`` + ``inference.pdiparams`` in Paddle 3; the
-older pickled ``inference.pdmodel`` format is refused by :func:`palm.weights.check_export_dir`)
+older pickled ``inference.pdmodel`` format is refused by :func:`palm.nn.weights.check_export_dir`)
 and the engines that run a model:
 
 | engine | where | what |
@@ -29,11 +29,11 @@ import numpy as np
 import paddle
 import paddle.inference as pi
 
-from palm import artifact
+from palm.nn import artifact
 from palm.errors import DataError
-from palm.models import main_logits
+from palm.nn.models import main_logits
 from palm.runtime import machine_share, select_device
-from palm.weights import check_export_dir
+from palm.nn.weights import check_export_dir
 
 PREFIX = "inference"                     # models_export/inference.json + inference.pdiparams
 ENGINES = ("auto", "paddle-inference", "eager")

@@ -1,6 +1,6 @@
 """The ``synthesize`` stage: writes the embedded default data set to ``data/synthetic``.
 
-It generates the three PALM zips (see :mod:`palm.synthetic`) only when the pipeline reads
+It generates the three PALM zips (see :mod:`palm.data.synthetic`) only when the pipeline reads
 its zips from ``data/synthetic`` (``data.source: palm`` and ``data.input: data/synthetic`` in
 params.yaml, the default). When a user points ``data.input`` at the real download, or sets
 ``data.source: folder`` (their own photographs), it writes just a note, so that real data
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from palm.errors import DataError
 from palm.fsutil import atomic_dir
-from palm.synthetic import generate
+from palm.data.synthetic import generate
 
 SYNTHETIC_DIR = Path("data/synthetic")
 COUNT_KEYS = ("n_train_p", "n_train_n", "n_train_h", "n_val_pm", "n_val_non_pm")

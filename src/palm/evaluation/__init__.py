@@ -1,0 +1,1 @@
+"""Evaluation: metrics with intervals, the evaluate, explain (Grad-CAM) and report stages."""

@@ -1,0 +1,1 @@
+"""Serving: the fast inference engine, its export, photograph decoding and quality, and `palm predict`."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, data-parallel processes and cross-validation."""
