@@ -114,6 +114,18 @@ def test_every_stage_depends_on_all_the_code_it_runs():
         assert not missing, f"dvc.yaml stage {name!r} misses deps {sorted(missing)}"
 
 
+def test_the_code_identity_of_a_training_checkpoint_is_the_code_dvc_tracks(monkeypatch):
+    """palm.provenance (the code in a checkpoint's identity) finds the same files as this test's
+    own walk and as the train stage's deps: a checkpoint is resumed only by the code DVC saw."""
+    from palm.provenance import source_hashes
+
+    monkeypatch.chdir(REPO)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate"):
+        assert set(source_hashes(REPO / "stages" / f"{name}.py")) == import_closure(REPO / "stages" / f"{name}.py")
+    assert set(source_hashes(REPO / "stages" / "train.py")) == {d for d in stages["train"]["deps"] if d.endswith(".py")}
+
+
 def test_checkpoints_and_scratch_files_never_enter_git():
     """checkpoints/ holds the optimizer state (hundreds of MB): git and experiment commits ignore it."""
     import subprocess
