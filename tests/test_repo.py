@@ -126,6 +126,19 @@ def test_the_code_identity_of_a_training_checkpoint_is_the_code_dvc_tracks(monke
     assert set(source_hashes(REPO / "stages" / "train.py")) == {d for d in stages["train"]["deps"] if d.endswith(".py")}
 
 
+def test_every_stage_reads_the_params_it_depends_on_and_train_only_its_networks_overrides():
+    """Exact params: train depends on models.${model} (DVC's templating), not on every network's
+    overrides; every network has an entry, so that `dvc exp run -S model=X` tracks X's."""
+    from palm.params import MODEL_NAMES
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["train"]["params"] == ["model", "image_size", "train", "models.${model}"]
+    for name in ("evaluate", "export", "explain"):   # they run a network on train.device
+        assert "train.device" in stages[name]["params"], name
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(params["models"]) == set(MODEL_NAMES) and all(params["models"].values())
+
+
 def test_checkpoints_and_scratch_files_never_enter_git():
     """checkpoints/ holds the optimizer state (hundreds of MB): git and experiment commits ignore it."""
     import subprocess
