@@ -24,6 +24,48 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in ci.splitlines()
 
 
+def test_ci_proves_the_baseline_with_the_readmes_first_command():
+    """CI runs the README's first command on its fresh clone (.ci/baseline, called by .ci/run),
+    then compares the metrics it wrote with the committed ones."""
+    main_job = setup_commands()[0]
+    baseline = (REPO / ".ci" / "baseline").read_text()
+    assert main_job in baseline.splitlines()
+    assert "same-as-committed metrics/eval.json metrics/predictions.csv" in baseline
+    run = (REPO / ".ci" / "run").read_text().splitlines()
+    assert run.index("bash .ci/baseline") < run.index(setup_commands()[1])   # one venv, the test extra added
+
+
+def test_the_baseline_comparison_fails_on_any_changed_byte_and_passes_on_the_committed_files(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@e")
+    git("config", "user.name", "t")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text('{"accuracy": 0.9475, "loss": 0.14786911198648484}\n')
+    (tmp_path / "metrics" / "predictions.csv").write_text("image,label,probability,predicted\nV1.jpg,1,0.99,1\n")
+    git("add", "-A")
+    git("commit", "-qm", "baseline")
+
+    def compare():
+        return subprocess.run(["bash", str(REPO / ".ci" / "same-as-committed"), "metrics/eval.json",
+                               "metrics/predictions.csv"], cwd=tmp_path, capture_output=True, text=True)
+
+    assert compare().returncode == 0
+    (tmp_path / "metrics" / "eval.json").write_text('{"accuracy": 0.9475, "loss": 0.14786911198648485}\n')
+    proc = compare()
+    assert proc.returncode == 1 and "metrics/eval.json differs from the committed one" in proc.stderr
+    assert "0.14786911198648485" in proc.stderr and "predictions.csv differs" not in proc.stderr
+    assert "dvc repro && git add dvc.lock metrics && git commit" in proc.stderr
+    git("checkout", "--", "metrics/eval.json")
+    (tmp_path / "metrics" / "predictions.csv").unlink()
+    proc = compare()
+    assert proc.returncode == 1 and "metrics/predictions.csv was not written" in proc.stderr
+
+
 def test_every_stage_has_a_thin_entry_point_named_like_it():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
