@@ -139,6 +139,12 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     manifest = other_data / "manifest.json"
     manifest.write_text(manifest.read_text().replace("P0001", "P0009"))
     assert changed(train.run_identity(cfg, other_data)) == "is from other data"
+    shutil.copy2(shards / "manifest.json", manifest)
+    assert train.run_identity(cfg, other_data) == base
+    pixels = np.load(other_data / "train-000.npy")   # the same manifest, one pixel changed (other decoding code)
+    pixels[0, 0, 0, 0] ^= 1
+    np.save(other_data / "train-000.npy", pixels)
+    assert changed(train.run_identity(cfg, other_data)) == "is from other data"
 
     for edited in ("stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py", "src/palm/errors.py"):
         path = proj / edited

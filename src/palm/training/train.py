@@ -44,6 +44,7 @@ from tqdm import tqdm
 from palm.nn import artifact
 from palm.nn import checkpoint
 from palm.training import parallel
+from palm.data import shards
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
@@ -90,14 +91,14 @@ def effective_config(params: dict) -> dict:
 
 def run_identity(cfg: dict, shards_dir: Path) -> dict:
     """What decides a training run's weights, each part by its hash: the effective configuration,
-    the exact data it reads (the shards' manifest), the source of the code it runs (the stage's
-    entry point ``stages/train.py`` and its import closure in ``palm``: the deps ``dvc.yaml``
-    lists; this module's closure when the library is used without the stage) and the versions
-    of Paddle and numpy. A checkpoint is resumed only by a run of the same identity."""
+    the exact data it reads (the shards' manifest and every byte of the training shards), the
+    source of the code it runs (the stage's entry point ``stages/train.py`` and its import
+    closure in ``palm``: the deps ``dvc.yaml`` lists; this module's closure when the library is
+    used without the stage) and the versions of Paddle and numpy. A checkpoint is resumed only by a run of the same identity."""
     # the threshold rule is applied after training: a finished run's checkpoint serves any rule
     config = json.dumps({k: v for k, v in cfg.items() if k != "threshold"}, sort_keys=True)
     return {"config": hashlib.sha256(config.encode()).hexdigest(),
-            "data": hashlib.sha256((shards_dir / "manifest.json").read_bytes()).hexdigest(),
+            "data": shards.digest(shards_dir, "train"),
             **producer(STAGE_ENTRY, __file__, LIBRARIES)}
 
 
