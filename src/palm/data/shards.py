@@ -227,10 +227,14 @@ def digest(shards_dir: str | Path, split: str) -> str:
     shards (0.13 s for 400 images of 224 px, 60 MB, as the default set's training split: measured
     on the project's 2-core machine)."""
     shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)   # a missing or unreadable manifest is a one-line error
     h = hashlib.sha256((shards_dir / MANIFEST).read_bytes())
-    for s in read_manifest(shards_dir)["splits"].get(split, {}).get("shards", []):
-        with open(shards_dir / s["file"], "rb") as f:
-            h.update(s["file"].encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    for s in manifest["splits"].get(split, {}).get("shards", []):
+        try:
+            with open(shards_dir / s["file"], "rb") as f:
+                h.update(s["file"].encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        except FileNotFoundError:
+            raise DataError(f"{shards_dir / s['file']}: shard not found; run the preprocess stage again") from None
     return h.hexdigest()
 
 
