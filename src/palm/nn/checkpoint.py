@@ -67,7 +67,7 @@ def mismatch(saved, identity: dict) -> str | None:
 def discard(ckpt_dir: Path) -> None:
     """Remove the checkpoint in ``ckpt_dir``: its manifest first (one atomic unlink: a kill
     afterwards leaves files that no manifest names, never a manifest without its files)."""
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         (ckpt_dir / MANIFEST).unlink()
     shutil.rmtree(ckpt_dir, ignore_errors=True)
 
