@@ -164,6 +164,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
         f"is from other libraries (numpy {base['versions']['numpy']} -> 0.0.2, "
         f"paddle {base['versions']['paddle']} -> 0.0.1)")
     assert mismatch(None, base) == "records no code or library versions (written by an older palm)"
+    assert mismatch(base, {**base, "weights_sha256": "x"}) == "is from other weights_sha256"   # a part added later
 
 
 def test_per_model_overrides_and_unknown_keys():

@@ -61,6 +61,8 @@ def mismatch(saved, identity: dict) -> str | None:
         reasons.append("other parameters")
     if saved.get("data") != identity["data"]:
         reasons.append("other data")
+    known = ("code", "versions", "config", "data")
+    reasons += [f"other {key}" for key in differing(saved, identity) if key not in known]   # parts added later
     return "is from " + ", ".join(reasons) if reasons else None
 
 

@@ -94,7 +94,8 @@ def run_identity(cfg: dict, shards_dir: Path) -> dict:
     the exact data it reads (the shards' manifest and every byte of the training shards), the
     source of the code it runs (the stage's entry point ``stages/train.py`` and its import
     closure in ``palm``: the deps ``dvc.yaml`` lists; this module's closure when the library is
-    used without the stage) and the versions of Paddle and numpy. A checkpoint is resumed only by a run of the same identity."""
+    used without the stage) and the versions of Paddle and numpy. A checkpoint is resumed only
+    by a run of the same identity."""
     # the threshold rule is applied after training: a finished run's checkpoint serves any rule
     config = json.dumps({k: v for k, v in cfg.items() if k != "threshold"}, sort_keys=True)
     return {"config": hashlib.sha256(config.encode()).hexdigest(),
