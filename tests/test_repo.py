@@ -24,6 +24,48 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in ci.splitlines()
 
 
+def test_ci_proves_the_baseline_with_the_readmes_first_command():
+    """CI runs the README's first command on its fresh clone (.ci/baseline, called by .ci/run),
+    then compares the metrics it wrote with the committed ones."""
+    main_job = setup_commands()[0]
+    baseline = (REPO / ".ci" / "baseline").read_text()
+    assert main_job in baseline.splitlines()
+    assert "same-as-committed metrics/eval.json metrics/predictions.csv" in baseline
+    run = (REPO / ".ci" / "run").read_text().splitlines()
+    assert run.index("bash .ci/baseline") < run.index(setup_commands()[1])   # one venv, the test extra added
+
+
+def test_the_baseline_comparison_fails_on_any_changed_byte_and_passes_on_the_committed_files(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@e")
+    git("config", "user.name", "t")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text('{"accuracy": 0.9475, "loss": 0.14786911198648484}\n')
+    (tmp_path / "metrics" / "predictions.csv").write_text("image,label,probability,predicted\nV1.jpg,1,0.99,1\n")
+    git("add", "-A")
+    git("commit", "-qm", "baseline")
+
+    def compare():
+        return subprocess.run(["bash", str(REPO / ".ci" / "same-as-committed"), "metrics/eval.json",
+                               "metrics/predictions.csv"], cwd=tmp_path, capture_output=True, text=True)
+
+    assert compare().returncode == 0
+    (tmp_path / "metrics" / "eval.json").write_text('{"accuracy": 0.9475, "loss": 0.14786911198648485}\n')
+    proc = compare()
+    assert proc.returncode == 1 and "metrics/eval.json differs from the committed one" in proc.stderr
+    assert "0.14786911198648485" in proc.stderr and "predictions.csv differs" not in proc.stderr
+    assert "dvc repro && git add dvc.lock metrics && git commit" in proc.stderr
+    git("checkout", "--", "metrics/eval.json")
+    (tmp_path / "metrics" / "predictions.csv").unlink()
+    proc = compare()
+    assert proc.returncode == 1 and "metrics/predictions.csv was not written" in proc.stderr
+
+
 def test_every_stage_has_a_thin_entry_point_named_like_it():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
@@ -112,6 +154,31 @@ def test_every_stage_depends_on_all_the_code_it_runs():
         assert "src/palm/__init__.py" in closure and len(closure) > 3, (name, closure)
         missing = closure - set(stage["deps"])
         assert not missing, f"dvc.yaml stage {name!r} misses deps {sorted(missing)}"
+
+
+def test_the_code_identity_of_a_training_checkpoint_is_the_code_dvc_tracks(monkeypatch):
+    """palm.provenance (the code in a checkpoint's identity) finds the same files as this test's
+    own walk and as the train stage's deps: a checkpoint is resumed only by the code DVC saw."""
+    from palm.provenance import source_hashes
+
+    monkeypatch.chdir(REPO)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate"):
+        assert set(source_hashes(REPO / "stages" / f"{name}.py")) == import_closure(REPO / "stages" / f"{name}.py")
+    assert set(source_hashes(REPO / "stages" / "train.py")) == {d for d in stages["train"]["deps"] if d.endswith(".py")}
+
+
+def test_every_stage_reads_the_params_it_depends_on_and_train_only_its_networks_overrides():
+    """Exact params: train depends on models.${model} (DVC's templating), not on every network's
+    overrides; every network has an entry, so that `dvc exp run -S model=X` tracks X's."""
+    from palm.params import MODEL_NAMES
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["train"]["params"] == ["model", "image_size", "train", "models.${model}"]
+    for name in ("evaluate", "export", "explain"):   # they run a network on train.device
+        assert "train.device" in stages[name]["params"], name
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(params["models"]) == set(MODEL_NAMES) and all(params["models"].values())
 
 
 def test_checkpoints_and_scratch_files_never_enter_git():

@@ -144,6 +144,35 @@ def test_an_interrupted_preprocess_resumes_without_redoing_finished_shards(tmp_p
     assert np.load(tmp_path / "shards" / "train-001.npy")[1].max() == 7
 
 
+def test_finished_shards_of_other_code_or_libraries_are_decoded_again(tmp_path, monkeypatch):
+    """The resume folder's stamps name what decoded them: after an edit of the code the stage
+    runs (or another OpenCV, Pillow or numpy) an interrupted run's shards are not kept."""
+    labels, raw = photo_folder(tmp_path, 6, size=40)
+    real = pp._decode
+
+    def interrupted(path, image_size):
+        if os.path.basename(path) == "train0004.png":
+            raise KeyboardInterrupt
+        return real(path, image_size)
+
+    monkeypatch.setattr(pp, "_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pp.preprocess(labels, raw, tmp_path / "shards", image_size=32, shard_size=2, workers=1)
+    assert len(json.loads((tmp_path / ".shards.partial" / "progress.json").read_text())["shards"]) == 2
+
+    decoded = []
+    monkeypatch.setattr(pp, "_decode", lambda path, image_size: (decoded.append(path), real(path, image_size))[1])
+    base = pp.decoder_identity()
+    monkeypatch.setattr(pp, "decoder_identity", lambda: base + " edited")
+    pp.preprocess(labels, raw, tmp_path / "shards", image_size=32, shard_size=2, workers=1)
+    assert len(decoded) == 6 + 3   # every image: none of the interrupted run's shards kept
+
+    monkeypatch.undo()
+    assert pp.decoder_identity() == base                  # the same code and libraries: the same
+    monkeypatch.setattr(cv2, "__version__", "0.0.0")
+    assert pp.decoder_identity() != base
+
+
 def test_a_killed_preprocess_stage_resumes(tmp_path):
     """SIGKILL part-way (no clean-up runs): the next run keeps the shards the kill left complete,
     and the result is byte-identical to a run never killed."""

@@ -72,7 +72,99 @@ def test_changed_parameters_start_afresh(tmp_path, shards, capsys):
     run(tmp_path, shards, params(epochs=1))
     _, h, _ = run(tmp_path, shards, params(epochs=2, lr=0.001))
     assert [r["epoch"] for r in h] == [1, 2]
-    assert "starting afresh" in capsys.readouterr().out
+    assert "checkpoint is from other parameters: training from scratch" in capsys.readouterr().out
+
+
+def test_a_finished_run_of_other_code_is_not_resumed_and_its_checkpoint_is_replaced(tmp_path, shards, capsys,
+                                                                                   monkeypatch):
+    """The checkpoint of a finished run would otherwise stand in for any later code (issue 27)."""
+    from palm import provenance
+
+    p = params(epochs=2, select="last")
+    _, h1, out = run(tmp_path, shards, p)
+    old = json.loads((out / "checkpoints" / "checkpoint.json").read_text())
+    capsys.readouterr()
+    _, again, _ = run(tmp_path, shards, p)                       # the same run: nothing left to train
+    assert "resuming from the checkpoint of epoch 2 of 2" in capsys.readouterr().out
+    assert strip_times(again) == strip_times(h1)
+
+    real = provenance.source_hashes
+    monkeypatch.setattr(provenance, "source_hashes", lambda entry: {**real(entry), "src/palm/nn/models.py": "edited"})
+    _, h2, _ = run(tmp_path, shards, p)
+    printed = capsys.readouterr().out
+    assert "checkpoint is from other code (src/palm/nn/models.py): training from scratch" in printed
+    assert "resuming" not in printed and [r["epoch"] for r in h2] == [1, 2]
+    new = json.loads((out / "checkpoints" / "checkpoint.json").read_text())
+    assert new["identity"]["code"]["src/palm/nn/models.py"] == "edited" != old["identity"]["code"].get(
+        "src/palm/nn/models.py")
+    names = {f.name for f in (out / "checkpoints").iterdir()}
+    assert names == {"checkpoint.json", new["state_file"], new["best_file"]}
+
+
+def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards, monkeypatch):
+    """Configuration, data (the shards' manifest), each source file of the code training runs
+    (the stage's entry point and its imports in palm) and the Paddle and numpy versions."""
+    import shutil
+
+    import paddle
+
+    from conftest import REPO
+    from palm import provenance
+    from palm.nn.checkpoint import mismatch
+    from palm.training import train
+
+    cfg = effective_config(params())
+    # a project of its own: the stage's entry point and a copy of the library it imports
+    proj = tmp_path / "proj"
+    shutil.copytree(REPO / "stages", proj / "stages")
+    shutil.copytree(REPO / "src" / "palm", proj / "src" / "palm", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(proj)
+    monkeypatch.setattr(provenance, "PACKAGE_PARENT", proj / "src")
+    base = train.run_identity(cfg, shards)
+    assert set(base) == {"config", "data", "code", "versions"}
+    assert {"stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py",
+            "src/palm/provenance.py"} <= set(base["code"])
+    assert "stages/evaluate.py" not in base["code"] and "src/palm/evaluation/evaluate.py" not in base["code"]
+    assert mismatch(base, train.run_identity(cfg, shards)) is None          # the same run
+    assert train.run_identity({**cfg, "threshold": "youden"}, shards) == base  # chosen after training
+
+    def changed(identity) -> str:
+        assert identity != base
+        return mismatch(base, identity)
+
+    assert changed(train.run_identity({**cfg, "lr": 0.002}, shards)) == "is from other parameters"
+
+    other_data = tmp_path / "other_shards"
+    shutil.copytree(shards, other_data)
+    manifest = other_data / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("P0001", "P0009"))
+    assert changed(train.run_identity(cfg, other_data)) == "is from other data"
+    shutil.copy2(shards / "manifest.json", manifest)
+    assert train.run_identity(cfg, other_data) == base
+    pixels = np.load(other_data / "train-000.npy")   # the same manifest, one pixel changed (other decoding code)
+    pixels[0, 0, 0, 0] ^= 1
+    np.save(other_data / "train-000.npy", pixels)
+    assert changed(train.run_identity(cfg, other_data)) == "is from other data"
+
+    for edited in ("stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py", "src/palm/errors.py"):
+        path = proj / edited
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# an edit\n")
+        assert changed(train.run_identity(cfg, shards)) == f"is from other code ({edited})"
+        path.write_bytes(original)
+    # an import added to the code training runs brings its file into the identity
+    (proj / "src/palm/training/train.py").write_text(
+        (proj / "src/palm/training/train.py").read_text() + "\nfrom palm.evaluation import report  # noqa\n")
+    assert "src/palm/evaluation/report.py" in train.run_identity(cfg, shards)["code"]
+
+    monkeypatch.setattr(paddle, "__version__", "0.0.1")
+    monkeypatch.setattr(np, "__version__", "0.0.2")
+    (proj / "src/palm/training/train.py").write_bytes((REPO / "src/palm/training/train.py").read_bytes())
+    assert changed(train.run_identity(cfg, shards)) == (
+        f"is from other libraries (numpy {base['versions']['numpy']} -> 0.0.2, "
+        f"paddle {base['versions']['paddle']} -> 0.0.1)")
+    assert mismatch(None, base) == "records no code or library versions (written by an older palm)"
+    assert mismatch(base, {**base, "weights_sha256": "x"}) == "is from other weights_sha256"   # a part added later
 
 
 def test_per_model_overrides_and_unknown_keys():

@@ -9,8 +9,10 @@ Output ``data/shards/`` (the format: :mod:`palm.data.shards`)::
 Streaming: one shard's worth of images is decoded, written and dropped before the next, so
 memory does not grow with the number of images. Finished shards wait in a resume folder
 (``checkpoints/preprocess`` for the stage) with a stamp of their source files (name, size,
-modification time) and the parameters; a run killed part-way and started again keeps the
-shards whose stamp still matches and decodes only the rest. The output folder appears whole,
+modification time), the parameters, and what decodes them (the source of the code the stage
+runs and the versions of OpenCV, Pillow and numpy: :func:`palm.provenance.producer`); a run
+killed part-way and started again keeps the shards whose stamp still matches and decodes
+only the rest. The output folder appears whole,
 with its manifest, at the end (or not at all). The same input gives byte-identical shards.
 
 The loader (:mod:`palm.data.dataset`) normalises to float32 CHW in [-1, 1].
@@ -34,12 +36,14 @@ from tqdm import tqdm
 from palm.errors import DataError
 from palm.fsutil import atomic_dir, atomic_file
 from palm.data.image import load_image
+from palm.provenance import producer
 from palm.runtime import machine_share
 from palm.data.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
 
 #: the resume folder's record of its finished shards: {"shards": {file name: stamp}}
 PROGRESS = "progress.json"
 RESUME_DIR = Path("checkpoints/preprocess")
+STAGE_ENTRY = Path("stages/preprocess.py")
 
 
 def _decode(path: str, image_size: int):
@@ -85,10 +89,19 @@ def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "dec
     return out
 
 
-def source_stamp(paths, image_size: int) -> str:
-    """What a shard is made from: the format, the image size and each file's name, size and
-    modification time (a changed or replaced photograph changes the stamp)."""
-    h = hashlib.sha256(json.dumps([FORMAT_VERSION, image_size]).encode())
+def decoder_identity() -> str:
+    """What decodes the images, by its hash: the source of the code the stage runs
+    (``stages/preprocess.py`` and its imports, or this module's without the stage) and the
+    versions of the libraries that decode and resize."""
+    made_by = producer(STAGE_ENTRY, __file__, ("cv2", "PIL", "numpy"))
+    return hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()
+
+
+def source_stamp(paths, image_size: int, decoder: str = "") -> str:
+    """What a shard is made from: the format, the image size, the ``decoder``
+    (:func:`decoder_identity`) and each file's name, size and modification time (a changed or
+    replaced photograph changes the stamp)."""
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, image_size, decoder]).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -150,6 +163,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     resume_dir = Path(resume_dir) if resume_dir is not None else out_dir.with_name(f".{out_dir.name}.partial")
     progress = _Progress(resume_dir)
+    decoder = decoder_identity()
     manifest = new_manifest(image_size, {"image_size": image_size, "shard_size": shard_size})
     errors, reused = [], 0
     buf = np.empty((shard_size, image_size, image_size, 3), dtype=np.uint8)
@@ -163,7 +177,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
                         chunk = part.iloc[start:start + shard_size]
                         paths = [str(raw_dir / p) for p in chunk["image"]]
                         meta = ([Path(p).name for p in chunk["image"]], chunk["label"], chunk["group"])
-                        fname, stamp = writer.entry(*meta)["file"], source_stamp(paths, image_size)
+                        fname, stamp = writer.entry(*meta)["file"], source_stamp(paths, image_size, decoder)
                         if progress.done(fname, stamp, len(paths), image_size):
                             writer.skip(*meta)
                             reused += 1

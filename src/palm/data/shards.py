@@ -17,6 +17,7 @@ in the ``.npy`` file, no memory map whose pages would stay resident), resized to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -219,6 +220,22 @@ class ShardImages:
 
     def __getstate__(self):
         return {**self.__dict__, "_fds": {}}
+
+
+def digest(shards_dir: str | Path, split: str) -> str:
+    """sha256 of what a reader of ``split`` reads: the manifest and every byte of the split's
+    shards (0.13 s for 400 images of 224 px, 60 MB, as the default set's training split: measured
+    on the project's 2-core machine)."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)   # a missing or unreadable manifest is a one-line error
+    h = hashlib.sha256((shards_dir / MANIFEST).read_bytes())
+    for s in manifest["splits"].get(split, {}).get("shards", []):
+        try:
+            with open(shards_dir / s["file"], "rb") as f:
+                h.update(s["file"].encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        except FileNotFoundError:
+            raise DataError(f"{shards_dir / s['file']}: shard not found; run the preprocess stage again") from None
+    return h.hexdigest()
 
 
 def open_split(shards_dir: str | Path, split: str, manifest: dict | None = None):

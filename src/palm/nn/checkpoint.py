@@ -5,39 +5,73 @@ its epoch (``state-NNNN.safetensors``: network, optimizer, schedule, weight aver
 ``best-NNNN.safetensors``: the selected network), which are complete before it is written. A
 kill at any instant leaves the previous manifest with its files, or the new one with its
 files; files that no manifest names are removed at the next save or resume. A checkpoint
-belongs to one run, named by its ``fingerprint`` (configuration and data).
+belongs to one run, named by its ``identity`` (configuration, data, code and library versions,
+each by its hash: :func:`palm.training.train.run_identity`); a run of another identity does not
+resume it but discards it, manifest first, and says in one line why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 from palm.fsutil import atomic_file
+from palm.provenance import describe_paths, differing
 from palm.nn.weights import load_state, save_state
 
 MANIFEST = "checkpoint.json"
 
 
-def load(ckpt_dir: Path, fingerprint: str, tidy: bool = True):
-    """``(manifest, state)`` of the run ``fingerprint`` in ``ckpt_dir``, or None (none, unreadable, another run).
-    ``tidy``: remove the files the manifest does not name (a reader that is not the writer, such
-    as a training process other than rank 0, does not)."""
+def load(ckpt_dir: Path, identity: dict, tidy: bool = True):
+    """``(manifest, state)`` of the run ``identity`` in ``ckpt_dir``, or None (none, unreadable,
+    another run: one line says why). ``tidy``: remove the files the manifest does not name (a
+    reader that is not the writer, such as a training process other than rank 0, does not)."""
     meta_path = ckpt_dir / MANIFEST
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError:
-        print(f"{meta_path} is unreadable: starting afresh")
+        print(f"{meta_path} is unreadable: training from scratch")
         return None
-    if meta.get("fingerprint") != fingerprint or "state_file" not in meta:
-        print("checkpoint is from other parameters or data: starting afresh")
+    why = mismatch(meta.get("identity"), identity) if "state_file" in meta else "is incomplete"
+    if why:
+        print(f"checkpoint {why}: training from scratch")
         return None
     if tidy:
         remove_unlisted(ckpt_dir, meta)
     return meta, load_state(ckpt_dir / meta["state_file"])
+
+
+def mismatch(saved, identity: dict) -> str | None:
+    """Why a checkpoint of identity ``saved`` is not the run ``identity`` (None: it is), e.g.
+    ``is from other code (src/palm/training/train.py)``."""
+    if not isinstance(saved, dict):
+        return "records no code or library versions (written by an older palm)"
+    reasons = []
+    if saved.get("code") != identity["code"]:
+        reasons.append(f"other code ({describe_paths(differing(saved.get('code') or {}, identity['code']))})")
+    if saved.get("versions") != identity["versions"]:
+        old, new = saved.get("versions") or {}, identity["versions"]
+        reasons.append("other libraries (" + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
+                                                         for k in differing(old, new)) + ")")
+    if saved.get("config") != identity["config"]:
+        reasons.append("other parameters")
+    if saved.get("data") != identity["data"]:
+        reasons.append("other data")
+    known = ("code", "versions", "config", "data")
+    reasons += [f"other {key}" for key in differing(saved, identity) if key not in known]   # parts added later
+    return "is from " + ", ".join(reasons) if reasons else None
+
+
+def discard(ckpt_dir: Path) -> None:
+    """Remove the checkpoint in ``ckpt_dir``: its manifest first (one atomic unlink: a kill
+    afterwards leaves files that no manifest names, never a manifest without its files)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        (ckpt_dir / MANIFEST).unlink()
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def save(ckpt_dir: Path, state: dict, meta: dict, best_state=None) -> dict:

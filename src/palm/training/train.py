@@ -7,7 +7,8 @@
   (``metrics/train``) and writes a checkpoint (:mod:`palm.nn.checkpoint`): model, optimizer,
   learning-rate schedule, weight average (:mod:`palm.nn.ema`), epoch, best score and history. A
   run killed mid-training resumes from the last checkpoint when run again with the same
-  parameters and data, and starts afresh when they changed.
+  parameters, data, code and Paddle/numpy (:func:`run_identity`), and trains from scratch,
+  saying why, when any of them changed.
 - Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
   same seed on the same machine gives the same metrics, resumed or not.
 - ``train.nproc`` > 1 trains data-parallel (:mod:`palm.training.parallel`): every process sees its part
@@ -43,12 +44,14 @@ from tqdm import tqdm
 from palm.nn import artifact
 from palm.nn import checkpoint
 from palm.training import parallel
+from palm.data import shards
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
 from palm.evaluation.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
 from palm.nn.models import DROPOUT_MODELS, build_model, training_loss
 from palm.params import training_config
+from palm.provenance import producer
 from palm.runtime import resolve_device, select_device
 from palm.data.splits import stratified_holdout
 from palm.nn.weights import load_state, to_paddle
@@ -60,6 +63,8 @@ warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface"
 
 MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
+STAGE_ENTRY = Path("stages/train.py")  # where DVC runs the stage (the working directory is the project's)
+LIBRARIES = ("paddle", "numpy")        # whose versions are part of a run's identity
 LIVE_DIR = Path("metrics/train")
 
 
@@ -84,12 +89,23 @@ def effective_config(params: dict) -> dict:
     return cfg
 
 
-def fingerprint(cfg: dict, shards_dir: Path) -> str:
-    """Identifies a training run: its configuration and the exact data it reads."""
+def run_identity(cfg: dict, shards_dir: Path) -> dict:
+    """What decides a training run's weights, each part by its hash: the effective configuration,
+    the exact data it reads (the shards' manifest and every byte of the training shards), the
+    source of the code it runs (the stage's entry point ``stages/train.py`` and its import
+    closure in ``palm``: the deps ``dvc.yaml`` lists; this module's closure when the library is
+    used without the stage) and the versions of Paddle and numpy. A checkpoint is resumed only
+    by a run of the same identity."""
     # the threshold rule is applied after training: a finished run's checkpoint serves any rule
-    h = hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k != "threshold"}, sort_keys=True).encode())
-    h.update((shards_dir / "manifest.json").read_bytes())
-    return h.hexdigest()[:16]
+    config = json.dumps({k: v for k, v in cfg.items() if k != "threshold"}, sort_keys=True)
+    return {"config": hashlib.sha256(config.encode()).hexdigest(),
+            "data": shards.digest(shards_dir, "train"),
+            **producer(STAGE_ENTRY, __file__, LIBRARIES)}
+
+
+def fingerprint(cfg: dict, shards_dir: Path) -> str:
+    """A short name of :func:`run_identity`."""
+    return hashlib.sha256(json.dumps(run_identity(cfg, shards_dir), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def holdout_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -143,7 +159,7 @@ class Trainer:
         self.cfg = effective_config(params)
         self.rank = parallel.current()
         self.shards_dir = Path(shards_dir)
-        self.fp = fingerprint(self.cfg, self.shards_dir)
+        self.identity = run_identity(self.cfg, self.shards_dir)
 
     def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
         """Train (or resume), save the selected model; returns what ``models/model.json`` says."""
@@ -297,10 +313,10 @@ class Trainer:
         return progress
 
     def _load_checkpoint(self, ckpt_dir: Path, nets: Nets) -> Progress:
-        resumed = checkpoint.load(ckpt_dir, self.fp, tidy=self.rank.writer)
+        resumed = checkpoint.load(ckpt_dir, self.identity, tidy=self.rank.writer)
         if resumed is None:
-            if self.rank.writer:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if self.rank.writer:  # another run's checkpoint (or a broken one) is never resumed
+                checkpoint.discard(ckpt_dir)
             return Progress()
         meta, state = resumed
         nets.model.set_state_dict(state["model"])
@@ -375,7 +391,7 @@ class Trainer:
         state = {"model": nets.model.state_dict(), "opt": nets.opt.state_dict(), "sched": nets.sched.state_dict()}
         if nets.ema is not None:
             state["ema"] = nets.ema.state_dict()
-        meta = {"fingerprint": self.fp, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
+        meta = {"identity": self.identity, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
                 "config": self.cfg}
         progress.best_file = checkpoint.save(ckpt_dir, state, meta, best_state)["best_file"]
 
