@@ -53,7 +53,7 @@ def test_every_library_the_code_imports_is_a_runtime_dependency():
     deps = project["dependencies"] + project["optional-dependencies"]["cpu"]   # what `.[cpu]` installs
     names = {re.split(r"[=<>\[ ]", d)[0].lower() for d in deps}
     distribution = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow",
-                    "paddle": "paddlepaddle"}
+                    "paddle": "paddlepaddle", "swagger_ui_bundle": "swagger-ui-bundle-v2"}
     serve = {re.split(r"[=<>\[ ]", d)[0].lower() for d in project["optional-dependencies"]["serve"]}
 
     def third_party(paths) -> set[str]:

@@ -213,8 +213,10 @@ def test_the_page_in_a_browser(served):
             assert "Research aid, not a diagnosis" in fundus.inner_text()
             assert black.locator("[data-field=quality]").inner_text() == "not gradable: too dark"
             assert black.locator("[data-field=probability]").count() == 0
-            assert outside == [], f"the page fetched from elsewhere: {outside}"
             page.screenshot(path=os.environ.get("PALM_SERVE_SCREENSHOT") or str(tmp.parent / "page.png"), full_page=True)
+            page.goto(url + "/docs")       # the API docs render from the service's own files
+            page.get_by_text("/v1/predict", exact=True).first.wait_for(timeout=30_000)
+            assert outside == [], f"the page or the docs fetched from elsewhere: {outside}"
         finally:
             browser.close()
 

@@ -7,7 +7,8 @@
   each overlay as a JPEG data URL, ``?grade_all=true`` as ``palm predict --grade-all``): per
   image the fields of ``palm predict``'s rows;
 - ``GET /v1/model``: the model card (``card.json`` beside the weights when there is one,
-  else what ``model.json`` says); ``GET /healthz``; the OpenAPI docs at ``/docs``.
+  else what ``model.json`` says); ``GET /healthz``; the OpenAPI docs at ``/docs`` (Swagger UI
+  from the ``swagger-ui-bundle-v2`` package, not a CDN: the service needs no internet).
 
 Every upload is read by :func:`palm.serve.decode.decode_one`, the function ``palm predict``
 decodes its files with (orientation, colour modes, the pixel limit, the quality checks), from
@@ -45,9 +46,11 @@ import cv2
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served here rather than from a CDN
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.errors import DataError
@@ -283,10 +286,17 @@ def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | 
             if audit:
                 audit.close()
 
-    app = FastAPI(title="palm serve", version=model.version, lifespan=lifespan,
+    app = FastAPI(title="palm serve", version=model.version, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Pathologic myopia screening of fundus photographs. {NOTICE}")
     static = resources.files("palm.serve") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="palm serve: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="data:,")
 
     @app.exception_handler(RequestValidationError)
     async def one_line(_request, exc: RequestValidationError):
