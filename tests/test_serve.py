@@ -26,7 +26,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import ENV, REPO
+from conftest import ENV, PALM_MINI, requires_palm_mini
 from palm.cli import main as palm_main
 
 CHROMIUM = "/usr/bin/chromium"
@@ -246,3 +246,23 @@ def test_serve_without_a_model_is_a_one_line_error(tmp_path, capsys):
     assert palm_main(["serve", "--model", str(tmp_path / "nothing"), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "model.json" in err
+
+
+@requires_palm_mini
+@pytest.mark.realdata
+def test_real_photographs_score_the_same_through_the_api_and_palm_predict(served, tmp_path):
+    import zipfile
+
+    url, tmp = served
+    with zipfile.ZipFile(PALM_MINI / "validation.zip") as zf:
+        for name in [n for n in zf.namelist() if n.lower().endswith(".jpg")][:6]:
+            (tmp_path / Path(name).name).write_bytes(zf.read(name))
+    files = sorted(p.name for p in tmp_path.glob("*.jpg"))
+    api = post(url, tmp_path, files[:MAX_IMAGES]).json()["results"] + post(url, tmp_path, files[MAX_IMAGES:]).json()["results"]
+    out = tmp_path / "cli.csv"
+    palm_main(["predict", *(str(tmp_path / f) for f in files), "--model", str(tmp / "models"), "--out", str(out), "--quiet"])
+    cli = list(csv.DictReader(out.open()))
+    assert len(api) == len(cli) == 6
+    for a, c in zip(api, cli):
+        assert a["image"] == Path(c["image"]).name and a["quality"] == c["quality"]
+        assert abs(a["probability"] - float(c["probability"])) <= 2e-6, (a, c)
