@@ -170,6 +170,31 @@ def test_concurrent_requests_share_batches_and_agree(served):
     assert max(probs) - min(probs) <= 2e-6
 
 
+def test_a_slow_upload_does_not_hold_up_the_others(served):
+    url, tmp = served
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: 500000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
+                f"filename=\"slow.jpg\"\r\n\r\n").encode()
+        slow.sendall(head + (tmp / "fundus.jpg").read_bytes()[:1000])     # ... and the rest never comes
+        t0 = time.perf_counter()
+        r = post(url, tmp, ["fundus.jpg"])
+        assert r.status_code == 200 and r.json()["results"][0]["quality"] == "ok"
+        assert time.perf_counter() - t0 < 20
+
+
+def test_the_model_card_beside_the_weights_is_served_as_it_is(served):
+    url, tmp = served
+    card = {"name": "PALM PM screening", "intended_use": "research", "weights_sha256": "ab" * 32}
+    (tmp / "models" / "card.json").write_text(json.dumps(card))
+    try:
+        assert httpx.get(url + "/v1/model").json() == card
+    finally:
+        (tmp / "models" / "card.json").unlink()
+    assert httpx.get(url + "/v1/model").json()["model"] == "senet18"
+
+
 def test_the_audit_log_keeps_hashes_and_decisions_never_images_or_names(served):
     url, tmp = served
     db = tmp / "audit.sqlite"
