@@ -291,3 +291,14 @@ def test_real_photographs_score_the_same_through_the_api_and_palm_predict(served
     for a, c in zip(api, cli):
         assert a["image"] == Path(c["image"]).name and a["quality"] == c["quality"]
         assert abs(a["probability"] - float(c["probability"])) <= 2e-6, (a, c)
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert palm_main(["serve", "--model", str(save_model(tmp_path / "models")), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--port {port}: cannot listen there" in err
+

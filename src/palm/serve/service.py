@@ -33,6 +33,7 @@ import hashlib
 import json
 import queue
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -53,7 +54,7 @@ from starlette.concurrency import run_in_threadpool
 from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served here rather than from a CDN
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
-from palm.errors import DataError
+from palm.errors import ConfigError, DataError
 from palm.nn import artifact
 from palm.nn.models import gradcam_layer
 from palm.nn.weights import MODEL_WEIGHTS
@@ -356,15 +357,28 @@ def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | 
     return BodyLimit(app, limits.max_request_bytes)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``: a one-line error when it cannot be had."""
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(model_dir: str | Path = "models", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           engine: str = "auto", audit_log: str | None = None, limits: Limits = Limits(), batch_size: int = 16) -> None:
-    """Load the model once, then serve it until interrupted."""
+    """Load the model once, then serve it until interrupted (the address is taken first, so a
+    port in use fails at once)."""
     import sys
 
     import uvicorn
 
-    model = Model(model_dir, device=device, engine=engine)
-    app = create_app(model, limits, audit_log, batch_size)
-    print(f"palm serve: {model.version} ({model.predictor.engine}) at http://{host}:{port}/ "
-          f"(API docs: /docs){'; audit log ' + str(audit_log) if audit_log else ''}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    with listen(host, port) as sock:
+        model = Model(model_dir, device=device, engine=engine)
+        app = create_app(model, limits, audit_log, batch_size)
+        print(f"palm serve: {model.version} ({model.predictor.engine}) at http://{host}:{sock.getsockname()[1]}/ "
+              f"(API docs: /docs){'; audit log ' + str(audit_log) if audit_log else ''}", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
