@@ -80,9 +80,13 @@ def test_embedded_default_is_the_synthetic_set():
     assert re.fullmatch(r"[a-z0-9]+", params["model"])
 
 
+SERVICE = "src/palm/serve/service.py"     # `palm serve`: its web stack is the serve extra's
+
+
 def test_every_library_the_code_imports_is_a_runtime_dependency():
     """`pip install -e ".[cpu]"` (the README's main-job command) must bring all that src/ and
-    stages/ import: a package only in the test extra would break `dvc repro`."""
+    stages/ import: a package only in the test extra would break `dvc repro`; and ".[cpu,serve]"
+    all that `palm serve` imports."""
     import ast
     import sys
     import tomllib
@@ -91,17 +95,33 @@ def test_every_library_the_code_imports_is_a_runtime_dependency():
     deps = project["dependencies"] + project["optional-dependencies"]["cpu"]   # what `.[cpu]` installs
     names = {re.split(r"[=<>\[ ]", d)[0].lower() for d in deps}
     distribution = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow",
-                    "paddle": "paddlepaddle"}
-    imported = set()
-    for path in [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                imported.add(node.module.split(".")[0])
-    third_party = imported - set(sys.stdlib_module_names) - {"palm"}
-    missing = {m for m in third_party if distribution.get(m, m).lower() not in names}
-    assert third_party and not missing, f"imported but not in [project] dependencies: {sorted(missing)}"
+                    "paddle": "paddlepaddle", "swagger_ui_bundle": "swagger-ui-bundle-v2"}
+    serve = {re.split(r"[=<>\[ ]", d)[0].lower() for d in project["optional-dependencies"]["serve"]}
+
+    def third_party(paths) -> set[str]:
+        imported = set()
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+        return imported - set(sys.stdlib_module_names) - {"palm"}
+
+    code = [p for p in [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")] if p != REPO / SERVICE]
+    found = third_party(code)
+    missing = {m for m in found if distribution.get(m, m).lower() not in names}
+    assert found and not missing, f"imported but not in [project] dependencies: {sorted(missing)}"
+    found = third_party([REPO / SERVICE])
+    missing = {m for m in found if distribution.get(m, m).lower() not in names | serve}
+    assert {"fastapi", "uvicorn"} <= found and not missing, f"{SERVICE} imports, not in the serve extra: {sorted(missing)}"
+
+
+def test_nothing_but_palm_serve_imports_the_serve_extra():
+    """The pipeline's stages and `palm predict` run without the web stack installed."""
+    closures = [import_closure(REPO / "stages" / f"{name}.py")
+                for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]]
+    assert all(SERVICE not in c for c in closures)
 
 
 def test_the_unzipped_photographs_are_never_committed():

@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from palm.cli import main as palm_main
-from palm.evaluation.explain import gradcam
+from palm.serve.gradcam import gradcam
 from palm.serve.export import export
 from palm.data.image import load_image, to_chw_float
 from palm.nn.models import build_model, gradcam_layer

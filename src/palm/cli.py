@@ -1,4 +1,4 @@
-"""The ``palm`` command: ``palm predict PATH... [--model DIR] [--out preds.csv]``."""
+"""The ``palm`` command: ``palm predict PATH... [--model DIR] [--out preds.csv]`` and ``palm serve``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,20 @@ def cmd_predict(args) -> int:
     return EXIT_DATA if failed else EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    try:
+        from palm.serve.service import Limits, serve
+    except ImportError as exc:
+        raise ConfigError(f"palm serve needs the serve extra (pip install -e \".[cpu,serve]\"): {exc}") from None
+    try:
+        serve(args.model, host=args.host, port=args.port, device=args.device, engine=args.engine,
+              audit_log=args.audit_log, batch_size=args.batch_size,
+              limits=Limits(max_request_bytes=args.max_request_mb << 20, max_images=args.max_images))
+    except DataError as exc:
+        raise ConfigError(str(exc) if str(exc).startswith("--") else f"--model: {exc}") from None
+    return EXIT_OK
+
+
 def count(text: str) -> int:
     """argparse type: a whole number >= 0."""
     if not text.isdigit():
@@ -106,6 +120,27 @@ def parser() -> argparse.ArgumentParser:
                    help="also diagnose images whose quality is not ok (too dark, overexposed, blurred, "
                         "no circular fundus, too small); by default they are listed without a diagnosis")
     p.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="a web page and an HTTP API that screen photographs with a trained model",
+                       epilog="API: POST /v1/predict (multipart field 'files'), GET /v1/model, GET /healthz, "
+                              "docs at /docs. Research aid, not a diagnosis.")
+    s.add_argument("--model", default="models", help="folder of the trained model (as palm predict); default: %(default)s")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; default: %(default)s (this computer only)")
+    s.add_argument("--port", type=int, default=8000, help="port; default: %(default)s")
+    s.add_argument("--audit-log", metavar="FILE",
+                   help="record each image's time, SHA-256, verdict, probability, decision and model version "
+                        "in this SQLite file (never the image)")
+    s.add_argument("--max-images", type=positive_int, default=32, help="images per request (413 beyond); "
+                   "default: %(default)s")
+    s.add_argument("--max-request-mb", type=positive_int, default=64, help="MiB per request (413 beyond); "
+                   "default: %(default)s")
+    s.add_argument("--batch-size", type=positive_int, default=16,
+                   help="most images the network scores at once, from all requests; default: %(default)s")
+    s.add_argument("--device", default="auto", help="as palm predict's; default: %(default)s")
+    s.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager"],
+                   help="as palm predict's; default: %(default)s")
+    s.set_defaults(func=cmd_serve)
     return ap
 
 

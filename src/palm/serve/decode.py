@@ -30,10 +30,11 @@ class Decoded(NamedTuple):
     quality: str | None = None   # with check_quality: palm.serve.quality's verdict (ok, or why not gradable)
 
 
-def decode_one(file: Path, image_size: int, input_size: int | None, check_quality: bool = False) -> Decoded:
-    """``file`` as :func:`palm.data.image.load_image` returns it; with ``check_quality`` also its
+def decode_one(file: Path | bytes, image_size: int, input_size: int | None, check_quality: bool = False) -> Decoded:
+    """``file`` (a path, or a file's bytes: ``palm serve``'s uploads) as
+    :func:`palm.data.image.load_image` returns it; with ``check_quality`` also its
     :mod:`palm.serve.quality` verdict, from the same decoding when the shards are at least the
-    checks' resolution (the default 224 px)."""
+    checks' resolution (the default 224 px). Errors name bytes ``<bytes>``."""
     try:
         if not check_quality:
             return Decoded(file, load_image(file, image_size, input_size), None)
@@ -44,7 +45,8 @@ def decode_one(file: Path, image_size: int, input_size: int | None, check_qualit
     except DataError as exc:
         return Decoded(file, None, str(exc))
     except Exception as exc:  # noqa: BLE001 - whatever one file makes a decoder raise is that file's error
-        return Decoded(file, None, f"{file}: {type(exc).__name__}: {exc}")
+        name = "<bytes>" if isinstance(file, bytes) else file
+        return Decoded(file, None, f"{name}: {type(exc).__name__}: {exc}")
 
 
 def _init_worker() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from palm.nn import artifact
-from palm.serve.decode import decode_stream
+from palm.serve.decode import Decoded, decode_stream
 from palm.data.image import IMAGE_SUFFIXES, to_chw_float
 from palm.serve.inference import load_engine
 from palm.serve.quality import OK
@@ -37,6 +37,21 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
         else:
             found.append(p)
     return found
+
+
+def gradable(d: Decoded, grade_all: bool = False) -> bool:
+    """Whether ``d`` gets a probability: it was read, and is a gradable photograph (or ``grade_all``)."""
+    return d.error is None and (d.quality == OK or grade_all)
+
+
+def record(image: str, d: Decoded, probability: float | None, threshold: float) -> dict:
+    """One row of ``palm predict`` (and of ``palm serve``'s answers): the image's quality and
+    probability and class at ``threshold``, or the error."""
+    rec = {"image": image, "quality": d.quality, "error": d.error}
+    if probability is not None:
+        rec.update(probability=round(probability, 6), predicted=int(probability >= threshold),
+                   diagnosis="PM" if probability >= threshold else "non-PM")
+    return rec
 
 
 @dataclass
@@ -75,14 +90,9 @@ class Predictor:
         decoded = decode_stream(files, self.image_size, self.input_size, workers, ahead=2 * batch_size,
                                 check_quality=True)
         while chunk := list(islice(decoded, batch_size)):
-            graded = [d for d in chunk if d.error is None and (d.quality == OK or grade_all)]
+            graded = [d for d in chunk if gradable(d, grade_all)]
             probs = iter(self.run_batch(to_chw_float(np.stack([d.image for d in graded]))) if graded else [])
             for d in chunk:
-                rec = {"image": str(d.file), "quality": d.quality, "error": d.error}
-                if d.error is None and (d.quality == OK or grade_all):
-                    p = float(next(probs))
-                    rec.update(probability=round(p, 6), predicted=int(p >= self.threshold),
-                               diagnosis="PM" if p >= self.threshold else "non-PM")
-                yield rec
+                yield record(str(d.file), d, float(next(probs)) if gradable(d, grade_all) else None, self.threshold)
             bar.update(len(chunk))
         bar.close()
