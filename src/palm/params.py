@@ -40,6 +40,8 @@ Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
 Side = Annotated[StrictInt, Field(ge=16, le=4096)]
+#: PM if the probability is at least this, unless a model (model.json) or params.yaml says otherwise
+DEFAULT_THRESHOLD = 0.5
 #: a probability, or a rule (youden, sensitivity>=X, specificity>=X) that palm.evaluation.metrics.parse_threshold reads
 Threshold = Union[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)], Annotated[str, Field(min_length=1)]]
 

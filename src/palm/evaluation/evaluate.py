@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
-from palm.nn.artifact import input_size, threshold
+from palm.nn.modelinfo import input_size, threshold
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_file
 from palm.data.image import to_chw_float

@@ -19,12 +19,13 @@ import paddle
 import paddle.nn.functional as F
 import pandas as pd
 
-from palm.nn.artifact import input_size, load
-from palm.nn.artifact import threshold as model_threshold
+from palm.nn.artifact import load
+from palm.nn.modelinfo import input_size
+from palm.nn.modelinfo import threshold as model_threshold
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_dir
 from palm.data.image import to_chw_float
-from palm.evaluation.metrics import DEFAULT_THRESHOLD
+from palm.params import DEFAULT_THRESHOLD
 from palm.nn.models import gradcam_layer, main_logits
 from palm.runtime import configured_device, select_device
 

@@ -33,10 +33,9 @@ import re
 import numpy as np
 
 from palm.errors import ConfigError, DataError
+from palm.params import DEFAULT_THRESHOLD
 
 N_BOOT = 2000
-#: PM if the probability is at least this, unless a model or params.yaml says otherwise
-DEFAULT_THRESHOLD = 0.5
 BOOT_SEED = 0
 ECE_BINS = 10
 # PM prevalence of a screening population: population studies put it at 0.9-3.1%

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from palm.nn.artifact import read_info
+from palm.nn.modelinfo import read_info
 from palm.errors import DataError
 from palm.fsutil import atomic_file
 from palm.evaluation.metrics import reliability_table

@@ -46,9 +46,9 @@ from palm.training import parallel
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
-from palm.evaluation.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
+from palm.evaluation.metrics import choose_threshold, parse_threshold, score
 from palm.nn.models import DROPOUT_MODELS, build_model, training_loss
-from palm.params import training_config
+from palm.params import DEFAULT_THRESHOLD, training_config
 from palm.runtime import resolve_device, select_device
 from palm.data.splits import stratified_holdout
 from palm.nn.weights import load_state, to_paddle
