@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from palm.nn import modelinfo
 from palm.serve.decode import decode_stream
-from palm.data.image import IMAGE_SUFFIXES, to_chw_float
+from palm.data.image import to_chw_float
+from palm.data.layout import IMAGE_SUFFIXES
 from palm.serve.inference import load_engine
 from palm.serve.quality import OK
 
