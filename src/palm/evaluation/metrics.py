@@ -28,12 +28,11 @@
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
 from palm.errors import ConfigError, DataError
-from palm.params import DEFAULT_THRESHOLD
+from palm.params import DEFAULT_THRESHOLD, parse_threshold  # noqa: F401  (the threshold grammar: palm.params)
 
 N_BOOT = 2000
 BOOT_SEED = 0
@@ -132,31 +131,6 @@ def specificity_at_sensitivity(labels, probs, target: float) -> float:
     fpr, tpr, _ = roc_curve(labels, probs)
     ok = tpr >= target - 1e-12
     return float((1 - fpr[ok]).max()) if ok.any() else 0.0
-
-
-_RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
-
-
-def parse_threshold(value) -> float | str:
-    """A threshold setting: a number in (0, 1), ``youden``, ``sensitivity>=X`` or ``specificity>=X``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"threshold: expected a number in (0, 1) or a rule, got {value!r}")
-    if isinstance(value, (int, float)):
-        if not 0 < float(value) < 1:
-            raise ConfigError(f"threshold: a number must be in (0, 1), got {value}")
-        return float(value)
-    text = str(value).strip()
-    try:
-        return parse_threshold(float(text))
-    except ValueError:
-        pass
-    if text == "youden":
-        return text
-    m = _RULE.match(text)
-    if m and 0 < float(m.group(2)) <= 1:
-        return f"{m.group(1)}>={float(m.group(2)):g}"
-    raise ConfigError(f"threshold: expected a number in (0, 1), 'youden', 'sensitivity>=X' or 'specificity>=X' "
-                    f"(0 < X <= 1), got {value!r}")
 
 
 def choose_threshold(labels, probs, rule) -> float:
