@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from palm.errors import ConfigError, DataError
+from palm.errors import DataError
 from palm.params import DEFAULT_THRESHOLD, parse_threshold  # noqa: F401  (the threshold grammar: palm.params)
 
 N_BOOT = 2000
