@@ -24,7 +24,7 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from palm.nn.artifact import input_size
+    from palm.nn.modelinfo import input_size
     from palm.serve.decode import decode_stream
     from palm.data.image import to_chw_float
     from palm.serve.inference import load_engine

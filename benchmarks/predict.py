@@ -87,8 +87,8 @@ def decode_job(files, image_size, input_size):
 def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
     import paddle
 
-    from palm.nn.artifact import write_info
-    from palm.evaluation.metrics import DEFAULT_THRESHOLD
+    from palm.nn.modelinfo import write_info
+    from palm.params import DEFAULT_THRESHOLD
     from palm.nn.models import build_model
     from palm.nn.weights import MODEL_WEIGHTS, save_state
 

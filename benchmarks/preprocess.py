@@ -10,19 +10,39 @@ The seed-style loop is what the course notebooks do: ``cv2.imread`` at full size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from palm.data.preprocess import decode_all
+from palm.data.preprocess import _decode_into, _raise_errors
 from palm.data.synthetic import generate
+
+
+def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "decode") -> np.ndarray:
+    """The preprocess stage's decoding of ``paths`` in one array (its shards write the same per
+    shard): in parallel (order kept); fail naming every file that cannot be decoded.
+
+    Threads, not processes: JPEG decoding and resizing release the GIL, and no pixels need
+    pickling between processes (measured here on 200 full-size images, 2 cores: 432 images/s
+    with 2 threads, 363 with 2 processes, 216 with one).
+    """
+    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers)) if workers > 1 else None
+        bar = stack.enter_context(tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True))
+        errors = _decode_into(out, paths, image_size, pool, bar)
+    _raise_errors(errors)
+    return out
 
 
 def seed_style(paths: list[str], size: int) -> np.ndarray:

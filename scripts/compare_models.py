@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from palm.nn.artifact import input_size, read_info
+from palm.nn.modelinfo import input_size, read_info
 from palm.fsutil import atomic_file
 from palm.nn.models import model_names
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import make_palm_zips, make_project, run
 from test_pipeline_e2e import PARAMS, set_params

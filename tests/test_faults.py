@@ -315,3 +315,19 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
         f.write("{}")
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(tmp_path / "a.json") == mode(tmp_path / "b.json")
+
+
+def test_the_atomic_writer_syncs_to_disk_only_when_asked(tmp_path, monkeypatch):
+    """One atomic writer (palm.fsutil.atomic_file) for every file; fsync=True (weights, checkpoints)
+    flushes the data to the disk before the rename, the others skip that cost."""
+    from palm import fsutil
+
+    synced = []
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: synced.append(fd))
+    with fsutil.atomic_file(tmp_path / "a.bin", "wb") as f:
+        f.write(b"a")
+    assert synced == [] and (tmp_path / "a.bin").read_bytes() == b"a"
+    with fsutil.atomic_file(tmp_path / "b.bin", "wb", fsync=True) as f:
+        f.write(b"b")
+    assert len(synced) == 1 and (tmp_path / "b.bin").read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]   # no temporary left

@@ -89,3 +89,22 @@ def test_unreadable_spreadsheet(tmp_path):
         zf.writestr("hello.txt", "x")
     with pytest.raises(DataError, match="cannot read the spreadsheet"):
         build_labels(raw)
+
+
+def test_one_label_parser_reads_numbers_and_names_and_refuses_the_rest():
+    """palm.data.layout.parse_label: PALM's spreadsheet cells and a folder's labels.csv alike."""
+    from palm.data.layout import parse_label
+
+    for value, label in ((1, 1), (0, 0), (1.0, 1), ("1", 1), (" 0 ", 0), ("1.0", 1), ("PM", 1), ("non-PM", 0),
+                         ("Non_PM", 0), ("nonpm", 0)):
+        assert parse_label(value) == label, value
+    for value in (True, False, None, float("nan"), 2, 0.5, "", "yes", "PMX", float("inf")):
+        assert parse_label(value) is None, value
+
+
+def test_labels_and_unzip_do_not_import_the_image_decoder():
+    import subprocess
+    import sys
+
+    code = "import sys, palm.data.labels, palm.data.unzip; print('cv2' in sys.modules or 'PIL' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -47,12 +47,32 @@ def test_score_on_a_known_confusion_matrix():
 
 
 def test_ece_by_hand():
-    # bins [0.1,0.2): 0.1, 0.15 (labels 0, 1) -> |0.125 - 0.5| ; [0.9,1.0]: 0.9, 1.0 (1, 1) -> |0.95 - 1|
-    labels, probs = [0, 1, 1, 1], [0.1, 0.15, 0.9, 1.0]
-    assert expected_calibration_error(labels, probs) == pytest.approx(0.5 * 0.375 + 0.5 * 0.05)
+    # bins (0.1,0.2]: 0.12, 0.15 (labels 0, 1) -> |0.135 - 0.5| ; (0.9,1.0]: 0.95, 1.0 (1, 1) -> |0.975 - 1|
+    labels, probs = [0, 1, 1, 1], [0.12, 0.15, 0.95, 1.0]
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.5 * 0.365 + 0.5 * 0.025)
     rows = reliability_table(labels, probs)
     assert [(r["count"], r["fraction_pm"]) for r in rows] == [(2, 0.5), (2, 1.0)]
     assert expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0  # perfectly calibrated
+
+
+def test_a_probability_on_a_bin_edge_goes_to_the_lower_bin_as_in_dvc_plots():
+    """One binning: ECE and the report's reliability diagram bin as scikit-learn's calibration_curve,
+    which draws dvclive's calibration plot (dvc plots)."""
+    from sklearn.calibration import calibration_curve
+
+    from palm.evaluation.metrics import calibration_bins
+
+    assert calibration_bins([0.0, 0.1, 0.1000001, 0.5, 0.9, 1.0]).tolist() == [0, 0, 1, 4, 8, 9]
+    rng = np.random.default_rng(0)
+    probs = np.r_[rng.random(300), np.linspace(0, 1, 11), np.round(rng.random(100), 1)]
+    labels = (rng.random(len(probs)) < probs).astype(int)
+    prob_true, prob_pred = calibration_curve(labels, probs, n_bins=10, strategy="uniform")
+    rows = reliability_table(labels, probs)
+    assert [r["fraction_pm"] for r in rows] == pytest.approx(prob_true.tolist())
+    assert [r["mean_probability"] for r in rows] == pytest.approx(prob_pred.tolist())
+    counts = np.array([r["count"] for r in rows])
+    assert expected_calibration_error(labels, probs) == pytest.approx(
+        float(np.sum(counts / len(probs) * np.abs(prob_pred - prob_true))))
 
 
 def test_operating_characteristics_by_hand():

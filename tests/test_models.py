@@ -4,7 +4,8 @@ import numpy as np
 import paddle
 import pytest
 
-from palm.nn.models import DROPOUT_MODELS, MODELS, build_model, gradcam_layer, main_logits, model_names, training_loss
+from palm.nn.models import (DROPOUT_MODELS, MODELS, build_model, gradcam_layer, main_logits, model_names, spec,
+                            training_loss)
 
 SMALL = 64
 # Overfit test: (image size, steps, lr). 32 px keeps the big networks quick; LeNet's
@@ -34,6 +35,7 @@ def test_each_spec_names_a_convolutional_layer_of_its_network_for_grad_cam(name)
     paddle.seed(0)
     model = build_model(name, image_size=SMALL)
     layer = gradcam_layer(name, model)
+    assert spec(name).gradcam_layer.isidentifier()           # chosen by name, not by position
     assert any(layer is sub for sub in model.sublayers())
     assert any(isinstance(sub, paddle.nn.Conv2D) for sub in [layer, *layer.sublayers()])
 

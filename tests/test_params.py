@@ -51,6 +51,21 @@ def test_the_repository_params_are_valid_and_the_model_list_is_the_networks():
     ("data.val_fraction", 0, "data.val_fraction = 0: input should be greater than 0"),
     ("data.split_seed", -1, "data.split_seed = -1"),
     ("data.zips_dir", "data/original", "data.zips_dir = 'data/original': is not a known key"),
+    # the threshold grammar is the schema's (palm.params.parse_threshold)
+    ("train.threshold", "youdn", "train.threshold = 'youdn': expected a number in (0, 1), 'youden', 'sensitivity>=X'"),
+    ("train.threshold", "sensitivity>=1.5", "train.threshold = 'sensitivity>=1.5': expected a number in (0, 1)"),
+    ("train.threshold", 1.0, "train.threshold = 1.0: a number must be in (0, 1), got 1.0"),
+    ("train.threshold", True, "train.threshold = True: expected a number in (0, 1) or a rule, got True"),
+    ("models.alexnet.threshold", "specificity>=0", "models.alexnet.threshold = 'specificity>=0': expected a number"),
+    # per-model overrides are typed as train: is (derived from TrainParams)
+    ("models.alexnet.warmup_epochs", -1, "models.alexnet.warmup_epochs = -1: input should be greater than or equal"),
+    ("models.alexnet.select_by", "f1", "models.alexnet.select_by = 'f1': input should be 'loss', 'accuracy' or 'auc'"),
+    ("models.alexnet.nonsense", 1, "models.alexnet.nonsense = 1: is not a known key"),
+    # synthetic: is the schema's too
+    ("synthetic.n_val_pm", -1, "synthetic.n_val_pm = -1: input should be greater than or equal to 0"),
+    ("synthetic.scale", 0, "synthetic.scale = 0: input should be greater than 0"),
+    ("synthetic.jpeg_quality", 101, "synthetic.jpeg_quality = 101: input should be less than or equal to 100"),
+    ("synthetic.n_train", 5, "synthetic.n_train = 5: is not a known key"),
 ])
 def test_a_bad_value_is_one_line_naming_key_and_value(path, value, message):
     with pytest.raises(ConfigError) as exc:
@@ -75,3 +90,23 @@ def test_missing_train_keys_are_named_params_yaml_is_the_one_source_of_defaults(
     del p["train"]["epochs"]
     with pytest.raises(ConfigError, match="params.yaml: train.epochs is missing"):
         training_config(p)
+
+
+def test_per_model_overrides_take_every_training_key_typed_once():
+    from palm.params import ModelOverrides, TrainParams
+
+    assert set(ModelOverrides.model_fields) == set(TrainParams.model_fields)
+    assert all(not f.is_required() for f in ModelOverrides.model_fields.values())
+    p = copy.deepcopy(PARAMS)
+    p["models"][p["model"]] = {"threshold": "youden", "select_by": "auc", "augment": {"hflip": False}}
+    cfg = training_config(p)
+    assert (cfg["threshold"], cfg["select_by"], cfg["augment"]["hflip"]) == ("youden", "auc", False)
+
+
+def test_synthetic_needs_images_in_both_sets_in_one_line():
+    p = copy.deepcopy(PARAMS)
+    p["synthetic"].update(n_val_pm=0, n_val_non_pm=0)
+    with pytest.raises(ConfigError) as exc:
+        validate(p)
+    assert str(exc.value) == ("params.yaml: synthetic: n_val_pm + n_val_non_pm is 0: both the training and the "
+                              "validation set need an image")

@@ -114,3 +114,29 @@ def test_missing_inputs_are_a_clear_error_and_write_nothing(inputs):
 def test_fmt():
     assert fmt(None) == "n/a" and fmt(3) == "3" and fmt(0.12345) == "0.123" and fmt(1.0) == "1.000"
     assert not math.isnan(float(fmt(0.5)))
+
+
+def test_the_page_escapes_what_it_reads_and_its_template_ships_with_the_package(inputs):
+    """Autoescaping: a folder name or a model.json value with markup is text, never HTML."""
+    from importlib.resources import files
+
+    tmp, _, _ = inputs
+    info = json.loads((tmp / "model.json").read_text())
+    info["config"]["note"] = "<script>alert(1)</script>"
+    (tmp / "model.json").write_text(json.dumps(info))
+    out = write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp, tmp / "explain",
+                       tmp / "labels.csv", {"data": {"source": "folder", "input": "<b>clinic</b> & co"}})
+    text = out.read_text(encoding="utf-8")
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    assert "<b>clinic</b>" not in text and "&lt;b&gt;clinic&lt;/b&gt; &amp; co" in text
+    assert files("palm.evaluation.report").joinpath("templates", "report.html.j2").is_file()
+
+
+def test_the_report_stage_imports_no_paddle():
+    """The report reads model.json through palm.nn.modelinfo: a network's code is none of its business."""
+    import subprocess
+    import sys
+
+    code = "import sys, palm.evaluation.report; print('paddle' in sys.modules, 'palm.nn.models' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

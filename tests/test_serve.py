@@ -174,9 +174,9 @@ def test_a_slow_upload_does_not_hold_up_the_others(served):
     url, tmp = served
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as slow:
-        head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                f"Content-Length: 500000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
-                f"filename=\"slow.jpg\"\r\n\r\n").encode()
+        head = ("POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                "Content-Length: 500000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
+                "filename=\"slow.jpg\"\r\n\r\n").encode()
         slow.sendall(head + (tmp / "fundus.jpg").read_bytes()[:1000])     # ... and the rest never comes
         t0 = time.perf_counter()
         r = post(url, tmp, ["fundus.jpg"])

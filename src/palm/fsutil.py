@@ -43,8 +43,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
-    """Open a temporary file beside ``target``; it replaces ``target`` only when the block succeeds."""
+def atomic_file(target: str | Path, mode: str = "w", *, fsync: bool = False, **kwargs) -> Iterator:
+    """Open a temporary file beside ``target``; it replaces ``target`` only when the block succeeds.
+
+    With ``fsync``, the data reach the disk before the rename (what must survive a power cut:
+    weights, checkpoints); ``kwargs`` go to :func:`open`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
@@ -55,6 +58,9 @@ def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
     try:
         with open(tmp, mode, **kwargs) as f:
             yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

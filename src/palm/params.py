@@ -10,20 +10,26 @@ load_params``, and again on the merged training configuration); a bad value is a
     params.yaml: models.alexnet.lr = -1: must be greater than 0
 
 Whole numbers (epochs, sizes, seeds) must be written as such: ``"2"`` and ``2.5`` are refused,
-not rounded. The ``synthetic:`` section belongs to :mod:`palm.data.synthesize`, which checks it.
+not rounded. ``models.<name>:`` takes any key of ``train:`` (:class:`ModelOverrides` is derived
+from :class:`TrainParams`: a new training key is typed once). ``train.threshold`` follows the
+grammar of :func:`parse_threshold` (a probability or a rule), checked here.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
     ValidationError,
+    create_model,
+    model_validator,
 )
 
 from palm.errors import ConfigError
@@ -40,8 +46,46 @@ Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
 Side = Annotated[StrictInt, Field(ge=16, le=4096)]
-#: a probability, or a rule (youden, sensitivity>=X, specificity>=X) that palm.evaluation.metrics.parse_threshold reads
-Threshold = Union[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)], Annotated[str, Field(min_length=1)]]
+#: PM if the probability is at least this, unless a model (model.json) or params.yaml says otherwise
+DEFAULT_THRESHOLD = 0.5
+_RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
+
+
+def parse_threshold(value) -> float | str:
+    """A threshold setting: a number in (0, 1), ``youden``, ``sensitivity>=X`` or ``specificity>=X``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"threshold: expected a number in (0, 1) or a rule, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not 0 < float(value) < 1:
+            raise ConfigError(f"threshold: a number must be in (0, 1), got {value}")
+        return float(value)
+    text = str(value).strip()
+    try:
+        return parse_threshold(float(text))
+    except ValueError:
+        pass
+    if text == "youden":
+        return text
+    m = _RULE.match(text)
+    if m and 0 < float(m.group(2)) <= 1:
+        return f"{m.group(1)}>={float(m.group(2)):g}"
+    raise ConfigError(f"threshold: expected a number in (0, 1), 'youden', 'sensitivity>=X' or 'specificity>=X' "
+                    f"(0 < X <= 1), got {value!r}")
+
+
+
+def _threshold_grammar(value):
+    """The schema's check of a threshold setting, before any conversion (``true`` is not 1):
+    :func:`parse_threshold`'s grammar; the value itself is kept (the trainer parses it)."""
+    try:
+        parse_threshold(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("threshold: ")) from None
+    return value
+
+
+#: a probability, or a rule (youden, sensitivity>=X, specificity>=X): :func:`parse_threshold`
+Threshold = Annotated[Union[float, str], BeforeValidator(_threshold_grammar)]
 
 
 class Section(BaseModel):
@@ -104,32 +148,37 @@ class TrainParams(Section):
     dropout: Optional[Fraction] = None
 
 
-class ModelOverrides(Section):
-    """``models.<name>``: any training key, for that network only."""
+def _optional(field) -> object:
+    """A field's type, constraints included, that may also be absent (None)."""
+    return Optional[Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation]
 
-    epochs: Optional[Annotated[StrictInt, Field(ge=1, le=100_000)]] = None
-    batch_size: Optional[Count] = None
-    optimizer: Optional[Literal["adam", "momentum"]] = None
-    lr: Optional[Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]] = None
-    momentum: Optional[Fraction] = None
-    weight_decay: Optional[NonNeg] = None
-    schedule: Optional[Literal["cosine", "constant"]] = None
-    warmup_epochs: Optional[NonNeg] = None
-    holdout: Optional[Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)]] = None
-    select: Optional[Literal["last", "best"]] = None
-    select_by: Optional[Literal["loss", "accuracy", "auc"]] = None
-    ema: Optional[Fraction] = None
-    class_balance: Optional[StrictBool] = None
-    augment: Optional[AugmentParams] = None
+
+#: ``models.<name>``: any key of ``train:``, typed as there (one list of fields), for that network only
+ModelOverrides = create_model(
+    "ModelOverrides", __base__=Section, __doc__="``models.<name>``: any training key, for that network only.",
+    **{name: (_optional(f), None) for name, f in TrainParams.model_fields.items()})
+
+
+class SyntheticParams(Section):
+    """``synthetic:``, the arguments of :func:`palm.data.synthetic.generate` (those not given keep its defaults)."""
+
     seed: Optional[NonNegInt] = None
-    device: Optional[Annotated[str, Field(pattern=r"^(auto|cpu|gpu(:\d+)?)$")]] = None
-    amp: Optional[Literal["auto", "off", "fp16", "bf16"]] = None
-    workers: Optional[NonNegInt] = None
-    nproc: Optional[Count] = None
-    to_static: Optional[StrictBool] = None
-    threshold: Optional[Threshold] = None
-    input_size: Optional[Side] = None
-    dropout: Optional[Fraction] = None
+    n_train_p: Optional[NonNegInt] = None
+    n_train_n: Optional[NonNegInt] = None
+    n_train_h: Optional[NonNegInt] = None
+    n_val_pm: Optional[NonNegInt] = None
+    n_val_non_pm: Optional[NonNegInt] = None
+    scale: Optional[Positive] = None
+    jpeg_quality: Optional[Annotated[StrictInt, Field(ge=1, le=100)]] = None
+
+    @model_validator(mode="after")
+    def _both_sets(self):
+        train = [self.n_train_p, self.n_train_n, self.n_train_h]
+        valid = [self.n_val_pm, self.n_val_non_pm]
+        for counts, which in ((train, "n_train_p + n_train_n + n_train_h"), (valid, "n_val_pm + n_val_non_pm")):
+            if all(c is not None for c in counts) and sum(counts) == 0:
+                raise ValueError(f"{which} is 0: both the training and the validation set need an image")
+        return self
 
 
 class EvaluateParams(Section):
@@ -158,7 +207,7 @@ class Params(TrainingParams):
     model_config = ConfigDict(extra="allow", frozen=True)
     data: DataParams
     unzip: UnzipParams
-    synthetic: dict[str, Any] = {}
+    synthetic: Optional[SyntheticParams] = None
     preprocess: PreprocessParams
     evaluate: EvaluateParams
     explain: ExplainParams
@@ -174,14 +223,23 @@ _MESSAGES = {
 }
 
 
+#: the member names pydantic puts in an error's location inside a union (train.threshold.float)
+_UNION_TAGS = ("float", "str")
+
+
 def _line(err: dict, source: str) -> str:
-    key = ".".join(str(p) for p in err["loc"])
+    key = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
     kind = err["type"]
-    msg = _MESSAGES.get(kind) or err["msg"][0].lower() + err["msg"][1:]
+    if kind == "value_error":   # a validator's own message (the threshold grammar, synthetic's counts)
+        msg = str(err["ctx"]["error"])
+    else:
+        msg = _MESSAGES.get(kind) or err["msg"][0].lower() + err["msg"][1:]
     if kind in ("int_type", "bool_type") and isinstance(err.get("input"), str):
         msg += " (not a string)"
     if kind == "missing":
         return f"{source}: {key} {msg}"
+    if isinstance(err.get("input"), dict):   # a whole section's check: the message names the keys
+        return f"{source}: {key}: {msg}"
     return f"{source}: {key} = {err.get('input')!r}: {msg}"
 
 

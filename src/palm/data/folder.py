@@ -36,28 +36,15 @@ import pandas as pd
 
 from palm.errors import DataError, listing
 from palm.fsutil import atomic_dir, copy_at_most
-from palm.data.image import IMAGE_SUFFIXES
-from palm.data.layout import MB, Limits, mb
+from palm.data.layout import IMAGE_SUFFIXES, MB, Limits, mb, parse_label
 from palm.data.splits import train_valid_split
 
 LABELS_CSV = "labels.csv"
 IMAGES_DIR = "images"
 REQUIRED = ("image", "label")
 OPTIONAL = ("group", "split")
-LABEL_VALUES = {"1": 1, "pm": 1, "0": 0, "non-pm": 0, "nonpm": 0, "non_pm": 0, "non pm": 0}
 SPLIT_VALUES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid"}
 SPLITS = ("train", "valid")
-
-
-def _label(value: str):
-    v = value.strip().lower()
-    if v in LABEL_VALUES:
-        return LABEL_VALUES[v]
-    try:
-        f = float(v)
-    except ValueError:
-        return None
-    return int(f) if f in (0.0, 1.0) else None
 
 
 def _relative(value: str) -> str | None:
@@ -114,7 +101,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: image(s) listed more than once: {listing(rows)}")
     out["image"] = rel.to_numpy()
 
-    labels = [_label(v) for v in df["label"]]
+    labels = [parse_label(v) for v in df["label"]]
     bad = [f"row {r} ({n}: {v!r})" for r, n, v, p in zip(out["row"], rel, df["label"], labels) if p is None]
     if bad:
         raise DataError(f"{path}: label must be 0 or 1 (or PM / non-PM); bad value in {listing(bad)}")

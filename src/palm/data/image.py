@@ -17,8 +17,6 @@ from PIL import Image, UnidentifiedImageError
 
 from palm.errors import DataError
 
-#: the suffixes of the photographs people hand us (palm predict, a folder source)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: the most pixels a photograph may have (8000 x 8000); the PALM photographs have up to 2124 x 2056.
 #: Larger images are refused before decoding (a "decompression bomb" could need gigabytes).
 MAX_PIXELS = 64_000_000

@@ -20,11 +20,10 @@ import pandas as pd
 from palm.errors import DataError, listing
 from palm.data.folder import folder_labels
 from palm.fsutil import atomic_file
-from palm.data.layout import GT_FILE, TRAIN_DIR, VALID_DIR
+from palm.data.layout import GT_FILE, PALM_SUFFIXES, TRAIN_DIR, VALID_DIR, parse_label
 
 REQUIRED_COLUMNS = ("imgName", "Label")
 TRAIN_NAME = re.compile(r"^([HNP])\d+\.jpe?g$", re.IGNORECASE)
-PALM_SUFFIXES = (".jpg", ".jpeg")     # the PALM photographs' (palm.data.image.IMAGE_SUFFIXES: any we read)
 CLASS_OF_PREFIX = {"P": 1, "H": 0, "N": 0}
 
 
@@ -78,15 +77,6 @@ def validation_labels(raw_dir: Path) -> pd.DataFrame:
     empty = excel_row[names == ""]
     if len(empty):
         raise DataError(f"{gt_path}: empty imgName in row(s) {listing(empty)}")
-
-    def parse_label(v):
-        if isinstance(v, bool) or pd.isna(v):
-            return None
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            return None
-        return int(f) if f in (0.0, 1.0) else None
 
     labels = pd.Series([parse_label(v) for v in df["Label"]], index=df.index, dtype=object)
     bad = [f"row {r} ({n}: {v!r})" for r, n, v, p in zip(excel_row, names, df["Label"], labels) if p is None]

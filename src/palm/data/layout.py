@@ -26,7 +26,30 @@ VALID_DIR = "PALM-Validation400"
 GT_DIR = "PALM-Validation-GT"
 GT_FILE = f"{GT_DIR}/PM_Label_and_Fovea_Location.xlsx"
 
+#: the suffixes of the photographs people hand us (palm predict, a folder source): any that
+#: :func:`palm.data.image.load_image` decodes
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+PALM_SUFFIXES = (".jpg", ".jpeg")     # the PALM photographs'
+#: a label's names (case-insensitive), besides the numbers 0 and 1
+LABEL_NAMES = {"pm": 1, "non-pm": 0, "nonpm": 0, "non_pm": 0, "non pm": 0}
+
 MB = 1 << 20
+
+
+def parse_label(value) -> int | None:
+    """A label cell (PALM's ground-truth spreadsheet, a folder's labels.csv) as 1 (PM) or 0:
+    the numbers 0 and 1 (``1.0``, ``"1"`` too) or a name of :data:`LABEL_NAMES`; None for
+    anything else (empty, NaN, true/false, 2, "yes"), for the caller's one-line error."""
+    if isinstance(value, bool) or value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in LABEL_NAMES:
+        return LABEL_NAMES[text]
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
 
 
 def mb(n: float) -> str:

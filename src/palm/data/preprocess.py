@@ -73,22 +73,6 @@ def _raise_errors(errors: list[str]) -> None:
                         + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else ""))
 
 
-def decode_all(paths: list[str], image_size: int, workers: int, desc: str = "decode") -> np.ndarray:
-    """Decode ``paths`` in parallel (order kept); fail naming every file that cannot be decoded.
-
-    Threads, not processes: JPEG decoding and resizing release the GIL, and no pixels need
-    pickling between processes (measured here on 200 full-size images, 2 cores: 432 images/s
-    with 2 threads, 363 with 2 processes, 216 with one).
-    """
-    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers)) if workers > 1 else None
-        bar = stack.enter_context(tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True))
-        errors = _decode_into(out, paths, image_size, pool, bar)
-    _raise_errors(errors)
-    return out
-
-
 def decoder_identity() -> str:
     """What decodes the images, by its hash: the source of the code the stage runs
     (``stages/preprocess.py`` and its imports, or this module's without the stage) and the

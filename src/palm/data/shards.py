@@ -26,6 +26,7 @@ import numpy as np
 
 from palm.errors import DataError
 from palm.data.image import resize_square
+from palm.fsutil import atomic_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -44,15 +45,9 @@ def shard_name(split: str, k: int) -> str:
 
 
 def save_shard(path: Path, pixels: np.ndarray) -> None:
-    """Write one shard so that ``path`` is complete or absent (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write one shard so that ``path`` is complete or absent (:func:`palm.fsutil.atomic_file`)."""
+    with atomic_file(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from palm.errors import DataError
 from palm.fsutil import atomic_dir
 from palm.data.synthetic import generate
 
 SYNTHETIC_DIR = Path("data/synthetic")
-COUNT_KEYS = ("n_train_p", "n_train_n", "n_train_h", "n_val_pm", "n_val_non_pm")
 
 
 def main(params: dict) -> None:
@@ -29,10 +27,6 @@ def main(params: dict) -> None:
                 f"data.source is {source}, data.input is {data_input}: the synthetic data set is not generated.\n")
         print(f"data.source = {source}, data.input = {data_input}: synthetic data not needed, skipped")
         return
-    unknown = set(cfg) - {"seed", "scale", "jpeg_quality", *COUNT_KEYS}
-    if unknown:
-        raise DataError(f"params.yaml synthetic: unknown key(s) {', '.join(sorted(unknown))}")
-    kwargs = {k: cfg[k] for k in cfg}
-    with atomic_dir(SYNTHETIC_DIR) as tmp:
-        generate(tmp, **kwargs)
+    with atomic_dir(SYNTHETIC_DIR) as tmp:   # cfg: generate's arguments, checked by palm.params.SyntheticParams
+        generate(tmp, **cfg)
     print(f"wrote synthetic PALM zips to {SYNTHETIC_DIR}")

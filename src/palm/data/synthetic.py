@@ -21,6 +21,7 @@ RGB stays near chance).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zipfile
@@ -32,6 +33,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from palm.fsutil import atomic_file
 from palm.data.layout import (
     GT_FILE,
     GT_ZIP,
@@ -374,18 +376,9 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    try:
+    with contextlib.ExitStack() as all_three:   # all written before any replaces its target
         for name, data in zips.items():
-            tmp = out_dir / f".{name}.tmp"
-            tmp.write_bytes(data)
-            written.append(tmp)
-        for tmp in written:
-            os.replace(tmp, out_dir / tmp.name[1:-4])
-    except BaseException:
-        for tmp in written:
-            tmp.unlink(missing_ok=True)
-        raise
+            all_three.enter_context(atomic_file(out_dir / name, "wb")).write(data)
 
 
 def _deterministic_xlsx(data: bytes) -> bytes:

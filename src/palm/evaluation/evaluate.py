@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
-from palm.nn.artifact import input_size, threshold
+from palm.nn.modelinfo import input_size, threshold
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_file
 from palm.data.image import to_chw_float
 from palm.serve.inference import load_engine
-from palm.evaluation.metrics import DEFAULT_PREVALENCE, N_BOOT, score
+from palm.evaluation.metrics import DEFAULT_PREVALENCE, ECE_BINS, N_BOOT, score
 from palm.runtime import configured_device, select_device
 
 PREDICTIONS = Path("metrics/predictions.csv")
@@ -78,7 +78,7 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
     live = Live(str(EVAL_PLOTS), dvcyaml=False, save_dvc_exp=False)
     live.log_sklearn_plot("roc", y, p, name="roc.json")
     live.log_sklearn_plot("precision_recall", y, p, name="precision_recall.json")
-    live.log_sklearn_plot("calibration", y, p, name="calibration.json", n_bins=10)
+    live.log_sklearn_plot("calibration", y, p, name="calibration.json", n_bins=ECE_BINS)  # metrics.calibration_bins
     live.log_sklearn_plot("confusion_matrix", y, saved["predicted"].to_numpy(), name="confusion_matrix.json")
     live.end()
     with atomic_file(HISTOGRAM) as f:

@@ -17,12 +17,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from palm.nn.artifact import input_size, load
-from palm.nn.artifact import threshold as model_threshold
+from palm.nn.artifact import load
+from palm.nn.modelinfo import input_size
+from palm.nn.modelinfo import threshold as model_threshold
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_dir
 from palm.data.image import to_chw_float
-from palm.evaluation.metrics import DEFAULT_THRESHOLD
+from palm.params import DEFAULT_THRESHOLD
 from palm.nn.models import gradcam_layer
 from palm.runtime import configured_device, select_device
 from palm.serve.gradcam import gradcam, overlay  # noqa: F401  (gradcam: also this module's, for its users)

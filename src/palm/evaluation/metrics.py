@@ -28,15 +28,13 @@
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
-from palm.errors import ConfigError, DataError
+from palm.errors import DataError
+from palm.params import DEFAULT_THRESHOLD, parse_threshold  # noqa: F401  (the threshold grammar: palm.params)
 
 N_BOOT = 2000
-#: PM if the probability is at least this, unless a model or params.yaml says otherwise
-DEFAULT_THRESHOLD = 0.5
 BOOT_SEED = 0
 ECE_BINS = 10
 # PM prevalence of a screening population: population studies put it at 0.9-3.1%
@@ -84,25 +82,21 @@ def _counts_metrics(tp, fp, tn, fn, prevalence: float) -> dict:
     }
 
 
-def expected_calibration_error(labels, probs, n_bins: int = ECE_BINS) -> float:
-    """ECE: sum over ``n_bins`` equal-width probability bins of (bin share) x |mean probability
-    - fraction of PM| (Guo et al. 2017; bins ``[0, 0.1), ..., [0.9, 1.0]``)."""
-    labels = np.asarray(labels, dtype=np.float64)
-    probs = np.asarray(probs, dtype=np.float64)
-    bins = np.clip((probs * n_bins).astype(int), 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        inside = bins == b
-        if inside.any():
-            total += inside.mean() * abs(probs[inside].mean() - labels[inside].mean())
-    return float(total)
+def calibration_bins(probs, n_bins: int = ECE_BINS) -> np.ndarray:
+    """The bin (0 .. n_bins-1) of each probability among ``n_bins`` equal-width bins of [0, 1]:
+    scikit-learn's ``calibration_curve`` binning (``strategy="uniform"``), which draws dvclive's
+    calibration plot (``dvc plots``): a probability on an edge goes to the lower bin
+    (``[0, 0.1], (0.1, 0.2], ..., (0.9, 1]``), so ECE, the report and ``dvc plots`` agree."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], np.asarray(probs, dtype=np.float64))
 
 
 def reliability_table(labels, probs, n_bins: int = ECE_BINS) -> list[dict]:
-    """Per non-empty bin: its range, mean predicted probability, observed fraction of PM, count."""
+    """Per non-empty bin (:func:`calibration_bins`): its range, mean predicted probability,
+    observed fraction of PM, count."""
     labels = np.asarray(labels, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
-    bins = np.clip((probs * n_bins).astype(int), 0, n_bins - 1)
+    bins = calibration_bins(probs, n_bins)
     rows = []
     for b in range(n_bins):
         inside = bins == b
@@ -111,6 +105,14 @@ def reliability_table(labels, probs, n_bins: int = ECE_BINS) -> list[dict]:
                          "mean_probability": float(probs[inside].mean()),
                          "fraction_pm": float(labels[inside].mean()), "count": int(inside.sum())})
     return rows
+
+
+def expected_calibration_error(labels, probs, n_bins: int = ECE_BINS) -> float:
+    """ECE: sum over the non-empty bins of :func:`reliability_table` of (bin share) x |mean
+    probability - fraction of PM| (Guo et al. 2017)."""
+    n = len(np.asarray(probs))
+    return float(sum(r["count"] / n * abs(r["mean_probability"] - r["fraction_pm"])
+                     for r in reliability_table(labels, probs, n_bins)))
 
 
 def sensitivity_at_specificity(labels, probs, target: float) -> float:
@@ -129,31 +131,6 @@ def specificity_at_sensitivity(labels, probs, target: float) -> float:
     fpr, tpr, _ = roc_curve(labels, probs)
     ok = tpr >= target - 1e-12
     return float((1 - fpr[ok]).max()) if ok.any() else 0.0
-
-
-_RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
-
-
-def parse_threshold(value) -> float | str:
-    """A threshold setting: a number in (0, 1), ``youden``, ``sensitivity>=X`` or ``specificity>=X``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"threshold: expected a number in (0, 1) or a rule, got {value!r}")
-    if isinstance(value, (int, float)):
-        if not 0 < float(value) < 1:
-            raise ConfigError(f"threshold: a number must be in (0, 1), got {value}")
-        return float(value)
-    text = str(value).strip()
-    try:
-        return parse_threshold(float(text))
-    except ValueError:
-        pass
-    if text == "youden":
-        return text
-    m = _RULE.match(text)
-    if m and 0 < float(m.group(2)) <= 1:
-        return f"{m.group(1)}>={float(m.group(2)):g}"
-    raise ConfigError(f"threshold: expected a number in (0, 1), 'youden', 'sensitivity>=X' or 'specificity>=X' "
-                    f"(0 < X <= 1), got {value!r}")
 
 
 def choose_threshold(labels, probs, rule) -> float:

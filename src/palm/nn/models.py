@@ -61,6 +61,11 @@ class LeNet(nn.Sequential):
         n = _flat_size(features, image_size)
         super().__init__(features, nn.Flatten(), nn.Linear(n, 64), nn.Sigmoid(), nn.Linear(64, 1))
 
+    @property
+    def features(self) -> nn.Layer:
+        """The convolutional stage (a name for it: the state dict keeps its ``0.`` keys)."""
+        return self[0]
+
 
 class AlexNet(nn.Sequential):
     """The course's AlexNet: conv 11x11/4 (96), pool, 5x5 (256), pool, 3x3 (384, 384, 256),
@@ -85,6 +90,11 @@ class AlexNet(nn.Sequential):
             nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(4096, 1),
         )
+
+    @property
+    def features(self) -> nn.Layer:
+        """The convolutional stage (a name for it: the state dict keeps its ``0.`` keys)."""
+        return self[0]
 
 
 class ConvBNReLU(nn.Sequential):
@@ -154,6 +164,11 @@ class GoogLeNet(nn.Layer):
         self.aux1 = AuxHead(512)
         self.aux2 = AuxHead(528)
 
+    @property
+    def inception5b(self) -> nn.Layer:
+        """The last Inception block (the paper's 5b), the last convolutional stage."""
+        return self.tail[3]
+
     def forward(self, x):
         a = self.stem(x)
         b = self.mid(a)
@@ -206,8 +221,9 @@ class ModelSpec:
 
     build: Callable[..., nn.Layer]
     """``build(image_size=..., **tunable)`` -> the network."""
-    gradcam_layer: Callable[[nn.Layer], nn.Layer]
-    """The layer whose output feature maps Grad-CAM explains: the last convolutional stage."""
+    gradcam_layer: str
+    """The name (attribute of the network) of the layer whose output feature maps Grad-CAM
+    explains: the last convolutional stage."""
     tunable: tuple[str, ...] = ()
     """Builder arguments that ``models.<name>`` in params.yaml may set (e.g. ``dropout``)."""
 
@@ -217,20 +233,15 @@ def _resnet(depth: int) -> Callable[..., nn.Layer]:
     return lambda image_size=224, **kw: factory(num_classes=1, **kw)
 
 
-def _layer4(model: nn.Layer) -> nn.Layer:
-    return model.layer4
-
-
 MODELS: dict[str, ModelSpec] = {
-    "lenet": ModelSpec(lambda image_size=224, **kw: LeNet(image_size, **kw), lambda m: m[0]),
-    "alexnet": ModelSpec(lambda image_size=224, **kw: AlexNet(image_size, **kw), lambda m: m[0],
-                         tunable=("dropout",)),
-    "vgg16": ModelSpec(vgg16, lambda m: m.features),
-    "googlenet": ModelSpec(lambda image_size=224, **kw: GoogLeNet(image_size, **kw), lambda m: m.tail[3]),
-    "resnet50": ModelSpec(_resnet(50), _layer4),
-    "resnet101": ModelSpec(_resnet(101), _layer4),
-    "resnet152": ModelSpec(_resnet(152), _layer4),
-    "senet18": ModelSpec(senet18, _layer4),
+    "lenet": ModelSpec(lambda image_size=224, **kw: LeNet(image_size, **kw), "features"),
+    "alexnet": ModelSpec(lambda image_size=224, **kw: AlexNet(image_size, **kw), "features", tunable=("dropout",)),
+    "vgg16": ModelSpec(vgg16, "features"),
+    "googlenet": ModelSpec(lambda image_size=224, **kw: GoogLeNet(image_size, **kw), "inception5b"),
+    "resnet50": ModelSpec(_resnet(50), "layer4"),
+    "resnet101": ModelSpec(_resnet(101), "layer4"),
+    "resnet152": ModelSpec(_resnet(152), "layer4"),
+    "senet18": ModelSpec(senet18, "layer4"),
 }
 
 
@@ -254,7 +265,7 @@ def build_model(name: str, image_size: int = 224, **kwargs) -> nn.Layer:
 
 def gradcam_layer(name: str, model: nn.Layer) -> nn.Layer:
     """The layer whose output feature maps Grad-CAM explains: the last convolutional stage."""
-    return spec(name).gradcam_layer(model)
+    return getattr(model, spec(name).gradcam_layer)
 
 
 def main_logits(output) -> paddle.Tensor:

@@ -18,7 +18,6 @@ older exported ``inference.pdmodel`` and its ``.pdiparams.info``) with one line 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +92,8 @@ def save_state(state: Any, path: str | Path) -> Path:
 
     tensors, tree = flatten(state)
     data = save(tensors, metadata={META_KEY: json.dumps(tree)})
-    with atomic_file(path, "wb") as f:
+    with atomic_file(path, "wb", fsync=True) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return Path(path)
 
 

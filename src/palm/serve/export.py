@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from palm.nn.artifact import input_size, load, write_info
+from palm.nn.artifact import load
+from palm.nn.modelinfo import input_size, write_info
 from palm.fsutil import atomic_dir
 from palm.serve.inference import save
 from palm.runtime import configured_device, select_device

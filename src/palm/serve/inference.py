@@ -14,22 +14,23 @@ and the engines that run a model:
 ``load_engine`` picks ``paddle-inference`` by default, for an exported model and for a
 ``models/`` folder of weights alike (the weights are exported to a temporary folder first:
 about 0.2 s for SE-ResNet18); when Paddle Inference cannot be built it says why on stderr and
-falls back to eager. Every engine maps a float32 NCHW batch to PM probabilities (N,).
+falls back to eager (which loads the network again: only on that rare path). Every engine maps a float32 NCHW batch to PM probabilities (N,).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import paddle
 import paddle.inference as pi
 
-from palm.nn import artifact
+from palm.nn import artifact, modelinfo
 from palm.errors import DataError
 from palm.nn.models import main_logits
 from palm.runtime import machine_share, select_device
@@ -148,26 +149,24 @@ def load_engine(model_dir: str | Path = "models", device: str = "auto", engine: 
                 precision: str = "fp32") -> tuple[Engine, dict]:
     """The trained model of ``model_dir`` (``models/`` weights or an export) ready to score
     batches, and its ``model.json``. ``engine``: auto (Paddle Inference, eager if that fails),
-    paddle-inference or eager."""
+    paddle-inference or eager.
+
+    One path: the folder's inference program (the export's own, or the weights exported to a
+    temporary folder, :func:`program`) goes to Paddle Inference; on failure, or with
+    ``engine="eager"``, the folder's network runs eagerly (:func:`eager_layer`)."""
     if engine not in ENGINES:
         raise DataError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if precision not in PRECISIONS:
         raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    info = artifact.read_info(model_dir)
+    info = modelinfo.read_info(model_dir)
     device = select_device(device)
-    size = artifact.input_size(info)
-    exported = any(p.name.startswith(PREFIX + ".") for p in Path(model_dir).iterdir())
-    if exported:
+    if is_export(model_dir):
         check_export_dir(model_dir)   # Paddle 3's JSON program and raw weights; older pickled formats refused
-    layer = None
     if engine != "eager":
+        size = modelinfo.input_size(info)
         try:
-            if exported:
-                return paddle_inference(model_dir, device, precision, machine_share().threads, size), info
-            layer = _eager_layer(model_dir, exported)
-            with tempfile.TemporaryDirectory(prefix="palm-export-") as tmp:
-                save(layer, size, tmp)   # the predictor reads the files when it is created
-                return paddle_inference(tmp, device, precision, machine_share().threads, size), info
+            with program(model_dir) as prog_dir:   # the predictor reads the files when it is created
+                return paddle_inference(prog_dir, device, precision, machine_share().threads, size), info
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001  (any failure of Paddle Inference: fall back, say why)
@@ -175,10 +174,29 @@ def load_engine(model_dir: str | Path = "models", device: str = "auto", engine: 
                 raise DataError(f"{model_dir}: Paddle Inference failed: {exc}") from None
             print(f"warning: Paddle Inference unavailable ({str(exc).splitlines()[0][:200]}); "
                   "running the model in eager Paddle (slower)", file=sys.stderr)
-    return eager(layer if layer is not None else _eager_layer(model_dir, exported), device), info
+    return eager(eager_layer(model_dir), device), info
 
 
-def _eager_layer(model_dir: str | Path, exported: bool):
-    if exported:
+def is_export(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds an exported inference model (rather than ``models/`` weights)."""
+    return any(p.name.startswith(PREFIX + ".") for p in Path(model_dir).iterdir())
+
+
+@contextlib.contextmanager
+def program(model_dir: str | Path) -> Iterator[Path]:
+    """A folder with the inference program of ``model_dir``: itself for an export; for weights,
+    a temporary export of the network (about 0.2 s for SE-ResNet18), removed on exit."""
+    if is_export(model_dir):
+        yield Path(model_dir)
+        return
+    layer, info = artifact.load(model_dir)
+    with tempfile.TemporaryDirectory(prefix="palm-export-") as tmp:
+        save(layer, modelinfo.input_size(info), tmp)
+        yield Path(tmp)
+
+
+def eager_layer(model_dir: str | Path):
+    """The network of ``model_dir`` as an eager layer in eval mode (an export's too)."""
+    if is_export(model_dir):
         return paddle.jit.load(str(Path(model_dir) / PREFIX))
     return artifact.load(model_dir)[0]

@@ -19,9 +19,10 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from palm.nn import artifact
+from palm.nn import modelinfo
 from palm.serve.decode import Decoded, decode_stream
-from palm.data.image import IMAGE_SUFFIXES, to_chw_float
+from palm.data.image import to_chw_float
+from palm.data.layout import IMAGE_SUFFIXES
 from palm.serve.inference import load_engine
 from palm.serve.quality import OK
 
@@ -71,7 +72,7 @@ class Predictor:
         """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
         by default, eager Paddle as the fallback)."""
         run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
-        return cls(run, int(info["image_size"]), artifact.input_size(info), artifact.threshold(info),
+        return cls(run, int(info["image_size"]), modelinfo.input_size(info), modelinfo.threshold(info),
                    info["model"], run.name)
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,

@@ -55,7 +55,7 @@ from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served her
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.errors import ConfigError, DataError
-from palm.nn import artifact
+from palm.nn import artifact, modelinfo
 from palm.nn.models import gradcam_layer
 from palm.nn.weights import MODEL_WEIGHTS
 from palm.serve.decode import decode_one
@@ -232,7 +232,7 @@ class Model:
     def __init__(self, model_dir: str | Path, device: str = "auto", engine: str = "auto"):
         self.dir = Path(model_dir)
         self.predictor = Predictor.load(self.dir, device=device, engine=engine)
-        self.info = artifact.read_info(self.dir)
+        self.info = modelinfo.read_info(self.dir)
         weights = self.dir / MODEL_WEIGHTS
         weights = weights if weights.is_file() else self.dir / f"{PREFIX}.pdiparams"
         self.weights_sha256 = _sha256(weights)
@@ -289,7 +289,7 @@ def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | 
 
     app = FastAPI(title="palm serve", version=model.version, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Pathologic myopia screening of fundus photographs. {NOTICE}")
-    static = resources.files("palm.serve") / "static"
+    static = resources.files("palm.serve.page") / "static"
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 

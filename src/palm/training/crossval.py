@@ -24,7 +24,8 @@ import yaml
 from palm.data.dataset import Split, load_split
 from palm.errors import DataError
 from palm.evaluation.evaluate import predict_valid
-from palm.evaluation.metrics import DEFAULT_THRESHOLD, score
+from palm.evaluation.metrics import score
+from palm.params import DEFAULT_THRESHOLD
 from palm.data.shards import SplitWriter, new_manifest, write_manifest
 from palm.data.splits import fold_of
 from palm.training.train import Trainer

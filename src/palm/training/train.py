@@ -48,9 +48,9 @@ from palm.data import shards
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
-from palm.evaluation.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
+from palm.evaluation.metrics import choose_threshold, parse_threshold, score
 from palm.nn.models import DROPOUT_MODELS, build_model, training_loss
-from palm.params import training_config
+from palm.params import DEFAULT_THRESHOLD, training_config
 from palm.provenance import producer
 from palm.runtime import resolve_device, select_device
 from palm.data.splits import stratified_holdout

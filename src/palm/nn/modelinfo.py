@@ -1,0 +1,58 @@
+"""``model.json``, the description of a trained-model folder: its one writer and one reader.
+
+Paddle-free (JSON only), so that what only reads a model's description (the report, a
+comparison of models) does not load Paddle nor depend on the networks' code. ``models/``
+(the ``train`` stage), ``models_export/`` (the ``export`` stage) and any folder handed to
+``palm predict --model`` hold a ``model.json`` with:
+
+- ``model``: the network's name in :data:`palm.nn.models.MODELS`;
+- ``image_size``: the side of the square images ``preprocess`` decodes (what a new photograph
+  is decoded to); ``input_size``: the side the network takes (older files: ``image_size``);
+- ``threshold``: PM if the probability is at least this (:data:`palm.params.DEFAULT_THRESHOLD`
+  if absent), and ``threshold_rule``, where it came from;
+- what the training run was (``selected_epoch``, ``epochs``, ``device``, ``config``, ...), for people.
+
+The weights beside it, and loading the network, are :mod:`palm.nn.artifact`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from palm.errors import DataError
+from palm.params import DEFAULT_THRESHOLD  # a model whose model.json names none
+
+MODEL_INFO = "model.json"
+
+
+def write_info(folder: str | Path, info: dict) -> None:
+    """``folder/model.json`` (the caller makes ``folder`` appear atomically)."""
+    (Path(folder) / MODEL_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def read_info(model_dir: str | Path) -> dict:
+    """``model_dir/model.json``, checked: a one-line error naming the file when it is missing or broken."""
+    path = Path(model_dir) / MODEL_INFO
+    if not path.is_file():
+        raise DataError(f"{model_dir}: no {MODEL_INFO}; train a model first (dvc repro) or give --model DIR")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("model"), str):
+            raise ValueError("no 'model' name")
+        if not (int(info["image_size"]) >= 1 and input_size(info) >= 1):
+            raise ValueError("sizes must be positive")
+        threshold(info)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a valid model description ({type(exc).__name__}: {exc})") from None
+    return info
+
+
+def input_size(info: dict) -> int:
+    """The side of the images the model takes (``model.json``; older files: ``image_size``)."""
+    return int(info.get("input_size") or info["image_size"])
+
+
+def threshold(info: dict) -> float:
+    """The operating threshold: PM if the probability is at least this."""
+    return float(info.get("threshold", DEFAULT_THRESHOLD))
