@@ -93,9 +93,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (at least 1)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
-    p.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager"],
+    p.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager", "onnxruntime"],
                    help="auto: Paddle Inference (oneDNN on the CPU, CUDA/TensorRT on a GPU), eager Paddle "
-                        "if that cannot run; default: %(default)s")
+                        "if that cannot run; onnxruntime: models_export/model.onnx on the CPU, without Paddle "
+                        "(pip install \"palm-pipeline[onnx]\"); default: %(default)s")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; benchmarks/README.md); "
                         "default: %(default)s")

@@ -26,7 +26,6 @@ import numpy as np
 from palm.errors import DataError
 from palm.fsutil import atomic_dir
 from palm.evaluation.metrics import DEFAULT_THRESHOLD  # a model whose model.json names none
-from palm.nn.models import build_model, main_logits, model_names
 from palm.nn.weights import MODEL_WEIGHTS, check_model_dir, load_state
 
 MODEL_INFO = "model.json"
@@ -74,6 +73,8 @@ def threshold(info: dict) -> float:
 def load(model_dir: str | Path = "models"):
     """The saved model of ``model_dir`` in eval mode, and its ``model.json``: one-line errors
     for a bad folder (no description, pickled or ill-fitting weights, unknown network)."""
+    from palm.nn.models import build_model, model_names  # Paddle: not for reading model.json (ONNX-only installs)
+
     model_dir = Path(model_dir)
     info = read_info(model_dir)
     weights = load_state(check_model_dir(model_dir))
@@ -95,6 +96,8 @@ def predict_probs(model, loader, amp_ctx=contextlib.nullcontext) -> np.ndarray:
     """PM probabilities of an eager network over the ``(x, y)`` batches of ``loader``, in order."""
     import paddle
     import paddle.nn.functional as F
+
+    from palm.nn.models import main_logits
 
     model.eval()
     out = []

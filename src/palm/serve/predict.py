@@ -22,7 +22,6 @@ from tqdm import tqdm
 from palm.nn import artifact
 from palm.serve.decode import decode_stream
 from palm.data.image import IMAGE_SUFFIXES, to_chw_float
-from palm.serve.inference import load_engine
 from palm.serve.quality import OK
 
 FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
@@ -54,8 +53,16 @@ class Predictor:
     def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
              precision: str = "fp32") -> "Predictor":
         """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
-        by default, eager Paddle as the fallback)."""
-        run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
+        by default, eager Paddle as the fallback), or with ``engine="onnxruntime"`` by
+        :func:`palm.serve.onnxrt.onnx_engine` (no Paddle imported)."""
+        if engine == "onnxruntime":
+            from palm.serve.onnxrt import onnx_engine
+
+            run, info = onnx_engine(model_dir)
+        else:
+            from palm.serve.inference import load_engine  # imports Paddle
+
+            run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
         return cls(run, int(info["image_size"]), artifact.input_size(info), artifact.threshold(info),
                    info["model"], run.name)
 
