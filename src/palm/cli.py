@@ -16,7 +16,8 @@ FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 EXIT_CODES = """exit status:
   0  every image was predicted
   1  some images could not be read or decoded (their rows in the CSV say why; the others are predicted)
-  2  bad usage: a bad option, no images found, an unusable --model folder, an --out that cannot be written
+  2  bad usage: a bad option, no images found, an unusable --model folder (or weights whose SHA-256 its model
+     card does not list), an --out that cannot be written
   3  internal error (one line; PALM_DEBUG=1 shows the traceback)
   130/143  interrupted (Ctrl-C) / terminated (SIGTERM): no partial --out file is left"""
 

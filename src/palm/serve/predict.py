@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from palm.nn import artifact
+from palm.nn.card import verify
 from palm.serve.decode import decode_stream
 from palm.data.image import IMAGE_SUFFIXES, to_chw_float
 from palm.serve.quality import OK
@@ -54,7 +55,9 @@ class Predictor:
              precision: str = "fp32") -> "Predictor":
         """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
         by default, eager Paddle as the fallback), or with ``engine="onnxruntime"`` by
-        :func:`palm.serve.onnxrt.onnx_engine` (no Paddle imported)."""
+        :func:`palm.serve.onnxrt.onnx_engine` (no Paddle imported). Weights that the model card
+        does not list with their SHA-256 are refused first (:func:`palm.nn.card.verify`)."""
+        verify(model_dir)
         if engine == "onnxruntime":
             from palm.serve.onnxrt import onnx_engine
 
