@@ -53,7 +53,8 @@ def test_card_says_use_data_metrics_threshold_input_provenance_and_weights(run, 
     assert card["training_data"]["counts"] == {"train": {"PM": 3, "non_PM": 2, "total": 5},
                                                "valid": {"PM": 1, "non_PM": 2, "total": 3}}
     auc = card["validation"]["metrics"]["auc"]
-    assert auc == {"estimate": BASELINE_EVAL["auc"], "ci95": [BASELINE_EVAL["auc_ci_low"], BASELINE_EVAL["auc_ci_high"]]}
+    assert auc == {"estimate": BASELINE_EVAL["auc"],
+                   "ci95": [BASELINE_EVAL["auc_ci_low"], BASELINE_EVAL["auc_ci_high"]]}
     assert set(card["validation"]["metrics"]) >= {"accuracy", "sensitivity", "specificity", "ppv_at_prevalence"}
     assert card["decision"]["threshold"] == 0.5 and "probability >= threshold" in card["decision"]["rule"]
     assert card["input"]["tensor"]["shape"] == ["batch", 3, 64, 64] and card["model"]["network"] == "lenet"
@@ -73,7 +74,8 @@ def test_card_says_use_data_metrics_threshold_input_provenance_and_weights(run, 
 def test_predict_runs_the_weights_of_its_card_and_refuses_others(run, monkeypatch, tmp_path, capsys):
     write(run, monkeypatch)
     files = synthetic_photos(tmp_path / "img", 2)
-    for folder, engine in (("models", "eager"), ("models_export", "paddle-inference"), ("models_export", "onnxruntime")):
+    for folder, engine in (("models", "eager"), ("models_export", "paddle-inference"),
+                           ("models_export", "onnxruntime")):
         assert verify(run / folder) == run / CARD_DIR / CARD_JSON
         assert palm_main(["predict", *map(str, files), "--model", folder, "--engine", engine, "--quiet"]) == 0
     # altered weights (one byte), in either folder, for any engine: one line, exit 2

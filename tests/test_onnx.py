@@ -40,7 +40,8 @@ def assert_onnx_parity(models, export_dir, files):
     onnx, info = onnxrt.onnx_engine(export_dir)
     eager, _ = load_engine(models, device="cpu", engine="eager")
     p_onnx, p_eager = onnx(x), eager(x)
-    assert onnx.name.startswith("onnxruntime") and info["model"] == json.loads((models / "model.json").read_text())["model"]
+    assert onnx.name.startswith("onnxruntime")
+    assert info["model"] == json.loads((models / "model.json").read_text())["model"]
     assert p_onnx.shape == (len(files),) and 0.02 < p_eager.mean() < 0.98, p_eager   # not saturated
     np.testing.assert_allclose(p_onnx, p_eager, atol=FP32_TOL, rtol=0)
     np.testing.assert_allclose(onnx(x[:1]), p_eager[:1], atol=FP32_TOL, rtol=0)     # another batch size

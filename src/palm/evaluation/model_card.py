@@ -176,7 +176,8 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
             "max_pixels": MAX_PIXELS,
             "preprocessing": f"decoded to RGB by palm.data.image.load_image (the loader of training and "
                              f"of palm predict), resized to {info['image_size']} x {info['image_size']} by area "
-                             f"interpolation (aspect ratio not kept), then to {size} x {size}",
+                             "interpolation (aspect ratio not kept)"
+                             + (f", then to {size} x {size}" if size != int(info["image_size"]) else ""),
             "tensor": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
                        "channels": "RGB", "scale": "pixel * 2 / 255 - 1 (in [-1, 1])"},
             "output": "the PM probability (sigmoid of the network's one logit)",
@@ -209,14 +210,16 @@ def card_markdown(card: dict) -> str:
               f"Intervals: {v['ci_method']}.", "", "| metric | estimate | 95% interval |", "|---|---|---|"]
     for key, e in v["metrics"].items():
         ci = e.get("ci95")
-        lines.append(f"| {key} | {_fmt(e['estimate'])} | {_fmt(ci[0]) + ' - ' + _fmt(ci[1]) if ci else ''} |")
+        interval = f"{_fmt(ci[0])} - {_fmt(ci[1])}" if ci and None not in ci else "n/a"
+        lines.append(f"| {key} | {_fmt(e['estimate'])} | {interval} |")
     c = v["confusion"]
     lines += ["", f"Confusion (validation): {c['tp']} true positives, {c['fp']} false positives, {c['tn']} true "
               f"negatives, {c['fn']} false negatives.", "", "## Decision", "",
               f"Threshold {d['threshold']} (rule: {d['threshold_rule'] or 'fixed'}): {d['rule']}.", "",
               "## Input", "", f"{card['input']['what']}; files {', '.join(card['input']['file_types'])}, "
               f"at most {card['input']['max_pixels']:,} pixels.", "", card["input"]["preprocessing"] + ".", "",
-              f"Network input: {card['input']['tensor']}; output: {card['input']['output']}.", "",
+              "Network input `{name}`: {dtype} {layout} {shape}, {channels}, {scale}; ".format(**card["input"]["tensor"])
+              + f"output: {card['input']['output']}.", "",
               "## Provenance", "", f"- network: {m['network']}, input {m['input_size']} px, epoch "
               f"{_fmt(m['selected_epoch'])} of {_fmt(m['epochs'])}",
               f"- code revision: {p['git_revision']}" + (" (with uncommitted changes)" if p["git_dirty"] else ""),

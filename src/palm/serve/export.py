@@ -70,7 +70,8 @@ def export_onnx(model, info: dict, folder: Path) -> dict | None:
         return {"error": why, "converter": f"paddle2onnx {paddle2onnx.__version__}"}
     import onnx
 
-    opset = max(o.version for o in onnx.load(str(out), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    graph = onnx.load(str(out), load_external_data=False)
+    opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     return {"file": onnxrt.ONNX_FILE, "converter": f"paddle2onnx {paddle2onnx.__version__}", "opset": opset,
             "max_abs_difference": diff, "checked_on": f"{len(x)} synthetic fundus photographs vs eager Paddle"}
 
