@@ -116,3 +116,13 @@ def test_a_failed_conversion_or_a_broken_onnx_file_is_one_line(tmp_path_factory,
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(DataError, match="onnxruntime cannot load it"):
         onnxrt.session(tmp_path / "model.onnx")
+
+
+def test_without_paddle2onnx_the_export_stands_without_onnx_and_says_so(tmp_path, monkeypatch, capsys):
+    """Python 3.13, where paddle2onnx has no wheel: the Paddle export only, one warning."""
+    models = save_model(tmp_path / "models", "lenet")
+    monkeypatch.setitem(sys.modules, "paddle2onnx", None)
+    out = export(models, tmp_path / "models_export", device="cpu")
+    assert (out / "inference.json").is_file() and not (out / "model.onnx").exists()
+    assert json.loads((out / "model.json").read_text())["onnx"] is None
+    assert "paddle2onnx is not installed" in capsys.readouterr().err
