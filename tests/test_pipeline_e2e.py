@@ -98,6 +98,36 @@ def test_export_explain_and_predict_from_the_pipeline(project, tmp_path):
     np.testing.assert_allclose(exported.probability, saved.probability, atol=1e-4)
 
 
+def test_card_describes_the_run_and_dvc_artifacts_get_finds_the_model(project, tmp_path):
+    from palm.nn.card import sha256_file
+
+    card = json.loads((project / "models_card" / "card.json").read_text())
+    assert (project / "models_card" / "card.md").read_text().startswith("# Model card: palm-pm-classifier (resnet50)")
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert card["validation"]["metrics"]["auc"] == {"estimate": evaluation["auc"],
+                                                    "ci95": [evaluation["auc_ci_low"], evaluation["auc_ci_high"]]}
+    counts = card["training_data"]["counts"]
+    assert counts["valid"] == {"PM": TINY["n_val_pm"], "non_PM": TINY["n_val_non_pm"], "total": 12}
+    assert counts["train"]["total"] == TINY["n_train_p"] + TINY["n_train_n"] + TINY["n_train_h"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    train_outs = {o["path"]: o["md5"] for o in lock["train"]["outs"]}
+    assert card["provenance"]["dvc_lock"]["train"]["outs"] == train_outs
+    assert card["provenance"]["git_revision"] in run(["git", "log", "--format=%H"], project).stdout.split()
+    assert {w["path"] for w in card["weights"]} == {"models/model.safetensors", "models_export/inference.json",
+                                                    "models_export/inference.pdiparams", "models_export/model.onnx"}
+    assert all(sha256_file(project / w["path"]) == w["sha256"] for w in card["weights"])
+    # the DVC model registry: a version is a git tag name@vX.Y.Z on a commit of the run
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "run"], project)
+    run(["git", "tag", "-a", "pm-classifier@v0.1.0", "-m", "first model"], project)
+    run(["git", "tag", "-a", "pm-classifier-export@v0.1.0", "-m", "first model"], project)
+    run(["git", "reset", "-q", "--soft", "HEAD~1"], project)     # the later tests commit the baseline themselves
+    for name, folder, weights in (("pm-classifier", "models", "model.safetensors"),
+                                  ("pm-classifier-export", "models_export", "model.onnx")):
+        run(["dvc", "artifacts", "get", str(project), name, "-o", str(tmp_path / name)], tmp_path)
+        assert sha256_file(tmp_path / name / weights) == sha256_file(project / folder / weights)
+
+
 def test_noop_repro_and_image_size_change_reruns_preprocess_only(project):
     t0 = time.perf_counter()
     out = run(["dvc", "repro"], project).stdout

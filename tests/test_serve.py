@@ -186,7 +186,11 @@ def test_a_slow_upload_does_not_hold_up_the_others(served):
 
 def test_the_model_card_beside_the_weights_is_served_as_it_is(served):
     url, tmp = served
-    card = {"name": "PALM PM screening", "intended_use": "research", "weights_sha256": "ab" * 32}
+    from palm.nn.card import SCHEMA, sha256_file
+
+    weights = tmp / "models" / "model.safetensors"
+    card = {"schema": SCHEMA, "name": "PALM PM screening", "intended_use": "research",
+            "weights": [{"path": "models/model.safetensors", "sha256": sha256_file(weights)}]}
     (tmp / "models" / "card.json").write_text(json.dumps(card))
     try:
         assert httpx.get(url + "/v1/model").json() == card

@@ -16,7 +16,8 @@ FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 EXIT_CODES = """exit status:
   0  every image was predicted
   1  some images could not be read or decoded (their rows in the CSV say why; the others are predicted)
-  2  bad usage: a bad option, no images found, an unusable --model folder, an --out that cannot be written
+  2  bad usage: a bad option, no images found, an unusable --model folder (or weights whose SHA-256 its model
+     card does not list), an --out that cannot be written
   3  internal error (one line; PALM_DEBUG=1 shows the traceback)
   130/143  interrupted (Ctrl-C) / terminated (SIGTERM): no partial --out file is left"""
 
@@ -107,9 +108,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (at least 1)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
-    p.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager"],
+    p.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager", "onnxruntime"],
                    help="auto: Paddle Inference (oneDNN on the CPU, CUDA/TensorRT on a GPU), eager Paddle "
-                        "if that cannot run; default: %(default)s")
+                        "if that cannot run; onnxruntime: models_export/model.onnx on the CPU, without Paddle "
+                        "(pip install \"palm-pipeline[onnx]\"); default: %(default)s")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; benchmarks/README.md); "
                         "default: %(default)s")

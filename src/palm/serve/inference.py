@@ -22,9 +22,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import paddle
@@ -34,6 +33,7 @@ from palm.nn import artifact, modelinfo
 from palm.errors import DataError
 from palm.nn.models import main_logits
 from palm.runtime import machine_share, select_device
+from palm.serve.engine import Engine, sigmoid
 from palm.nn.weights import check_export_dir
 
 PREFIX = "inference"                     # models_export/inference.json + inference.pdiparams
@@ -42,17 +42,6 @@ PRECISIONS = ("fp32", "bf16")
 INPUT_NAME = "image"
 GPU_MEMORY_MB = 256                      # initial GPU memory pool of a Paddle Inference predictor
 TRT_MAX_BATCH = 64
-
-
-@dataclass
-class Engine:
-    """A model ready to score batches: ``engine(x)`` -> probabilities (N,), float32 NCHW ``x``."""
-
-    run: Callable[[np.ndarray], np.ndarray]
-    name: str                            # e.g. "paddle-inference cpu onednn fp32", "eager cpu"
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.run(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def save(layer, input_size: int, out_dir: str | Path) -> None:
@@ -66,12 +55,6 @@ def program_file(model_dir: str | Path) -> Path | None:
     """The exported graph in ``model_dir`` (Paddle 3's ``.json``), or None."""
     f = Path(model_dir) / (PREFIX + ".json")
     return f if f.is_file() else None
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Logits (N, 1) -> probabilities (N,), float32 (tanh form: no overflow for large logits)."""
-    z = np.asarray(logits, dtype=np.float64).reshape(-1)
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
 
 
 def configure(config, device: str, precision: str = "fp32", threads: int = 1, tensorrt: bool = False,

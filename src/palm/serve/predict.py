@@ -20,10 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from palm.nn import modelinfo
+from palm.nn.card import verify
 from palm.serve.decode import Decoded, decode_stream
 from palm.data.image import to_chw_float
 from palm.data.layout import IMAGE_SUFFIXES
-from palm.serve.inference import load_engine
 from palm.serve.quality import OK
 
 FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
@@ -70,8 +70,18 @@ class Predictor:
     def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
              precision: str = "fp32") -> "Predictor":
         """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
-        by default, eager Paddle as the fallback)."""
-        run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
+        by default, eager Paddle as the fallback), or with ``engine="onnxruntime"`` by
+        :func:`palm.serve.onnxrt.onnx_engine` (no Paddle imported). Weights that the model card
+        does not list with their SHA-256 are refused first (:func:`palm.nn.card.verify`)."""
+        verify(model_dir)
+        if engine == "onnxruntime":
+            from palm.serve.onnxrt import onnx_engine
+
+            run, info = onnx_engine(model_dir)
+        else:
+            from palm.serve.inference import load_engine  # imports Paddle
+
+            run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
         return cls(run, int(info["image_size"]), modelinfo.input_size(info), modelinfo.threshold(info),
                    info["model"], run.name)
 

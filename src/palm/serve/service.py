@@ -56,6 +56,7 @@ from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served her
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.errors import ConfigError, DataError
 from palm.nn import artifact, modelinfo
+from palm.nn.card import find_card, read_card, sha256_file
 from palm.nn.models import gradcam_layer
 from palm.nn.weights import MODEL_WEIGHTS
 from palm.serve.decode import decode_one
@@ -65,7 +66,6 @@ from palm.serve.predict import Predictor, gradable, record
 
 NOTICE = ("Research aid, not a diagnosis: the PM probability of a screening model, to be read by an "
           "eye-care professional with the photograph; never a reason to skip an examination.")
-CARD = "card.json"          # the model card beside the weights, when the pipeline wrote one
 DISPLAY = 384               # side of the Grad-CAM overlays, pixels
 _BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")   # how Pillow names an upload it cannot identify
 
@@ -216,12 +216,6 @@ async def _json(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Model:
@@ -235,7 +229,7 @@ class Model:
         self.info = modelinfo.read_info(self.dir)
         weights = self.dir / MODEL_WEIGHTS
         weights = weights if weights.is_file() else self.dir / f"{PREFIX}.pdiparams"
-        self.weights_sha256 = _sha256(weights)
+        self.weights_sha256 = sha256_file(weights)
         self.version = f"{self.info['model']}-{self.weights_sha256[:12]}"
         self.eager = self.layer = None
         if (self.dir / MODEL_WEIGHTS).is_file():
@@ -243,9 +237,9 @@ class Model:
             self.layer = gradcam_layer(self.info["model"], self.eager)
 
     def card(self) -> dict:
-        card_file = self.dir / CARD
-        if card_file.is_file():
-            return json.loads(card_file.read_text(encoding="utf-8"))
+        card_file = find_card(self.dir)
+        if card_file is not None:
+            return read_card(card_file)
         p = self.predictor
         return {"source": "model.json (no model card beside the weights)", "model": self.info["model"],
                 "version": self.version, "weights_sha256": self.weights_sha256, "engine": p.engine,
