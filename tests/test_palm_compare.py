@@ -292,6 +292,7 @@ def test_two_tiny_experiments_are_compared_from_dvc_exp_show(tmp_path):
         run(["dvc", "exp", "run", "-S", "model=lenet", "-S", f"train.seed={seed}", "-n", f"lenet-s{seed}"], proj)
     palm = [str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "palm")] if os.environ.get("VIRTUAL_ENV") else \
         ["python", "-m", "palm.cli"]
+    before = [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])]
     # no revision named: every experiment of dvc exp show, against the first one
     out = run([*palm, "compare", "--baseline", "lenet-s0", "--json", "c.json"], proj)
     data = json.loads((proj / "c.json").read_text())
@@ -301,4 +302,6 @@ def test_two_tiny_experiments_are_compared_from_dvc_exp_show(tmp_path):
     # the workspace holds the last experiment's results: identical to it
     out = run([*palm, "compare", "workspace", "--baseline", "lenet-s1", "--metric", "accuracy"], proj)
     assert "(identical)" in out.stdout
-    assert run(["git", "status", "--porcelain", "--untracked-files=no"], proj).stdout == ""  # nothing checked out
+    (proj / "c.json").unlink()
+    # nothing was checked out or changed: the same HEAD, the same workspace
+    assert [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])] == before

@@ -14,9 +14,10 @@ tested on the pairs, which is far more sensitive than comparing two separate 95%
 - **Brier score, F1**: a paired, stratified bootstrap (``n_boot`` resamples, fixed seed: the
   same resampled images for both networks, as many PM and non-PM images as the data has);
   percentile interval, and a two-sided p-value from the bootstrap distribution shifted to the
-  null (the share of resampled differences farther from the observed one than it is from 0).
+  null (the share of resampled differences farther from the observed one than it is from 0;
+  at least 1 / (n_boot + 1)).
 - **Holm's step-down correction** across the revisions compared with the baseline, per metric
-  (``p_adjusted``). A verdict is ``better`` / ``worse`` when ``p_adjusted < alpha``, otherwise
+  (``p_adjusted``; the group comparisons likewise, across the groups, per metric and per view). A verdict is ``better`` / ``worse`` when ``p_adjusted < alpha``, otherwise
   "no difference detectable with n images", with roughly how many images would resolve a
   difference of this size (80% power at ``alpha``: n x ((1.96 + 0.84) x SE / |diff|)^2, SE from
   the interval's width, the same class mix assumed).
@@ -494,9 +495,11 @@ def compare(revs: list[str], baseline: str = "HEAD", metrics=METRICS, repo: str 
         for g in grps:
             if g is not base_group:
                 family += compare_groups(m, base_group, g, n_boot, seed)
-        for rec, padj in zip(family, holm([f["p_value"] for f in family])):
-            rec["p_adjusted"] = padj
-            rec["verdict"] = verdict(m, rec["diff"], padj, rec["n"], rec["ci_low"], rec["ci_high"], alpha)
+        for kind in (0, 1):  # over seeds, pooled: two views of the same question, corrected apart
+            part = family[kind::2]
+            for rec, padj in zip(part, holm([f["p_value"] for f in part])):
+                rec["p_adjusted"] = padj
+                rec["verdict"] = verdict(m, rec["diff"], padj, rec["n"], rec["ci_low"], rec["ci_high"], alpha)
         group_records += family
     return {"baseline": base.rev, "n": n, "n_pm": int(labels.sum()), "alpha": alpha, "metrics": metrics,
             "records": records, "groups": summaries, "group_records": group_records, "runs": runs}
