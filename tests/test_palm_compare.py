@@ -132,6 +132,8 @@ def test_verdicts():
     # se = 0.04 / 3.92; n x (2.80 x se / 0.01)^2 = 400 x 8.15 = 3,300 (two significant digits)
     assert v == "no difference detectable with 400 images (~3,300 would resolve this size)"
     assert cmp.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
+    assert cmp.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
+        "no difference detectable with 53 PM images (identical)"
 
 
 # ---------------------------------------------------------------- revisions from git

@@ -189,16 +189,21 @@ def images_needed(diff: float, ci_low: float, ci_high: float, n: int, alpha: flo
     return int(float(f"{need:.2g}")) if need >= 10 else int(math.ceil(need))
 
 
+UNITS = {"sensitivity": "PM images", "specificity": "non-PM images"}
+
+
 def verdict(metric: str, diff: float, p_adjusted: float, n: int, ci_low: float, ci_high: float,
             alpha: float = ALPHA) -> str:
-    """``better``, ``worse`` (b against a, after correction) or why no difference is detectable."""
+    """``better``, ``worse`` (b against a, after correction) or why no difference is detectable
+    (sensitivity counts the PM images, specificity the non-PM ones)."""
     if math.isfinite(p_adjusted) and p_adjusted < alpha and diff != 0:
         good = diff < 0 if metric in LOWER_IS_BETTER else diff > 0
         return "better" if good else "worse"
     need = images_needed(diff, ci_low, ci_high, n, alpha)
+    unit = UNITS.get(metric, "images")
     if need is None:
-        return f"no difference detectable with {n} images" + (" (identical)" if abs(diff) < 1e-12 else "")
-    return f"no difference detectable with {n} images (~{need:,} would resolve this size)"
+        return f"no difference detectable with {n} {unit}" + (" (identical)" if abs(diff) < 1e-12 else "")
+    return f"no difference detectable with {n} {unit} (~{need:,} would resolve this size)"
 
 
 # ---------------------------------------------------------------- metrics of one run
