@@ -115,6 +115,9 @@ def test_paired_bootstrap_resamples_the_same_images_for_both_networks():
     observed = np.mean((b - y) ** 2) - np.mean((a - y) ** 2)
     s = cmp.bootstrap_summary(observed, d)
     assert s["ci_low"] < observed < s["ci_high"] and 0 < s["p_value"] <= 1
+    for boots in (d, d + 0.05, d - 0.05):     # the p-value and the interval agree about 0
+        s = cmp.bootstrap_summary(float(np.median(boots)), boots)
+        assert (s["p_value"] < 0.05) == (s["ci_low"] > 0 or s["ci_high"] < 0)
 
 
 def test_holm_step_down_by_hand():

@@ -13,9 +13,9 @@ tested on the pairs, which is far more sensitive than comparing two separate 95%
   correlation). Sensitivity uses the PM images only, specificity the non-PM ones.
 - **Brier score, F1**: a paired, stratified bootstrap (``n_boot`` resamples, fixed seed: the
   same resampled images for both networks, as many PM and non-PM images as the data has);
-  percentile interval, and a two-sided p-value from the bootstrap distribution shifted to the
-  null (the share of resampled differences farther from the observed one than it is from 0;
-  at least 1 / (n_boot + 1)).
+  percentile interval, and the two-sided percentile p-value (twice the smaller share of
+  resampled differences on either side of 0, at least 2 / (n_boot + 1)), which is below 0.05
+  exactly when the interval leaves 0 out.
 - **Holm's step-down correction** across the revisions compared with the baseline, per metric
   (``p_adjusted``; the group comparisons likewise, across the groups, per metric and per view). A verdict is ``better`` / ``worse`` when ``p_adjusted < alpha``, otherwise
   "no difference detectable with n images", with roughly how many images would resolve a
@@ -157,10 +157,10 @@ def bootstrap_summary(diff: float, boots: np.ndarray, level: float = 0.95) -> di
     if not len(boots):
         return {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
     low, high = np.percentile(boots, [50 * (1 - level), 100 - 50 * (1 - level)])
-    if np.allclose(boots, diff, atol=1e-15) and abs(diff) < 1e-15:
-        p = 1.0
-    else:
-        p = (1 + int((np.abs(boots - diff) >= abs(diff) - 1e-15).sum())) / (len(boots) + 1)
+    # two-sided percentile p-value: twice the smaller share of resamples on either side of 0,
+    # so that p < 1 - level exactly when the percentile interval leaves 0 out
+    below, above = int((boots <= 0).sum()), int((boots >= 0).sum())
+    p = 2 * min(below + 1, above + 1) / (len(boots) + 1)
     return {"diff": diff, "ci_low": float(low), "ci_high": float(high), "p_value": float(min(p, 1.0))}
 
 
@@ -401,6 +401,7 @@ def groups(runs: list[Run]) -> list[dict]:
     for members in keyed.values():
         model = members[0].model
         used[model] = used.get(model, 0) + 1
+        members = sorted(members, key=lambda r: (not isinstance(r.seed, int), r.seed if isinstance(r.seed, int) else 0))
         out.append({"name": model if used[model] == 1 else f"{model}#{used[model]}", "runs": members})
     return out
 
@@ -436,12 +437,13 @@ def compare_groups(metric: str, ga: dict, gb: dict, n_boot: int = N_BOOT, seed: 
         p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
     else:
         half, p = 0.0, (1.0 if mean == 0 else 0.0)
+    n = int({"sensitivity": labels.sum(), "specificity": (1 - labels).sum()}.get(metric, len(labels)))
     base = {"a": ga["name"], "b": gb["name"], "metric": metric, "seeds": common}
     over_seeds = {**base, "diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p,
-                  "test": f"t over {k} seeds' paired differences (training variance)", "n": len(labels)}
+                  "test": f"t over {k} seeds' paired differences (training variance)", "n": n}
     boots = np.mean([paired_bootstrap(labels, a_by[s].probs, a_by[s].pred, b_by[s].probs, b_by[s].pred,
                                       metric, n_boot, seed) for s in common], axis=0)
-    pooled = {**base, **bootstrap_summary(mean, boots), "n": len(labels),
+    pooled = {**base, **bootstrap_summary(mean, boots), "n": n,
               "test": f"pooled over {k} seeds, paired bootstrap over images ({n_boot} resamples; sampling variance)"}
     return [over_seeds, pooled]
 
