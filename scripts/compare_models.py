@@ -16,6 +16,12 @@ Run it from the repository's top folder, e.g. on the real data in data/original:
     python scripts/compare_models.py --table-only      # the table of an earlier --out file
     python scripts/compare_models.py --table-only --out results/palm-mini.json --readme results/README.md
 
+Each run is a named experiment, ``<model>-seed<seed>`` (a rerun replaces the experiment of the
+same name), so ``palm compare`` reads its committed predictions afterwards and tests the
+differences on the paired images, per seed and per group of seeds, e.g.:
+
+    palm compare --baseline senet18-seed0 --html metrics/compare.html
+
 ``--readme FILE`` (results/README.md) writes the table into FILE between the lines ``<!-- results table -->``
 and ``<!-- end of results table -->``, so results/README.md shows exactly the rows of the file.
 """
@@ -45,8 +51,16 @@ def require_branch(cwd: str | Path = ".") -> None:
                          "`git checkout <your branch>` first, then run the comparison")
 
 
+def exp_name(model: str, seed: int) -> str:
+    """The experiment's name, which ``palm compare`` takes as a revision."""
+    return f"{model}-seed{seed}"
+
+
 def run_one(model: str, seed: int, data_input: str | None, extra: list[str]) -> dict:
-    cmd = ["dvc", "exp", "run", "-S", f"model={model}", "-S", f"train.seed={seed}"]
+    name = exp_name(model, seed)
+    # a rerun replaces the experiment of this name (dvc exp run refuses a name that exists)
+    subprocess.run(["dvc", "exp", "remove", name], capture_output=True)
+    cmd = ["dvc", "exp", "run", "-n", name, "-S", f"model={model}", "-S", f"train.seed={seed}"]
     if data_input:
         cmd += ["-S", f"data.input={data_input}"]
     for item in extra:
@@ -56,7 +70,7 @@ def run_one(model: str, seed: int, data_input: str | None, extra: list[str]) -> 
     ev = json.loads(Path("metrics/eval.json").read_text())
     tr = json.loads(Path("metrics/train/metrics.json").read_text())
     info = read_info("models")
-    return {"model": model, "seed": seed, "input_size": input_size(info),
+    return {"model": model, "seed": seed, "exp": name, "input_size": input_size(info),
             "epochs": info["epochs"], "selected_epoch": tr["selected_epoch"],
             "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS},
             **{f"{k}_ci_{end}": ev.get(f"{k}_ci_{end}") for k in COLUMNS for end in ("low", "high")}}
@@ -131,6 +145,8 @@ def main(argv=None) -> int:
                     json.dump(rows, f, indent=1)
     text = table(rows)
     print(text)
+    if not args.table_only and rows:
+        print(f"\npaired tests of these experiments: palm compare --baseline {rows[0].get('exp', 'HEAD')}")
     if args.readme:
         write_into(args.readme, text)
     return 0

@@ -1,4 +1,5 @@
-"""The ``palm`` command: ``palm predict PATH... [--model DIR] [--out preds.csv]`` and ``palm serve``."""
+"""The ``palm`` command: ``palm predict PATH... [--model DIR] [--out preds.csv]``, ``palm serve`` and
+``palm compare [REV ...] [--baseline REV] [--metric M ...] [--json PATH] [--html PATH] [--fail-if-worse]``."""
 
 from __future__ import annotations
 
@@ -87,6 +88,45 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+COMPARE_EXIT_CODES = """exit status:
+  0  compared (and, with --fail-if-worse, no revision is significantly worse than the baseline)
+  1  --fail-if-worse: a revision is significantly worse on a --metric after Holm's correction;
+     or bad input: the revisions were scored on different images, a predictions file is unreadable
+  2  bad usage: an unknown revision or metric, nothing to compare, an output that cannot be written
+  3  internal error (one line; PALM_DEBUG=1 shows the traceback)"""
+
+
+def cmd_compare(args) -> int:
+    import json
+    import time
+
+    from palm.evaluation.compare import METRICS, compare, markdown, to_json, worse
+    from palm.evaluation.compare_report import page
+
+    start = time.perf_counter()
+    result = compare(args.revs, baseline=args.baseline, metrics=args.metric or METRICS,
+                     n_boot=args.n_boot)
+    print(markdown(result))
+    for path, write in ((args.json, lambda f: json.dump(to_json(result), f, indent=1)),
+                        (args.html, lambda f: f.write(page(result)))):
+        if path:
+            try:
+                with atomic_file(path, "w", encoding="utf-8") as f:
+                    write(f)
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+    bad = worse(result)
+    print(f"compared {len(result['runs']) - 1} revision(s) with {result['baseline']} on {result['n']} images "
+          f"in {time.perf_counter() - start:.1f} s" + "".join(f"; wrote {p}" for p in (args.json, args.html) if p),
+          file=sys.stderr)
+    if args.fail_if_worse and bad:
+        print("worse than the baseline: " + ", ".join(f"{r['b']} ({r['metric']} {r['diff']:+.3f}, "
+                                                      f"p adjusted {r['p_adjusted']:.3g})" for r in bad),
+              file=sys.stderr)
+        return EXIT_DATA
+    return EXIT_OK
+
+
 def count(text: str) -> int:
     """argparse type: a whole number >= 0."""
     if not text.isdigit():
@@ -143,6 +183,29 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager"],
                    help="as palm predict's; default: %(default)s")
     s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("compare", help="paired tests of experiments' validation predictions against a baseline",
+                       description="Compare revisions (experiment names, branches, commits or 'workspace') with a "
+                                   "baseline on the same validation images, from their committed "
+                                   "metrics/predictions.csv and params.yaml: DeLong for AUC, exact McNemar for "
+                                   "accuracy, sensitivity, specificity, paired bootstrap for Brier and F1, Holm's "
+                                   "correction; revisions that differ only by train.seed are grouped.",
+                       epilog=COMPARE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("revs", nargs="*", metavar="REV",
+                   help="revisions to compare (default: every experiment that dvc exp show lists)")
+    c.add_argument("--baseline", default="HEAD", help="the revision compared against; default: %(default)s")
+    c.add_argument("--metric", action="extend", nargs="+", metavar="M",
+                   choices=["auc", "accuracy", "sensitivity", "specificity", "brier", "f1"],
+                   help="metrics to compare: auc, accuracy, sensitivity, specificity, "
+                        "brier, f1; default: all")
+    c.add_argument("--json", metavar="PATH", help="also write the records and seed groups to this JSON file")
+    c.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page")
+    c.add_argument("--n-boot", type=positive_int, default=2000,
+                   help="bootstrap resamples for Brier and F1 (seed 0); default: %(default)s")
+    c.add_argument("--fail-if-worse", action="store_true",
+                   help="exit 1 when a revision is significantly worse than the baseline on a --metric "
+                        "(after Holm's correction)")
+    c.set_defaults(func=cmd_compare)
     return ap
 
 
@@ -160,7 +223,8 @@ def main(argv=None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         code = report(exc)
-        return EXIT_CONFIG if isinstance(exc, DataError) else code
+        # predict: a DataError of the model folder is a usage error; compare: bad data is bad data
+        return EXIT_CONFIG if isinstance(exc, DataError) and args.command == "predict" else code
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -1,0 +1,312 @@
+"""palm compare: the paired tests (DeLong, McNemar, paired bootstrap, Holm), the revisions read
+from git, the seed groups, the outputs and the gate; end to end on two tiny DVC experiments."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy.stats import binomtest, norm
+
+from conftest import REPO, make_project, run
+from palm.cli import main
+from palm.evaluation import compare as cmp
+
+
+# ---------------------------------------------------------------- DeLong
+
+
+def test_delong_matches_a_hand_computed_case_without_ties():
+    # A: PM 0.9 0.6 0.4, non-PM 0.5 0.2 -> placements V10 = [1, 1, 1/2], V01 = [2/3, 1], AUC 5/6
+    # B: PM 0.8 0.3 0.7, non-PM 0.25 0.1 -> every pair right, AUC 1, placements constant
+    # var = var(V10_A)/3 + var(V01_A)/2 = (1/12)/3 + (1/18)/2 = 1/18; z = (1/6)/sqrt(1/18) = 1/sqrt(2)
+    labels = [1, 1, 1, 0, 0]
+    r = cmp.delong(labels, [0.9, 0.6, 0.4, 0.5, 0.2], [0.8, 0.3, 0.7, 0.25, 0.1])
+    assert r["auc_a"] == pytest.approx(5 / 6) and r["auc_b"] == pytest.approx(1.0)
+    assert r["diff"] == pytest.approx(1 / 6) and r["var"] == pytest.approx(1 / 18)
+    assert r["p_value"] == pytest.approx(2 * norm.sf(1 / math.sqrt(2)))   # 0.4795
+    assert r["ci_high"] - r["diff"] == pytest.approx(1.959964 * math.sqrt(1 / 18), rel=1e-6)
+
+
+def test_delong_matches_a_hand_computed_case_with_ties_and_correlated_placements():
+    # A: PM 0.8 0.5, non-PM 0.5 0.1 (a tie counts 1/2): V10 = [1, 3/4], V01 = [3/4, 1], AUC 7/8
+    # B: PM 0.9 0.4, non-PM 0.6 0.2: V10 = [1, 1/2], V01 = [1/2, 1], AUC 3/4
+    # S10 = S01 = [[1/32, 1/16], [1/16, 1/8]]: var = 2 x (1/32 + 1/8 - 2/16) / 2 = 1/32
+    labels = [1, 1, 0, 0]
+    r = cmp.delong(labels, [0.8, 0.5, 0.5, 0.1], [0.9, 0.4, 0.6, 0.2])
+    assert r["auc_a"] == pytest.approx(7 / 8) and r["auc_b"] == pytest.approx(3 / 4)
+    assert r["diff"] == pytest.approx(-1 / 8) and r["var"] == pytest.approx(1 / 32)
+    assert r["p_value"] == pytest.approx(2 * norm.sf((1 / 8) / math.sqrt(1 / 32)))
+
+
+def test_delong_of_identical_scores_is_no_difference_and_too_few_images_is_refused():
+    r = cmp.delong([1, 1, 0, 0], [0.9, 0.3, 0.4, 0.1], [0.9, 0.3, 0.4, 0.1])
+    assert r["diff"] == 0 and r["p_value"] == 1.0 and r["ci_low"] == r["ci_high"] == 0
+    with pytest.raises(cmp.DataError, match="at least 2 PM and 2 non-PM"):
+        cmp.delong([1, 0, 0], [0.9, 0.3, 0.4], [0.8, 0.2, 0.1])
+
+
+def simulated(n=400, seed=1, shift=0.2):
+    """Two correlated networks' PM probabilities on the same n images (a shared per-image term)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    common = rng.normal(size=n)
+    a = 1 / (1 + np.exp(-(1.5 * y + common + 0.7 * rng.normal(size=n))))
+    b = 1 / (1 + np.exp(-((1.5 + shift) * y + common + 0.7 * rng.normal(size=n))))
+    return y, a, b
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_delong_variance_and_p_agree_with_a_large_paired_bootstrap(seed):
+    """On 400 simulated correlated scores, DeLong's variance of the AUC difference is within 15%
+    of that of 5000 paired stratified bootstrap resamples, and the p-values within 0.03."""
+    y, a, b = simulated(seed=seed)
+    r = cmp.delong(y, a, b)
+    boots = cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "auc", n_boot=5000, seed=seed)
+    assert boots.mean() == pytest.approx(r["diff"], abs=0.004)
+    assert boots.var(ddof=1) == pytest.approx(r["var"], rel=0.15)
+    assert cmp.bootstrap_summary(r["diff"], boots)["p_value"] == pytest.approx(r["p_value"], abs=0.03)
+
+
+# ---------------------------------------------------------------- McNemar, bootstrap, Holm
+
+
+def correct(both, only_a, only_b, neither):
+    a = [1] * both + [1] * only_a + [0] * only_b + [0] * neither
+    b = [1] * both + [0] * only_a + [1] * only_b + [0] * neither
+    return np.array(a, bool), np.array(b, bool)
+
+
+@pytest.mark.parametrize("cells", [(80, 3, 11, 6), (40, 7, 7, 2), (50, 0, 6, 1), (30, 2, 0, 0)])
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(cells):
+    both, only_a, only_b, neither = cells
+    r = cmp.mcnemar(*correct(*cells))
+    n = sum(cells)
+    assert r["p_value"] == pytest.approx(binomtest(only_b, only_a + only_b, 0.5).pvalue)
+    assert r["diff"] == pytest.approx((only_b - only_a) / n)
+    assert r["a"] == pytest.approx((both + only_a) / n) and r["b"] == pytest.approx((both + only_b) / n)
+    assert -1 <= r["ci_low"] <= r["diff"] <= r["ci_high"] <= 1
+
+
+def test_mcnemar_without_discordant_pairs_is_p_one():
+    r = cmp.mcnemar(*correct(20, 0, 0, 5))
+    assert r["p_value"] == 1.0 and r["diff"] == 0 and r["ci_low"] < 0 < r["ci_high"]
+
+
+def test_newcombe_interval_is_close_to_the_paired_wald_interval_on_many_images():
+    both, only_a, only_b, neither = 4000, 300, 600, 5100
+    n = both + only_a + only_b + neither
+    d = (only_b - only_a) / n
+    se = math.sqrt((only_a + only_b) / n ** 2 - (only_b - only_a) ** 2 / n ** 3)
+    low, high = cmp.newcombe_paired_interval(both, only_a, only_b, neither)
+    assert low == pytest.approx(d - 1.96 * se, abs=0.001) and high == pytest.approx(d + 1.96 * se, abs=0.001)
+
+
+def test_paired_bootstrap_resamples_the_same_images_for_both_networks():
+    y, a, b = simulated(n=120)
+    same = cmp.paired_bootstrap(y, a, a >= 0.5, a, a >= 0.5, "brier", n_boot=300)
+    assert np.all(same == 0)                     # the same network against itself: exactly 0 every time
+    d = cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3)
+    assert np.array_equal(d, cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3))
+    observed = np.mean((b - y) ** 2) - np.mean((a - y) ** 2)
+    s = cmp.bootstrap_summary(observed, d)
+    assert s["ci_low"] < observed < s["ci_high"] and 0 < s["p_value"] <= 1
+    for boots in (d, d + 0.05, d - 0.05):     # the p-value and the interval agree about 0
+        s = cmp.bootstrap_summary(float(np.median(boots)), boots)
+        assert (s["p_value"] < 0.05) == (s["ci_low"] > 0 or s["ci_high"] < 0)
+
+
+def test_holm_step_down_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01, 3 x 0.03, max(2 x 0.04, 0.09), max(0.2, 0.09)
+    assert cmp.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert cmp.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    adj = cmp.holm([0.02, float("nan")])
+    assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1])
+
+
+def test_verdicts():
+    assert cmp.verdict("auc", 0.05, 0.001, 400, 0.02, 0.08) == "better"
+    assert cmp.verdict("brier", 0.05, 0.001, 400, 0.02, 0.08) == "worse"
+    v = cmp.verdict("accuracy", 0.01, 0.4, 400, -0.01, 0.03)
+    # se = 0.04 / 3.92; n x (2.80 x se / 0.01)^2 = 400 x 8.15 = 3,300 (two significant digits)
+    assert v == "no difference detectable with 400 images (~3,300 would resolve this size)"
+    assert cmp.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
+    assert cmp.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
+        "no difference detectable with 53 PM images (identical)"
+
+
+# ---------------------------------------------------------------- revisions from git
+
+
+def predictions(images, labels, probs, threshold=0.5) -> str:
+    probs = np.asarray(probs)
+    return pd.DataFrame({"image": images, "label": labels, "probability": probs.round(6),
+                         "predicted": (probs >= threshold).astype(int)}).to_csv(index=False)
+
+
+def commit(repo: Path, message: str, preds: str, model: str = "senet18", seed: int = 0, **train) -> str:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"] = model
+    params["train"].update(seed=seed, **train)
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics" / "predictions.csv").write_text(preds)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", message], repo)
+    return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    run(["git", "init", "-q", "-b", "main"], tmp_path)
+    run(["git", "config", "user.email", "t@t"], tmp_path)
+    run(["git", "config", "user.name", "t"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def sim_runs(n=200):
+    rng = np.random.default_rng(0)
+    y = (rng.random(n) < 0.5).astype(int)
+    images = [f"V{i + 1:04d}.jpg" for i in range(n)]
+    good = np.clip(0.5 + (y - 0.5) * 0.9 + rng.normal(0, 0.15, n), 0, 1)
+    bad = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.25, n), 0, 1)
+    return images, y, good, bad
+
+
+def test_compare_reads_committed_revisions_gates_a_real_regression_and_writes_json_and_html(repo, capsys):
+    images, y, good, bad = sim_runs()
+    base = commit(repo, "good", predictions(images, y, good))
+    run(["git", "branch", "good"], repo)
+    # the revision lists its images in another order: aligned by name
+    order = np.random.default_rng(1).permutation(len(images))
+    commit(repo, "bad", predictions([images[i] for i in order], y[order], bad[order]), model="lenet")
+    run(["git", "branch", "bad"], repo)
+    code = main(["compare", "bad", "--baseline", "good", "--json", "c.json", "--html", "c.html", "--n-boot", "500"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "| bad | lenet | 0 | auc |" in out.out and "worse" in out.out
+    data = json.loads((repo / "c.json").read_text())
+    recs = {r["metric"]: r for r in data["records"]}
+    assert set(recs) == set(cmp.METRICS)
+    for rec in recs.values():
+        assert set(cmp.RECORD_KEYS) <= set(rec) and rec["a"] == "good" and rec["b"] == "bad"
+        assert rec["ci_low"] <= rec["diff"] <= rec["ci_high"]
+    assert recs["auc"]["verdict"] == "worse" and recs["auc"]["test"] == "DeLong"
+    assert recs["brier"]["diff"] > 0 and recs["brier"]["verdict"] == "worse"      # lower is better
+    assert recs["auc"]["diff"] == pytest.approx(
+        cmp.delong(y, good, bad)["diff"], abs=1e-5)
+    assert data["revisions"][0]["commit"] == base
+    page = (repo / "c.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 2
+    assert "http" not in page.replace("https://", "")   # self-contained: nothing fetched
+    assert "photographs are not in this workspace" in page  # no data/raw here: said so
+
+    # the gate: worse on AUC after correction -> 1; the other way round nothing is worse -> 0
+    assert main(["compare", "bad", "--baseline", "good", "--metric", "auc", "--fail-if-worse"]) == 1
+    assert "worse than the baseline: bad (auc" in capsys.readouterr().err
+    assert main(["compare", "good", "--baseline", "bad", "--metric", "auc", "--fail-if-worse"]) == 0
+
+
+def test_noise_is_not_a_verdict_and_workspace_is_a_revision(repo, capsys):
+    images, y, good, _ = sim_runs()
+    commit(repo, "base", predictions(images, y, good))
+    noisy = np.clip(good + np.random.default_rng(5).normal(0, 0.01, len(good)), 0, 1)
+    (repo / "metrics" / "predictions.csv").write_text(predictions(images, y, noisy))
+    assert main(["compare", "workspace", "--metric", "auc", "--metric", "accuracy", "--fail-if-worse"]) == 0
+    out = capsys.readouterr().out
+    assert "| workspace |" in out and "no difference detectable with 200 images" in out
+    assert "better" not in out and "worse" not in out.replace("worse than", "")
+
+
+def test_different_image_lists_are_refused_in_one_line_naming_them(repo, capsys):
+    images, y, good, bad = sim_runs(20)
+    commit(repo, "a", predictions(images, y, good))
+    run(["git", "branch", "a"], repo)
+    commit(repo, "b", predictions(images[:-2] + ["X1.jpg", "X2.jpg"], y, bad))
+    assert main(["compare", "HEAD", "--baseline", "a"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "different images" in err and "only in a: V0019.jpg, V0020.jpg" in err and "X1.jpg, X2.jpg" in err
+    # labels that disagree on the same images are refused as well
+    commit(repo, "c", predictions(images, 1 - y, bad))
+    assert main(["compare", "HEAD", "--baseline", "a"]) == 1
+    assert "label the same images differently" in capsys.readouterr().err
+
+
+def test_unknown_revision_or_missing_predictions_is_a_one_line_error(repo, capsys):
+    images, y, good, _ = sim_runs(20)
+    commit(repo, "a", predictions(images, y, good))
+    assert main(["compare", "nosuchexp"]) == 2
+    assert "nosuchexp: no such revision or experiment" in capsys.readouterr().err
+    (repo / "note").write_text("x")
+    run(["git", "rm", "-q", "metrics/predictions.csv"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "no preds"], repo)
+    assert main(["compare", "HEAD~1", "--baseline", "HEAD"]) == 1
+    assert "metrics/predictions.csv is not committed" in capsys.readouterr().err
+
+
+def test_seed_groups_are_summarised_and_compared_over_seeds_and_pooled(repo, capsys):
+    images, y, good, bad = sim_runs()
+    rng = np.random.default_rng(9)
+    revs = []
+    for model, probs in (("senet18", good), ("lenet", bad)):
+        for seed in (0, 1, 2):
+            p = np.clip(probs + rng.normal(0, 0.05, len(probs)), 0, 1)
+            commit(repo, f"{model} {seed}", predictions(images, y, p), model=model, seed=seed)
+            run(["git", "branch", f"{model}-{seed}"], repo)
+            revs.append(f"{model}-{seed}")
+    # a run with another learning rate is not a seed of lenet's group
+    commit(repo, "lr", predictions(images, y, bad), model="lenet", seed=0, lr=0.1)
+    run(["git", "branch", "lenet-lr"], repo)
+    assert main(["compare", *revs[1:], "lenet-lr", "--baseline", revs[0], "--metric", "auc",
+                 "--json", "g.json", "--n-boot", "300"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((repo / "g.json").read_text())
+    names = {g["group"]: g for g in data["groups"]}
+    assert set(names) == {"senet18", "lenet", "lenet#2"}
+    assert names["senet18"]["seeds"] == [0, 1, 2] and names["lenet#2"]["seeds"] == [0]
+    s = names["lenet"]["metrics"]["auc"]
+    assert s["min"] <= s["mean"] <= s["max"] and s["std"] == pytest.approx(np.std(s["values"], ddof=1))
+    kinds = [r["test"] for r in data["group_records"]]
+    assert len(kinds) == 2 and kinds[0].startswith("t over 3 seeds") and kinds[1].startswith("pooled over 3 seeds")
+    over = data["group_records"][0]
+    assert over["a"] == "senet18" and over["b"] == "lenet" and over["verdict"] == "worse"
+    assert over["diff"] == pytest.approx(s["mean"] - names["senet18"]["metrics"]["auc"]["mean"])
+    assert over["ci_low"] <= over["diff"] <= over["ci_high"]
+    assert "Seed groups" in out and "| lenet | 0, 1, 2 |" in out
+
+
+# ---------------------------------------------------------------- end to end with dvc
+
+
+@pytest.mark.e2e
+def test_two_tiny_experiments_are_compared_from_dvc_exp_show(tmp_path):
+    from test_dvc_workflow import fast_params
+
+    proj = make_project(tmp_path / "proj")
+    fast_params(proj, epochs=2)
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "tiny"], proj)
+    for seed in (0, 1):
+        run(["dvc", "exp", "run", "-S", "model=lenet", "-S", f"train.seed={seed}", "-n", f"lenet-s{seed}"], proj)
+    palm = [str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "palm")] if os.environ.get("VIRTUAL_ENV") else \
+        ["python", "-m", "palm.cli"]
+    before = [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])]
+    # no revision named: every experiment of dvc exp show, against the first one
+    out = run([*palm, "compare", "--baseline", "lenet-s0", "--json", "c.json"], proj)
+    data = json.loads((proj / "c.json").read_text())
+    assert {r["b"] for r in data["records"]} == {"lenet-s1"} and data["baseline"] == "lenet-s0"
+    assert [g["seeds"] for g in data["groups"]] == [[0, 1]]       # the two seeds of one configuration
+    assert data["n"] == 22 and "| lenet-s1 | lenet | 1 | auc |" in out.stdout
+    # the workspace holds the last experiment's results: identical to it
+    out = run([*palm, "compare", "workspace", "--baseline", "lenet-s1", "--metric", "accuracy"], proj)
+    assert "(identical)" in out.stdout
+    (proj / "c.json").unlink()
+    # nothing was checked out or changed: the same HEAD, the same workspace
+    assert [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])] == before
