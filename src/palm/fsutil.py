@@ -9,12 +9,15 @@ removes those whose process is gone, at the start of the next stage.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from palm.errors import DataError
 
 
 @contextlib.contextmanager
@@ -117,3 +120,14 @@ def remove_stale_temporaries(parents=OUTPUT_PARENTS, root: str | Path = ".") -> 
                         p.unlink()
                 removed.append(p)
     return removed
+
+
+def read_json(path: Path) -> dict:
+    """An earlier stage's JSON output (``metrics/eval.json``, ...): one-line errors naming the file
+    when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the earlier stages first (dvc repro)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None

@@ -25,7 +25,7 @@ from palm.data.image import MAX_PIXELS
 from palm.data.layout import IMAGE_SUFFIXES
 from palm.errors import DataError
 from palm.evaluation.metrics import INTERVAL_KEYS
-from palm.fsutil import atomic_dir
+from palm.fsutil import atomic_dir, read_json
 from palm.nn import modelinfo
 from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, SCHEMA, WEIGHT_FILES, sha256_file
 
@@ -53,14 +53,6 @@ METRIC_NAMES = INTERVAL_KEYS
 OTHER_METRICS = ("ece", "loss", "sensitivity_at_specificity_90", "sensitivity_at_specificity_95",
                  "specificity_at_sensitivity_90", "specificity_at_sensitivity_95")
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the earlier stages first (dvc repro)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
 def training_data(labels_csv: Path, params: dict) -> dict:
@@ -154,7 +146,7 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
                lock_file: Path = Path("dvc.lock")) -> dict:
     """The card as a dict (what ``card.json`` holds)."""
     info = modelinfo.read_info(model_dir)
-    metrics = _read_json(eval_json)
+    metrics = read_json(eval_json)
     data = training_data(labels_csv, params)
     size = modelinfo.input_size(info)
     limits = ([SYNTHETIC_LIMIT] if data["synthetic"] else []) + LIMITATIONS

@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from palm.nn.modelinfo import read_info
 from palm.errors import DataError
-from palm.fsutil import atomic_file
+from palm.fsutil import atomic_file, read_json
 from palm.evaluation.metrics import reliability_table
 
 REPORT = Path("metrics/report.html")
@@ -167,18 +167,10 @@ def _errors(preds: pd.DataFrame, threshold: float, explain_dir: Path) -> list[di
     return rows
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the earlier stages first (dvc repro)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-
 
 def _read_inputs(eval_json: Path, predictions: Path, model_dir: Path, labels_csv: Path):
     """``(metrics, model info, predictions, labels)``, with one-line errors for what is missing."""
-    metrics = _read_json(eval_json)
+    metrics = read_json(eval_json)
     info = read_info(model_dir)
     try:
         return metrics, info, pd.read_csv(predictions), pd.read_csv(labels_csv)
