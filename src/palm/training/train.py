@@ -61,6 +61,11 @@ warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface"
 MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
 LIVE_DIR = Path("metrics/train")
+#: training has diverged when an epoch's loss passes this many times the first epoch's (or ln 2,
+#: an untrained network's, if that is more), or a weight's magnitude passes MAX_WEIGHT: a run
+#: that explodes is stopped before its loss reaches infinity (lr 10 with momentum: 49, 1.6e6, 5e17)
+DIVERGED_LOSS_FACTOR = 100.0
+MAX_WEIGHT = 1e6
 
 
 def effective_config(params: dict) -> dict:
@@ -150,10 +155,16 @@ class Trainer:
         # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
         # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
         with paddle.utils.unique_name.guard():
-            if self.rank.writer:
+            if not self.rank.writer:
+                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                    return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+            try:
                 return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+            except BaseException:
+                # a failed run leaves no metrics that look like a finished run's (its checkpoint,
+                # from which it resumes, keeps the history)
+                shutil.rmtree(live_dir, ignore_errors=True)
+                raise
 
     def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict | None:
         """Rank 0 (a lone process included) returns what it saved; the other ranks write nothing."""
@@ -173,6 +184,8 @@ class Trainer:
         t_start = time.perf_counter()
         for epoch in range(progress.start, int(cfg["epochs"])):
             rec = self._train_epoch(epoch, data, nets)
+            first_loss = progress.history[0]["train_loss"] if progress.history else rec["train_loss"]
+            check_divergence(rec["train_loss"], first_loss, nets.model, epoch, cfg)
             if not rank.writer:
                 continue
             rec.update(self._holdout_epoch(data, nets))
@@ -424,6 +437,23 @@ class Trainer:
             if key != "epoch" and value is not None and math.isfinite(value):
                 live.log_metric(key, value)
         live.next_step()
+
+
+def check_divergence(loss: float, first_loss: float, model, epoch: int, cfg: dict) -> None:
+    """A :class:`RunError` when the epoch's mean ``loss`` is far above the first epoch's, or a
+    weight of ``model`` is not finite or huge (:data:`DIVERGED_LOSS_FACTOR`, :data:`MAX_WEIGHT`);
+    the same on every rank (the loss is the global mean, the weights are the same)."""
+    hint = (f"lower train.lr (now {cfg['lr']:g}) for {cfg['model']}"
+            + (" or train.momentum" if cfg["optimizer"] == "momentum" else ""))
+    limit = DIVERGED_LOSS_FACTOR * max(first_loss, math.log(2))
+    if not math.isfinite(loss) or loss > limit:
+        raise RunError(f"training diverged: loss {loss:.4g} at epoch {epoch + 1}, above {limit:.4g} "
+                       f"({DIVERGED_LOSS_FACTOR:g}x the first epoch's {first_loss:.4g}); no model saved; {hint}")
+    for name, p in model.named_parameters():
+        peak = float(paddle.max(paddle.abs(p.detach())))
+        if not peak <= MAX_WEIGHT:  # NaN too
+            raise RunError(f"training diverged: weight {name} reached {peak:.4g} at epoch {epoch + 1} "
+                           f"(limit {MAX_WEIGHT:g}); no model saved; {hint}")
 
 
 def train_rank(params: dict) -> dict | None:
