@@ -39,7 +39,9 @@ Real = Annotated[float, Field(allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
-Side = Annotated[StrictInt, Field(ge=16, le=4096)]
+#: the sides an image may be decoded to or a network may take (image_size, input_size)
+MIN_SIDE, MAX_SIDE = 16, 4096
+Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 #: a probability, or a rule (youden, sensitivity>=X, specificity>=X) that palm.evaluation.metrics.parse_threshold reads
 Threshold = Union[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)], Annotated[str, Field(min_length=1)]]
 
@@ -174,6 +176,12 @@ _MESSAGES = {
 }
 
 
+def short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message quotes a bad value, never a huge one."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _line(err: dict, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
@@ -182,10 +190,10 @@ def _line(err: dict, source: str) -> str:
         msg += " (not a string)"
     if kind == "missing":
         return f"{source}: {key} {msg}"
-    return f"{source}: {key} = {err.get('input')!r}: {msg}"
+    return f"{source}: {key} = {short(err.get('input'))}: {msg}"
 
 
-def _check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
+def check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: expected a mapping of parameters, got {type(params).__name__}")
     try:
@@ -196,14 +204,14 @@ def _check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
 
 def validate(params: dict, source: str = "params.yaml") -> dict:
     """``params`` (all of params.yaml) checked against :class:`Params`; the same dict back."""
-    _check(Params, params, source)
+    check(Params, params, source)
     return params
 
 
 def training_config(params: dict, source: str = "params.yaml") -> dict:
     """The training configuration of ``params['model']``: ``train:`` overridden by ``models.<model>:``
     (``augment`` key by key), checked; plus ``model`` and ``image_size``."""
-    p = _check(TrainingParams, params, source)
+    p = check(TrainingParams, params, source)
     cfg = p.train.model_dump(exclude={"augment"})
     cfg["augment"] = p.train.augment.model_dump(exclude_none=True)
     override = p.models.get(p.model)
