@@ -141,6 +141,7 @@ class Progress:
     history: list = field(default_factory=list)
     best: dict | None = None
     best_file: str | None = None
+    meta: dict = field(default_factory=dict)   # the checkpoint's manifest (its files' SHA-256)
 
 
 class Trainer:
@@ -326,7 +327,7 @@ class Trainer:
         if nets.ema is not None:
             nets.ema.set_state_dict(state["ema"])
         print(f"resuming from the checkpoint of epoch {meta['epoch']} of {self.cfg['epochs']}")
-        return Progress(meta["epoch"], meta["history"], meta.get("best"), meta.get("best_file"))
+        return Progress(meta["epoch"], meta["history"], meta.get("best"), meta.get("best_file"), meta)
 
     # -- one epoch -----------------------------------------------------------------------
     def _train_epoch(self, epoch: int, data: Data, nets: Nets) -> dict:
@@ -390,7 +391,8 @@ class Trainer:
             state["ema"] = nets.ema.state_dict()
         meta = {"fingerprint": self.fp, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
                 "config": self.cfg}
-        progress.best_file = checkpoint.save(ckpt_dir, state, meta, best_state)["best_file"]
+        progress.meta = checkpoint.save(ckpt_dir, state, meta, best_state)
+        progress.best_file = progress.meta["best_file"]
 
     def _selection_score(self, rec: dict) -> tuple:
         """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
@@ -408,6 +410,9 @@ class Trainer:
         if best is None or not progress.best_file:
             raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
         weights = ckpt_dir / progress.best_file
+        damage = checkpoint.damaged(ckpt_dir, progress.meta, keys=("best_file",))
+        if damage:  # never promoted; the next run's checkpoint.load finds the same damage and starts afresh
+            raise RunError(f"checkpoint damaged ({damage}): no model saved; run the stage again to train afresh")
         threshold = self._threshold(nets, data, weights)
         info = {
             "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
