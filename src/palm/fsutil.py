@@ -9,6 +9,7 @@ removes those whose process is gone, at the start of the next stage.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -60,6 +61,24 @@ def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def move(src: str | Path, dst: str | Path) -> Path:
+    """Move the file ``src`` to ``dst``, also between filesystems (a ``checkpoints/`` on a shared
+    or other disk): a rename when it can, else a copy beside ``dst`` renamed into place (``dst``
+    is complete or absent) and then the removal of ``src``."""
+    src, dst = Path(src), Path(dst)
+    try:
+        os.replace(src, dst)
+        return dst
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    with atomic_file(dst, "wb") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 20)
+    shutil.copystat(src, dst)
+    src.unlink()
+    return dst
 
 
 #: the folders that hold the pipeline's outputs (and so their temporary siblings)

@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from palm.errors import DataError
-from palm.fsutil import atomic_dir, atomic_file
+from palm.fsutil import atomic_dir, atomic_file, move
 from palm.data.image import load_image
 from palm.runtime import machine_share
 from palm.data.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
@@ -188,7 +188,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
     files = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
     with atomic_dir(out_dir) as tmp:
         for fname in sorted(files):
-            os.replace(resume_dir / fname, tmp / fname)
+            move(resume_dir / fname, tmp / fname)  # checkpoints/ may be on another filesystem
         write_manifest(tmp, manifest)
     shutil.rmtree(resume_dir, ignore_errors=True)
     return manifest
