@@ -39,6 +39,9 @@ Real = Annotated[float, Field(allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
+#: the most bootstrap resamples (evaluate.bootstrap): memory is resamples x validation images x 8 bytes
+#: per array; 10,000 already give intervals stable to the third decimal
+MAX_BOOTSTRAP = 20_000
 #: the sides an image may be decoded to or a network may take (image_size, input_size)
 MIN_SIDE, MAX_SIDE = 16, 4096
 Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE)]
@@ -137,7 +140,7 @@ class ModelOverrides(Section):
 class EvaluateParams(Section):
     batch_size: Count
     prevalence: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
-    bootstrap: NonNegInt
+    bootstrap: Annotated[StrictInt, Field(ge=0, le=MAX_BOOTSTRAP)]
 
 
 class ExplainParams(Section):
@@ -178,7 +181,10 @@ _MESSAGES = {
 
 def short(value, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters: a message quotes a bad value, never a huge one."""
-    text = repr(value)
+    return short_text(repr(value), limit)
+
+
+def short_text(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
