@@ -18,6 +18,38 @@ from pathlib import Path
 from typing import Iterator
 
 
+#: errors of a full disk: out of space, over quota, above the file size limit
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_error(exc: BaseException, target: str | Path) -> Exception | None:
+    """A one-line :class:`~palm.errors.RunError` naming ``target`` for an error of a full disk
+    (``exc`` an OSError with ENOSPC, EDQUOT or EFBIG, or numpy's "N requested and M written");
+    None for any other error (which names its own file, or is not the disk's)."""
+    from palm.errors import RunError
+
+    if not isinstance(exc, OSError):
+        return None
+    short = exc.errno is None and "requested and" in str(exc) and "written" in str(exc)
+    if exc.errno not in _FULL and not short:
+        return None
+    why = "the disk is full (a short write)" if short else (exc.strerror or str(exc))
+    return RunError(f"cannot write {target}: {why}; free space on {Path(target).resolve().parent} "
+                    "(df -h shows it), or move the project to a disk with room, then run the stage again")
+
+
+@contextlib.contextmanager
+def writing(target: str | Path) -> Iterator[None]:
+    """Within the block, an error of a full disk becomes one line naming ``target`` (:func:`disk_error`)."""
+    try:
+        yield
+    except OSError as exc:
+        converted = disk_error(exc, target)
+        if converted is None:
+            raise
+        raise converted from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
@@ -30,7 +62,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
-        yield tmp
+        with writing(target):
+            yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -54,7 +87,7 @@ def atomic_file(target: str | Path, mode: str = "w", **kwargs) -> Iterator:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private to its owner)
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with writing(target), open(tmp, mode, **kwargs) as f:
             yield f
         os.replace(tmp, target)
     except BaseException:

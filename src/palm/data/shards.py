@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from palm.errors import DataError
+from palm.fsutil import writing
 from palm.data.image import resize_square
 from palm.params import MAX_SIDE, MIN_SIDE, short
 
@@ -47,7 +48,7 @@ def save_shard(path: Path, pixels: np.ndarray) -> None:
     """Write one shard so that ``path`` is complete or absent (a temporary file, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
         os.replace(tmp, path)
     except BaseException:
@@ -56,7 +57,7 @@ def save_shard(path: Path, pixels: np.ndarray) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    with open(Path(folder) / MANIFEST, "w", encoding="utf-8") as f:
+    with writing(Path(folder) / MANIFEST), open(Path(folder) / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
 
 
