@@ -613,3 +613,51 @@ def test_bootstrap_resamples_are_bounded(tmp_path, value, ok):
         with pytest.raises(ConfigError, match=f"evaluate.bootstrap = {value}: input should be less than or equal "
                                               "to 20000"):
             load_params(tmp_path / "params.yaml")
+
+
+def test_a_full_disk_names_the_file_and_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    from palm.data.shards import save_shard
+    from palm.errors import RunError
+    from palm.fsutil import atomic_dir, atomic_file
+
+    with pytest.raises(RunError, match=r"cannot write .*out\.json: No space left on device; free space on"):
+        with atomic_file(tmp_path / "out.json") as f:
+            f.write("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(RunError, match=r"cannot write .*models: Disk quota exceeded"):
+        with atomic_dir(tmp_path / "models"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    def short_write(f, arr):
+        raise OSError("1806336 requested and 573312 written")
+
+    monkeypatch.setattr(np, "save", short_write)
+    with pytest.raises(RunError, match=r"cannot write .*train-000\.npy: the disk is full \(a short write\)"):
+        save_shard(tmp_path / "train-000.npy", np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(FileNotFoundError):  # not the disk's: as it was
+        with atomic_file(tmp_path / "x.txt"):
+            open(tmp_path / "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_stage_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, clean_project):
+    import resource
+
+    root = tmp_path / "p"
+    shutil.copytree(clean_project, root)
+    for name in ("unzip", "labels"):
+        assert run_stage(name, root).returncode == 0
+
+    def small_disk():  # files above 4 KB cannot be written: EFBIG, as a full disk's ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    p = subprocess.Popen([sys.executable, "stages/preprocess.py"], cwd=root, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=small_disk)
+    _, err = p.communicate(timeout=300)
+    line = one_error_line(subprocess.CompletedProcess(p.args, p.returncode, "", err))
+    assert p.returncode == 3 and "cannot write checkpoints/preprocess/train-000.npy: " in line, line
+    assert ("File too large" in line or "the disk is full" in line) and "; free space on" in line, line
+    assert "internal error" not in line and not (root / "data" / "shards").exists() and not strays(root)
