@@ -661,3 +661,26 @@ def test_a_stage_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_no
     assert p.returncode == 3 and "cannot write checkpoints/preprocess/train-000.npy: " in line, line
     assert ("File too large" in line or "the disk is full" in line) and "; free space on" in line, line
     assert "internal error" not in line and not (root / "data" / "shards").exists() and not strays(root)
+
+
+def test_image_size_is_checked_against_the_available_memory_before_any_work(tmp_path, shards_dir, monkeypatch):
+    from palm import runtime
+    from palm.data.preprocess import preprocess
+    from palm.errors import ConfigError
+    from palm.nn.models import training_memory
+
+    # LeNet's fully connected layer grows with the side: 4096 px is far beyond any machine here
+    small, big = training_memory("lenet", 224, 16), training_memory("lenet", 4096, 16)
+    assert small < 2 * 2**30 < 100 * 2**30 < big
+    monkeypatch.setattr(runtime, "available_memory", lambda: 8 * 2**30)
+    with pytest.raises(ConfigError, match=r"training lenet at 4096 px on batches of 16 needs about \d+\.\d GB of "
+                                          r"memory, more than the 8\.0 GB available; lower image_size"):
+        runtime.check_memory(big, "training lenet at 4096 px on batches of 16",
+                             "lower image_size (or train.input_size for this model) or train.batch_size")
+    runtime.check_memory(small, "training", "")
+    work = shards_dir.parent
+    with pytest.raises(ConfigError, match=r"preprocess at image_size 4096 \(a shard of 256 images\) needs about "
+                                          r"12\.0 GB.*lower preprocess.shard_size or image_size"):
+        preprocess(work / "labels.csv", work / "raw", tmp_path / "shards", image_size=4096, shard_size=256,
+                   workers=1, resume_dir=tmp_path / "pre")
+    assert not list(tmp_path.iterdir())

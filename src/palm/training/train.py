@@ -47,9 +47,9 @@ from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_lo
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
 from palm.evaluation.metrics import DEFAULT_THRESHOLD, choose_threshold, parse_threshold, score
-from palm.nn.models import DROPOUT_MODELS, build_model, training_loss
+from palm.nn.models import DROPOUT_MODELS, build_model, training_loss, training_memory
 from palm.params import training_config
-from palm.runtime import resolve_device, select_device
+from palm.runtime import check_memory, resolve_device, select_device
 from palm.data.splits import stratified_holdout
 from palm.nn.weights import load_state, to_paddle
 
@@ -65,6 +65,8 @@ LIVE_DIR = Path("metrics/train")
 #: an untrained network's, if that is more), or a weight's magnitude passes MAX_WEIGHT: a run
 #: that explodes is stopped before its loss reaches infinity (lr 10 with momentum: 49, 1.6e6, 5e17)
 DIVERGED_LOSS_FACTOR = 100.0
+#: networks taking larger images are checked against the available memory before they are built
+MEMORY_CHECK_ABOVE = 224
 MAX_WEIGHT = 1e6
 
 
@@ -254,8 +256,15 @@ class Trainer:
         """The network (seeded), its optimizer and schedule, its weight average and the loss."""
         cfg = self.cfg
         amp_ctx, scaler, self.amp_mode = self._amp(device)
-        paddle.seed(int(cfg["seed"]))
         net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
+        per_rank = -(-int(cfg["batch_size"]) // self.rank.size)
+        # before the network is built (LeNet at 4096 px has 2 billion weights); measured on small
+        # copies, which takes seconds, so only above the sizes this project trains at
+        if cfg["input_size"] > MEMORY_CHECK_ABOVE:
+            check_memory(training_memory(cfg["model"], cfg["input_size"], per_rank, **net_kwargs),
+                         f"training {cfg['model']} at {cfg['input_size']} px on batches of {per_rank}",
+                         "lower image_size (or train.input_size for this model) or train.batch_size")
+        paddle.seed(int(cfg["seed"]))
 
         def new_network():  # the trained network and its weight average are built alike
             return build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
