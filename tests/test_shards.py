@@ -149,7 +149,7 @@ def test_a_killed_preprocess_stage_resumes(tmp_path):
     and the result is byte-identical to a run never killed."""
     labels, raw = photo_folder(tmp_path, 24, size=40)
     pp.preprocess(labels, raw, tmp_path / "fresh", image_size=32, shard_size=2, workers=1)
-    slow = ("import time, sys; from palm import preprocess as pp; real = pp._decode\n"
+    slow = ("import time, sys; from palm.data import preprocess as pp; real = pp._decode\n"
             "pp._decode = lambda p, image_size: (time.sleep(0.1), real(p, image_size))[1]\n"
             "pp.preprocess(*sys.argv[1:4], image_size=32, shard_size=2, workers=1)\n")
     proc = subprocess.Popen([sys.executable, "-c", slow, str(labels), str(raw), str(tmp_path / "shards")],
