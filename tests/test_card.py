@@ -12,7 +12,8 @@ from test_inference import save_model, synthetic_photos
 from palm.cli import main as palm_main
 from palm.errors import DataError
 from palm.evaluation.model_card import write_card
-from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, find_card, sha256_file, verify
+from palm.fsutil import sha256_file
+from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, find_card, verify
 from palm.serve.predict import Predictor
 
 BASELINE_EVAL = json.loads((REPO / "metrics" / "eval.json").read_text())

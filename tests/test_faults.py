@@ -23,6 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -331,3 +332,403 @@ def test_the_atomic_writer_syncs_to_disk_only_when_asked(tmp_path, monkeypatch):
         f.write(b"b")
     assert len(synced) == 1 and (tmp_path / "b.bin").read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]   # no temporary left
+
+
+# -- issue 28: no silent wrong answer -----------------------------------------------------------
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    import paddle
+
+    from palm.nn.models import build_model
+    from palm.nn.weights import save_state
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    paddle.seed(1)
+    save_state(build_model("lenet", image_size=32).state_dict(), folder / "model.safetensors")
+    (folder / "model.json").write_text(json.dumps({"model": "lenet", "image_size": 32, "threshold": 0.5}))
+    (tmp_path / "x.jpg").write_bytes(jpeg_bytes(0))
+    return folder
+
+
+@pytest.mark.parametrize("key,text,message", [
+    ("threshold", "7", "threshold = 7: input should be less than or equal to 1"),
+    ("threshold", "1.0001", "threshold = 1.0001"),
+    ("threshold", "-1", "threshold = -1: input should be greater than or equal to 0"),
+    ("threshold", "NaN", "threshold = nan: must be finite"),
+    ("threshold", "Infinity", "threshold = inf"),
+    ("threshold", "-Infinity", "threshold = -inf"),
+    ("input_size", "100000", "input_size = 100000: input should be less than or equal to 4096"),
+    ("input_size", "8", "input_size = 8"),
+    ("image_size", "100000", "image_size = 100000"),
+    ("image_size", "32.5", "image_size = 32.5: must be a whole number"),
+    ("image_size", "true", "image_size"),
+    ("input_size", "64", "input_size = 64: must not be above image_size (32)"),
+])
+def test_a_bad_value_in_model_json_is_exit_2_naming_the_file_and_key(tiny_model, capsys, key, text, message):
+    from palm.cli import main as palm_main
+
+    info = (tiny_model / "model.json").read_text()
+    info = info[:-1] + f', "{key}": {text}}}' if key not in info else info.replace(
+        f'"{key}": {json.loads(info)[key]}', f'"{key}": {text}')
+    (tiny_model / "model.json").write_text(info)
+    out = tiny_model.parent / "p.csv"
+    code = palm_main(["predict", str(tiny_model.parent / "x.jpg"), "--model", str(tiny_model), "--out", str(out),
+                      "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model.json: {key}" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_good_model_json_still_predicts(tiny_model, capsys):
+    from palm.cli import main as palm_main
+
+    assert palm_main(["predict", str(tiny_model.parent / "x.jpg"), "--model", str(tiny_model), "--quiet"]) == 0
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory):
+    from conftest import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("shards"), [f"P{i:04d}.jpg" for i in range(3)] + ["N0001.jpg"])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(1, 7), "labels[1] = 7: must be 0"),
+    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, -1), "labels[0] = -1"),
+    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, 0.5), "labels[0] = 0.5"),
+    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, True), "labels[0] = True"),
+    (lambda m: m.__setitem__("image_size", 100000), "image_size = 100000"),
+    (lambda m: m.__setitem__("image_size", "32"), "image_size = '32'"),
+    (lambda m: m["splits"]["train"]["shards"][0].__setitem__("file", "../../etc/passwd"), "file = '../../etc/passwd'"),
+    (lambda m: m["splits"]["train"]["shards"][0]["images"].pop(), "images"),
+    (lambda m: m["splits"]["train"]["shards"][0].__setitem__("labels", "x" * 10_000), "labels = 'xxx"),
+])
+def test_a_bad_value_in_the_shard_manifest_is_a_data_error_naming_the_file_and_key(tmp_path, shards_dir, edit,
+                                                                                  message):
+    from palm.data.shards import open_split
+    from palm.errors import DataError
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as exc:
+        open_split(folder, "train")
+    text = str(exc.value)
+    assert "manifest.json: " in text and message in text and len(text) < 300, text
+
+
+def test_a_truncated_shard_is_refused_when_opened(tmp_path, shards_dir):
+    from palm.data.shards import open_split
+    from palm.errors import DataError
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shards_dir, folder)
+    shard = folder / json.loads((folder / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated shard .* run the preprocess stage again"):
+        open_split(folder, "train")
+
+
+def test_a_damaged_checkpoint_is_reported_and_training_starts_afresh_never_promoted(tmp_path, capsys):
+    from palm.nn import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    run = {"config": {"lr": 0.1}, "data": "d", "code": {"stages/train.py": "c"}, "versions": {"paddle": "v"}}
+    state = {"model": {"w": np.arange(1000, dtype=np.float32)}}
+    checkpoint.save(ckpt, state, {"identity": run, "epoch": 1, "history": []}, best_state=state["model"])
+    meta = checkpoint.save(ckpt, state, {"identity": run, "epoch": 2, "history": []})
+    assert meta["best_file"] == "best-0001.safetensors" and set(meta["sha256"]) == {
+        "state-0002.safetensors", "best-0001.safetensors"}
+    assert checkpoint.load(ckpt, run) is not None and checkpoint.damaged(ckpt, meta) is None
+    for name, damage in (("best-0001.safetensors", lambda b: b[: len(b) // 2]),
+                         ("state-0002.safetensors", lambda b: b[:-1] + b"\x00"),
+                         ("best-0001.safetensors", None)):
+        backup = (ckpt / name).read_bytes()
+        if damage is None:
+            (ckpt / name).unlink()
+        else:
+            (ckpt / name).write_bytes(damage(backup))
+        assert checkpoint.damaged(ckpt, meta) and checkpoint.load(ckpt, run) is None
+        assert "checkpoint damaged" in capsys.readouterr().out
+        (ckpt / name).write_bytes(backup)
+    for key, value in (("best_file", "../../models/model.safetensors"), ("state_file", "/etc/passwd")):
+        bad = {**meta, key: value}
+        (ckpt / "checkpoint.json").write_text(json.dumps(bad))
+        assert checkpoint.load(ckpt, run) is None and "not a checkpoint file's name" in capsys.readouterr().out
+
+
+def test_an_error_in_the_loader_thread_reaches_the_main_thread_at_once():
+    import paddle
+
+    from palm.data.dataset import make_loader
+    from palm.errors import DataError
+
+    class Failing(paddle.io.Dataset):
+        def __init__(self, bad):
+            self.bad = bad
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            if i == self.bad:
+                raise DataError(f"shard.npy: truncated shard (image {i})")
+            return np.zeros((3, 4, 4), np.float32), np.float32(0)
+
+    for bad in (0, 5, 11):
+        loader = make_loader(Failing(bad), 4, shuffle=False)
+        t0 = time.perf_counter()
+        for _ in range(2):  # and again, as the next epoch would
+            with pytest.raises(DataError, match=f"truncated shard \\(image {bad}\\)"):
+                for _ in loader:
+                    pass
+        assert time.perf_counter() - t0 < 10
+    assert len(list(make_loader(Failing(-1), 4, shuffle=False))) == 3
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            kids.append(int(status.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in (Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0])
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_ends_palm_predict_at_once_with_no_crash_dump_temporary_file_or_worker(tmp_path, tiny_model, sig,
+                                                                                       code):
+    info = json.loads((tiny_model / "model.json").read_text())
+    (tiny_model / "model.json").write_text(json.dumps({**info, "image_size": 256, "input_size": 32}))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(jpeg_bytes(1, size=(600, 600)))
+    (tmp_path / "many").mkdir()
+    for i in range(4000):
+        (tmp_path / "many" / f"{i:05d}.jpg").symlink_to(photo)
+    out = tmp_path / "out" / "p.csv"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "predict", str(tmp_path / "many"), "--model",
+                             str(tiny_model), "--out", str(out), "--workers", "2", "--quiet", "--batch-size", "4"],
+                            env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # until it is predicting: rows in its temporary CSV
+        tmp = list(out.parent.glob(".p.csv.tmp-*"))
+        if tmp and tmp[0].read_text().count("\n") > 5:
+            break
+        assert proc.poll() is None
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers
+    t0 = time.time()
+    proc.send_signal(sig)  # to the process alone
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and time.time() - t0 < 20, err[-2000:]
+    assert "Traceback" not in err and "FatalError" not in err and "C++" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] in ("interrupted", "terminated")
+    assert not list(out.parent.iterdir())  # no temporary CSV, no --out
+    time.sleep(1)
+    assert not [w for w in workers if _alive(w)]
+
+
+def test_a_fifo_or_device_named_on_the_command_line_is_refused(tmp_path, tiny_model, capsys):
+    from palm.cli import main as palm_main
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    for path, kind in ((tmp_path / "pipe.jpg", "a FIFO"), (Path("/dev/zero"), "not a regular file")):
+        assert palm_main(["predict", str(path), "--model", str(tiny_model), "--quiet"]) == 2
+        assert f"{path}: {kind}; refusing to read it" in capsys.readouterr().err
+
+
+def test_preprocess_with_its_resume_folder_on_another_filesystem(tmp_path, shards_dir, monkeypatch):
+    """A rename between folders of different filesystems fails with EXDEV ("Invalid
+    cross-device link"): every such rename here does so, and preprocess still gives the same shards."""
+    import errno
+
+    from palm.data.preprocess import preprocess
+    from palm.fsutil import move
+
+    real = os.replace
+
+    def one_filesystem_per_folder(src, dst):
+        if Path(src).resolve().parent != Path(dst).resolve().parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", one_filesystem_per_folder)
+    work = shards_dir.parent
+    out = tmp_path / "data" / "shards"
+    preprocess(work / "labels.csv", work / "raw", out, image_size=32, workers=1, resume_dir=tmp_path / "ckpt" / "pre")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shards_dir.iterdir())
+    for f in shards_dir.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not (tmp_path / "ckpt" / "pre").exists() and not strays(tmp_path)
+    (tmp_path / "a").write_text("x")
+    (tmp_path / "b").mkdir()
+    move(tmp_path / "a", tmp_path / "b" / "a")
+    assert (tmp_path / "b" / "a").read_text() == "x" and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    # an alias bomb under a checked key: nine aliases a level, nine levels
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+     + "model: *i\n", "alias *a is not allowed"),
+    ("base: &b {epochs: 3}\ntrain: *b\n", "alias *b is not allowed"),
+    ("model: '" + "x" * 2_000_000 + "'\n", "larger than 1024 KB"),
+    ("model: \xff\n", None),
+])
+def test_params_yaml_is_bounded_before_it_is_expanded(tmp_path, text, message):
+    from palm.config import load_params
+    from palm.errors import ConfigError
+
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text.encode("latin-1" if "\xff" in text else "utf-8"))
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as exc:
+        load_params(path)
+    assert time.perf_counter() - t0 < 5 and len(str(exc.value)) < 500, str(exc.value)[:500]
+    assert message is None or message in str(exc.value)
+
+
+def test_a_long_bad_value_is_quoted_as_a_short_excerpt(tmp_path):
+    from palm.config import load_params
+    from palm.errors import ConfigError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"] = ["x" * 1000] * 500
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"model = \['xxx.*\.\.\. \(\d[\d,]+ characters\)") as exc:
+        load_params(tmp_path / "params.yaml")
+    assert len(str(exc.value)) < 300
+
+
+@pytest.mark.parametrize("value,ok", [(20_000, True), (0, True), (20_001, False), (100_000_000, False)])
+def test_bootstrap_resamples_are_bounded(tmp_path, value, ok):
+    from palm.config import load_params
+    from palm.errors import ConfigError
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["bootstrap"] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    if ok:
+        assert load_params(tmp_path / "params.yaml")["evaluate"]["bootstrap"] == value
+    else:
+        with pytest.raises(ConfigError, match=f"evaluate.bootstrap = {value}: input should be less than or equal "
+                                              "to 20000"):
+            load_params(tmp_path / "params.yaml")
+
+
+def test_a_full_disk_names_the_file_and_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    from palm.data.shards import save_shard
+    from palm.errors import RunError
+    from palm.fsutil import atomic_dir, atomic_file
+
+    with pytest.raises(RunError, match=r"cannot write .*out\.json: No space left on device; free space on"):
+        with atomic_file(tmp_path / "out.json") as f:
+            f.write("{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(RunError, match=r"cannot write .*models: Disk quota exceeded"):
+        with atomic_dir(tmp_path / "models"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    def short_write(f, arr):
+        raise OSError("1806336 requested and 573312 written")
+
+    monkeypatch.setattr(np, "save", short_write)
+    with pytest.raises(RunError, match=r"cannot write .*train-000\.npy: the disk is full \(a short write\)"):
+        save_shard(tmp_path / "train-000.npy", np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(FileNotFoundError):  # not the disk's: as it was
+        with atomic_file(tmp_path / "x.txt"):
+            open(tmp_path / "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_stage_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, clean_project):
+    import resource
+
+    root = tmp_path / "p"
+    shutil.copytree(clean_project, root)
+    for name in ("unzip", "labels"):
+        assert run_stage(name, root).returncode == 0
+
+    def small_disk():  # files above 4 KB cannot be written: EFBIG, as a full disk's ENOSPC
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    p = subprocess.Popen([sys.executable, "stages/preprocess.py"], cwd=root, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=small_disk)
+    _, err = p.communicate(timeout=300)
+    line = one_error_line(subprocess.CompletedProcess(p.args, p.returncode, "", err))
+    assert p.returncode == 3 and "cannot write checkpoints/preprocess/train-000.npy: " in line, line
+    assert ("File too large" in line or "the disk is full" in line) and "; free space on" in line, line
+    assert "internal error" not in line and not (root / "data" / "shards").exists() and not strays(root)
+
+
+def test_image_size_is_checked_against_the_available_memory_before_any_work(tmp_path, shards_dir, monkeypatch):
+    from palm import runtime
+    from palm.data.preprocess import preprocess
+    from palm.errors import ConfigError
+    from palm.nn.models import training_memory
+
+    # LeNet's fully connected layer grows with the side: 4096 px is far beyond any machine here
+    small, big = training_memory("lenet", 224, 16), training_memory("lenet", 4096, 16)
+    assert small < 2 * 2**30 < 100 * 2**30 < big
+    monkeypatch.setattr(runtime, "available_memory", lambda: 8 * 2**30)
+    with pytest.raises(ConfigError, match=r"training lenet at 4096 px on batches of 16 needs about \d+\.\d GB of "
+                                          r"memory, more than the 8\.0 GB available; lower image_size"):
+        runtime.check_memory(big, "training lenet at 4096 px on batches of 16",
+                             "lower image_size (or train.input_size for this model) or train.batch_size")
+    runtime.check_memory(small, "training", "")
+    work = shards_dir.parent
+    with pytest.raises(ConfigError, match=r"preprocess at image_size 4096 \(a shard of 256 images\) needs about "
+                                          r"12\.0 GB.*lower preprocess.shard_size or image_size"):
+        preprocess(work / "labels.csv", work / "raw", tmp_path / "shards", image_size=4096, shard_size=256,
+                   workers=1, resume_dir=tmp_path / "pre")
+    assert not list(tmp_path.iterdir())
+
+
+def test_weights_are_written_a_tensor_at_a_time_and_read_back_exactly(tmp_path):
+    import gc
+
+    import paddle
+    from safetensors import safe_open
+
+    from palm.nn.weights import load_state, save_state
+
+    state = {"model": {"w": paddle.randn([3, 4]), "i": paddle.to_tensor(np.arange(5)),
+                       "b": paddle.to_tensor([True, False])},
+             "opt": {"lr": 0.1, "m": [np.ones((2, 2), np.float16), np.zeros((0, 3), np.float32)], "s": "x",
+                     "n": None}, "scalar": np.float32(2.0)}
+    save_state(state, tmp_path / "a.safetensors")
+    back = load_state(tmp_path / "a.safetensors")
+    assert np.array_equal(back["model"]["w"], state["model"]["w"].numpy()) and back["model"]["i"].dtype == np.int64
+    assert back["model"]["b"].tolist() == [True, False] and back["opt"]["m"][0].dtype == np.float16
+    assert back["opt"]["m"][1].shape == (0, 3) and back["opt"] | {"m": None} == {**state["opt"], "m": None}
+    assert back["scalar"] == 2.0
+    with safe_open(str(tmp_path / "a.safetensors"), framework="numpy") as f:  # the library reads it
+        assert sorted(f.keys()) == ["model/b", "model/i", "model/w", "opt/m/0", "opt/m/1"]
+    # no reference cycle keeps a saved state's arrays alive until the next full garbage collection
+    gc.collect()
+    gc.disable()
+    try:
+        big = {"w": np.ones(1 << 20, np.float32)}
+        save_state(big, tmp_path / "b.safetensors")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

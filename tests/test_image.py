@@ -119,3 +119,59 @@ def test_bad_usage_is_exit_2_with_one_line_before_any_work(tmp_path, model_dir, 
     err = capsys.readouterr().err
     assert got == code and message.replace("{file}", str(a_file)) in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/.*.tmp-*"))
+
+
+# EXIF orientation (issue 28, case 1): the stored pixels of a photograph whose tag says how to
+# show it upright, by the EXIF specification (written with numpy, not with the code under test)
+STORED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],                         # mirrored left-right
+    3: lambda a: a[::-1, ::-1],                      # upside down
+    4: lambda a: a[::-1, :],                         # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),               # transposed
+    6: lambda a: np.rot90(a, 1),                     # turned a quarter anticlockwise: shown turned clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),   # transversed
+    8: lambda a: np.rot90(a, -1),                    # turned a quarter clockwise
+}
+
+
+def _tagged(path, upright: np.ndarray, orientation: int, fmt: str):
+    im = Image.fromarray(np.ascontiguousarray(STORED[orientation](upright)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, format=fmt, exif=exif, **({"quality": 98} if fmt == "JPEG" else {}))
+    return path
+
+
+def _scene(h=96, w=72) -> np.ndarray:
+    """An upright picture with no symmetry: a gradient and a bright block near the top left."""
+    a = gradient(h, w)
+    a[8:30, 6:20] = (250, 250, 250)
+    return a
+
+
+@pytest.mark.parametrize("fmt,tolerance", [("PNG", 0), ("JPEG", 6)])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_decoded_upright(tmp_path, orientation, fmt, tolerance):
+    upright = _scene()
+    ext = fmt.lower()
+    ref = load_image(_tagged(tmp_path / f"up.{ext}", upright, 1, fmt), SIZE)
+    tagged = _tagged(tmp_path / f"o{orientation}.{ext}", upright, orientation, fmt)
+    got = load_image(tagged, SIZE)
+    assert np.abs(got.astype(int) - ref.astype(int)).mean() <= max(tolerance, 0.5)
+    rgb, size = palm.data.image.decode(tagged, SIZE)
+    assert size == (72, 96) and rgb.shape[0] * 3 == rgb.shape[1] * 4  # upright: the size as displayed
+    if orientation != 1:  # the tag matters: ignoring it gives another picture
+        stored = load_image(_png(tmp_path / "untagged.png", Image.fromarray(
+            np.ascontiguousarray(STORED[orientation](upright)))), SIZE)
+        assert np.abs(stored.astype(int) - ref.astype(int)).mean() > 20
+
+
+def test_predict_and_the_quality_check_see_the_photograph_upright(tmp_path):
+    from palm.serve.decode import decode_one
+
+    upright = _scene(300, 260)
+    a = decode_one(_tagged(tmp_path / "up.jpg", upright, 1, "JPEG"), SIZE, None, check_quality=True)
+    b = decode_one(_tagged(tmp_path / "six.jpg", upright, 6, "JPEG"), SIZE, None, check_quality=True)
+    assert a.error is None and b.error is None and a.quality == b.quality
+    assert np.abs(a.image.astype(int) - b.image.astype(int)).mean() < 6

@@ -313,3 +313,37 @@ def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
 def test_bad_threshold_settings_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         effective_config(params(**bad))
+
+
+@pytest.mark.parametrize("train", [
+    {"lr": 10.0, "optimizer": "momentum", "momentum": 0.9, "weight_decay": 0.0},   # the run
+    {"lr": 8.0, "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant"},
+])
+def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path, shards, train):
+    from palm.errors import RunError
+
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="training diverged.*no model saved; lower train.lr") as exc:
+        Trainer(params(epochs=6, **train), shards).run(out / "models", out / "checkpoints", out / "live")
+    assert "\n" not in str(exc.value)
+    assert not (out / "models").exists() and not (out / "live").exists()
+
+
+def test_divergence_check_compares_with_the_first_epoch_and_the_weights():
+    import paddle
+
+    from palm.errors import RunError
+    from palm.training.train import check_divergence
+
+    cfg = {"lr": 1.0, "model": "lenet", "optimizer": "adam"}
+    net = paddle.nn.Linear(2, 1)
+    check_divergence(60.0, 0.7, net, 3, cfg)           # 86x the first epoch's: a bad epoch, not divergence
+    with pytest.raises(RunError, match="loss 80 at epoch 4, above 70"):
+        check_divergence(80.0, 0.7, net, 3, cfg)
+    with pytest.raises(RunError, match="loss nan"):
+        check_divergence(float("nan"), 0.7, net, 3, cfg)
+    check_divergence(0.1, 0.001, net, 1, cfg)          # never below 100x ln 2
+    for bad in (float("inf"), 2e6):
+        net.weight.set_value(paddle.full([2, 1], bad))
+        with pytest.raises(RunError, match="weight .* reached"):
+            check_divergence(0.5, 0.7, net, 1, cfg)

@@ -9,6 +9,7 @@ import csv
 import signal
 import sys
 
+from palm.config import Terminated, _terminate
 from palm.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
 from palm.fsutil import atomic_file
 
@@ -38,6 +39,7 @@ def cmd_predict(args) -> int:
     # argument do not need
     from palm.serve.predict import Predictor, find_images
 
+    _handle_signals()  # importing Paddle installed its own SIGTERM handler (a C++ crash dump, no clean-up)
     files = find_images(args.paths)
     if not files:
         raise ConfigError("no image files found in " + " ".join(args.paths))
@@ -209,24 +211,32 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
+def _handle_signals() -> None:
+    """SIGTERM and Ctrl-C end the command as an error does: temporary files removed, worker
+    processes shut down, one line, exit 143 / 130."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)  # bad usage: argparse prints one line and exits with 2
-    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up as Ctrl-C does
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    _handle_signals()
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         code = report(exc)
         # predict: a DataError of the model folder is a usage error; compare: bad data is bad data
         return EXIT_CONFIG if isinstance(exc, DataError) and args.command == "predict" else code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 if __name__ == "__main__":

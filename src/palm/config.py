@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,21 +12,46 @@ import yaml
 
 from palm.errors import ConfigError, report
 from palm.fsutil import remove_stale_temporaries
-from palm.params import validate
+from palm.params import short_text, validate
 
 PARAMS_FILE = "params.yaml"
 
 
+#: the largest params.yaml read (the project's is about 4 KB); a larger one is refused unread
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class _NoAliases(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``): an "alias bomb" of a few lines expands
+    to billions of values when validated or printed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(None, None, f"alias *{event.anchor} is not allowed in params.yaml "
+                                       "(write the value out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """params.yaml as a dict, validated (:func:`palm.params.validate`): a :class:`ConfigError`
-    lists every bad key with its value."""
+    lists every bad key with its value. Files above :data:`MAX_PARAMS_BYTES` and YAML aliases
+    are refused before anything is built."""
     try:
-        with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f) or {}
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would never end
+            raise ConfigError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_PARAMS_BYTES + 1)
+        if len(data) > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES // 1024} KB; a params.yaml is a few KB "
+                              "(is it the right file?)")
+        params = yaml.load(data.decode("utf-8"), Loader=_NoAliases) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{path}: not valid YAML ({short_text(' '.join(str(exc).split()), 300)})") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of parameters, got {type(params).__name__}")
     return validate(params, source=str(path))

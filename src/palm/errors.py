@@ -57,6 +57,10 @@ def report(exc: BaseException) -> int:
 
     if isinstance(exc, PalmError):
         msg, code = str(exc), exc.exit_code
+    elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+        # the operating system refused a file: which one, and why (space, permissions, ...)
+        name = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        msg, code = f"{name}: {exc.strerror}; check that file and its folder, then run again", EXIT_INTERNAL
     else:
         if os.environ.get("PALM_DEBUG"):
             traceback.print_exception(exc)

@@ -9,6 +9,8 @@ removes those whose process is gone, at the start of the next stage.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
@@ -17,7 +19,37 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from palm.errors import DataError
+from palm.errors import DataError, RunError
+
+
+#: errors of a full disk: out of space, over quota, above the file size limit
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_error(exc: BaseException, target: str | Path) -> Exception | None:
+    """A one-line :class:`~palm.errors.RunError` naming ``target`` for an error of a full disk
+    (``exc`` an OSError with ENOSPC, EDQUOT or EFBIG, or numpy's "N requested and M written");
+    None for any other error (which names its own file, or is not the disk's)."""
+    if not isinstance(exc, OSError):
+        return None
+    short = exc.errno is None and "requested and" in str(exc) and "written" in str(exc)
+    if exc.errno not in _FULL and not short:
+        return None
+    why = "the disk is full (a short write)" if short else (exc.strerror or str(exc))
+    return RunError(f"cannot write {target}: {why}; free space on {Path(target).resolve().parent} "
+                    "(df -h shows it), or move the project to a disk with room, then run the stage again")
+
+
+@contextlib.contextmanager
+def writing(target: str | Path) -> Iterator[None]:
+    """Within the block, an error of a full disk becomes one line naming ``target`` (:func:`disk_error`)."""
+    try:
+        yield
+    except OSError as exc:
+        converted = disk_error(exc, target)
+        if converted is None:
+            raise
+        raise converted from None
 
 
 @contextlib.contextmanager
@@ -32,7 +64,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
-        yield tmp
+        with writing(target):
+            yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -59,7 +92,7 @@ def atomic_file(target: str | Path, mode: str = "w", *, fsync: bool = False, **k
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private to its owner)
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with writing(target), open(tmp, mode, **kwargs) as f:
             yield f
             if fsync:
                 f.flush()
@@ -69,6 +102,24 @@ def atomic_file(target: str | Path, mode: str = "w", *, fsync: bool = False, **k
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def move(src: str | Path, dst: str | Path) -> Path:
+    """Move the file ``src`` to ``dst``, also between filesystems (a ``checkpoints/`` on a shared
+    or other disk): a rename when it can, else a copy beside ``dst`` renamed into place (``dst``
+    is complete or absent) and then the removal of ``src``."""
+    src, dst = Path(src), Path(dst)
+    try:
+        os.replace(src, dst)
+        return dst
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    with atomic_file(dst, "wb") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 20)
+    shutil.copystat(src, dst)
+    src.unlink()
+    return dst
 
 
 #: the folders that hold the pipeline's outputs (and so their temporary siblings)
@@ -131,3 +182,12 @@ def read_json(path: Path) -> dict:
         raise DataError(f"{path}: not found; run the earlier stages first (dvc repro)") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -45,7 +45,12 @@ Real = Annotated[float, Field(allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # 0 <= x < 1
-Side = Annotated[StrictInt, Field(ge=16, le=4096)]
+#: the most bootstrap resamples (evaluate.bootstrap): memory is resamples x validation images x 8 bytes
+#: per array; 10,000 already give intervals stable to the third decimal
+MAX_BOOTSTRAP = 20_000
+#: the sides an image may be decoded to or a network may take (image_size, input_size)
+MIN_SIDE, MAX_SIDE = 16, 4096
+Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 #: PM if the probability is at least this, unless a model (model.json) or params.yaml says otherwise
 DEFAULT_THRESHOLD = 0.5
 _RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
@@ -184,7 +189,7 @@ class SyntheticParams(Section):
 class EvaluateParams(Section):
     batch_size: Count
     prevalence: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
-    bootstrap: NonNegInt
+    bootstrap: Annotated[StrictInt, Field(ge=0, le=MAX_BOOTSTRAP)]
 
 
 class ExplainParams(Section):
@@ -227,6 +232,15 @@ _MESSAGES = {
 _UNION_TAGS = ("float", "str")
 
 
+def short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message quotes a bad value, never a huge one."""
+    return short_text(repr(value), limit)
+
+
+def short_text(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _line(err: dict, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
     kind = err["type"]
@@ -243,7 +257,10 @@ def _line(err: dict, source: str) -> str:
     return f"{source}: {key} = {err.get('input')!r}: {msg}"
 
 
-def _check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
+    return f"{source}: {key} = {short(err.get('input'))}: {msg}"
+
+
+def check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: expected a mapping of parameters, got {type(params).__name__}")
     try:
@@ -254,14 +271,14 @@ def _check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
 
 def validate(params: dict, source: str = "params.yaml") -> dict:
     """``params`` (all of params.yaml) checked against :class:`Params`; the same dict back."""
-    _check(Params, params, source)
+    check(Params, params, source)
     return params
 
 
 def training_config(params: dict, source: str = "params.yaml") -> dict:
     """The training configuration of ``params['model']``: ``train:`` overridden by ``models.<model>:``
     (``augment`` key by key), checked; plus ``model`` and ``image_size``."""
-    p = _check(TrainingParams, params, source)
+    p = check(TrainingParams, params, source)
     cfg = p.train.model_dump(exclude={"augment"})
     cfg["augment"] = p.train.augment.model_dump(exclude_none=True)
     override = p.models.get(p.model)

@@ -157,3 +157,32 @@ def select_device(device: str = "auto", local_rank: int = 0, local_size: int = 1
         print(f"{', '.join(who)}: {share.threads} thread(s) on cores {','.join(map(str, share.cpus))}, "
               f"device {device}", file=sys.stderr)
     return device
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the system's available memory (``MemAvailable``),
+    or less under a cgroup (v2) limit; None when it cannot be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(need: int, what: str, advice: str, share: float = 0.8) -> None:
+    """A :class:`ConfigError` before any work when ``need`` bytes is more than ``share`` of
+    :func:`available_memory` (``what`` needs them; ``advice`` says what to lower)."""
+    free = available_memory()
+    if free is not None and need > share * free:
+        raise ConfigError(f"{what} needs about {need / 2**30:.1f} GB of memory, more than the "
+                          f"{free / 2**30:.1f} GB available; {advice}")

@@ -163,5 +163,54 @@ def make_loader(dataset: FundusDataset, batch_size: int, *, shuffle: bool, seed:
     else:
         sampler = EpochShuffleSampler(dataset, seed) if shuffle else paddle.io.SequenceSampler(dataset)
         batch_sampler = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
-    return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
-                                use_shared_memory=workers > 0)
+    if workers > 0:  # worker processes: Paddle sends their errors to the main process itself
+        return paddle.io.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, use_shared_memory=True)
+    return ReportingLoader(_Reporting(dataset), batch_sampler=batch_sampler, num_workers=0, use_shared_memory=False)
+
+
+class _Reporting(paddle.io.Dataset):
+    """``dataset`` whose errors are kept for the main thread (:class:`ReportingLoader`)."""
+
+    def __init__(self, dataset):
+        self.inner, self.failure, self.on_failure = dataset, None, None
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        try:
+            return self.inner[i]
+        except Exception as exc:
+            self.failure = exc
+            if self.on_failure is not None:
+                self.on_failure()
+            # the end of the reading thread's loop without a traceback; the main thread raises exc
+            raise StopIteration from None
+
+
+class ReportingLoader(paddle.io.DataLoader):
+    """Paddle's loader without worker processes reads in a thread; an error there (a truncated
+    shard, an unreadable file) used to end that thread while the main one waited for its next
+    batch for ever, deaf to Ctrl-C and SIGTERM. Here the error ends the reading at once and is
+    raised in the main thread, as it would be without a thread."""
+
+    def __iter__(self):
+        reporting: _Reporting = self.dataset
+        reporting.failure = None
+        it = super().__iter__()
+        # what Paddle's own thread does when packing a batch fails: stop, and wake the reader
+        reporting.on_failure = stop = getattr(it, "_exit_thread_unexpectedly", None)
+        if reporting.failure is not None and stop is not None:  # failed before the line above
+            stop()
+        try:
+            for batch in it:
+                if reporting.failure is not None:
+                    break
+                yield batch
+        except Exception:
+            if reporting.failure is None:
+                raise
+        finally:
+            reporting.on_failure = None
+        if reporting.failure is not None:
+            raise reporting.failure

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from palm.errors import DataError
 
@@ -39,6 +39,7 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
     The image is then resized to a square with area interpolation (aspect ratio is not kept,
     as in the PALM course notebooks; the fundus images are nearly square).
 
+    An EXIF orientation tag (1 to 8) is applied first: the image is what a viewer shows, upright.
     Unusual formats are converted explicitly, never clipped: grayscale (8 or 16 bit) is
     repeated over the three channels, 16-bit values are scaled to 8 bits (65535 -> 255),
     palette and CMYK images go through Pillow's conversion, and transparent pixels are put on
@@ -70,6 +71,12 @@ def decode(source: str | Path | bytes, min_side: int) -> tuple[np.ndarray, tuple
                 raise DataError(f"{name}: {w}x{h} pixels is above the limit of {MAX_PIXELS:,} "
                                 "(palm.data.image.MAX_PIXELS); refusing to decode it")
             im.draft("RGB", (min_side, min_side))
+            drafted = im.size
+            # as the eye saw it: a photograph saved sideways with an EXIF orientation tag (phones,
+            # many fundus cameras) is turned upright before anything else; no tag, no change
+            ImageOps.exif_transpose(im, in_place=True)
+            if im.size != drafted:  # turned a quarter: the original size as displayed
+                size = h, w
             rgb = _to_rgb(im, name)
     except DataError:
         raise

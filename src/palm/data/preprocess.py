@@ -34,10 +34,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from palm.errors import DataError
-from palm.fsutil import atomic_dir, atomic_file
+from palm.fsutil import atomic_dir, atomic_file, move
 from palm.data.image import load_image
 from palm.provenance import producer
-from palm.runtime import machine_share
+from palm.runtime import check_memory, machine_share
 from palm.data.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
 
 #: the resume folder's record of its finished shards: {"shards": {file name: stamp}}
@@ -146,6 +146,8 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
     labels = pd.read_csv(labels_csv, keep_default_na=False)
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     resume_dir = Path(resume_dir) if resume_dir is not None else out_dir.with_name(f".{out_dir.name}.partial")
+    check_memory(shard_size * image_size * image_size * 3, f"preprocess at image_size {image_size} "
+                 f"(a shard of {shard_size} images)", "lower preprocess.shard_size or image_size")
     progress = _Progress(resume_dir)
     decoder = decoder_identity()
     manifest = new_manifest(image_size, {"image_size": image_size, "shard_size": shard_size})
@@ -186,7 +188,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
     files = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
     with atomic_dir(out_dir) as tmp:
         for fname in sorted(files):
-            os.replace(resume_dir / fname, tmp / fname)
+            move(resume_dir / fname, tmp / fname)  # checkpoints/ may be on another filesystem
         write_manifest(tmp, manifest)
     shutil.rmtree(resume_dir, ignore_errors=True)
     return manifest

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from palm.errors import DataError
+from palm.fsutil import atomic_file, writing
 from palm.data.image import resize_square
-from palm.fsutil import atomic_file
+from palm.params import MAX_SIDE, MIN_SIDE, short
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ def save_shard(path: Path, pixels: np.ndarray) -> None:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    with open(Path(folder) / MANIFEST, "w", encoding="utf-8") as f:
+    with writing(Path(folder) / MANIFEST), open(Path(folder) / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
 
 
@@ -100,10 +101,51 @@ def read_manifest(shards_dir: str | Path) -> dict:
         raise DataError(f"{path}: not found; run the preprocess stage first (dvc repro preprocess)") from None
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: shard format {manifest.get('format_version')!r}, this code reads "
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: shard format {version!r}, this code reads "
                         f"{FORMAT_VERSION}; run the preprocess stage again (dvc repro preprocess)")
+    check_manifest(manifest, path)
     return manifest
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    """Every value of a shard manifest that the pipeline uses, checked as params.yaml is: a
+    :class:`DataError` naming the file and the key (sizes within params.yaml's bounds, labels 0 or
+    1, shard files by their own names in the folder, one image name, label and group per image)."""
+    def bad(key: str, value, why: str):
+        raise DataError(f"{path}: {key} = {short(value)}: {why}; run the preprocess stage again "
+                        "(dvc repro -f preprocess)")
+
+    side = manifest.get("image_size")
+    if type(side) is not int or not MIN_SIDE <= side <= MAX_SIDE:
+        bad("image_size", side, f"must be a whole number from {MIN_SIDE} to {MAX_SIDE}")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        bad("splits", splits, "must be a mapping of splits")
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            bad(f"splits.{name}.shards", shards, "must be a list")
+        for k, shard in enumerate(shards):
+            key = f"splits.{name}.shards[{k}]"
+            if not isinstance(shard, dict):
+                bad(key, shard, "must be a mapping")
+            file = shard.get("file")
+            if not isinstance(file, str) or file != Path(file).name or not file.endswith(SUFFIX) \
+                    or file.startswith("."):
+                bad(f"{key}.file", file, f"must be the name of a {SUFFIX} file in the shards folder")
+            labels = shard.get("labels")
+            if not isinstance(labels, list):
+                bad(f"{key}.labels", labels, "must be a list")
+            for i, v in enumerate(labels):
+                if type(v) is not int or v not in (0, 1):
+                    bad(f"{key}.labels[{i}]", v, "must be 0 (not PM) or 1 (PM)")
+            for field in ("images", "groups"):
+                values = shard.get(field, [""] * len(labels) if field == "groups" else None)
+                if not isinstance(values, list) or len(values) != len(labels) \
+                        or not all(isinstance(v, str) for v in values):
+                    bad(f"{key}.{field}", values, f"must list one name per label ({len(labels)})")
 
 
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
@@ -249,6 +291,10 @@ def open_split(shards_dir: str | Path, split: str, manifest: dict | None = None)
         if shape[1:3] != (side, side) or shape[0] != len(s["labels"]):
             raise DataError(f"{path}: holds {shape[0]} images of {shape[1]}x{shape[2]} px, the manifest lists "
                             f"{len(s['labels'])} labels of {side} px")
+        expected = offset + int(np.prod(shape))
+        if path.stat().st_size != expected:
+            raise DataError(f"{path}: truncated shard ({path.stat().st_size:,} bytes, its header says "
+                            f"{expected:,}); run the preprocess stage again (dvc repro -f preprocess)")
         files.append(path)
         counts.append(shape[0])
         offsets.append(offset)

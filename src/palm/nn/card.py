@@ -17,11 +17,11 @@ This module imports neither Paddle nor onnxruntime: the ONNX-only install uses i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from palm.errors import DataError
+from palm.fsutil import sha256_file
 
 CARD_DIR = Path("models_card")
 CARD_JSON = "card.json"
@@ -31,13 +31,6 @@ SCHEMA = "palm-model-card/1"
 WEIGHT_FILES = ("model.safetensors", "inference.json", "inference.pdiparams", "model.onnx")
 
 
-def sha256_file(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, in hex (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_card(model_dir: str | Path) -> Path | None:

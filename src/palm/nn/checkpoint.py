@@ -7,17 +7,22 @@ kill at any instant leaves the previous manifest with its files, or the new one 
 files; files that no manifest names are removed at the next save or resume. A checkpoint
 belongs to one run, named by its ``identity`` (configuration, data, code and library versions,
 each by its hash: :func:`palm.training.train.run_identity`); a run of another identity does not
-resume it but discards it, manifest first, and says in one line why.
+resume it but discards it, manifest first, and says in one line why. The manifest
+records the SHA-256 of each weights file it names (``sha256``: {file name: digest}); a file that
+no longer matches (truncated, changed) makes the checkpoint damaged: training starts afresh
+(:func:`load`) and its selected network is never promoted to a model (:func:`damaged`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
-from palm.fsutil import atomic_file
+from palm.errors import DataError
+from palm.fsutil import atomic_file, sha256_file
 from palm.provenance import describe_paths, differing
 from palm.nn.weights import load_state, save_state
 
@@ -36,13 +41,51 @@ def load(ckpt_dir: Path, identity: dict, tidy: bool = True):
     except ValueError:
         print(f"{meta_path} is unreadable: training from scratch")
         return None
+    if not isinstance(meta, dict):
+        print(f"{meta_path} is not a checkpoint manifest: training from scratch")
+        return None
     why = mismatch(meta.get("identity"), identity) if "state_file" in meta else "is incomplete"
     if why:
         print(f"checkpoint {why}: training from scratch")
         return None
+    damage = damaged(ckpt_dir, meta)
+    if damage:
+        print(f"checkpoint damaged ({damage}): training from scratch")
+        return None
     if tidy:
         remove_unlisted(ckpt_dir, meta)
-    return meta, load_state(ckpt_dir / meta["state_file"])
+    try:
+        return meta, load_state(ckpt_dir / meta["state_file"])
+    except DataError as exc:
+        print(f"checkpoint damaged ({exc}): training from scratch")
+        return None
+
+
+#: the keys of the manifest that name a weights file, and the form of those names
+FILE_KEYS = ("state_file", "best_file")
+_FILE_NAME = re.compile(r"^(state|best)-\d{4,}\.safetensors$")
+
+
+
+
+def damaged(ckpt_dir: Path, meta: dict, keys=FILE_KEYS) -> str | None:
+    """Why the weights files that ``meta`` names (``keys``) are not the ones it was written with
+    (a name that is not a checkpoint's, a missing file, another SHA-256), or None when they are."""
+    digests = meta.get("sha256")
+    for key in keys:
+        name = meta.get(key)
+        if name is None and key == "best_file":
+            continue
+        if not isinstance(name, str) or not _FILE_NAME.match(name):
+            return f"{MANIFEST}: {key} = {str(name)[:60]!r} is not a checkpoint file's name"
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if not isinstance(digests, dict) or name not in digests:
+            return f"{MANIFEST}: no sha256 of {name}"
+        if sha256_file(path) != digests[name]:
+            return f"{path}: its SHA-256 is not the one {MANIFEST} recorded (truncated or changed)"
+    return None
 
 
 def mismatch(saved, identity: dict) -> str | None:
@@ -84,11 +127,16 @@ def save(ckpt_dir: Path, state: dict, meta: dict, best_state=None) -> dict:
     epoch = int(meta["epoch"])
     meta = {**meta, "state_file": f"state-{epoch:04d}.safetensors"}
     save_state(state, ckpt_dir / meta["state_file"])
+    digests = {meta["state_file"]: sha256_file(ckpt_dir / meta["state_file"])}
     if best_state is not None:
         meta["best_file"] = f"best-{epoch:04d}.safetensors"
         save_state(best_state, ckpt_dir / meta["best_file"])
+        digests[meta["best_file"]] = sha256_file(ckpt_dir / meta["best_file"])
     else:
         meta["best_file"] = old.get("best_file")
+        if meta["best_file"] in old.get("sha256", {}):
+            digests[meta["best_file"]] = old["sha256"][meta["best_file"]]
+    meta["sha256"] = digests
     with atomic_file(ckpt_dir / MANIFEST) as f:
         f.write(json.dumps(meta, indent=1))
     remove_unlisted(ckpt_dir, meta)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Optional
 
-from palm.errors import DataError
-from palm.params import DEFAULT_THRESHOLD  # a model whose model.json names none
+from pydantic import BaseModel, ConfigDict, Field
+
+from palm.errors import ConfigError, DataError
+from palm.params import DEFAULT_THRESHOLD, Side, check  # DEFAULT_THRESHOLD: a model whose model.json names none
 
 MODEL_INFO = "model.json"
 
@@ -40,12 +43,23 @@ def read_info(model_dir: str | Path) -> dict:
         info = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(info, dict) or not isinstance(info.get("model"), str):
             raise ValueError("no 'model' name")
-        if not (int(info["image_size"]) >= 1 and input_size(info) >= 1):
-            raise ValueError("sizes must be positive")
-        threshold(info)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a valid model description ({type(exc).__name__}: {exc})") from None
+    check(ModelInfo, info, str(path))  # a ConfigError (exit 2) naming the file and each bad key
+    if input_size(info) > int(info["image_size"]):
+        raise ConfigError(f"{path}: input_size = {input_size(info)}: must not be above image_size "
+                          f"({info['image_size']})")
     return info
+
+
+class ModelInfo(BaseModel):
+    """The values of ``model.json`` that decide a diagnosis or a cost, checked as params.yaml's are."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    image_size: Side
+    input_size: Optional[Side] = None
+    threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = DEFAULT_THRESHOLD
 
 
 def input_size(info: dict) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 from paddle.vision import models as pvm
@@ -261,6 +262,39 @@ def spec(name: str) -> ModelSpec:
 
 def build_model(name: str, image_size: int = 224, **kwargs) -> nn.Layer:
     return spec(name).build(image_size=image_size, **kwargs)
+
+
+def training_memory(name: str, image_size: int, batch_size: int, **kwargs) -> int:
+    """Bytes that training ``name`` at ``image_size`` on batches of ``batch_size`` needs, roughly,
+    measured on copies built at two small sides and scaled (no network is built at
+    ``image_size``; the caller's random state and parameter names are untouched): the weights
+    eight times over (gradients, two optimizer moments, weight average, checkpoint copies) and
+    the activations of a batch three times (kept for the backward pass, their gradients)."""
+    sides = (64, 96)
+    params, acts = [], []
+    rng = paddle.get_rng_state()
+    with paddle.utils.unique_name.guard(), paddle.no_grad():
+        for side in sides:
+            model = build_model(name, image_size=side, **kwargs)
+            model.eval()
+            total = [0]
+
+            def count(layer, inputs, output, total=total):
+                for t in output if isinstance(output, (tuple, list)) else (output,):
+                    if isinstance(t, paddle.Tensor):
+                        total[0] += int(np.prod(t.shape))
+
+            hooks = [m.register_forward_post_hook(count) for m in model.sublayers() if not m.sublayers()]
+            model(paddle.zeros([1, 3, side, side]))
+            for h in hooks:
+                h.remove()
+            params.append(sum(int(np.prod(p.shape)) for p in model.parameters()))
+            acts.append(total[0])
+    paddle.set_rng_state(rng)
+    scale = (image_size / sides[1]) ** 2
+    growth = (params[1] - params[0]) / (sides[1] ** 2 - sides[0] ** 2)  # weights that grow with the side (LeNet's fc)
+    n_params = max(params[1] + growth * (image_size ** 2 - sides[1] ** 2), params[0])
+    return int(4 * (8 * n_params + 3 * batch_size * acts[1] * scale))
 
 
 def gradcam_layer(name: str, model: nn.Layer) -> nn.Layer:

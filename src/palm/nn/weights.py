@@ -32,6 +32,11 @@ META_KEY = "palm_state"
 PICKLED_SUFFIXES = (".pdparams", ".pdckpt", ".pdopt", ".pdmodel", ".pdiparams.info", ".pkl", ".pickle")
 
 
+def _is_tensor(value) -> bool:
+    return isinstance(value, np.ndarray) or (
+        type(value).__name__ in ("Tensor", "EagerParamBase", "ParamBase") and hasattr(value, "numpy"))
+
+
 def _to_numpy(value) -> np.ndarray | None:
     if isinstance(value, np.ndarray):
         return value
@@ -46,31 +51,35 @@ def _to_numpy(value) -> np.ndarray | None:
 def flatten(state: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
     """``(tensors, tree)``: the arrays of ``state`` by key, and ``state`` as JSON with references."""
     tensors: dict[str, np.ndarray] = {}
+    return tensors, _walk(state, prefix, tensors)
 
-    def walk(value, path: str):
-        arr = _to_numpy(value)
-        if arr is not None:
-            key = path or "tensor"
-            if key in tensors:
-                raise ValueError(f"two tensors at {key!r}")
-            tensors[key] = np.ascontiguousarray(arr)
-            return {"__tensor__": key}
-        if isinstance(value, dict):
-            out = {}
-            for k, v in value.items():
-                if not isinstance(k, str) or "/" in k:
-                    raise ValueError(f"state key {k!r} must be a string without '/'")
-                out[k] = walk(v, f"{path}/{k}" if path else k)
-            return out
-        if isinstance(value, (list, tuple)):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
-        if isinstance(value, np.generic):
-            return value.item()
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        raise ValueError(f"cannot save {type(value).__name__} at {path!r} (tensors, numbers, strings only)")
 
-    return tensors, walk(state, prefix)
+def _walk(value, path: str, tensors: dict[str, np.ndarray]):
+    # a module-level function, not a closure: a recursive closure is a reference cycle that kept
+    # every checkpoint's arrays alive until the garbage collector's next full pass (resident
+    # memory climbed one checkpoint per epoch and fell every few epochs)
+    lazy = isinstance(tensors, _Lazy)
+    arr = (value if _is_tensor(value) else None) if lazy else _to_numpy(value)
+    if arr is not None:
+        key = path or "tensor"
+        if key in tensors:
+            raise ValueError(f"two tensors at {key!r}")
+        tensors[key] = arr if lazy else np.ascontiguousarray(arr)
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or "/" in k:
+                raise ValueError(f"state key {k!r} must be a string without '/'")
+            out[k] = _walk(v, f"{path}/{k}" if path else k, tensors)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_walk(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"cannot save {type(value).__name__} at {path!r} (tensors, numbers, strings only)")
 
 
 def unflatten(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
@@ -86,15 +95,70 @@ def unflatten(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
     return tree
 
 
-def save_state(state: Any, path: str | Path) -> Path:
-    """Write ``state`` to ``path`` (safetensors + JSON metadata) atomically, synced to disk."""
-    from safetensors.numpy import save
+#: numpy dtypes by their safetensors names
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
-    tensors, tree = flatten(state)
-    data = save(tensors, metadata={META_KEY: json.dumps(tree)})
+
+def save_state(state: Any, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` (safetensors + JSON metadata) atomically, synced to disk.
+
+    The file is written a tensor at a time (the format: an 8-byte little-endian header length,
+    the JSON header with each tensor's dtype, shape and byte range, then the bytes): only one
+    tensor's copy is in memory at once, not the whole state twice over (a checkpoint of LeNet at
+    224 px raised the peak resident memory by 0.7 GB). :func:`load_state` reads it with the
+    safetensors library, which checks it."""
+    refs: dict[str, Any] = {}
+    tree = _walk(state, "", _Lazy(refs))
+    header, offset, order = {}, 0, []
+    for key, value in refs.items():
+        dtype, shape = _describe(value, key)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        order.append((key, value, dtype, size))
+    header["__metadata__"] = {META_KEY: json.dumps(tree)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     with atomic_file(path, "wb", fsync=True) as f:
-        f.write(data)
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, value, dtype, size in order:
+            arr = np.ascontiguousarray(_to_numpy(value), dtype=dtype)
+            if arr.nbytes != size:
+                raise ValueError(f"tensor {key!r} changed while it was saved")
+            f.write(arr.reshape(-1).view(np.uint8).data)
+            del arr
     return Path(path)
+
+
+class _Lazy(dict):
+    """The tensors of a state by key, kept as they are (converted one at a time when written)."""
+
+    def __init__(self, refs: dict):
+        super().__init__()
+        self.refs = refs
+
+    def __contains__(self, key):
+        return key in self.refs
+
+    def __setitem__(self, key, value):
+        self.refs[key] = value
+
+
+def _describe(value, key: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """The numpy dtype and shape of a tensor or array, without copying it."""
+    if isinstance(value, np.ndarray):
+        dtype, shape = value.dtype, value.shape
+    else:
+        name = str(value.dtype).rsplit(".", 1)[-1]
+        if name == "bfloat16":
+            raise DataError("cannot save a bfloat16 tensor as numpy (train.amp bf16 keeps float32 weights)")
+        dtype, shape = np.dtype(name), tuple(value.shape)
+    if dtype not in _NAMES:
+        raise ValueError(f"cannot save tensor {key!r} of dtype {dtype}")
+    return np.dtype(dtype), tuple(int(v) for v in shape)
 
 
 def load_state(path: str | Path) -> Any:

@@ -50,9 +50,15 @@ def decode_one(file: Path | bytes, image_size: int, input_size: int | None, chec
 
 
 def _init_worker() -> None:
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)      # one process per core already
+    # Ctrl-C reaches the whole process group: the main process stops the workers (no traceback
+    # from each); SIGTERM ends a worker at once, as by default
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def default_workers() -> int:
@@ -87,3 +93,5 @@ def decode_stream(files: Iterable[str | Path], image_size: int, input_size: int 
         finally:
             for fut in pending:
                 fut.cancel()
+            # stopped early (an error, Ctrl-C, SIGTERM): the workers end now, without decoding what was queued
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -11,6 +11,7 @@ that reason and no diagnosis, unless ``grade_all`` is asked for.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from palm.errors import ConfigError
 from palm.nn import modelinfo
 from palm.nn.card import verify
 from palm.serve.decode import Decoded, decode_stream
@@ -35,6 +37,9 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists() and not p.is_file():  # a FIFO would hang the decoder, a device never end
+            kind = "a FIFO" if stat.S_ISFIFO(p.stat().st_mode) else "not a regular file"
+            raise ConfigError(f"{p}: {kind}; refusing to read it (give image files or folders)")
         else:
             found.append(p)
     return found

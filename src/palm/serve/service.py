@@ -56,7 +56,8 @@ from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served her
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.errors import ConfigError, DataError
 from palm.nn import artifact, modelinfo
-from palm.nn.card import find_card, read_card, sha256_file
+from palm.fsutil import sha256_file
+from palm.nn.card import find_card, read_card
 from palm.nn.models import gradcam_layer
 from palm.nn.weights import MODEL_WEIGHTS
 from palm.serve.decode import decode_one

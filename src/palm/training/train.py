@@ -49,10 +49,10 @@ from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_lo
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
 from palm.evaluation.metrics import choose_threshold, parse_threshold, score
-from palm.nn.models import DROPOUT_MODELS, build_model, training_loss
+from palm.nn.models import DROPOUT_MODELS, build_model, training_loss, training_memory
 from palm.params import DEFAULT_THRESHOLD, training_config
 from palm.provenance import producer
-from palm.runtime import resolve_device, select_device
+from palm.runtime import check_memory, resolve_device, select_device
 from palm.data.splits import stratified_holdout
 from palm.nn.weights import load_state, to_paddle
 
@@ -66,6 +66,13 @@ CHECKPOINT_DIR = Path("checkpoints")
 STAGE_ENTRY = Path("stages/train.py")  # where DVC runs the stage (the working directory is the project's)
 LIBRARIES = ("paddle", "numpy")        # whose versions are part of a run's identity
 LIVE_DIR = Path("metrics/train")
+#: training has diverged when an epoch's loss passes this many times the first epoch's (or ln 2,
+#: an untrained network's, if that is more), or a weight's magnitude passes MAX_WEIGHT: a run
+#: that explodes is stopped before its loss reaches infinity (lr 10 with momentum: 49, 1.6e6, 5e17)
+DIVERGED_LOSS_FACTOR = 100.0
+#: networks taking larger images are checked against the available memory before they are built
+MEMORY_CHECK_ABOVE = 224
+MAX_WEIGHT = 1e6
 
 
 def effective_config(params: dict) -> dict:
@@ -152,6 +159,7 @@ class Progress:
     history: list = field(default_factory=list)
     best: dict | None = None
     best_file: str | None = None
+    meta: dict = field(default_factory=dict)   # the checkpoint's manifest (its files' SHA-256)
 
 
 class Trainer:
@@ -166,10 +174,16 @@ class Trainer:
         # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
         # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
         with paddle.utils.unique_name.guard():
-            if self.rank.writer:
+            if not self.rank.writer:
+                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                    return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+            try:
                 return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                return self._run(Path(model_dir), Path(ckpt_dir), Path(live_dir))
+            except BaseException:
+                # a failed run leaves no metrics that look like a finished run's (its checkpoint,
+                # from which it resumes, keeps the history)
+                shutil.rmtree(live_dir, ignore_errors=True)
+                raise
 
     def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict | None:
         """Rank 0 (a lone process included) returns what it saved; the other ranks write nothing."""
@@ -189,6 +203,8 @@ class Trainer:
         t_start = time.perf_counter()
         for epoch in range(progress.start, int(cfg["epochs"])):
             rec = self._train_epoch(epoch, data, nets)
+            first_loss = progress.history[0]["train_loss"] if progress.history else rec["train_loss"]
+            check_divergence(rec["train_loss"], first_loss, nets.model, epoch, cfg)
             if not rank.writer:
                 continue
             rec.update(self._holdout_epoch(data, nets))
@@ -256,8 +272,15 @@ class Trainer:
         """The network (seeded), its optimizer and schedule, its weight average and the loss."""
         cfg = self.cfg
         amp_ctx, scaler, self.amp_mode = self._amp(device)
-        paddle.seed(int(cfg["seed"]))
         net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
+        per_rank = -(-int(cfg["batch_size"]) // self.rank.size)
+        # before the network is built (LeNet at 4096 px has 2 billion weights); measured on small
+        # copies, which takes seconds, so only above the sizes this project trains at
+        if cfg["input_size"] > MEMORY_CHECK_ABOVE:
+            check_memory(training_memory(cfg["model"], cfg["input_size"], per_rank, **net_kwargs),
+                         f"training {cfg['model']} at {cfg['input_size']} px on batches of {per_rank}",
+                         "lower image_size (or train.input_size for this model) or train.batch_size")
+        paddle.seed(int(cfg["seed"]))
 
         def new_network():  # the trained network and its weight average are built alike
             return build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
@@ -329,7 +352,7 @@ class Trainer:
         if nets.ema is not None:
             nets.ema.set_state_dict(state["ema"])
         print(f"resuming from the checkpoint of epoch {meta['epoch']} of {self.cfg['epochs']}")
-        return Progress(meta["epoch"], meta["history"], meta.get("best"), meta.get("best_file"))
+        return Progress(meta["epoch"], meta["history"], meta.get("best"), meta.get("best_file"), meta)
 
     # -- one epoch -----------------------------------------------------------------------
     def _train_epoch(self, epoch: int, data: Data, nets: Nets) -> dict:
@@ -393,7 +416,8 @@ class Trainer:
             state["ema"] = nets.ema.state_dict()
         meta = {"identity": self.identity, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
                 "config": self.cfg}
-        progress.best_file = checkpoint.save(ckpt_dir, state, meta, best_state)["best_file"]
+        progress.meta = checkpoint.save(ckpt_dir, state, meta, best_state)
+        progress.best_file = progress.meta["best_file"]
 
     def _selection_score(self, rec: dict) -> tuple:
         """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
@@ -411,6 +435,9 @@ class Trainer:
         if best is None or not progress.best_file:
             raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
         weights = ckpt_dir / progress.best_file
+        damage = checkpoint.damaged(ckpt_dir, progress.meta, keys=("best_file",))
+        if damage:  # never promoted; the next run's checkpoint.load finds the same damage and starts afresh
+            raise RunError(f"checkpoint damaged ({damage}): no model saved; run the stage again to train afresh")
         threshold = self._threshold(nets, data, weights)
         info = {
             "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
@@ -440,6 +467,23 @@ class Trainer:
             if key != "epoch" and value is not None and math.isfinite(value):
                 live.log_metric(key, value)
         live.next_step()
+
+
+def check_divergence(loss: float, first_loss: float, model, epoch: int, cfg: dict) -> None:
+    """A :class:`RunError` when the epoch's mean ``loss`` is far above the first epoch's, or a
+    weight of ``model`` is not finite or huge (:data:`DIVERGED_LOSS_FACTOR`, :data:`MAX_WEIGHT`);
+    the same on every rank (the loss is the global mean, the weights are the same)."""
+    hint = (f"lower train.lr (now {cfg['lr']:g}) for {cfg['model']}"
+            + (" or train.momentum" if cfg["optimizer"] == "momentum" else ""))
+    limit = DIVERGED_LOSS_FACTOR * max(first_loss, math.log(2))
+    if not math.isfinite(loss) or loss > limit:
+        raise RunError(f"training diverged: loss {loss:.4g} at epoch {epoch + 1}, above {limit:.4g} "
+                       f"({DIVERGED_LOSS_FACTOR:g}x the first epoch's {first_loss:.4g}); no model saved; {hint}")
+    for name, p in model.named_parameters():
+        peak = float(paddle.max(paddle.abs(p.detach())))
+        if not peak <= MAX_WEIGHT:  # NaN too
+            raise RunError(f"training diverged: weight {name} reached {peak:.4g} at epoch {epoch + 1} "
+                           f"(limit {MAX_WEIGHT:g}); no model saved; {hint}")
 
 
 def train_rank(params: dict) -> dict | None:
