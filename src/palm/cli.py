@@ -39,7 +39,7 @@ def cmd_predict(args) -> int:
     # argument do not need
     from palm.serve.predict import Predictor, find_images
 
-    _handle_signals()  # importing Paddle installed its own SIGTERM handler (a C++ crash dump, no clean-up)
+    _handle_signals()  # importing Paddle installs its own SIGTERM handler (a C++ crash dump, no clean-up)
     files = find_images(args.paths)
     if not files:
         raise ConfigError("no image files found in " + " ".join(args.paths))
@@ -55,6 +55,7 @@ def cmd_predict(args) -> int:
                                        precision=args.precision)
         except DataError as exc:
             raise ConfigError(f"--model: {exc}") from None
+        _handle_signals()  # again: a Paddle engine imports Paddle only as the model loads (onnxruntime: never)
         failed = ungradable = 0
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
