@@ -155,7 +155,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     # an import added to the code training runs brings its file into the identity
     (proj / "src/palm/training/train.py").write_text(
         (proj / "src/palm/training/train.py").read_text() + "\nfrom palm.evaluation import report  # noqa\n")
-    assert "src/palm/evaluation/report.py" in train.run_identity(cfg, shards)["code"]
+    assert "src/palm/evaluation/report/__init__.py" in train.run_identity(cfg, shards)["code"]
 
     monkeypatch.setattr(paddle, "__version__", "0.0.1")
     monkeypatch.setattr(np, "__version__", "0.0.2")

@@ -254,9 +254,6 @@ def _line(err: dict, source: str) -> str:
         return f"{source}: {key} {msg}"
     if isinstance(err.get("input"), dict):   # a whole section's check: the message names the keys
         return f"{source}: {key}: {msg}"
-    return f"{source}: {key} = {err.get('input')!r}: {msg}"
-
-
     return f"{source}: {key} = {short(err.get('input'))}: {msg}"
 
 
