@@ -82,7 +82,7 @@ def test_an_edit_of_the_code_training_runs_trains_from_scratch_and_nothing_else_
     assert weights(project) == first
 
     # the edit: the cosine schedule's rate times 30: trained from epoch 1, other weights
-    edit(train_py, 'CosineAnnealingDecay(cfg["lr"], ', 'CosineAnnealingDecay(cfg["lr"] * 30, ')
+    edit(train_py, 'CosineAnnealingDecay(cfg.lr, ', 'CosineAnnealingDecay(cfg.lr * 30, ')
     status = run(["dvc", "status", "train"], project).stdout
     assert "modified:" in status and "src/palm/training/train.py" in status
     out = repro(project, "train")
