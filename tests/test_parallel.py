@@ -183,9 +183,9 @@ def test_the_global_batch_must_divide_among_the_processes_and_their_count_is_par
     with pytest.raises(ConfigError, match="train.batch_size = 6: the global batch must divide evenly among 4"):
         effective_config(p)
     three = effective_config({**p, "train": {**p["train"], "nproc": 3}})
-    assert three["nproc"] == 3
+    assert three.nproc == 3
     # another process count is another run: its checkpoint is not resumed
-    assert fingerprint(three, shards) != fingerprint({**three, "nproc": 2}, shards)
+    assert fingerprint(three, shards) != fingerprint(three.model_copy(update={"nproc": 2}), shards)
     with pytest.raises(ConfigError, match="train.nproc = 0"):
         effective_config({**p, "train": {**p["train"], "nproc": 0}})
 
@@ -206,7 +206,7 @@ def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
     rank = parallel.current()
     assert rank == parallel.Rank(3, 4, 1, 2) and parallel.launched() and not rank.writer
     p = {"model": "lenet", "image_size": 32, "train": train_section(batch_size=8, nproc=1)}
-    assert effective_config(p)["nproc"] == 4
+    assert effective_config(p).nproc == 4
     with pytest.raises(ConfigError, match="among 4 processes"):
         effective_config({**p, "train": {**p["train"], "batch_size": 6}})
 
@@ -218,11 +218,12 @@ def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
 def test_mixed_precision_is_fp16_with_a_loss_scaler_on_gpus_and_off_on_the_cpu(monkeypatch, amp, device, expected):
     """``Trainer._amp``: the autocast each step runs under, and the loss scaler (fp16 only)."""
     import paddle
+    from conftest import train_section
 
-    from palm.training.train import Trainer
+    from palm.training.train import Trainer, effective_config
 
     trainer = object.__new__(Trainer)
-    trainer.cfg = {"amp": amp}
+    trainer.cfg = effective_config({"model": "lenet", "image_size": 32, "train": train_section(amp=amp)})
     monkeypatch.setattr(paddle.amp, "auto_cast", lambda **kw: kw)  # what the context would be made of
     ctx, scaler, mode = trainer._amp(device)
     if expected is None:

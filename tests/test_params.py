@@ -28,7 +28,7 @@ def test_the_repository_params_are_valid_and_the_model_list_is_the_networks():
     assert validate(PARAMS) is PARAMS
     assert list(MODEL_NAMES) == model_names()
     cfg = training_config(PARAMS)
-    assert cfg["model"] == PARAMS["model"] and cfg["epochs"] == PARAMS["train"]["epochs"]
+    assert cfg.model == PARAMS["model"] and cfg.epochs == PARAMS["train"]["epochs"]
 
 
 @pytest.mark.parametrize("path,value,message", [
@@ -100,7 +100,34 @@ def test_per_model_overrides_take_every_training_key_typed_once():
     p = copy.deepcopy(PARAMS)
     p["models"][p["model"]] = {"threshold": "youden", "select_by": "auc", "augment": {"hflip": False}}
     cfg = training_config(p)
-    assert (cfg["threshold"], cfg["select_by"], cfg["augment"]["hflip"]) == ("youden", "auc", False)
+    assert (cfg.threshold, cfg.select_by, cfg.augment.hflip) == ("youden", "auc", False)
+
+
+def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_old_json():
+    """:class:`TrainingConfig` has every field of the schema (one list), resolved and typed; its
+    ``record()`` is the dict the trainer used to get, key for key and in order (the run identity
+    hashes it, model.json keeps it): a run of an earlier palm still resumes."""
+    import pydantic
+
+    from palm.data.dataset import Augment
+    from palm.params import AugmentParams, TrainingConfig, TrainParams
+
+    assert list(TrainingConfig.model_fields) == [*TrainParams.model_fields, "model", "image_size"]
+    assert list(AugmentParams.model_fields) == list(Augment.__dataclass_fields__)
+    p = copy.deepcopy(PARAMS)
+    p["model"], p["image_size"] = "lenet", 64
+    p["train"].update(threshold="0.4", input_size=None, augment={"scale": 0.1, "hflip": True})
+    p["models"]["lenet"] = {"augment": {"vflip": True, "hflip": False}, "lr": 0.002}
+    cfg = training_config(p)
+    assert (cfg.threshold, cfg.input_size, cfg.lr, cfg.augment.rotate_deg) == (0.4, 64, 0.002, None)
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.lr = 1.0
+    rec = cfg.record()
+    assert list(rec) == [k for k in TrainParams.model_fields if k != "augment"] + ["augment", "model", "image_size"]
+    # augment: train's keys in their order, then the override's new ones; only those given
+    assert list(rec["augment"].items()) == [("hflip", False), ("scale", 0.1), ("vflip", True)]
+    assert (rec["threshold"], rec["input_size"], rec["dropout"], rec["model"]) == (0.4, 64, None, "lenet")
+    assert cfg.model_copy(update={"nproc": 2}).record() == {**rec, "nproc": 2}
 
 
 def test_synthetic_needs_images_in_both_sets_in_one_line():

@@ -126,13 +126,13 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
             "src/palm/provenance.py"} <= set(base["code"])
     assert "stages/evaluate.py" not in base["code"] and "src/palm/evaluation/evaluate.py" not in base["code"]
     assert mismatch(base, train.run_identity(cfg, shards)) is None          # the same run
-    assert train.run_identity({**cfg, "threshold": "youden"}, shards) == base  # chosen after training
+    assert train.run_identity(cfg.model_copy(update={"threshold": "youden"}), shards) == base  # chosen after training
 
     def changed(identity) -> str:
         assert identity != base
         return mismatch(base, identity)
 
-    assert changed(train.run_identity({**cfg, "lr": 0.002}, shards)) == "is from other parameters"
+    assert changed(train.run_identity(cfg.model_copy(update={"lr": 0.002}), shards)) == "is from other parameters"
 
     other_data = tmp_path / "other_shards"
     shutil.copytree(shards, other_data)
@@ -171,7 +171,8 @@ def test_per_model_overrides_and_unknown_keys():
     p = {"model": "alexnet", "image_size": 64, "train": train_section(lr=0.1, augment={"hflip": True}),
          "models": {"alexnet": {"lr": 0.01, "augment": {"vflip": True}}, "vgg16": {"lr": 5}}}
     cfg = effective_config(p)
-    assert cfg["lr"] == 0.01 and cfg["augment"] == {"hflip": True, "vflip": True} and cfg["model"] == "alexnet"
+    assert cfg.lr == 0.01 and cfg.record()["augment"] == {"hflip": True, "vflip": True} and cfg.model == "alexnet"
+    assert (cfg.augment.hflip, cfg.augment.vflip, cfg.augment.scale) == (True, True, None)  # typed: None = Augment's default
     with pytest.raises(ConfigError, match="train.lrate = 1: is not a known key"):
         effective_config({**p, "train": {**p["train"], "lrate": 1}})
     with pytest.raises(ConfigError, match=r"models\.vgg16\.lr = 50: input should be less than or equal to 10"):
@@ -199,7 +200,7 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     # grade_all: the test photographs are tiny random pictures, not gradable fundus photographs
     got = [r["probability"] for r in Predictor.load(out / "models").predict(files, progress=False, grade_all=True)]
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert effective_config(params(input_size=48))["input_size"] == 32  # a cap: never above the shards
+    assert effective_config(params(input_size=48)).input_size == 32  # a cap: never above the shards
     with pytest.raises(ConfigError, match="train.input_size = 8: input should be greater than or equal to 16"):
         effective_config(params(input_size=8))
 
@@ -335,7 +336,7 @@ def test_divergence_check_compares_with_the_first_epoch_and_the_weights():
     from palm.errors import RunError
     from palm.training.train import check_divergence
 
-    cfg = {"lr": 1.0, "model": "lenet", "optimizer": "adam"}
+    cfg = effective_config({"model": "lenet", "image_size": 32, "train": train_section(lr=1.0, optimizer="adam")})
     net = paddle.nn.Linear(2, 1)
     check_divergence(60.0, 0.7, net, 3, cfg)           # 86x the first epoch's: a bad epoch, not divergence
     with pytest.raises(RunError, match="loss 80 at epoch 4, above 70"):

@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -81,12 +82,11 @@ def parse_threshold(value) -> float | str:
 
 def _threshold_grammar(value):
     """The schema's check of a threshold setting, before any conversion (``true`` is not 1):
-    :func:`parse_threshold`'s grammar; the value itself is kept (the trainer parses it)."""
+    :func:`parse_threshold`'s grammar; the value parsed (a float, or the rule written canonically)."""
     try:
-        parse_threshold(value)
+        return parse_threshold(value)
     except ConfigError as exc:
         raise ValueError(str(exc).removeprefix("threshold: ")) from None
-    return value
 
 
 #: a probability, or a rule (youden, sensitivity>=X, specificity>=X): :func:`parse_threshold`
@@ -272,18 +272,47 @@ def validate(params: dict, source: str = "params.yaml") -> dict:
     return params
 
 
-def training_config(params: dict, source: str = "params.yaml") -> dict:
+class TrainingConfig(TrainParams):
+    """What the trainer gets (:func:`training_config`): the fields of :class:`TrainParams` (one
+    list of fields), overridden by ``models.<model>:``, plus ``model`` and ``image_size``; typed,
+    frozen. Resolved: ``input_size`` is the side the network sees (never None, never above
+    ``image_size``), ``threshold`` is a float or a canonical rule (:func:`parse_threshold`).
+    A new training key is a field of :class:`TrainParams` (and its default in params.yaml): it
+    is then here, in ``models.<name>:``, in :meth:`record` (the run identity, ``model.json``).
+
+    :meth:`record` is its JSON form, byte for byte the dict the trainer used to get: the
+    checkpoint's run identity hashes it, ``model.json`` and the checkpoint keep it."""
+
+    model: ModelName
+    image_size: Side
+    #: the order of ``augment``'s keys in :meth:`record`: ``train.augment``'s, then the override's new ones
+    _augment_order: tuple[str, ...] = PrivateAttr(default=())
+
+    def record(self) -> dict:
+        """The configuration as JSON-able data: :class:`TrainParams`' keys in their order (``augment``
+        last, with only the keys given), then ``model`` and ``image_size``."""
+        cfg = self.model_dump(exclude={"augment", "model", "image_size"})
+        augment = self.augment.model_dump(exclude_none=True)
+        order = [k for k in self._augment_order if k in augment]
+        cfg["augment"] = {k: augment[k] for k in [*order, *(k for k in augment if k not in order)]}
+        cfg["model"] = self.model
+        cfg["image_size"] = self.image_size
+        return cfg
+
+
+def training_config(params: dict, source: str = "params.yaml") -> TrainingConfig:
     """The training configuration of ``params['model']``: ``train:`` overridden by ``models.<model>:``
-    (``augment`` key by key), checked; plus ``model`` and ``image_size``."""
+    (``augment`` key by key), checked; plus ``model`` and ``image_size``; ``input_size`` resolved
+    (it caps the side the network sees: smaller shards, ``image_size``, are used as they are)."""
     p = check(TrainingParams, params, source)
     cfg = p.train.model_dump(exclude={"augment"})
-    cfg["augment"] = p.train.augment.model_dump(exclude_none=True)
+    augment = p.train.augment.model_dump(exclude_none=True)
     override = p.models.get(p.model)
     if override is not None:
-        for key, value in override.model_dump(exclude_none=True, exclude={"augment"}).items():
-            cfg[key] = value
+        cfg.update(override.model_dump(exclude_none=True, exclude={"augment"}))
         if override.augment is not None:
-            cfg["augment"].update(override.augment.model_dump(exclude_none=True))
-    cfg["model"] = p.model
-    cfg["image_size"] = p.image_size
-    return cfg
+            augment.update(override.augment.model_dump(exclude_none=True))
+    cfg["input_size"] = min(cfg["input_size"] or p.image_size, p.image_size)
+    config = TrainingConfig.model_validate({**cfg, "augment": augment, "model": p.model, "image_size": p.image_size})
+    config._augment_order = tuple(augment)
+    return config

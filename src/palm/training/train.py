@@ -48,9 +48,9 @@ from palm.data import shards
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
 from palm.errors import ConfigError, RunError
-from palm.evaluation.metrics import choose_threshold, parse_threshold, score
+from palm.evaluation.metrics import choose_threshold, score
 from palm.nn.models import DROPOUT_MODELS, build_model, training_loss, training_memory
-from palm.params import DEFAULT_THRESHOLD, training_config
+from palm.params import DEFAULT_THRESHOLD, TrainingConfig, training_config
 from palm.provenance import producer
 from palm.runtime import check_memory, resolve_device, select_device
 from palm.data.splits import stratified_holdout
@@ -75,28 +75,25 @@ MEMORY_CHECK_ABOVE = 224
 MAX_WEIGHT = 1e6
 
 
-def effective_config(params: dict) -> dict:
+def effective_config(params: dict) -> TrainingConfig:
     """``train:`` of params.yaml overridden by ``models.<model>:`` for the chosen model, validated
-    (:func:`palm.params.training_config`: params.yaml is the one source of the defaults)."""
+    (:func:`palm.params.training_config`: params.yaml is the one source of the defaults), and
+    checked against the networks and the processes of this run."""
     cfg = training_config(params)
-    name = cfg["model"]
-    # input_size caps the side the network sees: smaller shards (image_size) are used as they are
-    cfg["input_size"] = min(int(cfg["input_size"] or cfg["image_size"]), cfg["image_size"])
-    cfg["threshold"] = parse_threshold(cfg["threshold"])
-    if isinstance(cfg["threshold"], str) and not float(cfg["holdout"]) > 0:
-        raise ConfigError(f"train.threshold: the rule {cfg['threshold']!r} is chosen on the internal holdout, "
+    if isinstance(cfg.threshold, str) and not cfg.holdout > 0:
+        raise ConfigError(f"train.threshold: the rule {cfg.threshold!r} is chosen on the internal holdout, "
                           "so train.holdout must be above 0 (or choose it on out-of-fold predictions with "
                           "scripts/cross_validate.py --threshold RULE and set the number it prints)")
-    if cfg["dropout"] is not None and name not in DROPOUT_MODELS:
-        raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {name}")
+    if cfg.dropout is not None and cfg.model not in DROPOUT_MODELS:
+        raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {cfg.model}")
     rank = parallel.current()
-    if rank.size > 1 and cfg["nproc"] != rank.size:  # started by paddle.distributed.launch: its count
-        cfg["nproc"] = rank.size
-    parallel.check_batch(int(cfg["batch_size"]), int(cfg["nproc"]))
+    if rank.size > 1 and cfg.nproc != rank.size:  # started by paddle.distributed.launch: its count
+        cfg = cfg.model_copy(update={"nproc": rank.size})
+    parallel.check_batch(cfg.batch_size, cfg.nproc)
     return cfg
 
 
-def run_identity(cfg: dict, shards_dir: Path) -> dict:
+def run_identity(cfg: TrainingConfig, shards_dir: Path) -> dict:
     """What decides a training run's weights, each part by its hash: the effective configuration,
     the exact data it reads (the shards' manifest and every byte of the training shards), the
     source of the code it runs (the stage's entry point ``stages/train.py`` and its import
@@ -104,13 +101,13 @@ def run_identity(cfg: dict, shards_dir: Path) -> dict:
     used without the stage) and the versions of Paddle and numpy. A checkpoint is resumed only
     by a run of the same identity."""
     # the threshold rule is applied after training: a finished run's checkpoint serves any rule
-    config = json.dumps({k: v for k, v in cfg.items() if k != "threshold"}, sort_keys=True)
+    config = json.dumps({k: v for k, v in cfg.record().items() if k != "threshold"}, sort_keys=True)
     return {"config": hashlib.sha256(config.encode()).hexdigest(),
             "data": shards.digest(shards_dir, "train"),
             **producer(STAGE_ENTRY, __file__, LIBRARIES)}
 
 
-def fingerprint(cfg: dict, shards_dir: Path) -> str:
+def fingerprint(cfg: TrainingConfig, shards_dir: Path) -> str:
     """A short name of :func:`run_identity`."""
     return hashlib.sha256(json.dumps(run_identity(cfg, shards_dir), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -163,6 +160,9 @@ class Progress:
 
 
 class Trainer:
+    """One training run of ``params`` (all of params.yaml, or its ``model``, ``image_size``, ``train:``
+    and ``models:``); ``self.cfg`` is the typed configuration (:func:`effective_config`)."""
+
     def __init__(self, params: dict, shards_dir: str | Path = "data/shards"):
         self.cfg = effective_config(params)
         self.rank = parallel.current()
@@ -188,20 +188,20 @@ class Trainer:
     def _run(self, model_dir: Path, ckpt_dir: Path, live_dir: Path) -> dict | None:
         """Rank 0 (a lone process included) returns what it saved; the other ranks write nothing."""
         cfg, rank = self.cfg, self.rank
-        device = select_device(cfg["device"], rank.local_rank, rank.local_size)
+        device = select_device(cfg.device, rank.local_rank, rank.local_size)
         if rank.size > 1:
             parallel.init()
         data = self._data()
         nets = self._networks(data, device)
         progress = self._resume(ckpt_dir, nets)
         live = self._live(live_dir, progress) if rank.writer else None
-        print(f"training {cfg['model']} on {device} (amp {self.amp_mode}"
-              + (f", {rank.size} processes of {int(cfg['batch_size']) // rank.size} images per batch"
+        print(f"training {cfg.model} on {device} (amp {self.amp_mode}"
+              + (f", {rank.size} processes of {cfg.batch_size // rank.size} images per batch"
                  if rank.size > 1 else "") + f"): {len(data.train)} images, "
               f"{len(data.hold)} held out, {len(data.train_loader)} steps/epoch, "
-              f"epochs {progress.start + 1}..{cfg['epochs']}")
+              f"epochs {progress.start + 1}..{cfg.epochs}")
         t_start = time.perf_counter()
-        for epoch in range(progress.start, int(cfg["epochs"])):
+        for epoch in range(progress.start, cfg.epochs):
             rec = self._train_epoch(epoch, data, nets)
             first_loss = progress.history[0]["train_loss"] if progress.history else rec["train_loss"]
             check_divergence(rec["train_loss"], first_loss, nets.model, epoch, cfg)
@@ -234,30 +234,27 @@ class Trainer:
     # -- set-up ----------------------------------------------------------------------
     def _data(self) -> Data:
         """The training shards at the network's input size, divided into learning images and holdout."""
-        cfg, seed = self.cfg, int(self.cfg["seed"])
+        cfg, seed = self.cfg, self.cfg.seed
         full = load_split(self.shards_dir, "train")
-        if full.pixels.shape[1] != cfg["image_size"]:
-            raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg['image_size']}")
-        full = full.resized(cfg["input_size"])
-        tr_idx, ho_idx = stratified_holdout(full.labels, full.groups, float(cfg["holdout"]), seed)
+        if full.pixels.shape[1] != cfg.image_size:
+            raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg.image_size}")
+        full = full.resized(cfg.input_size)
+        tr_idx, ho_idx = stratified_holdout(full.labels, full.groups, cfg.holdout, seed)
         train, hold = full.subset(tr_idx), full.subset(ho_idx)
-        try:
-            augment = Augment(**cfg["augment"])
-        except TypeError:
-            raise ConfigError(f"train.augment: unknown key in {cfg['augment']} (known: "
-                              f"{', '.join(Augment.__dataclass_fields__)})") from None
+        # the schema knows Augment's fields (tests/test_params.py): those not given keep its defaults
+        augment = Augment(**cfg.augment.model_dump(exclude_none=True))
         train_ds = FundusDataset(train, augment, seed=seed)
-        bs = int(cfg["batch_size"])
+        bs = cfg.batch_size
         if len(train_ds) < self.rank.size:
             raise ConfigError(f"train.nproc: {self.rank.size} processes, but only {len(train_ds)} training images")
-        train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=int(cfg["workers"]),
+        train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=cfg.workers,
                                    drop_last=len(train_ds) > bs, rank=self.rank.rank, nranks=self.rank.size)
         hold_loader = make_loader(FundusDataset(hold), bs, shuffle=False) if len(hold) else None
         return Data(train, hold, train_ds, train_loader, hold_loader)
 
     def _amp(self, device: str):
         """``(autocast context, loss scaler or None, mode)`` of ``train.amp`` on ``device``."""
-        mode = self.cfg["amp"]
+        mode = self.cfg.amp
         if mode == "auto":
             mode = "fp16" if device.startswith("gpu") else "off"
         if mode == "off":
@@ -272,34 +269,34 @@ class Trainer:
         """The network (seeded), its optimizer and schedule, its weight average and the loss."""
         cfg = self.cfg
         amp_ctx, scaler, self.amp_mode = self._amp(device)
-        net_kwargs = {} if cfg["dropout"] is None else {"dropout": float(cfg["dropout"])}
-        per_rank = -(-int(cfg["batch_size"]) // self.rank.size)
+        net_kwargs = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+        per_rank = -(-cfg.batch_size // self.rank.size)
         # before the network is built (LeNet at 4096 px has 2 billion weights); measured on small
         # copies, which takes seconds, so only above the sizes this project trains at
-        if cfg["input_size"] > MEMORY_CHECK_ABOVE:
-            check_memory(training_memory(cfg["model"], cfg["input_size"], per_rank, **net_kwargs),
-                         f"training {cfg['model']} at {cfg['input_size']} px on batches of {per_rank}",
+        if cfg.input_size > MEMORY_CHECK_ABOVE:
+            check_memory(training_memory(cfg.model, cfg.input_size, per_rank, **net_kwargs),
+                         f"training {cfg.model} at {cfg.input_size} px on batches of {per_rank}",
                          "lower image_size (or train.input_size for this model) or train.batch_size")
-        paddle.seed(int(cfg["seed"]))
+        paddle.seed(cfg.seed)
 
         def new_network():  # the trained network and its weight average are built alike
-            return build_model(cfg["model"], image_size=cfg["input_size"], **net_kwargs)
+            return build_model(cfg.model, image_size=cfg.input_size, **net_kwargs)
 
         model = new_network()
-        if cfg["to_static"]:
+        if cfg.to_static:
             if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
                 # the static graph draws its dropout masks from its own generator, which
                 # paddle.seed does not reset: the same seed would no longer give the same run
-                raise ConfigError(f"train.to_static: {cfg['model']} has dropout, whose static-graph masks "
+                raise ConfigError(f"train.to_static: {cfg.model} has dropout, whose static-graph masks "
                                   "are not reproducible from train.seed; use it for networks without dropout")
             model = paddle.jit.to_static(model, full_graph=True)
         # the same initial weights on every rank (paddle.seed above); DataParallel averages the gradients
         trained = paddle.DataParallel(model) if self.rank.size > 1 else model
         opt, sched = self._optimizer(model, len(data.train_loader))
-        ema = WeightEMA(model, new_network(), cfg["ema"]) if cfg["ema"] else None
+        ema = WeightEMA(model, new_network(), cfg.ema) if cfg.ema else None
         n_pos = int(data.train.labels.sum())
         pos_weight = None
-        if cfg["class_balance"] and n_pos:
+        if cfg.class_balance and n_pos:
             pos_weight = paddle.to_tensor([(len(data.train) - n_pos) / n_pos], dtype="float32")
         return Nets(model, trained, ema, opt, sched, paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight), amp_ctx,
                     scaler)
@@ -307,24 +304,24 @@ class Trainer:
     def _optimizer(self, model, steps_per_epoch: int):
         """AdamW or Nesterov momentum, with a linear warm-up into a cosine or constant rate."""
         cfg = self.cfg
-        total = max(1, cfg["epochs"] * steps_per_epoch)
-        warm = min(total - 1, int(cfg["warmup_epochs"] * steps_per_epoch))
-        if cfg["schedule"] == "cosine":
-            sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg["lr"], T_max=max(1, total - warm))
-        elif cfg["schedule"] == "constant":
-            sched = paddle.optimizer.lr.LambdaDecay(cfg["lr"], lambda _: 1.0)
+        total = max(1, cfg.epochs * steps_per_epoch)
+        warm = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
+        if cfg.schedule == "cosine":
+            sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=max(1, total - warm))
+        elif cfg.schedule == "constant":
+            sched = paddle.optimizer.lr.LambdaDecay(cfg.lr, lambda _: 1.0)
         else:
-            raise ConfigError(f"train.schedule must be cosine or constant, got {cfg['schedule']!r}")
+            raise ConfigError(f"train.schedule must be cosine or constant, got {cfg.schedule!r}")
         if warm > 0:
-            sched = paddle.optimizer.lr.LinearWarmup(sched, warm, cfg["lr"] * 0.01, cfg["lr"])
-        wd = paddle.regularizer.L2Decay(cfg["weight_decay"]) if cfg["weight_decay"] else None
-        if cfg["optimizer"] == "adam":
-            opt = paddle.optimizer.AdamW(sched, parameters=model.parameters(), weight_decay=cfg["weight_decay"])
-        elif cfg["optimizer"] == "momentum":
-            opt = paddle.optimizer.Momentum(sched, momentum=cfg["momentum"], parameters=model.parameters(),
+            sched = paddle.optimizer.lr.LinearWarmup(sched, warm, cfg.lr * 0.01, cfg.lr)
+        wd = paddle.regularizer.L2Decay(cfg.weight_decay) if cfg.weight_decay else None
+        if cfg.optimizer == "adam":
+            opt = paddle.optimizer.AdamW(sched, parameters=model.parameters(), weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "momentum":
+            opt = paddle.optimizer.Momentum(sched, momentum=cfg.momentum, parameters=model.parameters(),
                                             weight_decay=wd, use_nesterov=True)
         else:
-            raise ConfigError(f"train.optimizer must be adam or momentum, got {cfg['optimizer']!r}")
+            raise ConfigError(f"train.optimizer must be adam or momentum, got {cfg.optimizer!r}")
         return opt, sched
 
     def _resume(self, ckpt_dir: Path, nets: Nets) -> Progress:
@@ -351,7 +348,7 @@ class Trainer:
             nets.sched.set_state_dict(state["sched"])
         if nets.ema is not None:
             nets.ema.set_state_dict(state["ema"])
-        print(f"resuming from the checkpoint of epoch {meta['epoch']} of {self.cfg['epochs']}")
+        print(f"resuming from the checkpoint of epoch {meta['epoch']} of {self.cfg.epochs}")
         return Progress(meta["epoch"], meta["history"], meta.get("best"), meta.get("best_file"), meta)
 
     # -- one epoch -----------------------------------------------------------------------
@@ -359,17 +356,17 @@ class Trainer:
         """One pass over the learning images; returns the epoch's record (train loss, rate, seconds)."""
         cfg = self.cfg
         # dropout etc.: a function of (seed, epoch), and of the rank, whose images are others
-        paddle.seed(int(cfg["seed"]) * 100003 + epoch + 7919 * self.rank.rank)
+        paddle.seed(cfg.seed * 100003 + epoch + 7919 * self.rank.rank)
         data.train_ds.set_epoch(epoch)
         nets.model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
-        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", dynamic_ncols=True,
+        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
                    disable=not self.rank.writer)
         for x, y in bar:
             lv = self._step(nets, x, y)
             if not math.isfinite(lv):
                 raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
-                               f"(lower train.lr for {cfg['model']})")
+                               f"(lower train.lr for {cfg.model})")
             total += lv * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.4f}")
@@ -408,14 +405,14 @@ class Trainer:
         """Select (``train.select``) and write this epoch's checkpoint."""
         best, best_state = progress.best, None
         score_ = self._selection_score(rec)
-        if self.cfg["select"] == "last" or data.hold_loader is None or best is None or score_ > tuple(best["score"]):
+        if self.cfg.select == "last" or data.hold_loader is None or best is None or score_ > tuple(best["score"]):
             progress.best = {"epoch": epoch + 1, "score": list(score_)}
             best_state = nets.scored.state_dict()
         state = {"model": nets.model.state_dict(), "opt": nets.opt.state_dict(), "sched": nets.sched.state_dict()}
         if nets.ema is not None:
             state["ema"] = nets.ema.state_dict()
         meta = {"identity": self.identity, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
-                "config": self.cfg}
+                "config": self.cfg.record()}
         progress.meta = checkpoint.save(ckpt_dir, state, meta, best_state)
         progress.best_file = progress.meta["best_file"]
 
@@ -425,7 +422,7 @@ class Trainer:
         auc = rec.get("holdout_auc", 0.0)
         return {"loss": (loss,),
                 "accuracy": (rec.get("holdout_accuracy", 0.0), loss),
-                "auc": (auc if math.isfinite(auc) else 0.0, loss)}[self.cfg["select_by"]]
+                "auc": (auc if math.isfinite(auc) else 0.0, loss)}[self.cfg.select_by]
 
     # -- the end ---------------------------------------------------------------------------
     def _finish(self, model_dir: Path, ckpt_dir: Path, data: Data, nets: Nets, progress: Progress,
@@ -433,18 +430,18 @@ class Trainer:
         """Save the selected network with its threshold as ``models/``; returns its ``model.json``."""
         cfg, best = self.cfg, progress.best
         if best is None or not progress.best_file:
-            raise ConfigError(f"train.epochs is {cfg['epochs']}: no epoch trained, no model to save")
+            raise ConfigError(f"train.epochs is {cfg.epochs}: no epoch trained, no model to save")
         weights = ckpt_dir / progress.best_file
         damage = checkpoint.damaged(ckpt_dir, progress.meta, keys=("best_file",))
         if damage:  # never promoted; the next run's checkpoint.load finds the same damage and starts afresh
             raise RunError(f"checkpoint damaged ({damage}): no model saved; run the stage again to train afresh")
         threshold = self._threshold(nets, data, weights)
         info = {
-            "model": cfg["model"], "image_size": cfg["image_size"], "input_size": cfg["input_size"],
-            "threshold": threshold, "threshold_rule": str(cfg["threshold"]),
-            "selected_epoch": best["epoch"], "epochs": cfg["epochs"], "device": device, "amp": self.amp_mode,
+            "model": cfg.model, "image_size": cfg.image_size, "input_size": cfg.input_size,
+            "threshold": threshold, "threshold_rule": str(cfg.threshold),
+            "selected_epoch": best["epoch"], "epochs": cfg.epochs, "device": device, "amp": self.amp_mode,
             "train_seconds": round(sum(r["epoch_seconds"] for r in progress.history), 2),
-            "n_train": len(data.train), "n_holdout": len(data.hold), "config": cfg,
+            "n_train": len(data.train), "n_holdout": len(data.hold), "config": cfg.record(),
         }
         artifact.save(model_dir, weights, info)
         return info
@@ -452,7 +449,7 @@ class Trainer:
     def _threshold(self, nets: Nets, data: Data, weights: Path) -> float:
         """``train.threshold`` as a number: itself, or its rule applied to the holdout's
         predictions by the saved network (never the validation set)."""
-        rule = self.cfg["threshold"]
+        rule = self.cfg.threshold
         if isinstance(rule, float):
             return rule
         nets.scored.set_state_dict(to_paddle(load_state(weights)))
@@ -469,12 +466,12 @@ class Trainer:
         live.next_step()
 
 
-def check_divergence(loss: float, first_loss: float, model, epoch: int, cfg: dict) -> None:
+def check_divergence(loss: float, first_loss: float, model, epoch: int, cfg: TrainingConfig) -> None:
     """A :class:`RunError` when the epoch's mean ``loss`` is far above the first epoch's, or a
     weight of ``model`` is not finite or huge (:data:`DIVERGED_LOSS_FACTOR`, :data:`MAX_WEIGHT`);
     the same on every rank (the loss is the global mean, the weights are the same)."""
-    hint = (f"lower train.lr (now {cfg['lr']:g}) for {cfg['model']}"
-            + (" or train.momentum" if cfg["optimizer"] == "momentum" else ""))
+    hint = (f"lower train.lr (now {cfg.lr:g}) for {cfg.model}"
+            + (" or train.momentum" if cfg.optimizer == "momentum" else ""))
     limit = DIVERGED_LOSS_FACTOR * max(first_loss, math.log(2))
     if not math.isfinite(loss) or loss > limit:
         raise RunError(f"training diverged: loss {loss:.4g} at epoch {epoch + 1}, above {limit:.4g} "
@@ -495,9 +492,9 @@ def main(params: dict) -> None:
     """The train stage: one process, or ``train.nproc`` ranks spawned on this machine, or (under
     ``paddle.distributed.launch``) this process as one rank of the launcher's job."""
     cfg = effective_config(params)
-    nproc = int(cfg["nproc"])
+    nproc = cfg.nproc
     if nproc > 1 and not parallel.launched():
-        device = resolve_device(cfg["device"], 0, nproc)  # a bad device is one error here, not one per process
+        device = resolve_device(cfg.device, 0, nproc)  # a bad device is one error here, not one per process
         print(f"train.nproc = {nproc}: starting {nproc} training processes on {device.split(':')[0]}")
         parallel.spawn(train_rank, (params,), nproc, gpu=device.startswith("gpu"))
     else:
