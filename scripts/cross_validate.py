@@ -8,6 +8,7 @@ out-of-fold predictions are scored. Compare recipes with ``--set``, as ``dvc exp
     python scripts/cross_validate.py                                   # params.yaml as it is
     python scripts/cross_validate.py --set train.holdout=0.15 train.select=best
     python scripts/cross_validate.py --set model=alexnet --out metrics/cv-alexnet.json
+    python scripts/cross_validate.py --splits train valid --folds 5    # palm-mini: all 400 photographs
 
 Writes ``--out`` (JSON: the scores and the settings) and, next to it, the out-of-fold
 predictions as CSV.
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--fold-seed", type=int, default=0, help="seed of the assignment of images to folds")
     ap.add_argument("--shards", default="data/shards")
+    ap.add_argument("--splits", nargs="+", default=["train"], metavar="SPLIT",
+                    help="splits of the shards pooled into the folds (default: train only). "
+                         "'train valid' only where the validation images are a sample of the "
+                         "training photographs (palm-mini), never a real validation set")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="parameters changed for this run")
     ap.add_argument("--out", type=Path, default=Path("metrics/crossval.json"))
@@ -47,7 +52,8 @@ def main(argv=None) -> int:
     try:
         params = apply_overrides(load_params(args.params), args.set)
         rule = parse_threshold(args.threshold) if args.threshold else None
-        oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed)
+        oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed,
+                                      splits=tuple(args.splits))
         if rule is not None:
             t = choose_threshold(oof["label"], oof["probability"], rule)
             at = score(oof["label"], oof["probability"], t)

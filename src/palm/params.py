@@ -37,7 +37,8 @@ from palm.errors import ConfigError
 
 #: the networks of :data:`palm.nn.models.MODELS` (listed here so that validating params.yaml does not
 #: import Paddle; tests/test_params.py checks that the two lists agree)
-MODEL_NAMES = ("lenet", "alexnet", "vgg16", "googlenet", "resnet50", "resnet101", "resnet152", "senet18")
+MODEL_NAMES = ("lenet", "alexnet", "vgg16", "googlenet", "resnet50", "resnet101", "resnet152", "senet18",
+               "mobilenetv3_small", "mobilenetv3_large", "shufflenetv2")
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
 
 Count = Annotated[StrictInt, Field(ge=1)]

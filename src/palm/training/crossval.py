@@ -1,7 +1,8 @@
 """K-fold cross-validation of a training recipe on the TRAINING images only.
 
 For choosing defaults (``params.yaml``) without looking at the validation set: the training
-split of the shards is cut into ``k`` folds, stratified by group (H / N / P); for each fold
+split of the shards (or several splits pooled, ``splits``: when the "validation" split is itself a
+sample of labelled training photographs, as palm-mini's is) is cut into ``k`` folds, stratified by group (H / N / P); for each fold
 the recipe (``Trainer``, exactly as the ``train`` stage runs it, its own internal holdout
 included) learns from the other folds and predicts this one. Every training image is
 predicted once, by a network that never saw it, and the pooled out-of-fold predictions
@@ -26,7 +27,7 @@ from palm.errors import DataError
 from palm.evaluation.evaluate import predict_valid
 from palm.evaluation.metrics import score
 from palm.params import DEFAULT_THRESHOLD
-from palm.data.shards import SplitWriter, new_manifest, write_manifest
+from palm.data.shards import SplitWriter, new_manifest, open_split, read_manifest, write_manifest
 from palm.data.splits import fold_of
 from palm.training.train import Trainer
 
@@ -49,10 +50,27 @@ def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, 
     return out_dir
 
 
+def pooled_split(shards_dir: str | Path, splits: tuple[str, ...]) -> Split:
+    """The images of ``splits`` together, in that order (one split: :func:`load_split`)."""
+    if len(splits) == 1:
+        return load_split(shards_dir, splits[0])
+    manifest = read_manifest(shards_dir)
+    for name in splits:
+        if name not in manifest["splits"]:
+            raise DataError(f"{shards_dir}: no split {name!r} (have {', '.join(manifest['splits'])})")
+    pooled = {"shards": [s for name in splits for s in manifest["splits"][name]["shards"]]}
+    manifest = {**manifest, "splits": {**manifest["splits"], "+".join(splits): pooled}}
+    full = Split(*open_split(shards_dir, "+".join(splits), manifest))
+    if len(set(full.images)) != len(full.images):
+        raise DataError(f"{shards_dir}: the splits {', '.join(splits)} share image names; cannot pool them")
+    return full
+
+
 def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int = 3, seed: int = 0,
-                   work_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+                   work_dir: str | Path | None = None, splits: tuple[str, ...] = ("train",)
+                   ) -> tuple[pd.DataFrame, dict]:
     """Out-of-fold predictions (image, group, label, fold, probability) and their scores."""
-    full = load_split(shards_dir, "train")
+    full = pooled_split(shards_dir, tuple(splits))
     folds = fold_of(full.labels, full.groups, k, seed)
     rows, runs = [], []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
@@ -71,7 +89,7 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
             shutil.rmtree(fold_dir, ignore_errors=True)
     oof = pd.DataFrame(rows)
     scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
-    summary = {"folds": k, "fold_seed": seed, **scores, "errors": scores["fp"] + scores["fn"], "runs": runs}
+    summary = {"folds": k, "fold_seed": seed, "splits": list(splits), "images": len(oof), **scores, "errors": scores["fp"] + scores["fn"], "runs": runs}
     return oof, summary
 
 
