@@ -251,6 +251,34 @@ def test_unknown_revision_or_missing_predictions_is_a_one_line_error(repo, capsy
     assert "metrics/predictions.csv is not committed" in capsys.readouterr().err
 
 
+def test_cross_validation_prediction_files_are_compared_and_grouped_by_seed(tmp_path, monkeypatch, capsys):
+    """Out-of-fold predictions (scripts/cross_validate.py: no predicted column, settings in the
+    .json beside) are compared by path, outside any git repository; train.seed=N groups them."""
+    monkeypatch.chdir(tmp_path)
+    images, y, good, bad = sim_runs()
+    rng = np.random.default_rng(3)
+    files = []
+    for model, probs in (("senet18", good), ("mobilenetv3_large", bad)):
+        for seed in (0, 1):
+            p = np.clip(probs + rng.normal(0, 0.03, len(probs)), 0, 1).round(6)
+            name = tmp_path / f"cv-{model}-{seed}.csv"
+            pd.DataFrame({"image": images, "group": "", "label": y, "fold": 0, "probability": p}).to_csv(name, index=False)
+            name.with_suffix(".json").write_text(json.dumps({"model": model, "set": [f"model={model}",
+                                                                                       f"train.seed={seed}"]}))
+            files.append(str(name))
+    assert main(["compare", *files[1:], "--baseline", files[0], "--metric", "auc", "accuracy",
+                 "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "worse" in out and "cv-mobilenetv3_large-0.csv" in out
+    result = json.loads((tmp_path / "c.json").read_text())
+    # the two seeds of each model form one group; accuracy used probability >= 0.5
+    assert sorted(len(g["revs"]) for g in result["groups"]) == [2, 2]
+    acc = np.mean((pd.read_csv(files[0])["probability"] >= 0.5).astype(int) == y)
+    base = cmp.read_run(files[0])
+    assert base.commit is None and base.model == "senet18" and base.seed == "0"
+    assert cmp.metric_value("accuracy", base.labels, base.probs, base.pred) == pytest.approx(acc)
+
+
 def test_seed_groups_are_summarised_and_compared_over_seeds_and_pooled(repo, capsys):
     images, y, good, bad = sim_runs()
     rng = np.random.default_rng(9)

@@ -192,11 +192,14 @@ def parser() -> argparse.ArgumentParser:
                                    "baseline on the same validation images, from their committed "
                                    "metrics/predictions.csv and params.yaml: DeLong for AUC, exact McNemar for "
                                    "accuracy, sensitivity, specificity, paired bootstrap for Brier and F1, Holm's "
-                                   "correction; revisions that differ only by train.seed are grouped.",
+                                   "correction; revisions that differ only by train.seed are grouped. A REV "
+                                   "may also be a predictions .csv file (e.g. scripts/cross_validate.py's "
+                                   "out-of-fold predictions).",
                        epilog=COMPARE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("revs", nargs="*", metavar="REV",
-                   help="revisions to compare (default: every experiment that dvc exp show lists)")
-    c.add_argument("--baseline", default="HEAD", help="the revision compared against; default: %(default)s")
+                   help="revisions (or predictions .csv files) to compare (default: every experiment "
+                        "that dvc exp show lists)")
+    c.add_argument("--baseline", default="HEAD", help="the revision (or .csv file) compared against; default: %(default)s")
     c.add_argument("--metric", action="extend", nargs="+", metavar="M",
                    choices=["auc", "accuracy", "sensitivity", "specificity", "brier", "f1"],
                    help="metrics to compare: auc, accuracy, sensitivity, specificity, "

@@ -50,6 +50,7 @@ import yaml
 
 from palm.errors import ConfigError, DataError, listing
 from palm.evaluation.metrics import BOOT_SEED, N_BOOT, _bootstrap, wilson_interval
+from palm.params import DEFAULT_THRESHOLD
 
 PREDICTIONS = "metrics/predictions.csv"
 PARAMS = "params.yaml"
@@ -314,13 +315,32 @@ def read_file_at(commit: str | None, path: str, repo: Path, rev: str) -> bytes:
     return proc.stdout
 
 
+def _file_params(csv: Path) -> dict:
+    """What a predictions file says of its run: ``scripts/cross_validate.py`` writes its settings
+    beside its out-of-fold predictions (``X.json`` next to ``X.csv``); ``train.seed=N`` in them is
+    the seed, so that seeds group as experiments' do."""
+    try:
+        summary = json.loads(csv.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    sets = [str(s) for s in summary.get("set") or []]
+    seed = next((s.split("=", 1)[1] for s in sets if s.startswith("train.seed=")), "0")
+    return {"model": summary.get("model", "?"), "set": [s for s in sets if not s.startswith("train.seed=")],
+            "train": {"seed": seed}}
+
+
 def read_run(rev: str, repo: str | Path = ".") -> Run:
-    """A revision's ``metrics/predictions.csv`` and ``params.yaml``, read from git (or the disk)."""
+    """A revision's ``metrics/predictions.csv`` and ``params.yaml``, read from git (or the disk);
+    or a predictions file named by its path (``*.csv``: e.g. cross-validation's out-of-fold
+    predictions, whose ``predicted`` column is probability >= 0.5 when it has none)."""
     repo = Path(repo)
-    commit = resolve(rev, repo)
-    raw = read_file_at(commit, PREDICTIONS, repo, rev)
+    as_file = rev.endswith(".csv") and Path(rev).is_file()
+    commit = None if as_file else resolve(rev, repo)
+    raw = Path(rev).read_bytes() if as_file else read_file_at(commit, PREDICTIONS, repo, rev)
     try:
         df = pd.read_csv(io.BytesIO(raw))
+        if as_file and "predicted" not in df.columns and "probability" in df.columns:
+            df["predicted"] = (df["probability"] >= DEFAULT_THRESHOLD).astype(int)
         missing = {"image", "label", "probability", "predicted"} - set(df.columns)
         if missing:
             raise DataError(f"{rev}: {PREDICTIONS} has no column(s) {', '.join(sorted(missing))}")
@@ -332,6 +352,8 @@ def read_run(rev: str, repo: str | Path = ".") -> Run:
         raise DataError(f"{rev}: {PREDICTIONS} has no rows")
     if df["image"].duplicated().any():
         raise DataError(f"{rev}: {PREDICTIONS} lists image(s) twice: {listing(df['image'][df['image'].duplicated()])}")
+    if as_file:
+        return Run(rev, None, _file_params(Path(rev)), df["image"].astype(str).tolist(), labels, probs, pred)
     try:
         params = yaml.safe_load(read_file_at(commit, PARAMS, repo, rev)) or {}
     except DataError:
