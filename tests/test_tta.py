@@ -195,3 +195,37 @@ def test_evaluate_predict_and_serve_give_the_same_tta_probabilities(trained, tmp
     for name, p in expected.items():
         assert served[name] == pytest.approx(p, abs=1e-5)
     assert card["tta"] == "flips" and "tta flips" in card["engine"]
+
+
+def test_explain_captions_the_tta_probability(trained, tmp_path, monkeypatch):
+    """explain's figures name the probability the model gives (the mean over its views), not the
+    un-flipped image's alone."""
+    import shutil
+
+    import pandas as pd
+
+    from palm.evaluation.evaluate import predict_valid_modes
+    from palm.evaluation.explain import explain
+
+    shards, _, tmp, _ = trained
+    model_dir = tmp_path / "models"
+    shutil.copytree(tmp / "models", model_dir)
+    info = json.loads((model_dir / "model.json").read_text())
+    (model_dir / "model.json").write_text(json.dumps({**info, "tta": "flips"}))
+    valid, by_mode, _ = predict_valid_modes(shards, model_dir)
+    preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": by_mode["flips"],
+                          "predicted": (by_mode["flips"] >= 0.5).astype(int)})
+    preds.to_csv(tmp_path / "predictions.csv", index=False)
+    modes = []
+
+    def spy(run, x, mode, *args):   # the caption's probability comes from the views helper, under model.json's mode
+        modes.append((len(x), mode))
+        return real(run, x, mode, *args)
+
+    real = tta.predict
+    monkeypatch.setattr(tta, "predict", spy)
+    written = explain(len(VALID), shards, model_dir, tmp_path / "predictions.csv", tmp_path / "explain", "cpu")
+    assert len(written) >= 3 and modes == [(1, "flips")] * len(written)
+    expected = {Path(image).stem: f"{p:.2f}" for image, p in zip(valid.images, by_mode["flips"])}
+    for f in written:
+        assert f.name.rsplit("_p", 1)[1] == expected[f.name.split("_")[0]] + ".png"
