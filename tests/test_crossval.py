@@ -70,12 +70,12 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
     summary = json.loads(out.read_text())
     assert summary["model"] == "lenet" and summary["set"] == ["train.lr=0.001", "train.tta=hflip"]
     # every tta mode scored from the same fold networks; probability is the configured mode's (hflip)
-    assert list(summary["tta"]) == ["off", "hflip", "flips"]
+    assert list(summary["tta"]) == ["off", "hflip", "flips", "flips+rot"]
     assert [c for c in oof.columns if c.startswith("probability")] == [
-        "probability", "probability_off", "probability_hflip", "probability_flips"]
+        "probability", "probability_off", "probability_hflip", "probability_flips", "probability_flips+rot"]
     assert oof["probability"].tolist() == oof["probability_hflip"].tolist()
     assert not np.allclose(oof["probability_off"], oof["probability_hflip"], atol=1e-6)  # lenet is not symmetric
-    for mode in ("off", "hflip", "flips"):
+    for mode in ("off", "hflip", "flips", "flips+rot"):
         assert summary["tta"][mode]["n"] == 15
         assert summary["tta"][mode]["auc"] == pytest.approx(score(oof["label"], oof[f"probability_{mode}"], 0.5)["auc"])
     assert summary["auc"] == summary["tta"]["hflip"]["auc"] and summary["accuracy"] == summary["tta"]["hflip"]["accuracy"]

@@ -51,13 +51,36 @@ def test_views_are_the_flips_and_the_probability_their_mean():
     calls.clear()
     np.testing.assert_allclose(tta.predict(counted, x, "flips", max_batch=8), flips, atol=1e-7)
     assert calls == [8, 8, 4]
-    # every mode from one pass over the flips views, as cross-validation scores them
-    per_view = tta.view_probabilities(tiny_net, x, 4)
-    for mode in ("off", "hflip", "flips"):
+    # flips+rot: also the image turned by +10 and -10 degrees
+    turned = [tta.rotate(x, 10), tta.rotate(x, -10)]
+    np.testing.assert_allclose(tta.predict(tiny_net, x, "flips+rot"),
+                               (4 * flips + tiny_net(turned[0]) + tiny_net(turned[1])) / 6, atol=1e-6)
+    # every mode from one pass over the views, as cross-validation scores them
+    per_view = tta.view_probabilities(tiny_net, x, 6)
+    for mode in ("off", "hflip", "flips", "flips+rot"):
         np.testing.assert_allclose(tta.combine(per_view, mode), tta.predict(tiny_net, x, mode), atol=1e-7)
     assert tta.predict(tiny_net, x[:0], "flips").shape == (0,)
-    with pytest.raises(ValueError, match="tta must be one of off, hflip, flips"):
+    with pytest.raises(ValueError, match="tta must be one of off, hflip, flips, flips.rot"):
         tta.predict(tiny_net, x, "rot90")
+
+
+def test_rotation_turns_about_the_centre_and_blackens_the_corners():
+    flat = np.full((2, 3, 40, 40), 0.5, np.float32)
+    turned = tta.rotate(flat, 10)
+    assert turned.shape == flat.shape and turned.dtype == np.float32
+    np.testing.assert_allclose(turned[..., 10:30, 10:30], 0.5, atol=1e-6)   # the middle stays
+    assert (turned[..., 0, 0] == -1).all() and (turned[..., -1, -1] == -1).all()   # the corners come in black
+    np.testing.assert_allclose(tta.rotate(flat, 0), flat)
+    # counter-clockwise: a bar along the top edge's middle moves to the left when turned +10 degrees
+    bar = np.full((1, 3, 40, 40), -1, np.float32)
+    bar[..., 2:6, 16:24] = 1
+    def centre_column(img):
+        weight = (img[0, 0] + 1).sum(axis=0)
+        return float((weight * np.arange(40)).sum() / weight.sum())
+
+    assert centre_column(bar) == pytest.approx(19.5)
+    assert centre_column(tta.rotate(bar, 10)) < 18.5 and centre_column(tta.rotate(bar, -10)) > 20.5
+    assert tta.views(flat, 6).shape == (12, 3, 40, 40)
 
 
 def test_tta_is_a_training_key_overridable_per_model_and_checked():
@@ -70,7 +93,7 @@ def test_tta_is_a_training_key_overridable_per_model_and_checked():
     params["models"]["senet18"] = {"tta": "sideways"}
     with pytest.raises(ConfigError) as exc:
         training_config(params)
-    assert str(exc.value) == "params.yaml: models.senet18.tta = 'sideways': input should be 'off', 'hflip' or 'flips'"
+    assert str(exc.value) == "params.yaml: models.senet18.tta = 'sideways': input should be 'off', 'hflip', 'flips' or 'flips+rot'"
 
 
 def test_a_bad_tta_stops_the_stage_with_one_line_and_exit_2(tmp_path):
@@ -81,7 +104,7 @@ def test_a_bad_tta_stops_the_stage_with_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: params.yaml: train.tta = 'hvflip': input should be 'off', 'hflip' or 'flips'"]
+        "error: params.yaml: train.tta = 'hvflip': input should be 'off', 'hflip', 'flips' or 'flips+rot'"]
 
 
 def test_model_json_without_tta_is_off_and_a_bad_one_is_refused(tmp_path):

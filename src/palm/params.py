@@ -55,7 +55,7 @@ Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 #: PM if the probability is at least this, unless a model (model.json) or params.yaml says otherwise
 DEFAULT_THRESHOLD = 0.5
 #: test-time augmentation (palm.serve.tta): the views whose mean probability is the model's
-TTA_MODES = ("off", "hflip", "flips")
+TTA_MODES = ("off", "hflip", "flips", "flips+rot")
 _RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
 
 

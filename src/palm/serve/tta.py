@@ -10,6 +10,7 @@ trained; absent = ``off``) names the mode:
 | ``off`` | the image |
 | ``hflip`` | the image, its left-right mirror |
 | ``flips`` | the image, left-right, top-bottom, both (a 180-degree turn) |
+| ``flips+rot`` | ``flips``' four, and the image turned by +10 and -10 degrees (:data:`ROTATE_DEG`) |
 
 The probability is the mean of the views' **probabilities** (sigmoids, not logits). The views of a
 batch go to the engine together (one call of up to :data:`MAX_VIEW_BATCH` images), not one call per
@@ -23,13 +24,18 @@ from __future__ import annotations
 
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from palm.params import TTA_MODES
 from palm.serve.engine import Engine
 
 #: how many views each mode averages (the first ``n`` of :func:`views`' order)
-N_VIEWS = {"off": 1, "hflip": 2, "flips": 4}
+N_VIEWS = {"off": 1, "hflip": 2, "flips": 4, "flips+rot": 6}
+#: the turns of ``flips+rot``'s last two views, degrees (counter-clockwise first); the corners
+#: uncovered are black, as after the training augmentation's turns (palm.data.dataset.Augment)
+ROTATE_DEG = 10.0
+BLACK = -1.0   # a black pixel as the network sees it (palm.data.image.to_chw_float)
 #: the most images one engine call gets (views of a batch included); TensorRT's largest batch (inference.TRT_MAX_BATCH)
 MAX_VIEW_BATCH = 64
 assert tuple(N_VIEWS) == TTA_MODES
@@ -41,10 +47,24 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def rotate(x: np.ndarray, degrees: float) -> np.ndarray:
+    """The NCHW batch ``x`` turned by ``degrees`` about each image's centre (bilinear, black corners)."""
+    h, w = x.shape[-2:]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    out = np.empty_like(x, dtype=np.float32)
+    for i, img in enumerate(x):
+        hwc = np.ascontiguousarray(img.transpose(1, 2, 0), dtype=np.float32)
+        turned = cv2.warpAffine(hwc, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                borderValue=(BLACK,) * 4)
+        out[i] = turned.reshape(h, w, -1).transpose(2, 0, 1)
+    return out
+
+
 def views(x: np.ndarray, n: int) -> np.ndarray:
     """The first ``n`` views of the NCHW batch ``x``, stacked view-major: ``(n * N, C, H, W)``."""
-    flips = (x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1])[:n]
-    return np.ascontiguousarray(np.concatenate(flips), dtype=np.float32)
+    flips = [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]][:n]
+    turns = [rotate(x, d) for d in (ROTATE_DEG, -ROTATE_DEG)[:max(0, n - 4)]]
+    return np.ascontiguousarray(np.concatenate(flips + turns), dtype=np.float32)
 
 
 def view_probabilities(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n: int,
