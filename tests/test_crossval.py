@@ -14,6 +14,7 @@ from conftest import make_shards, train_section
 from palm.training.crossval import apply_overrides
 from palm.data.dataset import load_split
 from palm.errors import DataError
+from palm.evaluation.metrics import score
 from palm.data.splits import fold_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
         epochs=1, batch_size=4, holdout=0, select="last", ema=0.0)}))
     out = tmp_path / "cv.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
-                           "--params", str(params), "--set", "train.lr=0.001", "--out", str(out),
+                           "--params", str(params), "--set", "train.lr=0.001", "train.tta=hflip", "--out", str(out),
                            "--threshold", "youden"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -67,7 +68,17 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
     assert sorted(oof["image"]) == sorted(TRAIN)  # each training image once; no validation image
     assert oof.groupby("fold").size().tolist() == [5, 5, 5]
     summary = json.loads(out.read_text())
-    assert summary["model"] == "lenet" and summary["set"] == ["train.lr=0.001"]
+    assert summary["model"] == "lenet" and summary["set"] == ["train.lr=0.001", "train.tta=hflip"]
+    # every tta mode scored from the same fold networks; probability is the configured mode's (hflip)
+    assert list(summary["tta"]) == ["off", "hflip", "flips", "flips+rot"]
+    assert [c for c in oof.columns if c.startswith("probability")] == [
+        "probability", "probability_off", "probability_hflip", "probability_flips", "probability_flips+rot"]
+    assert oof["probability"].tolist() == oof["probability_hflip"].tolist()
+    assert not np.allclose(oof["probability_off"], oof["probability_hflip"], atol=1e-6)  # lenet is not symmetric
+    for mode in ("off", "hflip", "flips", "flips+rot"):
+        assert summary["tta"][mode]["n"] == 15
+        assert summary["tta"][mode]["auc"] == pytest.approx(score(oof["label"], oof[f"probability_{mode}"], 0.5)["auc"])
+    assert summary["auc"] == summary["tta"]["hflip"]["auc"] and summary["accuracy"] == summary["tta"]["hflip"]["accuracy"]
     assert summary["n"] == 15 and len(summary["runs"]) == 3
     wrong = int(((oof["probability"] >= 0.5).astype(int) != oof["label"]).sum())
     assert summary["errors"] == wrong and summary["accuracy"] == pytest.approx(1 - wrong / 15)

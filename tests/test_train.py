@@ -127,6 +127,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     assert "stages/evaluate.py" not in base["code"] and "src/palm/evaluation/evaluate.py" not in base["code"]
     assert mismatch(base, train.run_identity(cfg, shards)) is None          # the same run
     assert train.run_identity(cfg.model_copy(update={"threshold": "youden"}), shards) == base  # chosen after training
+    assert train.run_identity(cfg.model_copy(update={"tta": "flips"}), shards) == base  # applied after training
 
     def changed(identity) -> str:
         assert identity != base

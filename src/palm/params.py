@@ -55,6 +55,8 @@ MIN_SIDE, MAX_SIDE = 16, 4096
 Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 #: PM if the probability is at least this, unless a model (model.json) or params.yaml says otherwise
 DEFAULT_THRESHOLD = 0.5
+#: test-time augmentation (palm.serve.tta): the views whose mean probability is the model's
+TTA_MODES = ("off", "hflip", "flips", "flips+rot")
 _RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
 
 
@@ -92,6 +94,15 @@ def _threshold_grammar(value):
 
 #: a probability, or a rule (youden, sensitivity>=X, specificity>=X): :func:`parse_threshold`
 Threshold = Annotated[Union[float, str], BeforeValidator(_threshold_grammar)]
+
+
+def _tta_word(value):
+    """``off`` as YAML 1.1 (PyYAML) reads a bare ``off``: false."""
+    return "off" if value is False else value
+
+
+#: ``train.tta`` and ``model.json``'s ``tta``: one of :data:`TTA_MODES`
+TTAMode = Annotated[Literal[TTA_MODES], BeforeValidator(_tta_word)]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -150,6 +161,7 @@ class TrainParams(Section):
     nproc: Count
     to_static: StrictBool
     threshold: Threshold
+    tta: TTAMode  # not part of a run's identity: palm.serve.tta
     input_size: Optional[Side] = None
     dropout: Optional[Fraction] = None
 

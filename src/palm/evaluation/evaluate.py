@@ -20,11 +20,13 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
-from palm.nn.modelinfo import input_size, threshold
+from palm.nn.modelinfo import input_size, threshold, tta
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_file
 from palm.data.image import to_chw_float
+from palm.params import TTA_MODES
 from palm.serve.inference import load_engine
+from palm.serve.tta import MAX_VIEW_BATCH, N_VIEWS, combine, view_probabilities
 from palm.evaluation.metrics import DEFAULT_PREVALENCE, ECE_BINS, N_BOOT, score
 from palm.runtime import configured_device, select_device
 
@@ -38,11 +40,25 @@ HIST_BINS = 20
 def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32, device: str = "auto"):
     """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
     the model's input size: ``(split, probabilities, model info)``. Scored by
-    :func:`palm.serve.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run)."""
+    :func:`palm.serve.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run),
+    with the model's test-time augmentation (``model.json``'s ``tta``, :mod:`palm.serve.tta`)."""
+    valid, by_mode, info = predict_valid_modes(shards_dir, model_dir, (), batch_size, device)
+    return valid, by_mode[tta(info)], info
+
+
+def predict_valid_modes(shards_dir: str | Path, model_dir: str | Path, modes=TTA_MODES, batch_size: int = 32,
+                        device: str = "auto"):
+    """As :func:`predict_valid`, the probabilities under each test-time augmentation of ``modes``
+    and the model's own, from one pass over the views: ``(split, {mode: probabilities}, info)``."""
     engine, info = load_engine(model_dir, device=device)
+    modes = list(dict.fromkeys([*modes, tta(info)]))
+    n = max(N_VIEWS[m] for m in modes)
     valid = load_split(shards_dir, "valid", size=input_size(info))
-    probs = [engine(to_chw_float(valid.pixels[i:i + batch_size])) for i in range(0, len(valid), batch_size)]
-    return valid, np.concatenate(probs) if probs else np.zeros(0, np.float32), info
+    per_view = [view_probabilities(engine, to_chw_float(valid.pixels[i:i + batch_size]), n,
+                                   max(MAX_VIEW_BATCH, batch_size))   # off: one call per batch, as ever
+                for i in range(0, len(valid), batch_size)]
+    per_view = np.concatenate(per_view, axis=1) if per_view else np.zeros((n, 0), np.float32)
+    return valid, {m: combine(per_view, m) for m in modes}, info
 
 
 def probability_histogram(labels, probs, n_bins: int = HIST_BINS) -> list[dict]:

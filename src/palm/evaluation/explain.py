@@ -4,8 +4,9 @@ For a few validation images (the most confident errors first, then PM and non-PM
 from the saved predictions) it writes a figure a person can read: the photograph at
 ``DISPLAY`` px (from the shards, at their full ``image_size``, not the network's smaller
 input) beside the same photograph with the heatmap of the predicted class overlaid, under a
-caption with the image's name, its label, the prediction, the PM probability and the
-threshold. PNGs in ``metrics/explain/`` that ``dvc plots show`` displays; file names say what
+caption with the image's name, its label, the prediction, the PM probability (with the model's
+test-time augmentation, :mod:`palm.serve.tta`: the mean over its views; the heatmap is the
+un-flipped image's) and the threshold. PNGs in ``metrics/explain/`` that ``dvc plots show`` displays; file names say what
 the model did: ``V0012_label-PM_pred-nonPM_p0.31.png``.
 """
 
@@ -19,6 +20,7 @@ import pandas as pd
 
 from palm.nn.artifact import load
 from palm.nn.modelinfo import input_size
+from palm.nn.modelinfo import tta as model_tta
 from palm.nn.modelinfo import threshold as model_threshold
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_dir
@@ -26,6 +28,8 @@ from palm.data.image import to_chw_float
 from palm.params import DEFAULT_THRESHOLD
 from palm.nn.models import gradcam_layer
 from palm.runtime import configured_device, select_device
+from palm.serve import tta
+from palm.serve.inference import eager
 from palm.serve.gradcam import gradcam, overlay  # noqa: F401  (gradcam: also this module's, for its users)
 
 EXPLAIN_DIR = Path("metrics/explain")
@@ -76,6 +80,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
     model, info = load(model_dir)
     layer = gradcam_layer(info["model"], model)
     threshold = model_threshold(info)
+    mode, engine = model_tta(info), eager(model, device)
     photos = load_split(shards_dir, "valid")                  # full image_size, for the eye
     valid = photos.resized(input_size(info))                   # what the network sees
     index = {name: i for i, name in enumerate(valid.images)}
@@ -84,7 +89,10 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
     with atomic_dir(out_dir) as tmp:
         for _, row in chosen.iterrows():
             i = index[row.image]
-            cam, prob = gradcam(model, layer, to_chw_float(valid.pixels[i]))
+            x = to_chw_float(valid.pixels[i])
+            cam, prob = gradcam(model, layer, x)   # Grad-CAM of the image itself (not of its flipped views)
+            if mode != "off":                      # the probability the model gives: the mean over its views
+                prob = float(tta.predict(engine, x[None], mode)[0])
             label = "PM" if row.label else "nonPM"
             pred = "PM" if prob >= threshold else "nonPM"
             name = f"{Path(row.image).stem}_label-{label}_pred-{pred}_p{prob:.2f}.png"

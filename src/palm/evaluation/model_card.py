@@ -162,6 +162,7 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
                   "selected_epoch": info.get("selected_epoch"), "epochs": info.get("epochs"),
                   "training_config": info.get("config")},
         "decision": {"threshold": modelinfo.threshold(info), "threshold_rule": str(info.get("threshold_rule", "")),
+                     "tta": modelinfo.tta(info),
                      "rule": "PM if probability >= threshold, else non-PM; no diagnosis for a photograph "
                              "whose quality check fails (unless asked: --grade-all)"},
         "input": {
@@ -174,7 +175,9 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
                              + (f", then to {size} x {size}" if size != int(info["image_size"]) else ""),
             "tensor": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
                        "channels": "RGB", "scale": "pixel * 2 / 255 - 1 (in [-1, 1])"},
-            "output": "the PM probability (sigmoid of the network's one logit)",
+            "output": "the PM probability (sigmoid of the network's one logit"
+                      + ("" if modelinfo.tta(info) == "off" else f"; the mean over the {modelinfo.tta(info)} "
+                         "views of the photograph, test-time augmentation") + ")",
         },
         "training_data": data,
         "validation": validation(metrics),
@@ -209,7 +212,8 @@ def card_markdown(card: dict) -> str:
     c = v["confusion"]
     lines += ["", f"Confusion (validation): {c['tp']} true positives, {c['fp']} false positives, {c['tn']} true "
               f"negatives, {c['fn']} false negatives.", "", "## Decision", "",
-              f"Threshold {d['threshold']} (rule: {d['threshold_rule'] or 'fixed'}): {d['rule']}.", "",
+              f"Threshold {d['threshold']} (rule: {d['threshold_rule'] or 'fixed'}): {d['rule']}. "
+              f"Test-time augmentation: {d.get('tta', 'off')}.", "",
               "## Input", "", f"{card['input']['what']}; files {', '.join(card['input']['file_types'])}, "
               f"at most {card['input']['max_pixels']:,} pixels.", "", card["input"]["preprocessing"] + ".", "",
               "Network input `{name}`: {dtype} {layout} {shape}, {channels}, {scale}; ".format(**card["input"]["tensor"])

@@ -10,6 +10,8 @@ comparison of models) does not load Paddle nor depend on the networks' code. ``m
   is decoded to); ``input_size``: the side the network takes (older files: ``image_size``);
 - ``threshold``: PM if the probability is at least this (:data:`palm.params.DEFAULT_THRESHOLD`
   if absent), and ``threshold_rule``, where it came from;
+- ``tta``: the test-time augmentation its probability is computed with (:mod:`palm.serve.tta`;
+  ``off`` if absent);
 - what the training run was (``selected_epoch``, ``epochs``, ``device``, ``config``, ...), for people.
 
 The weights beside it, and loading the network, are :mod:`palm.nn.artifact`'s.
@@ -24,7 +26,7 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from palm.errors import ConfigError, DataError
-from palm.params import DEFAULT_THRESHOLD, Side, check  # DEFAULT_THRESHOLD: a model whose model.json names none
+from palm.params import DEFAULT_THRESHOLD, Side, TTAMode, check  # DEFAULT_THRESHOLD: a model whose model.json names none
 
 MODEL_INFO = "model.json"
 
@@ -60,6 +62,7 @@ class ModelInfo(BaseModel):
     image_size: Side
     input_size: Optional[Side] = None
     threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = DEFAULT_THRESHOLD
+    tta: TTAMode = "off"
 
 
 def input_size(info: dict) -> int:
@@ -70,3 +73,8 @@ def input_size(info: dict) -> int:
 def threshold(info: dict) -> float:
     """The operating threshold: PM if the probability is at least this."""
     return float(info.get("threshold", DEFAULT_THRESHOLD))
+
+
+def tta(info: dict) -> str:
+    """The test-time augmentation the model's probability is computed with (``off`` if not named)."""
+    return info.get("tta") or "off"

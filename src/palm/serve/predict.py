@@ -26,6 +26,7 @@ from palm.nn.card import verify
 from palm.serve.decode import Decoded, decode_stream
 from palm.data.image import to_chw_float
 from palm.data.layout import IMAGE_SUFFIXES
+from palm.serve import tta
 from palm.serve.quality import OK
 
 FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
@@ -77,7 +78,8 @@ class Predictor:
         """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
         by default, eager Paddle as the fallback), or with ``engine="onnxruntime"`` by
         :func:`palm.serve.onnxrt.onnx_engine` (no Paddle imported). Weights that the model card
-        does not list with their SHA-256 are refused first (:func:`palm.nn.card.verify`)."""
+        does not list with their SHA-256 are refused first (:func:`palm.nn.card.verify`). The
+        probability is the mean over the views of ``model.json``'s ``tta`` (:mod:`palm.serve.tta`)."""
         verify(model_dir)
         if engine == "onnxruntime":
             from palm.serve.onnxrt import onnx_engine
@@ -87,6 +89,7 @@ class Predictor:
             from palm.serve.inference import load_engine  # imports Paddle
 
             run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
+        run = tta.wrap(run, modelinfo.tta(info))   # model.json's test-time augmentation (off: the engine itself)
         return cls(run, int(info["image_size"]), modelinfo.input_size(info), modelinfo.threshold(info),
                    info["model"], run.name)
 

@@ -245,11 +245,11 @@ class Model:
         return {"source": "model.json (no model card beside the weights)", "model": self.info["model"],
                 "version": self.version, "weights_sha256": self.weights_sha256, "engine": p.engine,
                 "intended_use": NOTICE, "threshold": p.threshold,
-                "threshold_rule": self.info.get("threshold_rule"),
+                "threshold_rule": self.info.get("threshold_rule"), "tta": modelinfo.tta(self.info),
                 "input": {"formats": "JPEG, PNG, BMP, TIFF (as palm predict reads them)",
                           "max_pixels": MAX_PIXELS, "decoded_to": p.image_size, "network_input": p.input_size},
                 "training": {k: v for k, v in self.info.items()
-                             if k not in ("model", "threshold", "threshold_rule", "image_size", "input_size")}}
+                             if k not in ("model", "threshold", "threshold_rule", "tta", "image_size", "input_size")}}
 
     def overlay_jpeg(self, data: bytes) -> str | None:
         """The Grad-CAM overlay of an upload as a JPEG data URL (run on the network's thread)."""

@@ -7,6 +7,9 @@ the recipe (``Trainer``, exactly as the ``train`` stage runs it, its own interna
 included) learns from the other folds and predicts this one. Every training image is
 predicted once, by a network that never saw it, and the pooled out-of-fold predictions
 are scored with :func:`palm.evaluation.metrics.score`: ~300 images instead of one 45-image holdout.
+The same fold networks also predict under every test-time augmentation (:mod:`palm.serve.tta`):
+the CSV's ``probability_<mode>`` columns and the summary's ``tta`` scores compare the modes paired,
+without training again (``probability`` is the configured mode's).
 
 ``scripts/cross_validate.py`` is the command line.
 """
@@ -24,9 +27,10 @@ import yaml
 
 from palm.data.dataset import Split, load_split
 from palm.errors import DataError
-from palm.evaluation.evaluate import predict_valid
+from palm.evaluation.evaluate import predict_valid_modes
 from palm.evaluation.metrics import score
-from palm.params import DEFAULT_THRESHOLD
+from palm.nn.modelinfo import tta
+from palm.params import DEFAULT_THRESHOLD, TTA_MODES
 from palm.data.shards import SplitWriter, new_manifest, open_split, read_manifest, write_manifest
 from palm.data.splits import fold_of
 from palm.training.train import Trainer
@@ -80,16 +84,21 @@ def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int 
             fold_dir = write_fold_shards(full, folds, fold, Path(tmp) / f"fold{fold}", full.pixels.shape[1])
             run_dir = Path(tmp) / f"run{fold}"
             Trainer(params, fold_dir).run(run_dir / "models", run_dir / "checkpoints", run_dir / "live")
-            held, probs, info = predict_valid(fold_dir, run_dir / "models")  # as the evaluate stage predicts
-            rows += [{"image": img, "group": g, "label": int(lab), "fold": fold, "probability": round(float(p), 6)}
-                     for img, g, lab, p in zip(held.images, held.groups, held.labels, probs)]
+            # as the evaluate stage predicts (the configured tta), and under every tta mode: the same networks
+            held, by_mode, info = predict_valid_modes(fold_dir, run_dir / "models")
+            columns = {"probability": by_mode[tta(info)], **{f"probability_{m}": by_mode[m] for m in TTA_MODES}}
+            rows += [{"image": img, "group": g, "label": int(lab), "fold": fold,
+                      **{c: round(float(p[i]), 6) for c, p in columns.items()}}
+                     for i, (img, g, lab) in enumerate(zip(held.images, held.groups, held.labels))]
             runs.append({"fold": fold, "selected_epoch": info["selected_epoch"],
                          "train_seconds": info["train_seconds"]})
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.rmtree(fold_dir, ignore_errors=True)
     oof = pd.DataFrame(rows)
     scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
-    summary = {"folds": k, "fold_seed": seed, "splits": list(splits), "images": len(oof), **scores, "errors": scores["fp"] + scores["fn"], "runs": runs}
+    summary = {"folds": k, "fold_seed": seed, "splits": list(splits), "images": len(oof), **scores,
+               "errors": scores["fp"] + scores["fn"], "runs": runs,
+               "tta": {m: score(oof["label"], oof[f"probability_{m}"], DEFAULT_THRESHOLD) for m in TTA_MODES}}
     return oof, summary
 
 

@@ -100,8 +100,9 @@ def run_identity(cfg: TrainingConfig, shards_dir: Path) -> dict:
     closure in ``palm``: the deps ``dvc.yaml`` lists; this module's closure when the library is
     used without the stage) and the versions of Paddle and numpy. A checkpoint is resumed only
     by a run of the same identity."""
-    # the threshold rule is applied after training: a finished run's checkpoint serves any rule
-    config = json.dumps({k: v for k, v in cfg.record().items() if k != "threshold"}, sort_keys=True)
+    # the threshold rule and the test-time augmentation apply after training: a finished run's
+    # checkpoint serves any of them (only model.json is written again)
+    config = json.dumps({k: v for k, v in cfg.record().items() if k not in ("threshold", "tta")}, sort_keys=True)
     return {"config": hashlib.sha256(config.encode()).hexdigest(),
             "data": shards.digest(shards_dir, "train"),
             **producer(STAGE_ENTRY, __file__, LIBRARIES)}
@@ -438,7 +439,7 @@ class Trainer:
         threshold = self._threshold(nets, data, weights)
         info = {
             "model": cfg.model, "image_size": cfg.image_size, "input_size": cfg.input_size,
-            "threshold": threshold, "threshold_rule": str(cfg.threshold),
+            "threshold": threshold, "threshold_rule": str(cfg.threshold), "tta": cfg.tta,
             "selected_epoch": best["epoch"], "epochs": cfg.epochs, "device": device, "amp": self.amp_mode,
             "train_seconds": round(sum(r["epoch_seconds"] for r in progress.history), 2),
             "n_train": len(data.train), "n_holdout": len(data.hold), "config": cfg.record(),
