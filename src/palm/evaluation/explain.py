@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from palm.nn.artifact import load
-from palm.nn.modelinfo import input_size
+from palm.nn.modelinfo import fundus, input_size
 from palm.nn.modelinfo import threshold as model_threshold
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_dir
@@ -77,7 +77,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
     layer = gradcam_layer(info["model"], model)
     threshold = model_threshold(info)
     photos = load_split(shards_dir, "valid")                  # full image_size, for the eye
-    valid = photos.resized(input_size(info))                   # what the network sees
+    valid = photos.resized(input_size(info), fundus(info))     # what the network sees
     index = {name: i for i, name in enumerate(valid.images)}
     chosen = choose_images(pd.read_csv(predictions), n_images, threshold)
     written = []
