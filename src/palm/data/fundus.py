@@ -100,7 +100,7 @@ class Disc(NamedTuple):
 
 def find_disc(rgb: np.ndarray) -> Disc | None:
     """The bounding box of the largest bright connected region (the fundus disc against its black
-    border), or None when there is no disc (an all-dark image, a region below
+    border; extended beyond one edge of the frame that cuts it, as a round disc), or None when there is no disc (an all-dark image, a region below
     :data:`MIN_DISC_AREA` of the frame) or no border (the region covers :data:`NO_BORDER_AREA`
     of the frame)."""
     bright = rgb.max(axis=2)
@@ -116,6 +116,12 @@ def find_disc(rgb: np.ndarray) -> Disc | None:
     height, width = mask.shape
     if not MIN_DISC_AREA * height * width <= area < NO_BORDER_AREA * height * width:
         return None
+    # a disc cut off by one edge of the frame (an off-centre photograph): it is taken round, as wide
+    # as it is high (or the reverse), and extends beyond that edge; cut off by both, it is centred
+    if h > w and (x == 0) != (x + w >= width):
+        x, w = (x + w - h if x == 0 else x), h
+    elif w > h and (y == 0) != (y + h >= height):
+        y, h = (y + h - w if y == 0 else y), w
     region = np.zeros_like(mask)
     contours, _ = cv2.findContours((labels == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(region, contours, -1, 1, thickness=cv2.FILLED)   # dark spots inside are the disc's
