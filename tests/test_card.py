@@ -72,6 +72,22 @@ def test_card_says_use_data_metrics_threshold_input_provenance_and_weights(run, 
     assert listed["models_export/model.onnx"] in text
 
 
+def test_the_card_says_how_a_photograph_is_enhanced_before_the_network(run, monkeypatch, tmp_path):
+    """A model trained with ``train.fundus`` (model.json's ``fundus``): the card's input names the
+    steps; a model without one (the run above) has no ``fundus`` in its card."""
+    assert "fundus" not in write(run, monkeypatch)["input"]
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    info = json.loads((root / "models" / "model.json").read_text())
+    spec = {"crop": True, "local_norm": 0.033, "clahe": "green"}
+    (root / "models" / "model.json").write_text(json.dumps({**info, "fundus": spec}))
+    card = write(root, monkeypatch)
+    assert card["input"]["fundus"] == spec
+    said = card["input"]["preprocessing"]
+    assert "cropped to the fundus disc" in said and "sigma 0.033" in said and "CLAHE on the green channel" in said
+    assert said in (root / CARD_DIR / CARD_MD).read_text()
+
+
 def test_predict_runs_the_weights_of_its_card_and_refuses_others(run, monkeypatch, tmp_path, capsys):
     write(run, monkeypatch)
     files = synthetic_photos(tmp_path / "img", 2)

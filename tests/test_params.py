@@ -123,11 +123,17 @@ def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_ol
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.lr = 1.0
     rec = cfg.record()
-    assert list(rec) == [k for k in TrainParams.model_fields if k != "augment"] + ["augment", "model", "image_size"]
+    # fundus: only when a step is on (all off: the record, and so the run identity, of before it existed)
+    assert list(rec) == [k for k in TrainParams.model_fields if k not in ("augment", "fundus")] + \
+        ["augment", "model", "image_size"]
     # augment: train's keys in their order, then the override's new ones; only those given
     assert list(rec["augment"].items()) == [("hflip", False), ("scale", 0.1), ("vflip", True)]
     assert (rec["threshold"], rec["input_size"], rec["dropout"], rec["model"]) == (0.4, 64, None, "lenet")
     assert cfg.model_copy(update={"nproc": 2}).record() == {**rec, "nproc": 2}
+    p["models"]["lenet"]["fundus"] = {"clahe": "green"}
+    rec = training_config(p).record()
+    assert list(rec)[-4:] == ["augment", "fundus", "model", "image_size"]
+    assert rec["fundus"] == {"crop": False, "local_norm": 0.0, "clahe": "green"}
 
 
 def test_synthetic_needs_images_in_both_sets_in_one_line():

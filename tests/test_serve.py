@@ -133,6 +133,7 @@ def test_model_card_health_and_docs(served):
     sha = hashlib.sha256((tmp / "models" / "model.safetensors").read_bytes()).hexdigest()
     assert card["model"] == "senet18" and card["weights_sha256"] == sha and card["threshold"] == 0.5
     assert card["version"] == "senet18-" + sha[:12] and card["input"]["network_input"] == 48
+    assert card["input"]["fundus"] == {"crop": False, "local_norm": 0.0, "clahe": "off"}   # model.json: none
     health = httpx.get(url + "/healthz").json()
     assert health["status"] == "ok" and health["model"] == card["version"]
     assert "/v1/predict" in httpx.get(url + "/openapi.json").json()["paths"]

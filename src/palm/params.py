@@ -139,6 +139,19 @@ class AugmentParams(Section):
     scale: Optional[Fraction] = None
 
 
+def _clahe(value):
+    """YAML 1.1 (PyYAML, ``--set``) reads a bare ``off`` as false; dvc's YAML 1.2 as the text."""
+    return "off" if value is False else value
+
+
+class FundusParams(Section):
+    """Fields of :class:`palm.data.fundus.Fundus` (the steps of its ``enhance``); not given: off."""
+
+    crop: Optional[StrictBool] = None
+    local_norm: Optional[Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)]] = None
+    clahe: Optional[Annotated[Literal["off", "luminance", "green"], BeforeValidator(_clahe)]] = None
+
+
 class TrainParams(Section):
     epochs: Annotated[StrictInt, Field(ge=1, le=100_000)]
     batch_size: Count
@@ -154,6 +167,7 @@ class TrainParams(Section):
     ema: Fraction
     class_balance: StrictBool
     augment: AugmentParams
+    fundus: FundusParams = FundusParams()
     seed: NonNegInt
     device: Annotated[str, Field(pattern=r"^(auto|cpu|gpu(:\d+)?)$")]
     amp: Literal["auto", "off", "fp16", "bf16"]
@@ -303,11 +317,14 @@ class TrainingConfig(TrainParams):
 
     def record(self) -> dict:
         """The configuration as JSON-able data: :class:`TrainParams`' keys in their order (``augment``
-        last, with only the keys given), then ``model`` and ``image_size``."""
-        cfg = self.model_dump(exclude={"augment", "model", "image_size"})
+        last, with only the keys given; then ``fundus``, all three steps, only when one is on: a
+        run without it keeps its identity), then ``model`` and ``image_size``."""
+        cfg = self.model_dump(exclude={"augment", "fundus", "model", "image_size"})
         augment = self.augment.model_dump(exclude_none=True)
         order = [k for k in self._augment_order if k in augment]
         cfg["augment"] = {k: augment[k] for k in [*order, *(k for k in augment if k not in order)]}
+        if self.fundus.crop or self.fundus.local_norm or self.fundus.clahe != "off":
+            cfg["fundus"] = self.fundus.model_dump()
         cfg["model"] = self.model
         cfg["image_size"] = self.image_size
         return cfg
@@ -315,17 +332,22 @@ class TrainingConfig(TrainParams):
 
 def training_config(params: dict, source: str = "params.yaml") -> TrainingConfig:
     """The training configuration of ``params['model']``: ``train:`` overridden by ``models.<model>:``
-    (``augment`` key by key), checked; plus ``model`` and ``image_size``; ``input_size`` resolved
-    (it caps the side the network sees: smaller shards, ``image_size``, are used as they are)."""
+    (``augment`` and ``fundus`` key by key), checked; plus ``model`` and ``image_size``; ``input_size``
+    resolved (it caps the side the network sees: smaller shards, ``image_size``, are used as they
+    are); ``fundus`` resolved (every step given: off unless set)."""
     p = check(TrainingParams, params, source)
-    cfg = p.train.model_dump(exclude={"augment"})
+    cfg = p.train.model_dump(exclude={"augment", "fundus"})
     augment = p.train.augment.model_dump(exclude_none=True)
+    fundus = {"crop": False, "local_norm": 0.0, "clahe": "off", **p.train.fundus.model_dump(exclude_none=True)}
     override = p.models.get(p.model)
     if override is not None:
-        cfg.update(override.model_dump(exclude_none=True, exclude={"augment"}))
+        cfg.update(override.model_dump(exclude_none=True, exclude={"augment", "fundus"}))
         if override.augment is not None:
             augment.update(override.augment.model_dump(exclude_none=True))
+        if override.fundus is not None:
+            fundus.update(override.fundus.model_dump(exclude_none=True))
     cfg["input_size"] = min(cfg["input_size"] or p.image_size, p.image_size)
-    config = TrainingConfig.model_validate({**cfg, "augment": augment, "model": p.model, "image_size": p.image_size})
+    config = TrainingConfig.model_validate({**cfg, "augment": augment, "fundus": fundus, "model": p.model,
+                                            "image_size": p.image_size})
     config._augment_order = tuple(augment)
     return config

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import paddle
 
+from palm.data.fundus import Fundus
 from palm.data.image import to_chw_float
 from palm.data.shards import ShardImages, open_split
 
@@ -34,16 +35,18 @@ class Split:
         return Split(self.pixels.subset(idx), self.labels[idx],
                      [self.images[i] for i in idx], [self.groups[i] for i in idx])
 
-    def resized(self, size: int | None) -> "Split":
-        """The same images at ``size`` x ``size`` (a model's ``input_size``), resized as each is read."""
-        if size is None or self.pixels.shape[1:3] == (size, size):
+    def resized(self, size: int | None, fundus=None) -> "Split":
+        """The same images as a model sees them: enhanced by ``fundus`` (its ``train.fundus``,
+        :mod:`palm.data.fundus`; None: not) and resized to ``size`` x ``size`` (its ``input_size``),
+        as each is read (:func:`palm.data.image.to_input`)."""
+        if not Fundus.of(fundus) and (size is None or self.pixels.shape[1:3] == (size, size)):
             return self
-        return Split(self.pixels.resized(size), self.labels, self.images, self.groups)
+        return Split(self.pixels.resized(size or self.pixels.side, fundus), self.labels, self.images, self.groups)
 
 
-def load_split(shards_dir: str | Path, split: str, size: int | None = None) -> Split:
-    """One split of the shards, resized to ``size`` when given (see ``Split.resized``)."""
-    return Split(*open_split(shards_dir, split)).resized(size)
+def load_split(shards_dir: str | Path, split: str, size: int | None = None, fundus=None) -> Split:
+    """One split of the shards, enhanced and resized when asked (see ``Split.resized``)."""
+    return Split(*open_split(shards_dir, split)).resized(size, fundus)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The one image preprocessing function shared by ``preprocess`` (training data) and ``predict``.
 
 ``load_image`` decodes a photograph to an ``image_size`` x ``image_size`` RGB uint8 array
-(and on to a model's ``input_size``, via ``resize_square``);
+(and on to a model's ``input_size`` via :func:`to_input`: a model's fundus enhancement,
+:mod:`palm.data.fundus`, then ``resize_square``; the shards' readers do the same);
 ``to_chw_float`` turns such arrays into the network's input (float32, CHW, in [-1, 1]).
 """
 
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from palm.data.fundus import enhance
 from palm.errors import DataError
 
 #: the most pixels a photograph may have (8000 x 8000); the PALM photographs have up to 2124 x 2056.
@@ -27,12 +29,15 @@ _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA", "P"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def load_image(source: str | Path | bytes, image_size: int, input_size: int | None = None) -> np.ndarray:
+def load_image(source: str | Path | bytes, image_size: int, input_size: int | None = None,
+               fundus=None) -> np.ndarray:
     """Decode ``source`` (a path or the file's bytes) to RGB uint8 of shape (image_size, image_size, 3).
 
     This is what ``preprocess`` stores. With ``input_size`` (a model trained at a lower
     resolution than the shards, ``train.input_size``), that image is then resized again to
-    ``input_size``, exactly as the training loader resizes the shards.
+    ``input_size``, exactly as the training loader resizes the shards; with ``fundus`` (a
+    model's ``train.fundus``, :class:`palm.data.fundus.Fundus`) it is first enhanced, as the
+    training loader enhances the shards (:func:`to_input`).
 
     Large JPEGs are decoded at reduced resolution (libjpeg's DCT scaling, 1/2 to 1/8, never
     below ``image_size``): a 2124x2056 photograph is decoded about 8x faster than at full size.
@@ -48,13 +53,21 @@ def load_image(source: str | Path | bytes, image_size: int, input_size: int | No
     Any failure is a :class:`DataError` naming the file.
     """
     rgb, _ = decode(source, image_size)
-    return fit(rgb, image_size, input_size)
+    return fit(rgb, image_size, input_size, fundus)
 
 
-def fit(rgb: np.ndarray, image_size: int, input_size: int | None = None) -> np.ndarray:
+def fit(rgb: np.ndarray, image_size: int, input_size: int | None = None, fundus=None) -> np.ndarray:
     """A decoded image (:func:`decode` with ``min_side=image_size``) as :func:`load_image` returns it."""
     rgb = resize_square(rgb, image_size)
-    return rgb if input_size is None else resize_square(rgb, input_size)
+    return to_input(rgb, input_size, fundus)
+
+
+def to_input(rgb: np.ndarray, size: int | None, fundus=None) -> np.ndarray:
+    """An image at ``image_size`` (a shard's, or :func:`load_image`'s) as a network sees it: enhanced
+    by ``fundus`` (:func:`palm.data.fundus.enhance`; None or all off: unchanged), then resized to
+    ``size`` (None: kept). The one place that does both, for training, evaluate, explain and predict."""
+    rgb = enhance(rgb, fundus)
+    return rgb if size is None else resize_square(rgb, size)
 
 
 def decode(source: str | Path | bytes, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -11,8 +11,8 @@ A shards folder (``data/shards/``)::
 
 Memory does not grow with the data: shards are written one at a time (:class:`SplitWriter`), and
 :class:`ShardImages` reads one image at a time from its shard (``os.preadv`` at the image's offset
-in the ``.npy`` file, no memory map whose pages would stay resident), resized to a network's
-``input_size`` as it is read. Only the manifest's names and labels are held for a whole split.
+in the ``.npy`` file, no memory map whose pages would stay resident), enhanced and resized to a
+network's ``input_size`` as it is read (:func:`palm.data.image.to_input`). Only the manifest's names and labels are held for a whole split.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 
 from palm.errors import DataError
 from palm.fsutil import atomic_file, writing
-from palm.data.image import resize_square
+from palm.data.fundus import Fundus
+from palm.data.image import to_input
 from palm.params import MAX_SIDE, MIN_SIDE, short
 
 MANIFEST = "manifest.json"
@@ -171,29 +172,38 @@ class ShardImages:
 
     Array-like where the pipeline needs it (``len``, ``shape``, integer indexing, iteration,
     ``np.asarray`` for small splits), never holding more than the image asked for. ``rows``
-    selects and orders images (a subset), ``size`` resizes each image as it is read
-    (:func:`palm.data.image.resize_square`, exactly as preprocessing resized a whole split before).
-    Picklable (for loader worker processes); each process opens the files itself.
+    selects and orders images (a subset), ``size`` and ``fundus`` enhance and resize each image as
+    it is read (:func:`palm.data.image.to_input`, as ``palm predict`` does to a photograph).
+    Enhanced images are kept in memory (:attr:`cache`, shared by the views of one spec and size:
+    224 px x 400 images is 60 MB), since enhancing costs more than reading (benchmarks/fundus.py);
+    never on disk. Picklable (for loader worker processes); each process opens the files itself.
     """
 
     def __init__(self, files: list[Path], counts: list[int], side: int, rows: np.ndarray | None = None,
-                 size: int | None = None, offsets: list[int] | None = None):
+                 size: int | None = None, offsets: list[int] | None = None, fundus=None,
+                 cache: dict | None = None):
         self.files, self.counts, self.side = [Path(p) for p in files], list(counts), int(side)
         self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.offsets = offsets
         self.rows = np.arange(self.starts[-1], dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
         self.size = self.side if size is None else int(size)
+        self.fundus = Fundus.of(fundus)
+        #: row -> image as returned, when ``fundus`` is on (one dict per spec and size, shared by views)
+        self.cache: dict[int, np.ndarray] = {} if cache is None else cache
         self._fds: dict[int, int] = {}
 
     # -- views -------------------------------------------------------------------------
-    def _view(self, rows, size) -> "ShardImages":
-        return ShardImages(self.files, self.counts, self.side, rows, size, self.offsets)
+    def _view(self, rows, size, fundus) -> "ShardImages":
+        same = size == self.size and Fundus.of(fundus) == self.fundus
+        return ShardImages(self.files, self.counts, self.side, rows, size, self.offsets, fundus,
+                           self.cache if same else None)
 
     def subset(self, idx) -> "ShardImages":
-        return self._view(self.rows[np.asarray(idx, dtype=np.int64)], self.size)
+        return self._view(self.rows[np.asarray(idx, dtype=np.int64)], self.size, self.fundus)
 
-    def resized(self, size: int) -> "ShardImages":
-        return self._view(self.rows, size)
+    def resized(self, size: int, fundus=None) -> "ShardImages":
+        """The same images enhanced by ``fundus`` (None: not) and resized to ``size``, as each is read."""
+        return self._view(self.rows, size, fundus)
 
     # -- array-like ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -212,9 +222,13 @@ class ShardImages:
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"image {i} of {len(self)}")
-        img = self._read(int(self.rows[i]))
-        if self.size != self.side:
-            img = resize_square(img, self.size)
+        row = int(self.rows[i])
+        if not self.fundus:
+            return to_input(self._read(row), self.size if self.size != self.side else None)
+        img = self.cache.get(row)
+        if img is None:
+            img = self.cache[row] = to_input(self._read(row), self.size, self.fundus)
+            img.flags.writeable = False   # shared: a caller that changes an image works on a copy
         return img
 
     def __iter__(self):
@@ -256,7 +270,7 @@ class ShardImages:
             pass
 
     def __getstate__(self):
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "_fds": {}, "cache": {}}   # a worker process fills its own cache
 
 
 def digest(shards_dir: str | Path, split: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
-from palm.nn.modelinfo import input_size, threshold, tta
+from palm.nn.modelinfo import fundus, input_size, threshold, tta
 from palm.data.dataset import load_split
 from palm.fsutil import atomic_file
 from palm.data.image import to_chw_float
@@ -38,8 +38,8 @@ HIST_BINS = 20
 
 
 def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int = 32, device: str = "auto"):
-    """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, resized to
-    the model's input size: ``(split, probabilities, model info)``. Scored by
+    """The trained model of ``model_dir`` on the ``valid`` split of ``shards_dir``, as the model
+    takes it (enhanced as it was trained, resized to its input size): ``(split, probabilities, model info)``. Scored by
     :func:`palm.serve.inference.load_engine` (Paddle Inference; eager Paddle if it cannot run),
     with the model's test-time augmentation (``model.json``'s ``tta``, :mod:`palm.serve.tta`)."""
     valid, by_mode, info = predict_valid_modes(shards_dir, model_dir, (), batch_size, device)
@@ -53,7 +53,7 @@ def predict_valid_modes(shards_dir: str | Path, model_dir: str | Path, modes=TTA
     engine, info = load_engine(model_dir, device=device)
     modes = list(dict.fromkeys([*modes, tta(info)]))
     n = max(N_VIEWS[m] for m in modes)
-    valid = load_split(shards_dir, "valid", size=input_size(info))
+    valid = load_split(shards_dir, "valid", size=input_size(info), fundus=fundus(info))
     per_view = [view_probabilities(engine, to_chw_float(valid.pixels[i:i + batch_size]), n,
                                    max(MAX_VIEW_BATCH, batch_size))   # off: one call per batch, as ever
                 for i in range(0, len(valid), batch_size)]

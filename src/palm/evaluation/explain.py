@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from palm.nn.artifact import load
-from palm.nn.modelinfo import input_size
+from palm.nn.modelinfo import fundus, input_size
 from palm.nn.modelinfo import tta as model_tta
 from palm.nn.modelinfo import threshold as model_threshold
 from palm.data.dataset import load_split
@@ -82,7 +82,7 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
     threshold = model_threshold(info)
     mode, engine = model_tta(info), eager(model, device)
     photos = load_split(shards_dir, "valid")                  # full image_size, for the eye
-    valid = photos.resized(input_size(info))                   # what the network sees
+    valid = photos.resized(input_size(info), fundus(info))     # what the network sees
     index = {name: i for i, name in enumerate(valid.images)}
     chosen = choose_images(pd.read_csv(predictions), n_images, threshold)
     written = []

@@ -171,8 +171,9 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
             "max_pixels": MAX_PIXELS,
             "preprocessing": f"decoded to RGB by palm.data.image.load_image (the loader of training and "
                              f"of palm predict), resized to {info['image_size']} x {info['image_size']} by area "
-                             "interpolation (aspect ratio not kept)"
+                             "interpolation (aspect ratio not kept)" + enhancement(modelinfo.fundus(info))
                              + (f", then to {size} x {size}" if size != int(info["image_size"]) else ""),
+            **({"fundus": modelinfo.fundus(info).record()} if modelinfo.fundus(info) else {}),
             "tensor": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
                        "channels": "RGB", "scale": "pixel * 2 / 255 - 1 (in [-1, 1])"},
             "output": "the PM probability (sigmoid of the network's one logit"
@@ -184,6 +185,16 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
         "provenance": provenance(lock_file),
         "weights": weights((model_dir, export_dir)),
     }
+
+
+def enhancement(spec) -> str:
+    """The words of the preprocessing text for a model's fundus enhancement (none: nothing)."""
+    steps = (["cropped to the fundus disc"] if spec.crop else []) + \
+        ([f"locally colour-normalised (4 x (image - Gaussian blur of sigma {spec.local_norm:g} x side) + 128, "
+          "grey outside the disc)"] if spec.local_norm else []) + \
+        ([f"CLAHE on the {spec.clahe} channel" if spec.clahe == "green" else "CLAHE on luminance (L of CIELAB)"]
+         if spec.clahe != "off" else [])
+    return f", then {', '.join(steps)} (palm.data.fundus.enhance, train.fundus)" if steps else ""
 
 
 def _fmt(value) -> str:

@@ -8,6 +8,8 @@ comparison of models) does not load Paddle nor depend on the networks' code. ``m
 - ``model``: the network's name in :data:`palm.nn.models.MODELS`;
 - ``image_size``: the side of the square images ``preprocess`` decodes (what a new photograph
   is decoded to); ``input_size``: the side the network takes (older files: ``image_size``);
+- ``fundus``: the enhancement of a photograph before the network (:mod:`palm.data.fundus`,
+  ``train.fundus``; absent: none);
 - ``threshold``: PM if the probability is at least this (:data:`palm.params.DEFAULT_THRESHOLD`
   if absent), and ``threshold_rule``, where it came from;
 - ``tta``: the test-time augmentation its probability is computed with (:mod:`palm.serve.tta`;
@@ -26,7 +28,8 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from palm.errors import ConfigError, DataError
-from palm.params import DEFAULT_THRESHOLD, Side, TTAMode, check  # DEFAULT_THRESHOLD: a model whose model.json names none
+from palm.data.fundus import Fundus
+from palm.params import DEFAULT_THRESHOLD, FundusParams, Side, TTAMode, check  # DEFAULT_THRESHOLD: a model whose model.json names none
 
 MODEL_INFO = "model.json"
 
@@ -63,11 +66,17 @@ class ModelInfo(BaseModel):
     input_size: Optional[Side] = None
     threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = DEFAULT_THRESHOLD
     tta: TTAMode = "off"
+    fundus: Optional[FundusParams] = None
 
 
 def input_size(info: dict) -> int:
     """The side of the images the model takes (``model.json``; older files: ``image_size``)."""
     return int(info.get("input_size") or info["image_size"])
+
+
+def fundus(info: dict) -> Fundus:
+    """How the model's photographs are enhanced before the resize (older files: not at all)."""
+    return Fundus.of(info.get("fundus"))
 
 
 def threshold(info: dict) -> float:

@@ -30,18 +30,19 @@ class Decoded(NamedTuple):
     quality: str | None = None   # with check_quality: palm.serve.quality's verdict (ok, or why not gradable)
 
 
-def decode_one(file: Path | bytes, image_size: int, input_size: int | None, check_quality: bool = False) -> Decoded:
+def decode_one(file: Path | bytes, image_size: int, input_size: int | None, check_quality: bool = False,
+               fundus=None) -> Decoded:
     """``file`` (a path, or a file's bytes: ``palm serve``'s uploads) as
-    :func:`palm.data.image.load_image` returns it; with ``check_quality`` also its
+    :func:`palm.data.image.load_image` returns it (enhanced by the model's ``fundus``); with ``check_quality`` also its
     :mod:`palm.serve.quality` verdict, from the same decoding when the shards are at least the
     checks' resolution (the default 224 px). Errors name bytes ``<bytes>``."""
     try:
         if not check_quality:
-            return Decoded(file, load_image(file, image_size, input_size), None)
+            return Decoded(file, load_image(file, image_size, input_size, fundus), None)
         if image_size >= SIDE:
             rgb, size = decode(file, image_size)
-            return Decoded(file, fit(rgb, image_size, input_size), None, assess(rgb, size))
-        return Decoded(file, load_image(file, image_size, input_size), None, check_file(file))
+            return Decoded(file, fit(rgb, image_size, input_size, fundus), None, assess(rgb, size))
+        return Decoded(file, load_image(file, image_size, input_size, fundus), None, check_file(file))
     except DataError as exc:
         return Decoded(file, None, str(exc))
     except Exception as exc:  # noqa: BLE001 - whatever one file makes a decoder raise is that file's error
@@ -67,7 +68,8 @@ def default_workers() -> int:
 
 
 def decode_stream(files: Iterable[str | Path], image_size: int, input_size: int | None = None,
-                  workers: int | None = None, ahead: int = 64, check_quality: bool = False) -> Iterator[Decoded]:
+                  workers: int | None = None, ahead: int = 64, check_quality: bool = False,
+                  fundus=None) -> Iterator[Decoded]:
     """Every file decoded (:func:`decode_one`), in order; ``workers`` processes (None: one per
     core; 0: in this process) keep up to ``ahead`` images decoded or in progress ahead of the
     consumer."""
@@ -77,7 +79,7 @@ def decode_stream(files: Iterable[str | Path], image_size: int, input_size: int 
     files = iter(map(Path, files))
     if workers == 0:
         for f in files:
-            yield decode_one(f, image_size, input_size, check_quality)
+            yield decode_one(f, image_size, input_size, check_quality, fundus)
         return
     # spawn, not fork: the parent has Paddle's OpenMP and oneDNN thread pools running
     ctx = multiprocessing.get_context("spawn")
@@ -85,7 +87,7 @@ def decode_stream(files: Iterable[str | Path], image_size: int, input_size: int 
         pending: collections.deque = collections.deque()
         try:
             for f in files:
-                pending.append(pool.submit(decode_one, f, image_size, input_size, check_quality))
+                pending.append(pool.submit(decode_one, f, image_size, input_size, check_quality, fundus))
                 if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:

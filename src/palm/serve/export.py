@@ -21,7 +21,7 @@ from palm.data.image import load_image, to_chw_float
 from palm.data.synthetic import draw_fundus
 from palm.errors import DataError, RunError
 from palm.nn.artifact import load
-from palm.nn.modelinfo import input_size, write_info
+from palm.nn.modelinfo import fundus as fundus_of, input_size, write_info
 from palm.fsutil import atomic_dir
 from palm.serve import onnxrt
 from palm.serve.inference import eager, save
@@ -32,14 +32,15 @@ EXPORT_DIR = Path("models_export")
 N_CHECK = 6          # synthetic photographs the ONNX model is checked on
 
 
-def check_photographs(image_size: int, size: int, n: int = N_CHECK) -> np.ndarray:
+def check_photographs(image_size: int, size: int, n: int = N_CHECK, fundus=None) -> np.ndarray:
     """``n`` synthetic fundus photographs (PM, healthy, other; both eyes), as JPEG files read by
-    :func:`palm.data.image.load_image`: the network's input (float32 NCHW)."""
+    :func:`palm.data.image.load_image` (enhanced by the model's ``fundus``): the network's input
+    (float32 NCHW)."""
     images = []
     for i in range(n):
         bgr, _ = draw_fundus(np.random.default_rng(1000 + i), "PHN"[i % 3], (400 + 24 * i, 380), "LR"[i % 2])
         ok, jpeg = cv2.imencode(".jpg", bgr)
-        images.append(load_image(jpeg.tobytes(), image_size, size))
+        images.append(load_image(jpeg.tobytes(), image_size, size, fundus))
     return to_chw_float(np.stack(images))
 
 
@@ -57,7 +58,7 @@ def export_onnx(model, info: dict, folder: Path) -> dict | None:
     out = folder / onnxrt.ONNX_FILE
     try:
         onnxrt.convert(folder, out)
-        x = check_photographs(int(info["image_size"]), input_size(info))
+        x = check_photographs(int(info["image_size"]), input_size(info), fundus=fundus_of(info))
         diff = onnxrt.max_difference(out, eager(model, "cpu"), x)
         if not diff <= onnxrt.PARITY_TOL:
             raise RunError(f"its probabilities differ from eager Paddle's by {diff:.2e} (> {onnxrt.PARITY_TOL}) "

@@ -1,7 +1,8 @@
 """Applying a trained model to new photographs (``palm predict``).
 
 The images go through :func:`palm.data.image.load_image`, the very function the ``preprocess``
-stage uses, so a new photograph is seen exactly as the training images were; they are
+stage uses, then the model's fundus enhancement (``model.json``'s ``fundus``) as the training
+loader applied it, so a new photograph is seen exactly as the training images were; they are
 decoded in worker processes while the network, run by Paddle Inference
 (:mod:`palm.serve.inference`), scores the previous batch. Each one is also checked by
 :mod:`palm.serve.quality` (on the same decoded image): a picture that is not a gradable fundus
@@ -20,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from palm.data.fundus import Fundus
 from palm.errors import ConfigError
 from palm.nn import modelinfo
 from palm.nn.card import verify
@@ -71,6 +73,7 @@ class Predictor:
     threshold: float
     name: str
     engine: str = "eager"   # which engine runs it (palm.serve.inference)
+    fundus: Fundus = Fundus()  # the enhancement before the resize to input_size (model.json; none)
 
     @classmethod
     def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
@@ -91,7 +94,7 @@ class Predictor:
             run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
         run = tta.wrap(run, modelinfo.tta(info))   # model.json's test-time augmentation (off: the engine itself)
         return cls(run, int(info["image_size"]), modelinfo.input_size(info), modelinfo.threshold(info),
-                   info["model"], run.name)
+                   info["model"], run.name, modelinfo.fundus(info))
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,
                 workers: int | None = None, grade_all: bool = False) -> Iterator[dict]:
@@ -107,7 +110,7 @@ class Predictor:
             workers = 0          # starting the decoding processes would take longer than decoding these
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
         decoded = decode_stream(files, self.image_size, self.input_size, workers, ahead=2 * batch_size,
-                                check_quality=True)
+                                check_quality=True, fundus=self.fundus)
         while chunk := list(islice(decoded, batch_size)):
             graded = [d for d in chunk if gradable(d, grade_all)]
             probs = iter(self.run_batch(to_chw_float(np.stack([d.image for d in graded]))) if graded else [])

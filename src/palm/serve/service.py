@@ -247,9 +247,11 @@ class Model:
                 "intended_use": NOTICE, "threshold": p.threshold,
                 "threshold_rule": self.info.get("threshold_rule"), "tta": modelinfo.tta(self.info),
                 "input": {"formats": "JPEG, PNG, BMP, TIFF (as palm predict reads them)",
-                          "max_pixels": MAX_PIXELS, "decoded_to": p.image_size, "network_input": p.input_size},
+                          "max_pixels": MAX_PIXELS, "decoded_to": p.image_size, "network_input": p.input_size,
+                          "fundus": p.fundus.record()},
                 "training": {k: v for k, v in self.info.items()
-                             if k not in ("model", "threshold", "threshold_rule", "tta", "image_size", "input_size")}}
+                             if k not in ("model", "threshold", "threshold_rule", "tta", "image_size", "input_size",
+                                          "fundus")}}
 
     def overlay_jpeg(self, data: bytes) -> str | None:
         """The Grad-CAM overlay of an upload as a JPEG data URL (run on the network's thread)."""
@@ -257,7 +259,7 @@ class Model:
             return None
         p = self.predictor
         rgb = load_image(data, p.image_size)                         # what the person sees
-        cam, _ = gradcam(self.eager, self.layer, to_chw_float(load_image(data, p.image_size, p.input_size)))
+        cam, _ = gradcam(self.eager, self.layer, to_chw_float(load_image(data, p.image_size, p.input_size, p.fundus)))
         shown = cv2.resize(rgb, (DISPLAY, DISPLAY), interpolation=cv2.INTER_CUBIC)
         heat = cv2.resize(cam.astype(np.float32), (DISPLAY, DISPLAY), interpolation=cv2.INTER_LINEAR).clip(0, 1)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(overlay(shown, heat), cv2.COLOR_RGB2BGR),
@@ -325,7 +327,8 @@ def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | 
         batcher: Batcher = state["batcher"]
         names = [f.filename or f"image {i + 1}" for i, f in enumerate(files)]
         datas = [await f.read() for f in files]
-        decoded = await asyncio.gather(*(run_in_threadpool(decode_one, d, pred.image_size, pred.input_size, True)
+        decoded = await asyncio.gather(*(run_in_threadpool(decode_one, d, pred.image_size, pred.input_size, True,
+                                                           pred.fundus)
                                          for d in datas))
         futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
         rows: list[dict] = []

@@ -239,7 +239,7 @@ class Trainer:
         full = load_split(self.shards_dir, "train")
         if full.pixels.shape[1] != cfg.image_size:
             raise ConfigError(f"shards are {full.pixels.shape[1]} px but image_size is {cfg.image_size}")
-        full = full.resized(cfg.input_size)
+        full = full.resized(cfg.input_size, cfg.fundus)
         tr_idx, ho_idx = stratified_holdout(full.labels, full.groups, cfg.holdout, seed)
         train, hold = full.subset(tr_idx), full.subset(ho_idx)
         # the schema knows Augment's fields (tests/test_params.py): those not given keep its defaults
@@ -444,6 +444,8 @@ class Trainer:
             "train_seconds": round(sum(r["epoch_seconds"] for r in progress.history), 2),
             "n_train": len(data.train), "n_holdout": len(data.hold), "config": cfg.record(),
         }
+        if "fundus" in info["config"]:   # how a photograph is enhanced before the network (model.json)
+            info["fundus"] = info["config"]["fundus"]
         artifact.save(model_dir, weights, info)
         return info
 
