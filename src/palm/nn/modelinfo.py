@@ -26,7 +26,8 @@ from typing import Annotated, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from palm.errors import ConfigError, DataError
-from palm.params import DEFAULT_THRESHOLD, Side, TTAMode, check  # DEFAULT_THRESHOLD: a model whose model.json names none
+# DEFAULT_THRESHOLD: a model whose model.json names none
+from palm.params import DEFAULT_THRESHOLD, Side, TTAMode, check
 
 MODEL_INFO = "model.json"
 
