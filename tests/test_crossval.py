@@ -78,7 +78,8 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
     for mode in ("off", "hflip", "flips", "flips+rot"):
         assert summary["tta"][mode]["n"] == 15
         assert summary["tta"][mode]["auc"] == pytest.approx(score(oof["label"], oof[f"probability_{mode}"], 0.5)["auc"])
-    assert summary["auc"] == summary["tta"]["hflip"]["auc"] and summary["accuracy"] == summary["tta"]["hflip"]["accuracy"]
+    assert summary["auc"] == summary["tta"]["hflip"]["auc"]
+    assert summary["accuracy"] == summary["tta"]["hflip"]["accuracy"]
     assert summary["n"] == 15 and len(summary["runs"]) == 3
     wrong = int(((oof["probability"] >= 0.5).astype(int) != oof["label"]).sum())
     assert summary["errors"] == wrong and summary["accuracy"] == pytest.approx(1 - wrong / 15)

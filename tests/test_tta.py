@@ -93,7 +93,8 @@ def test_tta_is_a_training_key_overridable_per_model_and_checked():
     params["models"]["senet18"] = {"tta": "sideways"}
     with pytest.raises(ConfigError) as exc:
         training_config(params)
-    assert str(exc.value) == "params.yaml: models.senet18.tta = 'sideways': input should be 'off', 'hflip', 'flips' or 'flips+rot'"
+    assert str(exc.value) == ("params.yaml: models.senet18.tta = 'sideways': "
+                              "input should be 'off', 'hflip', 'flips' or 'flips+rot'")
 
 
 def test_a_bad_tta_stops_the_stage_with_one_line_and_exit_2(tmp_path):

@@ -6,8 +6,8 @@ from the saved predictions) it writes a figure a person can read: the photograph
 input) beside the same photograph with the heatmap of the predicted class overlaid, under a
 caption with the image's name, its label, the prediction, the PM probability (with the model's
 test-time augmentation, :mod:`palm.serve.tta`: the mean over its views; the heatmap is the
-un-flipped image's) and the threshold. PNGs in ``metrics/explain/`` that ``dvc plots show`` displays; file names say what
-the model did: ``V0012_label-PM_pred-nonPM_p0.31.png``.
+un-flipped image's) and the threshold. PNGs in ``metrics/explain/`` that ``dvc plots show``
+displays; file names say what the model did: ``V0012_label-PM_pred-nonPM_p0.31.png``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from palm.errors import ConfigError, DataError
 from palm.data.fundus import Fundus
-from palm.params import DEFAULT_THRESHOLD, FundusParams, Side, TTAMode, check  # DEFAULT_THRESHOLD: a model whose model.json names none
+# DEFAULT_THRESHOLD: a model whose model.json names none
+from palm.params import DEFAULT_THRESHOLD, FundusParams, Side, TTAMode, check
 
 MODEL_INFO = "model.json"
 
