@@ -141,6 +141,17 @@ def trained(tmp_path_factory):
     return shards, params, tmp, out.getvalue()
 
 
+def flips_model(trained_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the trained model whose model.json says tta: flips."""
+    import shutil
+
+    model_dir = tmp_path / "models"
+    shutil.copytree(trained_dir / "models", model_dir)
+    info = json.loads((model_dir / "model.json").read_text())
+    (model_dir / "model.json").write_text(json.dumps({**info, "tta": "flips"}))
+    return model_dir
+
+
 def test_changing_tta_resumes_the_finished_run_and_only_rewrites_model_json(trained):
     import contextlib
     import io
@@ -169,7 +180,6 @@ def test_changing_tta_resumes_the_finished_run_and_only_rewrites_model_json(trai
 def test_evaluate_predict_and_serve_give_the_same_tta_probabilities(trained, tmp_path):
     """model.json says tta: flips; evaluate, `palm predict` (Paddle Inference and ONNX-free paths) and the
     service agree to 1e-5, and differ from tta off (LeNet is not mirror-symmetric)."""
-    import shutil
 
     from fastapi.testclient import TestClient
 
@@ -178,10 +188,7 @@ def test_evaluate_predict_and_serve_give_the_same_tta_probabilities(trained, tmp
     from palm.serve.service import Model, create_app
 
     shards, _, tmp, _ = trained
-    model_dir = tmp_path / "models"
-    shutil.copytree(tmp / "models", model_dir)
-    info = json.loads((model_dir / "model.json").read_text())
-    (model_dir / "model.json").write_text(json.dumps({**info, "tta": "flips"}))
+    model_dir = flips_model(tmp, tmp_path)
 
     valid, probs, _ = predict_valid(shards, model_dir)
     _, by_mode, _ = predict_valid_modes(shards, model_dir)
@@ -224,7 +231,6 @@ def test_evaluate_predict_and_serve_give_the_same_tta_probabilities(trained, tmp
 def test_explain_captions_the_tta_probability(trained, tmp_path, monkeypatch):
     """explain's figures name the probability the model gives (the mean over its views), not the
     un-flipped image's alone."""
-    import shutil
 
     import pandas as pd
 
@@ -232,10 +238,7 @@ def test_explain_captions_the_tta_probability(trained, tmp_path, monkeypatch):
     from palm.evaluation.explain import explain
 
     shards, _, tmp, _ = trained
-    model_dir = tmp_path / "models"
-    shutil.copytree(tmp / "models", model_dir)
-    info = json.loads((model_dir / "model.json").read_text())
-    (model_dir / "model.json").write_text(json.dumps({**info, "tta": "flips"}))
+    model_dir = flips_model(tmp, tmp_path)
     valid, by_mode, _ = predict_valid_modes(shards, model_dir)
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": by_mode["flips"],
                           "predicted": (by_mode["flips"] >= 0.5).astype(int)})
