@@ -270,6 +270,7 @@ def test_cross_validation_prediction_files_are_compared_and_grouped_by_seed(tmp_
                  "--json", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
     assert "worse" in out and "cv-mobilenetv3_large-0.csv" in out
+    assert ", 200 images (" in out and "validation images" not in out.split("\n")[0]
     result = json.loads((tmp_path / "c.json").read_text())
     # the two seeds of each model form one group; accuracy used probability >= 0.5
     assert sorted(len(g["revs"]) for g in result["groups"]) == [2, 2]

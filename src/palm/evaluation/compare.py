@@ -555,7 +555,9 @@ def _short_test(test: str) -> str:
 
 def markdown(result: dict) -> str:
     """The comparison as Markdown tables (fit for a pull-request comment)."""
-    out = [f"Baseline **{result['baseline']}**, {result['n']} validation images ({result['n_pm']} PM); "
+    files = any(r.rev.endswith(".csv") and r.commit is None for r in result["runs"])
+    kind = "images" if files else "validation images"   # prediction files: out-of-fold ones, often
+    out = [f"Baseline **{result['baseline']}**, {result['n']} {kind} ({result['n_pm']} PM); "
            f"diff = revision - baseline, 95% interval; p adjusted by Holm across the revisions, per metric.", "",
            "| revision | model | seed | metric | baseline | revision | diff [95% CI] | p | p (Holm) | test | verdict |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
