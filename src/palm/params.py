@@ -57,6 +57,8 @@ Side = Annotated[StrictInt, Field(ge=MIN_SIDE, le=MAX_SIDE)]
 DEFAULT_THRESHOLD = 0.5
 #: test-time augmentation (palm.serve.tta): the views whose mean probability is the model's
 TTA_MODES = ("off", "hflip", "flips", "flips+rot")
+#: fundus enhancement (palm.data.fundus): where CLAHE applies
+CLAHE_MODES = ("off", "luminance", "green")
 _RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
 
 
@@ -96,13 +98,13 @@ def _threshold_grammar(value):
 Threshold = Annotated[Union[float, str], BeforeValidator(_threshold_grammar)]
 
 
-def _tta_word(value):
-    """``off`` as YAML 1.1 (PyYAML) reads a bare ``off``: false."""
+def _off_word(value):
+    """``off`` as YAML 1.1 (PyYAML, ``--set``) reads a bare ``off``: false (dvc's YAML 1.2: the text)."""
     return "off" if value is False else value
 
 
 #: ``train.tta`` and ``model.json``'s ``tta``: one of :data:`TTA_MODES`
-TTAMode = Annotated[Literal[TTA_MODES], BeforeValidator(_tta_word)]  # type: ignore[valid-type]
+TTAMode = Annotated[Literal[TTA_MODES], BeforeValidator(_off_word)]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -139,17 +141,12 @@ class AugmentParams(Section):
     scale: Optional[Fraction] = None
 
 
-def _clahe(value):
-    """YAML 1.1 (PyYAML, ``--set``) reads a bare ``off`` as false; dvc's YAML 1.2 as the text."""
-    return "off" if value is False else value
-
-
 class FundusParams(Section):
     """Fields of :class:`palm.data.fundus.Fundus` (the steps of its ``enhance``); not given: off."""
 
     crop: Optional[StrictBool] = None
     local_norm: Optional[Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)]] = None
-    clahe: Optional[Annotated[Literal["off", "luminance", "green"], BeforeValidator(_clahe)]] = None
+    clahe: Optional[Annotated[Literal[CLAHE_MODES], BeforeValidator(_off_word)]] = None  # type: ignore[valid-type]
 
 
 class TrainParams(Section):

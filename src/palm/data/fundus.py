@@ -29,8 +29,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-#: the values of ``clahe``
-CLAHE_MODES = ("off", "luminance", "green")
+from palm.params import CLAHE_MODES   # the values of ``clahe``
+
 #: a pixel belongs to the disc if its brightest channel is above this fraction of the image's maximum...
 DISC_FRACTION = 0.08
 #: ... and above this value (the black border of a JPEG is rarely exactly 0)
