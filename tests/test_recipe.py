@@ -89,7 +89,7 @@ def test_the_recipe_draws_depend_on_seed_epoch_and_rank_and_off_passes_the_batch
     x, y = (paddle.to_tensor(a) for a in batch())
     out = {}
     for key in [(0, 0, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]:
-        mx, my = BatchRecipe(mix="mixup", alpha=0.4).for_epoch(*key)(x, y)
+        mx, _ = BatchRecipe(mix="mixup", alpha=0.4).for_epoch(*key)(x, y)
         out.setdefault(key, []).append(mx.numpy())
     np.testing.assert_array_equal(*out[(0, 0, 0)])
     for key in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
@@ -182,3 +182,92 @@ def test_each_lever_trains_reproducibly_and_is_recorded_in_model_json(tmp_path, 
     assert strip(again) == strip(first) == strip(losses["cutmix"])
     saved = json.loads((tmp_path / "plain" / "models" / "model.json").read_text())
     assert not set(RECIPE_KEYS) & set(saved["config"])
+
+
+def test_cross_validate_compares_recipes_with_set(shards, tmp_path):
+    """``scripts/cross_validate.py --set train.mix=...`` goes through the same parameters: the folds
+    train with the lever (other out-of-fold probabilities than without it); a bad value is one line, exit 2."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**PARAMS, "model": "lenet", "image_size": 32, "train": train_section(
+        epochs=1, batch_size=4, holdout=0, select="last", ema=0.0, to_static=False)}))
+
+    def cv(*items):
+        out = tmp_path / f"cv{len(items)}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "cross_validate.py"), "--shards", str(shards),
+                               "--params", str(params), "--folds", "2", "--out", str(out), "--set", *items],
+                              capture_output=True, text=True, cwd=tmp_path)
+        return proc, out
+
+    proc, plain = cv("train.mix=off")
+    assert proc.returncode == 0, proc.stderr
+    proc, mixed = cv("train.mix=cutmix", "train.mix_alpha=1.0", "train.label_smoothing=0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(mixed.read_text())["set"] == ["train.mix=cutmix", "train.mix_alpha=1.0", "train.label_smoothing=0.1"]
+    a, b = (pd.read_csv(p.with_suffix(".csv")).sort_values("image") for p in (plain, mixed))
+    assert list(a["image"]) == list(b["image"]) and not np.allclose(a["probability"], b["probability"])
+    proc, _ = cv("train.mix=blend")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "params.yaml: train.mix = 'blend': input should be 'off', 'mixup' or 'cutmix'")
+
+
+def test_data_parallel_ranks_mix_their_own_part_of_the_batch(shards, tmp_path, monkeypatch):
+    """``train.nproc`` 2 with cutmix: the stage trains and records the lever; each rank mixes its own
+    part of the batch (draws of (seed, epoch, rank): the draws test above), so the weights are not
+    those of one process mixing the whole batch (unmixed, they match to 1e-4: tests/test_parallel.py)."""
+    import os
+    import subprocess
+    import sys
+
+    from palm.nn.weights import load_state
+    from palm.training.train import Trainer
+
+    def project(folder, nproc):
+        p = {**copy.deepcopy(PARAMS), "model": "lenet", "image_size": 32}
+        p["train"].update(epochs=2, batch_size=4, holdout=0, lr=0.01, warmup_epochs=0, select="last", ema=0.0,
+                          to_static=False, device="cpu", nproc=nproc, mix="cutmix", mix_alpha=1.0)
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / "shards").symlink_to(shards)
+        (folder / "params.yaml").write_text(yaml.safe_dump(p))
+        return p
+
+    one = tmp_path / "one"
+    p = project(one, 1)
+    monkeypatch.chdir(one)
+    Trainer(p, one / "data" / "shards").run(one / "models", one / "checkpoints", one / "live")
+    two = tmp_path / "two"
+    project(two, 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}   # this checkout's palm in the spawned ranks too
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=two, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes of 2 images per batch" in proc.stdout
+    info = json.loads((two / "models" / "model.json").read_text())
+    assert (info["config"]["mix"], info["config"]["nproc"]) == ("cutmix", 2)
+    w1, w2 = (load_state(f / "models" / "model.safetensors") for f in (one, two))
+    assert max(float(np.abs(w1[k] - w2[k]).max()) for k in w1) > 1e-3
+
+
+def test_a_mixed_run_resumed_after_a_crash_is_the_uninterrupted_run(shards, tmp_path, monkeypatch):
+    """The draws are of (seed, epoch, rank), not of a generator's history: a resumed run mixes alike."""
+    from palm.nn import checkpoint
+
+    _, whole, w_whole = train(tmp_path / "whole", shards, mix="mixup", mix_alpha=0.4, label_smoothing=0.1)
+    real_save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "crashed", shards, mix="mixup", mix_alpha=0.4, label_smoothing=0.1)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    _, resumed, w_resumed = train(tmp_path / "crashed", shards, mix="mixup", mix_alpha=0.4, label_smoothing=0.1)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]  # noqa: E731
+    assert len(resumed) == 2 and strip(resumed) == strip(whole) and w_resumed == w_whole

@@ -76,7 +76,7 @@ class BatchRecipe:
     rng: np.random.Generator | None = None
 
     @classmethod
-    def of(cls, cfg) -> "BatchRecipe":
+    def of(cls, cfg) -> BatchRecipe:
         """The recipe of a :class:`palm.params.TrainingConfig` (no generator yet: :meth:`for_epoch`)."""
         return cls(cfg.label_smoothing, cfg.mix, cfg.mix_alpha)
 
@@ -84,7 +84,7 @@ class BatchRecipe:
     def active(self) -> bool:
         return bool(self.label_smoothing) or self.mix != "off"
 
-    def for_epoch(self, seed: int, epoch: int, rank: int = 0) -> "BatchRecipe":
+    def for_epoch(self, seed: int, epoch: int, rank: int = 0) -> BatchRecipe:
         """This recipe with the generator of ``(seed, epoch, rank)``."""
         rng = np.random.default_rng([seed, epoch, rank, MIX_STREAM])
         return BatchRecipe(self.label_smoothing, self.mix, self.alpha, rng)
