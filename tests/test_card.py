@@ -88,6 +88,21 @@ def test_the_card_says_how_a_photograph_is_enhanced_before_the_network(run, monk
     assert said in (root / CARD_DIR / CARD_MD).read_text()
 
 
+def test_the_card_says_which_training_recipe_levers_were_on(run, monkeypatch, tmp_path):
+    """``train.label_smoothing`` / ``train.mix`` are in model.json's config only when on: the card's
+    provenance names them then, and says nothing of them otherwise."""
+    write(run, monkeypatch)
+    assert "trained with" not in (run / CARD_DIR / CARD_MD).read_text()
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    info = json.loads((root / "models" / "model.json").read_text())
+    recipe = {"label_smoothing": 0.1, "mix": "mixup", "mix_alpha": 0.4}
+    (root / "models" / "model.json").write_text(json.dumps({**info, "config": {**info.get("config", {}), **recipe}}))
+    card = write(root, monkeypatch)
+    assert {k: card["model"]["training_config"][k] for k in recipe} == recipe
+    assert "; trained with label smoothing 0.1, mixup (alpha 0.4)" in (root / CARD_DIR / CARD_MD).read_text()
+
+
 def test_predict_runs_the_weights_of_its_card_and_refuses_others(run, monkeypatch, tmp_path, capsys):
     write(run, monkeypatch)
     files = synthetic_photos(tmp_path / "img", 2)

@@ -110,7 +110,7 @@ def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_ol
     import pydantic
 
     from palm.data.dataset import Augment
-    from palm.params import AugmentParams, TrainingConfig, TrainParams
+    from palm.params import RECIPE_KEYS, AugmentParams, TrainingConfig, TrainParams
 
     assert list(TrainingConfig.model_fields) == [*TrainParams.model_fields, "model", "image_size"]
     assert list(AugmentParams.model_fields) == list(Augment.__dataclass_fields__)
@@ -123,8 +123,9 @@ def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_ol
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.lr = 1.0
     rec = cfg.record()
-    # fundus: only when a step is on (all off: the record, and so the run identity, of before it existed)
-    assert list(rec) == [k for k in TrainParams.model_fields if k not in ("augment", "fundus")] + \
+    # fundus and the recipe levers (label_smoothing, mix, mix_alpha): only when on (all off: the record,
+    # and so the run identity, of before they existed; tests/test_recipe.py)
+    assert list(rec) == [k for k in TrainParams.model_fields if k not in ("augment", "fundus", *RECIPE_KEYS)] + \
         ["augment", "model", "image_size"]
     # augment: train's keys in their order, then the override's new ones; only those given
     assert list(rec["augment"].items()) == [("hflip", False), ("scale", 0.1), ("vflip", True)]

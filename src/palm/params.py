@@ -1,9 +1,10 @@
 """The one validator of ``params.yaml``: a typed schema (pydantic) with each key's type and range.
 
 params.yaml is the one source of default values: every key of ``train:`` must be there (only
-``input_size`` and ``dropout`` may be omitted, meaning "the network's own"); ``models.<name>:``
-overrides any of them for one network. Validation runs before any work (``palm.config.
-load_params``, and again on the merged training configuration); a bad value is a
+``input_size`` and ``dropout`` may be omitted, meaning "the network's own"; ``fundus``, ``label_smoothing``
+and ``mix``, meaning off, with ``mix_alpha`` 0.2); ``models.<name>:`` overrides any of them for one
+network. Validation runs before any work (``palm.config.load_params``, and again on the merged
+training configuration); a bad value is a
 :class:`~palm.errors.ConfigError` with one line per problem naming the key and the value::
 
     params.yaml: train.epochs = '2': must be a whole number (not a string)
@@ -59,6 +60,10 @@ DEFAULT_THRESHOLD = 0.5
 TTA_MODES = ("off", "hflip", "flips", "flips+rot")
 #: fundus enhancement (palm.data.fundus): where CLAHE applies
 CLAHE_MODES = ("off", "luminance", "green")
+#: batch mixing in training (palm.training.recipe): none, mixup or cutmix
+MIX_MODES = ("off", "mixup", "cutmix")
+#: the training-recipe keys (palm.training.recipe) that enter :meth:`TrainingConfig.record` only when on
+RECIPE_KEYS = ("label_smoothing", "mix", "mix_alpha")
 _RULE = re.compile(r"^\s*(sensitivity|specificity)\s*>=\s*([0-9.]+)\s*$")
 
 
@@ -163,6 +168,10 @@ class TrainParams(Section):
     select_by: Literal["loss", "accuracy", "auc"]
     ema: Fraction
     class_balance: StrictBool
+    # the recipe levers (palm.training.recipe); off by default, in the run identity only when on
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.0
+    mix: Annotated[Literal[MIX_MODES], BeforeValidator(_off_word)] = "off"  # type: ignore[valid-type]
+    mix_alpha: Positive = 0.2
     augment: AugmentParams
     fundus: FundusParams = FundusParams()
     seed: NonNegInt
@@ -314,14 +323,19 @@ class TrainingConfig(TrainParams):
 
     def record(self) -> dict:
         """The configuration as JSON-able data: :class:`TrainParams`' keys in their order (``augment``
-        last, with only the keys given; then ``fundus``, all three steps, only when one is on: a
-        run without it keeps its identity), then ``model`` and ``image_size``."""
-        cfg = self.model_dump(exclude={"augment", "fundus", "model", "image_size"})
+        last, with only the keys given; then ``fundus``, all three steps, only when one is on; then
+        ``label_smoothing`` when above 0 and ``mix`` with ``mix_alpha`` when mixing: a run without
+        them keeps its identity), then ``model`` and ``image_size``."""
+        cfg = self.model_dump(exclude={"augment", "fundus", "model", "image_size", *RECIPE_KEYS})
         augment = self.augment.model_dump(exclude_none=True)
         order = [k for k in self._augment_order if k in augment]
         cfg["augment"] = {k: augment[k] for k in [*order, *(k for k in augment if k not in order)]}
         if self.fundus.crop or self.fundus.local_norm or self.fundus.clahe != "off":
             cfg["fundus"] = self.fundus.model_dump()
+        if self.label_smoothing:
+            cfg["label_smoothing"] = self.label_smoothing
+        if self.mix != "off":
+            cfg["mix"], cfg["mix_alpha"] = self.mix, self.mix_alpha
         cfg["model"] = self.model
         cfg["image_size"] = self.image_size
         return cfg

@@ -197,6 +197,15 @@ def enhancement(spec) -> str:
     return f", then {', '.join(steps)} (palm.data.fundus.enhance, train.fundus)" if steps else ""
 
 
+def recipe_text(config: dict | None) -> str:
+    """The words for the training-recipe levers a model was trained with (train.label_smoothing,
+    train.mix: in its training configuration only when on); none: nothing."""
+    config = config or {}
+    parts = ([f"label smoothing {config['label_smoothing']:g}"] if config.get("label_smoothing") else []) + \
+        ([f"{config['mix']} (alpha {config['mix_alpha']:g})"] if config.get("mix", "off") != "off" else [])
+    return f"; trained with {', '.join(parts)}" if parts else ""
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
@@ -230,7 +239,7 @@ def card_markdown(card: dict) -> str:
               "Network input `{name}`: {dtype} {layout} {shape}, {channels}, {scale}; ".format(**card["input"]["tensor"])
               + f"output: {card['input']['output']}.", "",
               "## Provenance", "", f"- network: {m['network']}, input {m['input_size']} px, epoch "
-              f"{_fmt(m['selected_epoch'])} of {_fmt(m['epochs'])}",
+              f"{_fmt(m['selected_epoch'])} of {_fmt(m['epochs'])}" + recipe_text(m.get("training_config")),
               f"- code revision: {p['git_revision']}" + (" (with uncommitted changes)" if p["git_dirty"] else ""),
               f"- dvc.lock sha256: {p['dvc_lock']['sha256']}",
               f"- versions: {', '.join(f'{k} {x}' for k, x in p['versions'].items())}", "",

@@ -9,8 +9,11 @@
   run killed mid-training resumes from the last checkpoint when run again with the same
   parameters, data, code and Paddle/numpy (:func:`run_identity`), and trains from scratch,
   saying why, when any of them changed.
-- Randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, so the
-  same seed on the same machine gives the same metrics, resumed or not.
+- Randomness (data order, augmentation, dropout, batch mixing) is derived from ``(seed, epoch)``,
+  so the same seed on the same machine gives the same metrics, resumed or not.
+- ``train.label_smoothing`` and ``train.mix`` (:mod:`palm.training.recipe`) change each training
+  batch after augmentation: the train loss is then the loss on the mixed, smoothed targets (the
+  holdout's is on the true labels).
 - ``train.nproc`` > 1 trains data-parallel (:mod:`palm.training.parallel`): every process sees its part
   of each global batch of ``batch_size``, gradients are averaged, only rank 0 writes. Batch-norm
   statistics are each process's own (no SyncBatchNorm).
@@ -44,6 +47,7 @@ from tqdm import tqdm
 from palm.nn import artifact
 from palm.nn import checkpoint
 from palm.training import parallel
+from palm.training.recipe import BatchRecipe
 from palm.data import shards
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
@@ -359,12 +363,14 @@ class Trainer:
         # dropout etc.: a function of (seed, epoch), and of the rank, whose images are others
         paddle.seed(cfg.seed * 100003 + epoch + 7919 * self.rank.rank)
         data.train_ds.set_epoch(epoch)
+        # label smoothing and batch mixing (train.label_smoothing, train.mix): draws of (seed, epoch, rank)
+        recipe = BatchRecipe.of(cfg).for_epoch(cfg.seed, epoch, self.rank.rank)
         nets.model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
         bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
                    disable=not self.rank.writer)
         for x, y in bar:
-            lv = self._step(nets, x, y)
+            lv = self._step(nets, *recipe(x, y))
             if not math.isfinite(lv):
                 raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
                                f"(lower train.lr for {cfg.model})")
