@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from palm.evaluation import compare as cmp
 from palm.evaluation.metrics import score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,9 @@ def test_the_ensemble_is_the_mean_probability_scored_as_cross_validate_scores(tm
     assert summary["auc"] == expected["auc"] and summary["errors"] == expected["fp"] + expected["fn"]
     # one setting names the members, so palm compare does not take the ensemble for seed 0 of a recipe
     assert summary["set"] == ["ensemble=a+b"] and summary["members"] == [str(a), str(b)]
+    # palm compare takes it as a run of no seed (not seed 0), the members as seeds 0 and 1
+    assert cmp.read_run(str(tmp_path / "ens.csv")).seed == "-"
+    assert cmp.read_run(str(a)).seed == "0" and cmp.read_run(str(b)).seed == "1"
 
 
 def test_members_of_other_folds_are_refused_with_one_line_and_nothing_written(tmp_path):

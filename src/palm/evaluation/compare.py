@@ -318,13 +318,15 @@ def read_file_at(commit: str | None, path: str, repo: Path, rev: str) -> bytes:
 def _file_params(csv: Path) -> dict:
     """What a predictions file says of its run: ``scripts/cross_validate.py`` writes its settings
     beside its out-of-fold predictions (``X.json`` next to ``X.csv``); ``train.seed=N`` in them is
-    the seed, so that seeds group as experiments' do."""
+    the seed, so that seeds group as experiments' do. An ensemble of runs
+    (``scripts/ensemble_oof.py``: its JSON lists ``members``) has no seed of its own: "-"."""
     try:
         summary = json.loads(csv.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return {}
     sets = [str(s) for s in summary.get("set") or []]
-    seed = next((s.split("=", 1)[1] for s in sets if s.startswith("train.seed=")), "0")
+    seed = "-" if summary.get("members") else next(
+        (s.split("=", 1)[1] for s in sets if s.startswith("train.seed=")), "0")
     return {"model": summary.get("model", "?"), "set": [s for s in sets if not s.startswith("train.seed=")],
             "train": {"seed": seed}}
 
