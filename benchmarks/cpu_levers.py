@@ -73,7 +73,7 @@ def child(opts: dict) -> dict:
     import paddle
 
     from palm.nn.models import build_model
-    from palm.runtime import select_device
+    from palm.core.runtime import select_device
 
     select_device("cpu")
     paddle.seed(0)

@@ -25,7 +25,7 @@ def paddle_step_times(name: str, batch: int, size: int, steps: int, amp: str) ->
     import paddle
 
     from palm.nn.models import build_model
-    from palm.runtime import select_device
+    from palm.core.runtime import select_device
 
     select_device("cpu")
     paddle.seed(0)

@@ -88,7 +88,7 @@ def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Pat
     import paddle
 
     from palm.nn.modelinfo import write_info
-    from palm.params import DEFAULT_THRESHOLD
+    from palm.core.params import DEFAULT_THRESHOLD
     from palm.nn.models import build_model
     from palm.nn.weights import MODEL_WEIGHTS, save_state
 
@@ -107,7 +107,7 @@ def paddle_engines(models: Path, export: Path, batch: int, input_size: int) -> d
     import paddle.inference as pi
 
     from palm.serve.inference import load_engine, sigmoid
-    from palm.runtime import machine_share
+    from palm.core.runtime import machine_share
 
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, input_size, input_size)).astype("float32")
     eager, _ = load_engine(models, device="cpu", engine="eager")
@@ -145,7 +145,7 @@ def torch_engines(batch: int, size: int) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from cpu_vs_torch import torch_models
 
-    from palm.runtime import machine_share
+    from palm.core.runtime import machine_share
 
     torch.set_num_threads(machine_share().threads)
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from palm.serve.export import export
-    from palm.runtime import machine_share, select_device
+    from palm.core.runtime import machine_share, select_device
 
     select_device("cpu")
     print(f"{len(machine_share().cpus)} core(s), {args.images} photographs per size, batch {args.batch}; "

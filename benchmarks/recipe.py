@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     import paddle
 
     from palm.nn.models import build_model, training_loss
-    from palm.runtime import machine_share
+    from palm.core.runtime import machine_share
     from palm.training.recipe import BatchRecipe
 
     paddle.seed(0)

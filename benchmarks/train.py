@@ -25,7 +25,7 @@ from palm.data.dataset import Augment, FundusDataset, load_split, make_loader
 from palm.data.labels import build_labels
 from palm.nn.models import build_model, training_loss
 from palm.data.preprocess import preprocess
-from palm.runtime import select_device
+from palm.core.runtime import select_device
 from palm.data.synthetic import generate
 from palm.data.unzip import unzip_all
 

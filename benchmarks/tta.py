@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     import paddle
 
     from palm.nn.models import build_model
-    from palm.params import TTA_MODES
-    from palm.runtime import machine_share
+    from palm.core.params import TTA_MODES
+    from palm.core.runtime import machine_share
     from palm.serve import tta
     from palm.serve.inference import paddle_inference, save
 

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 from palm.nn.modelinfo import input_size, read_info
-from palm.fsutil import atomic_file
+from palm.core.fsutil import atomic_file
 from palm.nn.models import model_names
 
 MODELS = model_names()  # every registered network, in the registry's order

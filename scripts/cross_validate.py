@@ -26,10 +26,10 @@ import json
 import sys
 from pathlib import Path
 
-from palm.config import load_params
+from palm.core.config import load_params
 from palm.training.crossval import apply_overrides, cross_validate
-from palm.errors import PalmError, report
-from palm.fsutil import atomic_file
+from palm.core.errors import PalmError, report
+from palm.core.fsutil import atomic_file
 from palm.evaluation.metrics import choose_threshold, parse_threshold, score
 
 

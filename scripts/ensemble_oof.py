@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from palm.errors import DataError, PalmError, report
+from palm.core.errors import DataError, PalmError, report
 from palm.evaluation.metrics import score
-from palm.fsutil import atomic_file
-from palm.params import DEFAULT_THRESHOLD
+from palm.core.fsutil import atomic_file
+from palm.core.params import DEFAULT_THRESHOLD
 
 KEYS = ["image", "group", "label", "fold"]
 

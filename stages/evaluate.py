@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: see :mod:`palm.evaluation.evaluate`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.evaluation.evaluate import main
 
 if __name__ == "__main__":

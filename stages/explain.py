@@ -1,6 +1,6 @@
 """DVC stage `explain`: see :mod:`palm.evaluation.explain`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.evaluation.explain import main
 
 if __name__ == "__main__":

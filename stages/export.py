@@ -1,6 +1,6 @@
 """DVC stage `export`: see :mod:`palm.serve.export`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.serve.export import main
 
 if __name__ == "__main__":

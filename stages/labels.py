@@ -1,6 +1,6 @@
 """DVC stage `labels`: see :mod:`palm.data.labels`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.data.labels import main
 
 if __name__ == "__main__":

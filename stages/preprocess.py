@@ -1,6 +1,6 @@
 """DVC stage `preprocess`: see :mod:`palm.data.preprocess`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.data.preprocess import main
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage `report`: see :mod:`palm.evaluation.report`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.evaluation.report import main
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage `train`: see :mod:`palm.training.train`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.training.train import main
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage `unzip`: see :mod:`palm.data.unzip`."""
 
-from palm.config import run_stage
+from palm.core.config import run_stage
 from palm.data.unzip import main
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from conftest import REPO
 from test_inference import save_model, synthetic_photos
 
 from palm.cli import main as palm_main
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.evaluation.model_card import write_card
-from palm.fsutil import sha256_file
+from palm.core.fsutil import sha256_file
 from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, find_card, verify
 from palm.serve.predict import Predictor
 

@@ -13,7 +13,7 @@ from conftest import make_shards, train_section
 
 from palm.training.crossval import apply_overrides
 from palm.data.dataset import load_split
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.evaluation.metrics import score
 from palm.data.splits import fold_of
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from conftest import ENV, REPO, jpeg_bytes, make_palm_zips, write_zip, xlsx_bytes
-from palm.fsutil import remove_stale_temporaries
+from palm.core.fsutil import remove_stale_temporaries
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(6)] + [f"N{i:04d}.jpg" for i in range(4)] + ["H0001.jpg", "H0002.jpg"]
 VALID = [(f"V{i:04d}.jpg", i % 2) for i in range(1, 5)]
@@ -277,9 +277,9 @@ def test_broken_params_yaml_is_exit_2(tmp_path):
 
 def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
     from palm import cli
-    from palm import config
+    from palm.core import config
     from palm.serve import predict
-    from palm.errors import RunError
+    from palm.core.errors import RunError
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nsecond line")
@@ -308,7 +308,7 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
     import os
     import stat
 
-    from palm.fsutil import atomic_file
+    from palm.core.fsutil import atomic_file
 
     with atomic_file(tmp_path / "a.json") as f:
         f.write("{}")
@@ -319,9 +319,9 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
 
 
 def test_the_atomic_writer_syncs_to_disk_only_when_asked(tmp_path, monkeypatch):
-    """One atomic writer (palm.fsutil.atomic_file) for every file; fsync=True (weights, checkpoints)
+    """One atomic writer (palm.core.fsutil.atomic_file) for every file; fsync=True (weights, checkpoints)
     flushes the data to the disk before the rename, the others skip that cost."""
-    from palm import fsutil
+    from palm.core import fsutil
 
     synced = []
     monkeypatch.setattr(fsutil.os, "fsync", lambda fd: synced.append(fd))
@@ -408,7 +408,7 @@ def shards_dir(tmp_path_factory):
 def test_a_bad_value_in_the_shard_manifest_is_a_data_error_naming_the_file_and_key(tmp_path, shards_dir, edit,
                                                                                   message):
     from palm.data.shards import open_split
-    from palm.errors import DataError
+    from palm.core.errors import DataError
 
     folder = tmp_path / "shards"
     shutil.copytree(shards_dir, folder)
@@ -423,7 +423,7 @@ def test_a_bad_value_in_the_shard_manifest_is_a_data_error_naming_the_file_and_k
 
 def test_a_truncated_shard_is_refused_when_opened(tmp_path, shards_dir):
     from palm.data.shards import open_split
-    from palm.errors import DataError
+    from palm.core.errors import DataError
 
     folder = tmp_path / "shards"
     shutil.copytree(shards_dir, folder)
@@ -465,7 +465,7 @@ def test_an_error_in_the_loader_thread_reaches_the_main_thread_at_once():
     import paddle
 
     from palm.data.dataset import make_loader
-    from palm.errors import DataError
+    from palm.core.errors import DataError
 
     class Failing(paddle.io.Dataset):
         def __init__(self, bad):
@@ -559,7 +559,7 @@ def test_preprocess_with_its_resume_folder_on_another_filesystem(tmp_path, shard
     import errno
 
     from palm.data.preprocess import preprocess
-    from palm.fsutil import move
+    from palm.core.fsutil import move
 
     real = os.replace
 
@@ -592,8 +592,8 @@ def test_preprocess_with_its_resume_folder_on_another_filesystem(tmp_path, shard
     ("model: \xff\n", None),
 ])
 def test_params_yaml_is_bounded_before_it_is_expanded(tmp_path, text, message):
-    from palm.config import load_params
-    from palm.errors import ConfigError
+    from palm.core.config import load_params
+    from palm.core.errors import ConfigError
 
     path = tmp_path / "params.yaml"
     path.write_bytes(text.encode("latin-1" if "\xff" in text else "utf-8"))
@@ -605,8 +605,8 @@ def test_params_yaml_is_bounded_before_it_is_expanded(tmp_path, text, message):
 
 
 def test_a_long_bad_value_is_quoted_as_a_short_excerpt(tmp_path):
-    from palm.config import load_params
-    from palm.errors import ConfigError
+    from palm.core.config import load_params
+    from palm.core.errors import ConfigError
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"] = ["x" * 1000] * 500
@@ -621,8 +621,8 @@ def test_a_long_bad_value_is_quoted_as_a_short_excerpt(tmp_path):
 
 @pytest.mark.parametrize("value,ok", [(20_000, True), (0, True), (20_001, False), (100_000_000, False)])
 def test_bootstrap_resamples_are_bounded(tmp_path, value, ok):
-    from palm.config import load_params
-    from palm.errors import ConfigError
+    from palm.core.config import load_params
+    from palm.core.errors import ConfigError
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["bootstrap"] = value
@@ -639,8 +639,8 @@ def test_a_full_disk_names_the_file_and_what_to_do(tmp_path, monkeypatch):
     import errno
 
     from palm.data.shards import save_shard
-    from palm.errors import RunError
-    from palm.fsutil import atomic_dir, atomic_file
+    from palm.core.errors import RunError
+    from palm.core.fsutil import atomic_dir, atomic_file
 
     with pytest.raises(RunError, match=r"cannot write .*out\.json: No space left on device; free space on"):
         with atomic_file(tmp_path / "out.json") as f:
@@ -684,9 +684,9 @@ def test_a_stage_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_no
 
 
 def test_image_size_is_checked_against_the_available_memory_before_any_work(tmp_path, shards_dir, monkeypatch):
-    from palm import runtime
+    from palm.core import runtime
     from palm.data.preprocess import preprocess
-    from palm.errors import ConfigError
+    from palm.core.errors import ConfigError
     from palm.nn.models import training_memory
 
     # LeNet's fully connected layer grows with the side: 4096 px is far beyond any machine here

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import jpeg_bytes
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.folder import copy_folder, folder_labels
 from palm.data.layout import Limits
 from palm.data.preprocess import preprocess

@@ -13,9 +13,9 @@ import pytest
 import conftest
 from conftest import make_shards, train_section
 
-from palm.config import load_params
+from palm.core.config import load_params
 from palm.data.fundus import Fundus, enhance, find_disc
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 
 SIDE = 224
 ALL_ON = Fundus(crop=True, local_norm=1 / 30, clahe="luminance")
@@ -172,7 +172,7 @@ def test_shards_and_a_photograph_give_byte_identical_network_inputs(big_shards):
 # -- the parameter and model.json ---------------------------------------------------------------
 
 def test_the_parameter_merges_per_model_and_a_bad_value_is_one_line():
-    from palm.params import training_config
+    from palm.core.params import training_config
     from palm.training.crossval import apply_overrides
 
     p = load_params()

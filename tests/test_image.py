@@ -12,7 +12,7 @@ from PIL import Image
 
 import palm.data.image
 from palm.cli import main as palm_main
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.image import load_image
 from palm.nn.models import build_model
 from palm.nn.weights import save_state

@@ -14,7 +14,7 @@ from conftest import PALM_MINI, requires_palm_mini
 
 from palm.serve import inference
 from palm.serve.decode import decode_stream
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.image import load_image, to_chw_float
 from palm.serve.inference import configure, load_engine
 from palm.nn.models import build_model, model_names

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_palm_zips
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.labels import build_labels
 from palm.data.unzip import unzip_all
 

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, log_loss, precision_score, recall_score,
                              roc_auc_score)
 
-from palm.errors import ConfigError, DataError
+from palm.core.errors import ConfigError, DataError
 from palm.evaluation.metrics import (choose_threshold, expected_calibration_error, parse_threshold, reliability_table,
                           score, sensitivity_at_specificity, specificity_at_sensitivity, wilson_interval)
 

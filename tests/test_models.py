@@ -22,7 +22,7 @@ def test_registry_has_the_course_models():
 
 
 def test_every_list_of_names_comes_from_the_registry():
-    from palm.params import MODEL_NAMES
+    from palm.core.params import MODEL_NAMES
 
     assert model_names() == list(MODELS) == list(MODEL_NAMES)
     assert DROPOUT_MODELS == ("alexnet",)  # derived from each spec's tunable arguments

@@ -13,7 +13,7 @@ from conftest import ENV, PALM_MINI, requires_palm_mini
 from test_inference import FP32_TOL, SIZE, save_model, synthetic_photos
 
 from palm.data.image import load_image, to_chw_float
-from palm.errors import DataError, RunError
+from palm.core.errors import DataError, RunError
 from palm.nn.models import model_names
 from palm.serve import onnxrt
 from palm.serve.export import export

@@ -176,7 +176,7 @@ def test_each_rank_takes_its_part_of_the_global_batches_of_one_process(shards):
 def test_the_global_batch_must_divide_among_the_processes_and_their_count_is_part_of_the_run(shards):
     from conftest import train_section
 
-    from palm.errors import ConfigError
+    from palm.core.errors import ConfigError
     from palm.training.train import effective_config, fingerprint
 
     p = {"model": "lenet", "image_size": 32, "train": train_section(batch_size=6, nproc=4)}
@@ -196,7 +196,7 @@ def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
     from conftest import train_section
 
     from palm.training import parallel
-    from palm.errors import ConfigError
+    from palm.core.errors import ConfigError
     from palm.training.train import effective_config
 
     assert parallel.current() == parallel.Rank(0, 1, 0, 1) and not parallel.launched()

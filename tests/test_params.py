@@ -1,4 +1,4 @@
-"""params.yaml's schema (palm.params): every key typed and ranged, errors naming key and value."""
+"""params.yaml's schema (palm.core.params): every key typed and ranged, errors naming key and value."""
 
 import copy
 
@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from palm.errors import ConfigError
-from palm.params import MODEL_NAMES, training_config, validate
+from palm.core.errors import ConfigError
+from palm.core.params import MODEL_NAMES, training_config, validate
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -51,7 +51,7 @@ def test_the_repository_params_are_valid_and_the_model_list_is_the_networks():
     ("data.val_fraction", 0, "data.val_fraction = 0: input should be greater than 0"),
     ("data.split_seed", -1, "data.split_seed = -1"),
     ("data.zips_dir", "data/original", "data.zips_dir = 'data/original': is not a known key"),
-    # the threshold grammar is the schema's (palm.params.parse_threshold)
+    # the threshold grammar is the schema's (palm.core.params.parse_threshold)
     ("train.threshold", "youdn", "train.threshold = 'youdn': expected a number in (0, 1), 'youden', 'sensitivity>=X'"),
     ("train.threshold", "sensitivity>=1.5", "train.threshold = 'sensitivity>=1.5': expected a number in (0, 1)"),
     ("train.threshold", 1.0, "train.threshold = 1.0: a number must be in (0, 1), got 1.0"),
@@ -93,7 +93,7 @@ def test_missing_train_keys_are_named_params_yaml_is_the_one_source_of_defaults(
 
 
 def test_per_model_overrides_take_every_training_key_typed_once():
-    from palm.params import ModelOverrides, TrainParams
+    from palm.core.params import ModelOverrides, TrainParams
 
     assert set(ModelOverrides.model_fields) == set(TrainParams.model_fields)
     assert all(not f.is_required() for f in ModelOverrides.model_fields.values())
@@ -110,7 +110,7 @@ def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_ol
     import pydantic
 
     from palm.data.dataset import Augment
-    from palm.params import RECIPE_KEYS, AugmentParams, TrainingConfig, TrainParams
+    from palm.core.params import RECIPE_KEYS, AugmentParams, TrainingConfig, TrainParams
 
     assert list(TrainingConfig.model_fields) == [*TrainParams.model_fields, "model", "image_size"]
     assert list(AugmentParams.model_fields) == list(Augment.__dataclass_fields__)

@@ -99,7 +99,7 @@ def test_export_explain_and_predict_from_the_pipeline(project, tmp_path):
 
 
 def test_card_describes_the_run_and_dvc_artifacts_get_finds_the_model(project, tmp_path):
-    from palm.fsutil import sha256_file
+    from palm.core.fsutil import sha256_file
 
     card = json.loads((project / "models_card" / "card.json").read_text())
     assert (project / "models_card" / "card.md").read_text().startswith("# Model card: palm-pm-classifier (resnet50)")

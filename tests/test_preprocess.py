@@ -6,7 +6,7 @@ import pytest
 from conftest import make_palm_zips
 
 from palm.data.dataset import Augment, FundusDataset, load_split
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.image import load_image, to_chw_float
 from palm.data.labels import build_labels
 from palm.data.preprocess import preprocess

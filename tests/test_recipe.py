@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import REPO, make_shards, train_section
 
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 from palm.evaluation.model_card import recipe_text
-from palm.params import RECIPE_KEYS, training_config
+from palm.core.params import RECIPE_KEYS, training_config
 from palm.training.crossval import apply_overrides
 from palm.training.recipe import BatchRecipe, cutmix, cutmix_box, mixup, smooth_targets
 

@@ -209,9 +209,9 @@ def test_every_stage_depends_on_all_the_code_it_runs():
 
 
 def test_the_code_identity_of_a_training_checkpoint_is_the_code_dvc_tracks(monkeypatch):
-    """palm.provenance (the code in a checkpoint's identity) finds the same files as this test's
+    """palm.core.provenance (the code in a checkpoint's identity) finds the same files as this test's
     own walk and as the train stage's deps: a checkpoint is resumed only by the code DVC saw."""
-    from palm.provenance import source_hashes
+    from palm.core.provenance import source_hashes
 
     monkeypatch.chdir(REPO)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -223,7 +223,7 @@ def test_the_code_identity_of_a_training_checkpoint_is_the_code_dvc_tracks(monke
 def test_every_stage_reads_the_params_it_depends_on_and_train_only_its_networks_overrides():
     """Exact params: train depends on models.${model} (DVC's templating), not on every network's
     overrides; every network has an entry, so that `dvc exp run -S model=X` tracks X's."""
-    from palm.params import MODEL_NAMES
+    from palm.core.params import MODEL_NAMES
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["train"]["params"] == ["model", "image_size", "train", "models.${model}"]

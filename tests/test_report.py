@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.evaluation.metrics import score
 from palm.evaluation.report import fmt, write_report
 

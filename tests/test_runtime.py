@@ -1,4 +1,4 @@
-"""palm.runtime: each run's share of the machine (PALM_JOBS) and its device."""
+"""palm.core.runtime: each run's share of the machine (PALM_JOBS) and its device."""
 
 import os
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import paddle
 import pytest
 
-from palm import runtime
-from palm.errors import ConfigError
-from palm.runtime import Share, select_device
+from palm.core import runtime
+from palm.core.errors import ConfigError
+from palm.core.runtime import Share, select_device
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_bad_palm_jobs_is_refused(monkeypatch):
 
 
 def test_two_processes_under_palm_jobs_2_take_two_slots_and_split_the_cores(tmp_path):
-    code = ("import time; from palm.runtime import machine_share; s = machine_share(); "
+    code = ("import time; from palm.core.runtime import machine_share; s = machine_share(); "
             "print(s.slot, ','.join(map(str, s.cpus)), flush=True); time.sleep(3)")
     env = {**os.environ, "PALM_JOBS": "2", "PALM_SLOT_DIR": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -102,7 +102,7 @@ def test_two_processes_under_palm_jobs_2_take_two_slots_and_split_the_cores(tmp_
 def test_stages_start_quietly():
     """Importing palm then Paddle, as every stage does, prints none of Paddle's start-up warnings."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.run([sys.executable, "-c", "import palm, paddle; from palm.runtime import select_device; "
+    proc = subprocess.run([sys.executable, "-c", "import palm, paddle; from palm.core.runtime import select_device; "
                            "select_device('cpu'); print(paddle.get_device())"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr

@@ -187,7 +187,7 @@ def test_a_slow_upload_does_not_hold_up_the_others(served):
 
 def test_the_model_card_beside_the_weights_is_served_as_it_is(served):
     url, tmp = served
-    from palm.fsutil import sha256_file
+    from palm.core.fsutil import sha256_file
     from palm.nn.card import SCHEMA
 
     weights = tmp / "models" / "model.safetensors"

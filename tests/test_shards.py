@@ -17,7 +17,7 @@ import pytest
 
 from palm.data import preprocess as pp
 from palm.data.dataset import FundusDataset, load_split, make_loader
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.image import resize_square
 from palm.data.shards import MANIFEST, open_split
 

@@ -4,7 +4,7 @@ a folder source's patient groups."""
 import numpy as np
 import pytest
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.splits import fold_of, stratified_holdout
 
 LABELS = np.array([1] * 30 + [0] * 30)

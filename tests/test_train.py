@@ -7,7 +7,7 @@ import pytest
 from conftest import make_shards, train_section
 
 from palm.nn import checkpoint
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 from palm.training.train import Trainer, effective_config
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
@@ -78,7 +78,7 @@ def test_changed_parameters_start_afresh(tmp_path, shards, capsys):
 def test_a_finished_run_of_other_code_is_not_resumed_and_its_checkpoint_is_replaced(tmp_path, shards, capsys,
                                                                                    monkeypatch):
     """The checkpoint of a finished run would otherwise stand in for any later code (issue 27)."""
-    from palm import provenance
+    from palm.core import provenance
 
     p = params(epochs=2, select="last")
     _, h1, out = run(tmp_path, shards, p)
@@ -109,7 +109,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     import paddle
 
     from conftest import REPO
-    from palm import provenance
+    from palm.core import provenance
     from palm.nn.checkpoint import mismatch
     from palm.training import train
 
@@ -123,7 +123,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     base = train.run_identity(cfg, shards)
     assert set(base) == {"config", "data", "code", "versions"}
     assert {"stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py",
-            "src/palm/provenance.py"} <= set(base["code"])
+            "src/palm/core/provenance.py"} <= set(base["code"])
     assert "stages/evaluate.py" not in base["code"] and "src/palm/evaluation/evaluate.py" not in base["code"]
     assert mismatch(base, train.run_identity(cfg, shards)) is None          # the same run
     assert train.run_identity(cfg.model_copy(update={"threshold": "youden"}), shards) == base  # chosen after training
@@ -147,7 +147,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     np.save(other_data / "train-000.npy", pixels)
     assert changed(train.run_identity(cfg, other_data)) == "is from other data"
 
-    for edited in ("stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py", "src/palm/errors.py"):
+    for edited in ("stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py", "src/palm/core/errors.py"):
         path = proj / edited
         original = path.read_bytes()
         path.write_bytes(original + b"\n# an edit\n")
@@ -322,7 +322,7 @@ def test_bad_threshold_settings_are_refused(bad, match):
     {"lr": 8.0, "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant"},
 ])
 def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path, shards, train):
-    from palm.errors import RunError
+    from palm.core.errors import RunError
 
     out = tmp_path / "run"
     with pytest.raises(RunError, match="training diverged.*no model saved; lower train.lr") as exc:
@@ -334,7 +334,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path, shards
 def test_divergence_check_compares_with_the_first_epoch_and_the_weights():
     import paddle
 
-    from palm.errors import RunError
+    from palm.core.errors import RunError
     from palm.training.train import check_divergence
 
     cfg = effective_config({"model": "lenet", "image_size": 32, "train": train_section(lr=1.0, optimizer="adam")})

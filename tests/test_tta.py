@@ -14,9 +14,9 @@ import pytest
 import yaml
 from conftest import ENV, REPO, make_shards, train_section
 
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 from palm.nn import modelinfo
-from palm.params import training_config
+from palm.core.params import training_config
 from palm.serve import tta
 
 W = np.random.default_rng(0).normal(size=(3, 6, 6)).astype(np.float32)  # a non-symmetric "network"

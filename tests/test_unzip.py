@@ -4,7 +4,7 @@ import zipfile
 import pytest
 from conftest import make_palm_zips, write_zip
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.layout import Limits
 from palm.data.unzip import unzip_all
 

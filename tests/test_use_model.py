@@ -128,7 +128,7 @@ def test_a_pickled_model_is_refused_and_never_unpickled(tmp_path, capsys):
 
 
 def test_saved_weights_round_trip_exactly_and_reject_other_files(tmp_path):
-    from palm.errors import DataError
+    from palm.core.errors import DataError
 
     paddle.seed(3)
     model = build_model("senet18", image_size=SIZE)

@@ -13,8 +13,8 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("GLOG_minloglevel", "2")
 # Paddle warns at every import that it found no ccache (a compiler cache for C++ extensions,
 # which this project does not build). The thread count is set per process by
-# palm.runtime.select_device (all cores, or this run's share), not through OMP_NUM_THREADS,
+# palm.core.runtime.select_device (all cores, or this run's share), not through OMP_NUM_THREADS,
 # whose value above 1 makes Paddle print a warning at import.
 _warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
-from palm import runtime as _runtime  # noqa: E402,F401  (reads OMP_NUM_THREADS before Paddle does)
+from palm.core import runtime as _runtime  # noqa: E402,F401  (reads OMP_NUM_THREADS before Paddle does)

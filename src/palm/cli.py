@@ -9,9 +9,9 @@ import csv
 import signal
 import sys
 
-from palm.config import Terminated, _terminate
-from palm.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
-from palm.fsutil import atomic_file
+from palm.core.config import Terminated, _terminate
+from palm.core.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
+from palm.core.fsutil import atomic_file
 
 FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from palm.errors import DataError, listing
-from palm.fsutil import atomic_dir, copy_at_most
+from palm.core.errors import DataError, listing
+from palm.core.fsutil import atomic_dir, copy_at_most
 from palm.data.layout import IMAGE_SUFFIXES, MB, Limits, mb, parse_label
 from palm.data.splits import train_valid_split
 

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from palm.params import CLAHE_MODES   # the values of ``clahe``
+from palm.core.params import CLAHE_MODES   # the values of ``clahe``
 
 #: a pixel belongs to the disc if its brightest channel is above this fraction of the image's maximum...
 DISC_FRACTION = 0.08
@@ -66,7 +66,7 @@ class Fundus:
     @classmethod
     def of(cls, value) -> "Fundus":
         """A spec from None (all off), a mapping (``model.json``'s ``fundus``, params), a pydantic
-        model of one (``palm.params.FundusParams``) or a spec; keys not given (or None) are off."""
+        model of one (``palm.core.params.FundusParams``) or a spec; keys not given (or None) are off."""
         if isinstance(value, cls):
             return value
         if value is None:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from palm.data.fundus import enhance
-from palm.errors import DataError
+from palm.core.errors import DataError
 
 #: the most pixels a photograph may have (8000 x 8000); the PALM photographs have up to 2124 x 2056.
 #: Larger images are refused before decoding (a "decompression bomb" could need gigabytes).

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from palm.errors import DataError, listing
+from palm.core.errors import DataError, listing
 from palm.data.folder import folder_labels
-from palm.fsutil import atomic_file
+from palm.core.fsutil import atomic_file
 from palm.data.layout import GT_FILE, PALM_SUFFIXES, TRAIN_DIR, VALID_DIR, parse_label
 
 REQUIRED_COLUMNS = ("imgName", "Label")

@@ -77,5 +77,5 @@ class Limits:
 
 
 def limits_of(params: dict) -> Limits:
-    """``unzip:`` of params.yaml (validated by :mod:`palm.params`) as :class:`Limits`."""
+    """``unzip:`` of params.yaml (validated by :mod:`palm.core.params`) as :class:`Limits`."""
     return Limits(**(params.get("unzip") or {}))

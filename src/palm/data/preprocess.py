@@ -10,7 +10,7 @@ Streaming: one shard's worth of images is decoded, written and dropped before th
 memory does not grow with the number of images. Finished shards wait in a resume folder
 (``checkpoints/preprocess`` for the stage) with a stamp of their source files (name, size,
 modification time), the parameters, and what decodes them (the source of the code the stage
-runs and the versions of OpenCV, Pillow and numpy: :func:`palm.provenance.producer`); a run
+runs and the versions of OpenCV, Pillow and numpy: :func:`palm.core.provenance.producer`); a run
 killed part-way and started again keeps the shards whose stamp still matches and decodes
 only the rest. The output folder appears whole,
 with its manifest, at the end (or not at all). The same input gives byte-identical shards.
@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from palm.errors import DataError
-from palm.fsutil import atomic_dir, atomic_file, move
+from palm.core.errors import DataError
+from palm.core.fsutil import atomic_dir, atomic_file, move
 from palm.data.image import load_image
-from palm.provenance import producer
-from palm.runtime import check_memory, machine_share
+from palm.core.provenance import producer
+from palm.core.runtime import check_memory, machine_share
 from palm.data.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
 
 #: the resume folder's record of its finished shards: {"shards": {file name: stamp}}
@@ -195,7 +195,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
 
 
 def main(params: dict) -> None:
-    cfg = params["preprocess"]  # validated by palm.params
+    cfg = params["preprocess"]  # validated by palm.core.params
     manifest = preprocess(
         "data/labels/labels.csv", "data/raw", "data/shards",
         image_size=params["image_size"], shard_size=cfg["shard_size"], workers=cfg["workers"],

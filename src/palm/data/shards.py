@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from palm.errors import DataError
-from palm.fsutil import atomic_file, writing
+from palm.core.errors import DataError
+from palm.core.fsutil import atomic_file, writing
 from palm.data.fundus import Fundus
 from palm.data.image import to_input
-from palm.params import MAX_SIDE, MIN_SIDE, short
+from palm.core.params import MAX_SIDE, MIN_SIDE, short
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ def shard_name(split: str, k: int) -> str:
 
 
 def save_shard(path: Path, pixels: np.ndarray) -> None:
-    """Write one shard so that ``path`` is complete or absent (:func:`palm.fsutil.atomic_file`)."""
+    """Write one shard so that ``path`` is complete or absent (:func:`palm.core.fsutil.atomic_file`)."""
     with atomic_file(path, "wb") as f:
         np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
 

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 
 #: the ``group`` values of PALM's training images: the class subtype, not a patient
 PALM_SUBTYPES = frozenset({"H", "N", "P", ""})

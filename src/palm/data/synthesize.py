@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from palm.fsutil import atomic_dir
+from palm.core.fsutil import atomic_dir
 from palm.data.synthetic import generate
 
 SYNTHETIC_DIR = Path("data/synthetic")
@@ -27,6 +27,6 @@ def main(params: dict) -> None:
                 f"data.source is {source}, data.input is {data_input}: the synthetic data set is not generated.\n")
         print(f"data.source = {source}, data.input = {data_input}: synthetic data not needed, skipped")
         return
-    with atomic_dir(SYNTHETIC_DIR) as tmp:   # cfg: generate's arguments, checked by palm.params.SyntheticParams
+    with atomic_dir(SYNTHETIC_DIR) as tmp:   # cfg: generate's arguments, checked by palm.core.params.SyntheticParams
         generate(tmp, **cfg)
     print(f"wrote synthetic PALM zips to {SYNTHETIC_DIR}")

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from palm.fsutil import atomic_file
+from palm.core.fsutil import atomic_file
 from palm.data.layout import (
     GT_FILE,
     GT_ZIP,

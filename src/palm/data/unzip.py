@@ -31,9 +31,9 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.folder import copy_folder
-from palm.fsutil import atomic_dir, copy_at_most
+from palm.core.fsutil import atomic_dir, copy_at_most
 from palm.data.layout import (
     GT_DIR,
     GT_FILE,

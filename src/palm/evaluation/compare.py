@@ -48,9 +48,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from palm.errors import ConfigError, DataError, listing
+from palm.core.errors import ConfigError, DataError, listing
 from palm.evaluation.metrics import BOOT_SEED, N_BOOT, _bootstrap, wilson_interval
-from palm.params import DEFAULT_THRESHOLD
+from palm.core.params import DEFAULT_THRESHOLD
 
 PREDICTIONS = "metrics/predictions.csv"
 PARAMS = "params.yaml"

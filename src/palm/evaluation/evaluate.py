@@ -22,13 +22,13 @@ from dvclive import Live
 
 from palm.nn.modelinfo import fundus, input_size, threshold, tta
 from palm.data.dataset import load_split
-from palm.fsutil import atomic_file
+from palm.core.fsutil import atomic_file
 from palm.data.image import to_chw_float
-from palm.params import TTA_MODES
+from palm.core.params import TTA_MODES
 from palm.serve.inference import load_engine
 from palm.serve.tta import MAX_VIEW_BATCH, N_VIEWS, combine, view_probabilities
 from palm.evaluation.metrics import DEFAULT_PREVALENCE, ECE_BINS, N_BOOT, score
-from palm.runtime import configured_device, select_device
+from palm.core.runtime import configured_device, select_device
 
 PREDICTIONS = Path("metrics/predictions.csv")
 EVAL_JSON = Path("metrics/eval.json")

@@ -23,11 +23,11 @@ from palm.nn.modelinfo import fundus, input_size
 from palm.nn.modelinfo import tta as model_tta
 from palm.nn.modelinfo import threshold as model_threshold
 from palm.data.dataset import load_split
-from palm.fsutil import atomic_dir
+from palm.core.fsutil import atomic_dir
 from palm.data.image import to_chw_float
-from palm.params import DEFAULT_THRESHOLD
+from palm.core.params import DEFAULT_THRESHOLD
 from palm.nn.models import gradcam_layer
-from palm.runtime import configured_device, select_device
+from palm.core.runtime import configured_device, select_device
 from palm.serve import tta
 from palm.serve.inference import eager
 from palm.serve.gradcam import gradcam, overlay  # noqa: F401  (gradcam: also this module's, for its users)

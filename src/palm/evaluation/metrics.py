@@ -31,8 +31,8 @@ import math
 
 import numpy as np
 
-from palm.errors import DataError
-from palm.params import DEFAULT_THRESHOLD, parse_threshold  # noqa: F401  (the threshold grammar: palm.params)
+from palm.core.errors import DataError
+from palm.core.params import DEFAULT_THRESHOLD, parse_threshold  # noqa: F401  (the threshold grammar: palm.core.params)
 
 N_BOOT = 2000
 BOOT_SEED = 0

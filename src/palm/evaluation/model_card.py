@@ -23,11 +23,11 @@ import yaml
 
 from palm.data.image import MAX_PIXELS
 from palm.data.layout import IMAGE_SUFFIXES
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.evaluation.metrics import INTERVAL_KEYS
-from palm.fsutil import atomic_dir, read_json
+from palm.core.fsutil import atomic_dir, read_json
 from palm.nn import modelinfo
-from palm.fsutil import sha256_file
+from palm.core.fsutil import sha256_file
 from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, SCHEMA, WEIGHT_FILES
 
 NAME = "palm-pm-classifier"     # the model's name in dvc.yaml's artifacts: (the DVC model registry)

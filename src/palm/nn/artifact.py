@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from palm.errors import DataError
-from palm.fsutil import atomic_dir
+from palm.core.errors import DataError
+from palm.core.fsutil import atomic_dir
 from palm.nn.modelinfo import MODEL_INFO, input_size, read_info, write_info
 from palm.nn.models import build_model, main_logits, model_names
 from palm.nn.weights import MODEL_WEIGHTS, check_model_dir, load_state

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from palm.errors import DataError
-from palm.fsutil import sha256_file
+from palm.core.errors import DataError
+from palm.core.fsutil import sha256_file
 
 CARD_DIR = Path("models_card")
 CARD_JSON = "card.json"

@@ -21,9 +21,9 @@ import re
 import shutil
 from pathlib import Path
 
-from palm.errors import DataError
-from palm.fsutil import atomic_file, sha256_file
-from palm.provenance import describe_paths, differing
+from palm.core.errors import DataError
+from palm.core.fsutil import atomic_file, sha256_file
+from palm.core.provenance import describe_paths, differing
 from palm.nn.weights import load_state, save_state
 
 MANIFEST = "checkpoint.json"

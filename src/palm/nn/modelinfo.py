@@ -10,7 +10,7 @@ comparison of models) does not load Paddle nor depend on the networks' code. ``m
   is decoded to); ``input_size``: the side the network takes (older files: ``image_size``);
 - ``fundus``: the enhancement of a photograph before the network (:mod:`palm.data.fundus`,
   ``train.fundus``; absent: none);
-- ``threshold``: PM if the probability is at least this (:data:`palm.params.DEFAULT_THRESHOLD`
+- ``threshold``: PM if the probability is at least this (:data:`palm.core.params.DEFAULT_THRESHOLD`
   if absent), and ``threshold_rule``, where it came from;
 - ``tta``: the test-time augmentation its probability is computed with (:mod:`palm.serve.tta`;
   ``off`` if absent);
@@ -27,10 +27,10 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from palm.errors import ConfigError, DataError
+from palm.core.errors import ConfigError, DataError
 from palm.data.fundus import Fundus
 # DEFAULT_THRESHOLD: a model whose model.json names none
-from palm.params import DEFAULT_THRESHOLD, FundusParams, Side, TTAMode, check
+from palm.core.params import DEFAULT_THRESHOLD, FundusParams, Side, TTAMode, check
 
 MODEL_INFO = "model.json"
 

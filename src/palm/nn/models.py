@@ -2,7 +2,7 @@
 
 :data:`MODELS` holds one :class:`ModelSpec` per network: everything known about it (its
 builder, its Grad-CAM layer, the arguments params.yaml may tune). Every list of model names
-is derived from it (:func:`model_names`; ``palm.params.MODEL_NAMES`` is tested against it).
+is derived from it (:func:`model_names`; ``palm.core.params.MODEL_NAMES`` is tested against it).
 
 Every builder is called with ``image_size`` and returns a ``paddle.nn.Layer`` mapping float32
 NCHW images in [-1, 1] to logits of shape (N, 1). Only LeNet and AlexNet, whose first fully

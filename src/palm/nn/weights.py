@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from palm.errors import DataError
-from palm.fsutil import atomic_file
+from palm.core.errors import DataError
+from palm.core.fsutil import atomic_file
 
 MODEL_WEIGHTS = "model.safetensors"
 META_KEY = "palm_state"

@@ -17,10 +17,10 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.data.image import decode, fit, load_image
 from palm.serve.quality import SIDE, assess, check_file
-from palm.runtime import machine_share
+from palm.core.runtime import machine_share
 
 
 class Decoded(NamedTuple):
@@ -63,7 +63,7 @@ def _init_worker() -> None:
 
 
 def default_workers() -> int:
-    """One decoding process per core of this run's share of the machine (``palm.runtime``)."""
+    """One decoding process per core of this run's share of the machine (``palm.core.runtime``)."""
     return len(machine_share().cpus)
 
 

@@ -19,13 +19,13 @@ import numpy as np
 
 from palm.data.image import load_image, to_chw_float
 from palm.data.synthetic import draw_fundus
-from palm.errors import DataError, RunError
+from palm.core.errors import DataError, RunError
 from palm.nn.artifact import load
 from palm.nn.modelinfo import fundus as fundus_of, input_size, write_info
-from palm.fsutil import atomic_dir
+from palm.core.fsutil import atomic_dir
 from palm.serve import onnxrt
 from palm.serve.inference import eager, save
-from palm.runtime import configured_device, select_device
+from palm.core.runtime import configured_device, select_device
 from palm.nn.weights import check_export_dir
 
 EXPORT_DIR = Path("models_export")

@@ -7,7 +7,7 @@ and the engines that run a model:
 
 | engine | where | what |
 |---|---|---|
-| ``paddle-inference`` | CPU | oneDNN, one thread per core of this run (``palm.runtime``); ``bf16``: oneDNN bfloat16 |
+| ``paddle-inference`` | CPU | oneDNN, one thread per core of this run (``palm.core.runtime``); ``bf16``: oneDNN bfloat16 |
 | ``paddle-inference`` | GPU | CUDA, through TensorRT (fp32) when this Paddle is built with it |
 | ``eager`` | any | ``layer(x)`` in eager Paddle: the fallback, and the reference of the parity tests |
 
@@ -30,9 +30,9 @@ import paddle
 import paddle.inference as pi
 
 from palm.nn import artifact, modelinfo
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.nn.models import main_logits
-from palm.runtime import machine_share, select_device
+from palm.core.runtime import machine_share, select_device
 from palm.serve.engine import Engine, sigmoid
 from palm.nn.weights import check_export_dir
 

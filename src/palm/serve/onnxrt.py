@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from palm.errors import DataError, RunError
+from palm.core.errors import DataError, RunError
 from palm.nn import modelinfo
-from palm.runtime import machine_share
+from palm.core.runtime import machine_share
 from palm.serve.engine import Engine, sigmoid
 
 ONNX_FILE = "model.onnx"

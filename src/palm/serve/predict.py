@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from palm.data.fundus import Fundus
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 from palm.nn import modelinfo
 from palm.nn.card import verify
 from palm.serve.decode import Decoded, decode_stream

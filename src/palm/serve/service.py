@@ -54,9 +54,9 @@ from starlette.concurrency import run_in_threadpool
 from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served here rather than from a CDN
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
-from palm.errors import ConfigError, DataError
+from palm.core.errors import ConfigError, DataError
 from palm.nn import artifact, modelinfo
-from palm.fsutil import sha256_file
+from palm.core.fsutil import sha256_file
 from palm.nn.card import find_card, read_card
 from palm.nn.models import gradcam_layer
 from palm.nn.weights import MODEL_WEIGHTS

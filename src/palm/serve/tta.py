@@ -27,7 +27,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from palm.params import TTA_MODES
+from palm.core.params import TTA_MODES
 from palm.serve.engine import Engine
 
 #: how many views each mode averages (the first ``n`` of :func:`views`' order)

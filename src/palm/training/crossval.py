@@ -26,11 +26,11 @@ import pandas as pd
 import yaml
 
 from palm.data.dataset import Split, load_split
-from palm.errors import DataError
+from palm.core.errors import DataError
 from palm.evaluation.evaluate import predict_valid_modes
 from palm.evaluation.metrics import score
 from palm.nn.modelinfo import tta
-from palm.params import DEFAULT_THRESHOLD, TTA_MODES
+from palm.core.params import DEFAULT_THRESHOLD, TTA_MODES
 from palm.data.shards import SplitWriter, new_manifest, open_split, read_manifest, write_manifest
 from palm.data.splits import fold_of
 from palm.training.train import Trainer

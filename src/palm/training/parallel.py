@@ -21,8 +21,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from palm.errors import ConfigError, PalmError, RunError, report
-from palm.runtime import SLOT_ENV, machine_share
+from palm.core.errors import ConfigError, PalmError, RunError, report
+from palm.core.runtime import SLOT_ENV, machine_share
 
 
 @dataclass(frozen=True)

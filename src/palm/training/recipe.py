@@ -12,7 +12,7 @@ The draws come from a generator seeded by ``(seed, epoch, rank)`` (:meth:`BatchR
 two runs of one seed mix alike, a run resumed at an epoch mixes as the uninterrupted one, and each
 data-parallel process mixes its own part of the batch with draws of its own.
 Both levers off, the batch passes untouched (and they are not in the run identity:
-:meth:`palm.params.TrainingConfig.record`).
+:meth:`palm.core.params.TrainingConfig.record`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 
 #: the stream of the recipe's draws in ``np.random.default_rng([seed, epoch, rank, MIX_STREAM])``
 #: (palm.data.dataset's epoch order uses ``[seed, epoch, 1]``: another sequence)
@@ -77,7 +77,7 @@ class BatchRecipe:
 
     @classmethod
     def of(cls, cfg) -> BatchRecipe:
-        """The recipe of a :class:`palm.params.TrainingConfig` (no generator yet: :meth:`for_epoch`)."""
+        """The recipe of a :class:`palm.core.params.TrainingConfig` (no generator yet: :meth:`for_epoch`)."""
         return cls(cfg.label_smoothing, cfg.mix, cfg.mix_alpha)
 
     @property

@@ -51,12 +51,12 @@ from palm.training.recipe import BatchRecipe
 from palm.data import shards
 from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.nn.ema import WeightEMA
-from palm.errors import ConfigError, RunError
+from palm.core.errors import ConfigError, RunError
 from palm.evaluation.metrics import choose_threshold, score
 from palm.nn.models import DROPOUT_MODELS, build_model, training_loss, training_memory
-from palm.params import DEFAULT_THRESHOLD, TrainingConfig, training_config
-from palm.provenance import producer
-from palm.runtime import check_memory, resolve_device, select_device
+from palm.core.params import DEFAULT_THRESHOLD, TrainingConfig, training_config
+from palm.core.provenance import producer
+from palm.core.runtime import check_memory, resolve_device, select_device
 from palm.data.splits import stratified_holdout
 from palm.nn.weights import load_state, to_paddle
 
@@ -81,7 +81,7 @@ MAX_WEIGHT = 1e6
 
 def effective_config(params: dict) -> TrainingConfig:
     """``train:`` of params.yaml overridden by ``models.<model>:`` for the chosen model, validated
-    (:func:`palm.params.training_config`: params.yaml is the one source of the defaults), and
+    (:func:`palm.core.params.training_config`: params.yaml is the one source of the defaults), and
     checked against the networks and the processes of this run."""
     cfg = training_config(params)
     if isinstance(cfg.threshold, str) and not cfg.holdout > 0:

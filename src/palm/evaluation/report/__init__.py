@@ -25,8 +25,8 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from palm.nn.modelinfo import read_info
-from palm.errors import DataError
-from palm.fsutil import atomic_file, read_json
+from palm.core.errors import DataError
+from palm.core.fsutil import atomic_file, read_json
 from palm.evaluation.metrics import reliability_table
 
 REPORT = Path("metrics/report.html")

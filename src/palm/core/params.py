@@ -3,9 +3,9 @@
 params.yaml is the one source of default values: every key of ``train:`` must be there (only
 ``input_size`` and ``dropout`` may be omitted, meaning "the network's own"; ``fundus``, ``label_smoothing``
 and ``mix``, meaning off, with ``mix_alpha`` 0.2); ``models.<name>:`` overrides any of them for one
-network. Validation runs before any work (``palm.config.load_params``, and again on the merged
+network. Validation runs before any work (``palm.core.config.load_params``, and again on the merged
 training configuration); a bad value is a
-:class:`~palm.errors.ConfigError` with one line per problem naming the key and the value::
+:class:`~palm.core.errors.ConfigError` with one line per problem naming the key and the value::
 
     params.yaml: train.epochs = '2': must be a whole number (not a string)
     params.yaml: models.alexnet.lr = -1: must be greater than 0
@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 
 #: the networks of :data:`palm.nn.models.MODELS` (listed here so that validating params.yaml does not
 #: import Paddle; tests/test_params.py checks that the two lists agree)

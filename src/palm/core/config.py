@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import yaml
 
-from palm.errors import ConfigError, report
-from palm.fsutil import remove_stale_temporaries
-from palm.params import short_text, validate
+from palm.core.errors import ConfigError, report
+from palm.core.fsutil import remove_stale_temporaries
+from palm.core.params import short_text, validate
 
 PARAMS_FILE = "params.yaml"
 
@@ -34,7 +34,7 @@ class _NoAliases(yaml.SafeLoader):
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """params.yaml as a dict, validated (:func:`palm.params.validate`): a :class:`ConfigError`
+    """params.yaml as a dict, validated (:func:`palm.core.params.validate`): a :class:`ConfigError`
     lists every bad key with its value. Files above :data:`MAX_PARAMS_BYTES` and YAML aliases
     are refused before anything is built."""
     try:
@@ -67,7 +67,7 @@ def _terminate(signum, frame):
 
 def run_stage(main: Callable[[dict[str, Any]], None]) -> None:
     """Run ``main(params)``: every error ends the process with one line and the documented
-    exit status (:mod:`palm.errors`); SIGTERM and Ctrl-C clean up as an error does."""
+    exit status (:mod:`palm.core.errors`); SIGTERM and Ctrl-C clean up as an error does."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         remove_stale_temporaries()

@@ -1,7 +1,7 @@
 """Atomic creation of output folders and files: a failed or interrupted run leaves nothing half-written.
 
 Temporary names are ``.<target>.tmp-<pid>-<random>`` (and ``.<target>.old-<pid>`` while a folder is
-swapped), beside the target. An exception, Ctrl-C or SIGTERM (see :func:`palm.config.run_stage`)
+swapped), beside the target. An exception, Ctrl-C or SIGTERM (see :func:`palm.core.config.run_stage`)
 removes them on the way out; after a SIGKILL (or a power cut) :func:`remove_stale_temporaries`
 removes those whose process is gone, at the start of the next stage.
 """
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from palm.errors import DataError, RunError
+from palm.core.errors import DataError, RunError
 
 
 #: errors of a full disk: out of space, over quota, above the file size limit
@@ -27,7 +27,7 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def disk_error(exc: BaseException, target: str | Path) -> Exception | None:
-    """A one-line :class:`~palm.errors.RunError` naming ``target`` for an error of a full disk
+    """A one-line :class:`~palm.core.errors.RunError` naming ``target`` for an error of a full disk
     (``exc`` an OSError with ENOSPC, EDQUOT or EFBIG, or numpy's "N requested and M written");
     None for any other error (which names its own file, or is not the disk's)."""
     if not isinstance(exc, OSError):

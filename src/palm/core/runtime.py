@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from palm.errors import ConfigError
+from palm.core.errors import ConfigError
 
 JOBS_ENV = "PALM_JOBS"
 SLOT_DIR_ENV = "PALM_SLOT_DIR"           # where the slot locks live (default: the system's temp dir)
