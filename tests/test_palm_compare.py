@@ -15,6 +15,8 @@ from scipy.stats import binomtest, norm
 from conftest import REPO, make_project, run
 from palm.cli import main
 from palm.evaluation import compare as cmp
+from palm.evaluation import stats
+from palm.evaluation.compare import table
 
 
 # ---------------------------------------------------------------- DeLong
@@ -25,7 +27,7 @@ def test_delong_matches_a_hand_computed_case_without_ties():
     # B: PM 0.8 0.3 0.7, non-PM 0.25 0.1 -> every pair right, AUC 1, placements constant
     # var = var(V10_A)/3 + var(V01_A)/2 = (1/12)/3 + (1/18)/2 = 1/18; z = (1/6)/sqrt(1/18) = 1/sqrt(2)
     labels = [1, 1, 1, 0, 0]
-    r = cmp.delong(labels, [0.9, 0.6, 0.4, 0.5, 0.2], [0.8, 0.3, 0.7, 0.25, 0.1])
+    r = stats.delong(labels, [0.9, 0.6, 0.4, 0.5, 0.2], [0.8, 0.3, 0.7, 0.25, 0.1])
     assert r["auc_a"] == pytest.approx(5 / 6) and r["auc_b"] == pytest.approx(1.0)
     assert r["diff"] == pytest.approx(1 / 6) and r["var"] == pytest.approx(1 / 18)
     assert r["p_value"] == pytest.approx(2 * norm.sf(1 / math.sqrt(2)))   # 0.4795
@@ -37,17 +39,17 @@ def test_delong_matches_a_hand_computed_case_with_ties_and_correlated_placements
     # B: PM 0.9 0.4, non-PM 0.6 0.2: V10 = [1, 1/2], V01 = [1/2, 1], AUC 3/4
     # S10 = S01 = [[1/32, 1/16], [1/16, 1/8]]: var = 2 x (1/32 + 1/8 - 2/16) / 2 = 1/32
     labels = [1, 1, 0, 0]
-    r = cmp.delong(labels, [0.8, 0.5, 0.5, 0.1], [0.9, 0.4, 0.6, 0.2])
+    r = stats.delong(labels, [0.8, 0.5, 0.5, 0.1], [0.9, 0.4, 0.6, 0.2])
     assert r["auc_a"] == pytest.approx(7 / 8) and r["auc_b"] == pytest.approx(3 / 4)
     assert r["diff"] == pytest.approx(-1 / 8) and r["var"] == pytest.approx(1 / 32)
     assert r["p_value"] == pytest.approx(2 * norm.sf((1 / 8) / math.sqrt(1 / 32)))
 
 
 def test_delong_of_identical_scores_is_no_difference_and_too_few_images_is_refused():
-    r = cmp.delong([1, 1, 0, 0], [0.9, 0.3, 0.4, 0.1], [0.9, 0.3, 0.4, 0.1])
+    r = stats.delong([1, 1, 0, 0], [0.9, 0.3, 0.4, 0.1], [0.9, 0.3, 0.4, 0.1])
     assert r["diff"] == 0 and r["p_value"] == 1.0 and r["ci_low"] == r["ci_high"] == 0
-    with pytest.raises(cmp.DataError, match="at least 2 PM and 2 non-PM"):
-        cmp.delong([1, 0, 0], [0.9, 0.3, 0.4], [0.8, 0.2, 0.1])
+    with pytest.raises(stats.DataError, match="at least 2 PM and 2 non-PM"):
+        stats.delong([1, 0, 0], [0.9, 0.3, 0.4], [0.8, 0.2, 0.1])
 
 
 def simulated(n=400, seed=1, shift=0.2):
@@ -65,11 +67,11 @@ def test_delong_variance_and_p_agree_with_a_large_paired_bootstrap(seed):
     """On 400 simulated correlated scores, DeLong's variance of the AUC difference is within 15%
     of that of 5000 paired stratified bootstrap resamples, and the p-values within 0.03."""
     y, a, b = simulated(seed=seed)
-    r = cmp.delong(y, a, b)
-    boots = cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "auc", n_boot=5000, seed=seed)
+    r = stats.delong(y, a, b)
+    boots = stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "auc", n_boot=5000, seed=seed)
     assert boots.mean() == pytest.approx(r["diff"], abs=0.004)
     assert boots.var(ddof=1) == pytest.approx(r["var"], rel=0.15)
-    assert cmp.bootstrap_summary(r["diff"], boots)["p_value"] == pytest.approx(r["p_value"], abs=0.03)
+    assert stats.bootstrap_summary(r["diff"], boots)["p_value"] == pytest.approx(r["p_value"], abs=0.03)
 
 
 # ---------------------------------------------------------------- McNemar, bootstrap, Holm
@@ -84,7 +86,7 @@ def correct(both, only_a, only_b, neither):
 @pytest.mark.parametrize("cells", [(80, 3, 11, 6), (40, 7, 7, 2), (50, 0, 6, 1), (30, 2, 0, 0)])
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(cells):
     both, only_a, only_b, neither = cells
-    r = cmp.mcnemar(*correct(*cells))
+    r = stats.mcnemar(*correct(*cells))
     n = sum(cells)
     assert r["p_value"] == pytest.approx(binomtest(only_b, only_a + only_b, 0.5).pvalue)
     assert r["diff"] == pytest.approx((only_b - only_a) / n)
@@ -93,7 +95,7 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(cells):
 
 
 def test_mcnemar_without_discordant_pairs_is_p_one():
-    r = cmp.mcnemar(*correct(20, 0, 0, 5))
+    r = stats.mcnemar(*correct(20, 0, 0, 5))
     assert r["p_value"] == 1.0 and r["diff"] == 0 and r["ci_low"] < 0 < r["ci_high"]
 
 
@@ -102,40 +104,40 @@ def test_newcombe_interval_is_close_to_the_paired_wald_interval_on_many_images()
     n = both + only_a + only_b + neither
     d = (only_b - only_a) / n
     se = math.sqrt((only_a + only_b) / n ** 2 - (only_b - only_a) ** 2 / n ** 3)
-    low, high = cmp.newcombe_paired_interval(both, only_a, only_b, neither)
+    low, high = stats.newcombe_paired_interval(both, only_a, only_b, neither)
     assert low == pytest.approx(d - 1.96 * se, abs=0.001) and high == pytest.approx(d + 1.96 * se, abs=0.001)
 
 
 def test_paired_bootstrap_resamples_the_same_images_for_both_networks():
     y, a, b = simulated(n=120)
-    same = cmp.paired_bootstrap(y, a, a >= 0.5, a, a >= 0.5, "brier", n_boot=300)
+    same = stats.paired_bootstrap(y, a, a >= 0.5, a, a >= 0.5, "brier", n_boot=300)
     assert np.all(same == 0)                     # the same network against itself: exactly 0 every time
-    d = cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3)
-    assert np.array_equal(d, cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3))
+    d = stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3)
+    assert np.array_equal(d, stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3))
     observed = np.mean((b - y) ** 2) - np.mean((a - y) ** 2)
-    s = cmp.bootstrap_summary(observed, d)
+    s = stats.bootstrap_summary(observed, d)
     assert s["ci_low"] < observed < s["ci_high"] and 0 < s["p_value"] <= 1
     for boots in (d, d + 0.05, d - 0.05):     # the p-value and the interval agree about 0
-        s = cmp.bootstrap_summary(float(np.median(boots)), boots)
+        s = stats.bootstrap_summary(float(np.median(boots)), boots)
         assert (s["p_value"] < 0.05) == (s["ci_low"] > 0 or s["ci_high"] < 0)
 
 
 def test_holm_step_down_by_hand():
     # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01, 3 x 0.03, max(2 x 0.04, 0.09), max(0.2, 0.09)
-    assert cmp.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
-    assert cmp.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
-    adj = cmp.holm([0.02, float("nan")])
+    assert stats.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    adj = stats.holm([0.02, float("nan")])
     assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1])
 
 
 def test_verdicts():
-    assert cmp.verdict("auc", 0.05, 0.001, 400, 0.02, 0.08) == "better"
-    assert cmp.verdict("brier", 0.05, 0.001, 400, 0.02, 0.08) == "worse"
-    v = cmp.verdict("accuracy", 0.01, 0.4, 400, -0.01, 0.03)
+    assert stats.verdict("auc", 0.05, 0.001, 400, 0.02, 0.08) == "better"
+    assert stats.verdict("brier", 0.05, 0.001, 400, 0.02, 0.08) == "worse"
+    v = stats.verdict("accuracy", 0.01, 0.4, 400, -0.01, 0.03)
     # se = 0.04 / 3.92; n x (2.80 x se / 0.01)^2 = 400 x 8.15 = 3,300 (two significant digits)
     assert v == "no difference detectable with 400 images (~3,300 would resolve this size)"
-    assert cmp.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
-    assert cmp.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
+    assert stats.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
+    assert stats.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
         "no difference detectable with 53 PM images (identical)"
 
 
@@ -194,12 +196,12 @@ def test_compare_reads_committed_revisions_gates_a_real_regression_and_writes_js
     recs = {r["metric"]: r for r in data["records"]}
     assert set(recs) == set(cmp.METRICS)
     for rec in recs.values():
-        assert set(cmp.RECORD_KEYS) <= set(rec) and rec["a"] == "good" and rec["b"] == "bad"
+        assert set(table.RECORD_KEYS) <= set(rec) and rec["a"] == "good" and rec["b"] == "bad"
         assert rec["ci_low"] <= rec["diff"] <= rec["ci_high"]
     assert recs["auc"]["verdict"] == "worse" and recs["auc"]["test"] == "DeLong"
     assert recs["brier"]["diff"] > 0 and recs["brier"]["verdict"] == "worse"      # lower is better
     assert recs["auc"]["diff"] == pytest.approx(
-        cmp.delong(y, good, bad)["diff"], abs=1e-5)
+        stats.delong(y, good, bad)["diff"], abs=1e-5)
     assert data["revisions"][0]["commit"] == base
     page = (repo / "c.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 2
@@ -277,7 +279,7 @@ def test_cross_validation_prediction_files_are_compared_and_grouped_by_seed(tmp_
     acc = np.mean((pd.read_csv(files[0])["probability"] >= 0.5).astype(int) == y)
     base = cmp.read_run(files[0])
     assert base.commit is None and base.model == "senet18" and base.seed == "0"
-    assert cmp.metric_value("accuracy", base.labels, base.probs, base.pred) == pytest.approx(acc)
+    assert stats.metric_value("accuracy", base.labels, base.probs, base.pred) == pytest.approx(acc)
 
 
 def test_seed_groups_are_summarised_and_compared_over_seeds_and_pooled(repo, capsys):

@@ -103,8 +103,9 @@ def cmd_compare(args) -> int:
     import json
     import time
 
-    from palm.evaluation.compare import METRICS, compare, markdown, to_json, worse
-    from palm.evaluation.compare_report import page
+    from palm.evaluation.compare import METRICS, compare, worse
+    from palm.evaluation.compare.page import page
+    from palm.evaluation.compare.table import markdown, to_json
 
     start = time.perf_counter()
     result = compare(args.revs, baseline=args.baseline, metrics=args.metric or METRICS,
