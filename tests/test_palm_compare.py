@@ -341,3 +341,159 @@ def test_two_tiny_experiments_are_compared_from_dvc_exp_show(tmp_path):
     (proj / "c.json").unlink()
     # nothing was checked out or changed: the same HEAD, the same workspace
     assert [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])] == before
+
+
+# ---------------------------------------------------------------- hostile input (issue 40)
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def pred_file(path: Path, images, labels, probs, predicted=None) -> str:
+    df = pd.DataFrame({"image": images, "label": labels, "probability": probs})
+    df["predicted"] = (np.asarray(probs, float) >= 0.5).astype(int) if predicted is None else predicted
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("probability", -0.5, "probability must be a number in [0, 1], got -0.5"),
+    ("probability", 1.7, "probability must be a number in [0, 1], got 1.7"),
+    ("probability", float("inf"), "probability must be a number in [0, 1], got inf"),
+    ("probability", float("nan"), "probability must be a number in [0, 1], got nan"),
+    ("probability", "high", "probability holds values that are not numbers"),
+    ("label", 2, "label must be 0 or 1, got 2"),
+    ("label", -1, "label must be 0 or 1, got -1"),
+    ("label", 0.7, "label must be 0 or 1, got 0.7"),
+    ("label", float("nan"), "label must be 0 or 1, got nan"),
+    ("predicted", 2, "predicted must be 0 or 1, got 2"),
+])
+def test_impossible_numbers_are_refused_in_one_line_with_exit_1_and_nothing_written(
+        tmp_path, monkeypatch, capsys, column, value, message):
+    monkeypatch.chdir(tmp_path)
+    images, y, good, bad = sim_runs(30)
+    base = pred_file(tmp_path / "base.csv", images, y, good)
+    df = pd.read_csv(base)
+    df[column] = df[column].astype(object)
+    df.loc[4, column] = value
+    df.to_csv(tmp_path / "odd.csv", index=False)
+    if column == "label":   # the same labels in both, or the images' labels would differ first
+        df.to_csv(tmp_path / "base.csv", index=False)
+        pred_file(tmp_path / "other.csv", images, df["label"], bad)
+        args = ["other.csv", "--baseline", "odd.csv"]
+    else:
+        args = ["odd.csv", "--baseline", "base.csv"]
+    code = main(["compare", *args, "--json", "c.json", "--html", "c.html"])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and line.startswith("error: odd.csv: ") and message in line and images[4] in line
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "c.html").exists()
+    with pytest.raises(stats.DataError, match="label must be 0 or 1"):   # the check itself, without files
+        stats.check_predictions([0, 1, 2], [0.1, 0.2, 0.3], [0, 1, 1])
+
+
+def test_prediction_files_without_settings_are_separate_runs_not_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
+    """Two CSVs with nothing beside them say nothing of their recipe: not one group "seeds None,
+    None" with a mean ± sd, but a group each, seed "?"."""
+    monkeypatch.chdir(tmp_path)
+    images, y, good, bad = sim_runs(40)
+    files = [pred_file(Path(f"{name}.csv"), images, y, probs)
+             for name, probs in (("base", good), ("x1", bad), ("x2", np.clip(bad + 0.05, 0, 1)))]
+    assert main(["compare", *files[1:], "--baseline", files[0], "--metric", "auc", "--json", "c.json"]) == 0
+    out = capsys.readouterr().out
+    assert "| x1.csv | ? | ? | auc |" in out and "None" not in out and "Seed groups" not in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [len(g["revs"]) for g in data["groups"]] == [1, 1, 1] and not data["group_records"]
+    # two runs of the same recipe and seed (other folds, say) are not two seeds either
+    same = [cmp.Run(f"r{i}", None, {"model": "m", "train": {"seed": 0}}, images, y, good, good >= 0.5) for i in (0, 1)]
+    assert [len(g["runs"]) for g in cmp.runs.groups(same)] == [1, 1]
+
+
+def test_n_boot_is_bounded_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:      # 1e8 resamples asked 14.9 GiB
+        main(["compare", "x.csv", "--baseline", "y.csv", "--n-boot", "100000000"])
+    err = capsys.readouterr().err   # argparse's usage, then the one error line
+    assert exc.value.code == 2 and "--n-boot: must be at most 20,000" in err.strip().splitlines()[-1]
+    with pytest.raises(cmp.ConfigError, match="--n-boot must be 1 to 20,000"):
+        cmp.compare(["x.csv"], baseline="y.csv", n_boot=20_001)
+
+
+def test_the_page_shows_thumbnails_of_the_projects_photographs_only(tmp_path, monkeypatch, capsys):
+    """A predictions file may name any path: an image outside data/raw (absolute, or by ..) is
+    listed by name and never read into the page."""
+    import cv2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    images, y, good, _ = sim_runs(30)
+    secret, climb = tmp_path / "private" / "secret.png", "../private/other.png"
+    for path in (secret, tmp_path / "private" / "other.png", *(tmp_path / "data" / "raw" / i for i in images[2:])):
+        cv2.imwrite(str(path), np.full((20, 20, 3), 128, np.uint8))
+    images = [str(secret), climb, *images[2:]]
+    pred_file(tmp_path / "a.csv", images, y, good)
+    pred_file(tmp_path / "b.csv", images, y, 1 - good)          # disagrees on every image
+    assert main(["compare", "b.csv", "--baseline", "a.csv", "--metric", "auc", "--html", "c.html"]) == 0
+    page = (tmp_path / "c.html").read_text()
+    assert "secret.png (" not in page and "other.png (" not in page          # no thumbnail of them
+    assert f"2 of them named outside <code>data/raw</code>, so not shown: {secret}, ../private/other.png" in page
+    assert page.count("<figure><img src=\"data:image/png;base64,") == 2 + 22   # ROC, forest, 22 of 24 thumbnails
+
+
+def test_json_and_html_are_written_both_or_neither(repo, capsys, monkeypatch):
+    images, y, good, bad = sim_runs(30)
+    commit(repo, "a", predictions(images, y, good))
+    run(["git", "branch", "a"], repo)
+    commit(repo, "b", predictions(images, y, bad))
+    (repo / "afile").write_text("x")
+    args = ["compare", "HEAD", "--baseline", "a", "--metric", "auc"]
+    # the page cannot be written (its folder is a file): refused before any test, and no JSON
+    assert main([*args, "--json", "c.json", "--html", "afile/c.html"]) == 2
+    assert "afile/c.html: cannot write there" in one_line(capsys.readouterr().err)
+    assert not (repo / "c.json").exists()
+    # the page fails while it is made: the JSON is not left behind either; an older JSON stays as it was
+    (repo / "c.json").write_text("older")
+    monkeypatch.setattr("palm.evaluation.compare.page.roc_overlay", lambda runs: 1 / 0)
+    assert main([*args, "--json", "c.json", "--html", "c.html"]) == 3
+    assert (repo / "c.json").read_text() == "older" and not (repo / "c.html").exists()
+    assert not [p.name for p in repo.iterdir() if ".tmp-" in p.name]
+    capsys.readouterr()
+    assert main([*args, "--json", "-"]) == 2
+    assert "--json -: standard output carries the Markdown table" in one_line(capsys.readouterr().err)
+
+
+def _device(path: Path) -> Path:
+    """A character device node like /dev/null at ``path`` (as root), else /dev/null itself."""
+    import stat
+
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        return path
+    except PermissionError:
+        return Path("/dev/null")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--html"])
+@pytest.mark.parametrize("kind", ["a character device", "a FIFO", "a symbolic link"])
+def test_outputs_never_replace_a_device_a_fifo_or_a_symbolic_link(repo, capsys, flag, kind):
+    images, y, good, bad = sim_runs(30)
+    commit(repo, "a", predictions(images, y, good))
+    run(["git", "branch", "a"], repo)
+    commit(repo, "b", predictions(images, y, bad))
+    (repo / "kept.txt").write_text("kept")
+    if kind == "a character device":
+        path = _device(repo / "dev")
+    elif kind == "a FIFO":
+        os.mkfifo(path := repo / "fifo")
+    else:
+        os.symlink(repo / "kept.txt", path := repo / "link")
+    before = os.lstat(path)
+    assert main(["compare", "HEAD", "--baseline", "a", "--metric", "auc", flag, str(path)]) == 2
+    assert one_line(capsys.readouterr().err) == (f"error: {path}: {kind}, not a regular file; refusing to replace "
+                                                 "it (name a new path or a regular file)")
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert (repo / "kept.txt").read_text() == "kept"

@@ -27,7 +27,8 @@ tested on the pairs, which is far more sensitive than comparing two separate 95%
   resamples the same images for every seed of both: the sampling variance) (:func:`over_seeds`).
 
 A run's predictions are anything with ``probs`` (PM probabilities) and ``pred`` (0/1 classes),
-e.g. :class:`palm.evaluation.compare.runs.Run`.
+e.g. :class:`palm.evaluation.compare.runs.Run`; :func:`check_predictions` refuses impossible
+numbers (a label 2, a probability 1.7 or NaN) before any test scores them.
 """
 
 from __future__ import annotations
@@ -189,6 +190,48 @@ def verdict(metric: str, diff: float, p_adjusted: float, n: int, ci_low: float, 
 
 
 # ---------------------------------------------------------------- a run's predictions
+
+
+def check_predictions(labels, probs, pred=None, name: str = "predictions", images=None) -> None:
+    """Refuse (:class:`DataError`, one line naming ``name`` and the first rows) labels that are
+    not 0 or 1, probabilities that are not finite numbers in [0, 1], and classes (``pred``) that
+    are not 0 or 1: impossible numbers that every test would otherwise score."""
+    rows = list(images) if images is not None else None
+
+    def where(bad: np.ndarray) -> str:
+        idx = np.flatnonzero(bad)
+        return listing([rows[i] if rows is not None else f"row {i + 1}" for i in idx], 5)
+
+    def numbers(values, column: str) -> np.ndarray:
+        try:
+            return np.asarray(values, np.float64)
+        except (TypeError, ValueError):
+            pass
+        values = list(values)
+        bad = np.zeros(len(values), bool)
+        for i, v in enumerate(values):
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                bad[i] = True
+        raise DataError(f"{name}: {column} holds values that are not numbers: "
+                        f"{listing(dict.fromkeys(repr(values[i]) for i in np.flatnonzero(bad)), 5)} ({where(bad)})")
+
+    for column, values in (("label", labels), ("predicted", pred)):
+        if values is None:
+            continue
+        v = numbers(values, column)
+        bad = ~np.isin(v, (0.0, 1.0))
+        if bad.any():
+            raise DataError(f"{name}: {column} must be 0 or 1, got {listing([f'{x:g}' for x in np.unique(v[bad])], 5)} "
+                            f"({where(bad)})")
+    p = numbers(probs, "probability")
+    bad = ~np.isfinite(p) | (p < 0) | (p > 1)
+    if bad.any():
+        raise DataError(f"{name}: probability must be a number in [0, 1], got "
+                        f"{listing([f'{x:g}' for x in np.unique(p[bad])], 5)} ({where(bad)})")
+
+
 
 
 def metric_value(metric: str, labels, probs, pred) -> float:

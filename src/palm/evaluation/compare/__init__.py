@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from palm.core.errors import ConfigError
+from palm.core.params import MAX_BOOTSTRAP
 from palm.evaluation.compare.runs import Run, align, experiments, groups, read_run
 from palm.evaluation.metrics import BOOT_SEED, N_BOOT
 from palm.evaluation.stats import ALPHA, METRICS, compare_pair, holm, metric_value, over_seeds, verdict
@@ -63,6 +64,8 @@ def compare(revs: list[str], baseline: str = "HEAD", metrics=METRICS, repo: str 
     """Every revision of ``revs`` against ``baseline``, per metric; the seed groups and their
     comparisons. ``revs`` empty: every experiment of ``dvc exp show``."""
     metrics = list(dict.fromkeys(metrics))
+    if not 1 <= n_boot <= MAX_BOOTSTRAP:
+        raise ConfigError(f"--n-boot must be 1 to {MAX_BOOTSTRAP:,} (each resample holds every image), got {n_boot:,}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"--metric: unknown metric(s) {', '.join(unknown)} (one of {', '.join(METRICS)})")

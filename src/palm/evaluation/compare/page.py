@@ -2,7 +2,8 @@
 ``metrics/report.html`` (its figure helpers): the ROC curves of every compared revision
 overlaid, a forest plot of the differences with their 95% intervals, the spread of each
 metric across seeds, and thumbnails of the validation photographs on which a revision and the
-baseline disagree (when the photographs are in this workspace's ``data/raw``).
+baseline disagree (when the photographs are in this workspace's ``data/raw``; an image a
+predictions file names outside it, by an absolute path or ``..``, is listed, never shown).
 
 The page is ``templates/compare.html.j2`` (Jinja2, autoescaped: every revision name, image
 name and test is escaped unless the template says otherwise); this module computes what it shows.
@@ -10,13 +11,13 @@ name and test is escaped unless the template says otherwise); this module comput
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from palm.evaluation.compare.runs import Run
-from palm.evaluation.compare.table import _p
+from palm.evaluation.compare.table import _p, seed_label
 from palm.evaluation.report import _figure_png, png_data_uri
 from palm.evaluation.stats import LOWER_IS_BETTER
 
@@ -77,11 +78,22 @@ def seed_spread(groups: list[dict], metrics: list[str]) -> bytes:
     return _figure_png(draw, size=(7.5, 4.0))
 
 
+def inside(name: str) -> bool:
+    """Whether an image name stays inside the folder it is looked up in: not an absolute path,
+    no ``..`` (a predictions file may name any path; only the project's photographs are shown)."""
+    path = PurePath(name)
+    return not path.is_absolute() and ".." not in path.parts and not path.drive
+
+
 def find_image(name: str, raw: Path = RAW) -> Path | None:
+    """The photograph ``name`` in ``raw`` (or its validation folder, or anywhere below it by file
+    name); None when it is not there or ``name`` points outside ``raw``."""
+    if not inside(name):
+        return None
     for candidate in (raw / name, raw / "PALM-Validation400" / name):
         if candidate.is_file():
             return candidate
-    return next(iter(sorted(raw.rglob(Path(name).name))), None) if raw.is_dir() else None
+    return next(iter(sorted(raw.rglob(PurePath(name).name))), None) if raw.is_dir() else None
 
 
 def thumbnail(path: Path) -> bytes | None:
@@ -112,6 +124,9 @@ def disagreements(runs: list[Run], raw: Path = RAW) -> dict:
     if not len(idx) or out["no_raw"]:
         return out
     for i in idx[:N_THUMBS]:
+        if not inside(base.images[i]):
+            out["outside"].append(base.images[i])
+            continue
         path = find_image(base.images[i], raw)
         png = thumbnail(path) if path else None
         if png is None:
@@ -138,7 +153,7 @@ def _seeds(result: dict) -> dict | None:
         return {"mean": f"{s['mean']:.3f}", "std": None if s["std"] is None else f"{s['std']:.3f}",
                 "min": f"{s['min']:.3f}", "max": f"{s['max']:.3f}"}
 
-    return {"groups": [{"group": g["group"], "seeds": ", ".join(map(str, g["seeds"])),
+    return {"groups": [{"group": g["group"], "seeds": ", ".join(map(seed_label, g["seeds"])),
                         "cells": [cell(g["metrics"][m]) for m in metrics]} for g in result["groups"]],
             "spread": png_data_uri(seed_spread(result["groups"], metrics)),
             "records": _rows(result["group_records"])}
@@ -151,7 +166,7 @@ def page(result: dict, raw: Path = RAW) -> str:
         baseline=result["baseline"], n=result["n"], n_pm=result["n_pm"], alpha=result["alpha"],
         metrics=result["metrics"],
         revisions=[{"rev": r.rev, "commit": r.commit[:10] if r.commit else "workspace", "model": r.model,
-                    "seed": str(r.seed)} for r in runs],
+                    "seed": seed_label(r.seed)} for r in runs],
         records=_rows(result["records"]),
         roc=png_data_uri(roc_overlay(runs)),
         forest=png_data_uri(forest(result["records"], "Paired differences against " + result["baseline"])),

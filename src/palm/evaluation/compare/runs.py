@@ -24,6 +24,7 @@ import yaml
 
 from palm.core.errors import ConfigError, DataError, listing
 from palm.core.params import DEFAULT_THRESHOLD
+from palm.evaluation.stats import check_predictions
 
 PREDICTIONS = "metrics/predictions.csv"
 PARAMS = "params.yaml"
@@ -115,19 +116,20 @@ def read_run(rev: str, repo: str | Path = ".") -> Run:
     raw = Path(rev).read_bytes() if as_file else read_file_at(commit, PREDICTIONS, repo, rev)
     try:
         df = pd.read_csv(io.BytesIO(raw))
-        if as_file and "predicted" not in df.columns and "probability" in df.columns:
-            df["predicted"] = (df["probability"] >= DEFAULT_THRESHOLD).astype(int)
-        missing = {"image", "label", "probability", "predicted"} - set(df.columns)
-        if missing:
-            raise DataError(f"{rev}: {PREDICTIONS} has no column(s) {', '.join(sorted(missing))}")
-        labels, probs, pred = (df["label"].to_numpy().astype(int), df["probability"].to_numpy(np.float64),
-                               df["predicted"].to_numpy().astype(int))
     except (ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{rev}: {PREDICTIONS} is not a predictions table ({exc})") from None
+    guessed = as_file and "predicted" not in df.columns   # out-of-fold predictions: no class of their own
+    missing = {"image", "label", "probability", *(() if guessed else ("predicted",))} - set(df.columns)
+    if missing:
+        raise DataError(f"{rev}: {PREDICTIONS} has no column(s) {', '.join(sorted(missing))}")
     if not len(df):
         raise DataError(f"{rev}: {PREDICTIONS} has no rows")
     if df["image"].duplicated().any():
         raise DataError(f"{rev}: {PREDICTIONS} lists image(s) twice: {listing(df['image'][df['image'].duplicated()])}")
+    check_predictions(df["label"], df["probability"], None if guessed else df["predicted"],
+                      name=rev if as_file else f"{rev}: {PREDICTIONS}", images=df["image"].astype(str))
+    labels, probs = df["label"].to_numpy(np.float64).astype(int), df["probability"].to_numpy(np.float64)
+    pred = (probs >= DEFAULT_THRESHOLD).astype(int) if guessed else df["predicted"].to_numpy(np.float64).astype(int)
     if as_file:
         return Run(rev, None, _file_params(Path(rev)), df["image"].astype(str).tolist(), labels, probs, pred)
     try:
@@ -191,12 +193,22 @@ def _without_seed(params: dict) -> str:
 
 def groups(runs: list[Run]) -> list[dict]:
     """Runs whose params differ only by ``train.seed``, as groups ``{"name", "runs"}`` (first
-    seen first); a group is named by its model, with a number when two groups share one."""
-    keyed: dict[str, list[Run]] = {}
-    for r in runs:
-        keyed.setdefault(_without_seed(r.params), []).append(r)
+    seen first); a group is named by its model, with a number when two groups share one.
+
+    A run whose settings are unknown (no ``params.yaml`` in its revision, no settings beside its
+    predictions file) is a group of its own: nothing says it is a seed of another run's recipe.
+    Nor are two runs of the same seed one group (two runs of one recipe and seed, e.g. with
+    other folds): each seed is in a group once."""
+    keyed: dict[str, list[list[Run]]] = {}
+    for i, r in enumerate(runs):
+        key = _without_seed(r.params) if r.params else f"unknown settings #{i}"
+        family = keyed.setdefault(key, [])
+        home = next((g for g in family if all(m.seed != r.seed for m in g)), None)
+        if home is None:
+            family.append(home := [])
+        home.append(r)
     out, used = [], {}
-    for members in keyed.values():
+    for members in (g for family in keyed.values() for g in family):
         model = members[0].model
         used[model] = used.get(model, 0) + 1
         members = sorted(members, key=lambda r: (not isinstance(r.seed, int), r.seed if isinstance(r.seed, int) else 0))

@@ -18,6 +18,11 @@ def _p(v) -> str:
     return "<0.001" if v < 0.001 else f"{v:.3f}"
 
 
+def seed_label(seed) -> str:
+    """A run's seed as shown: "?" when its settings do not say (not "None")."""
+    return "?" if seed is None else str(seed)
+
+
 def _short_test(test: str) -> str:
     return test.split(" (")[0] if test.startswith("paired bootstrap") else test.replace(", Newcombe interval", "")
 
@@ -33,7 +38,7 @@ def markdown(result: dict) -> str:
     runs = {r.rev: r for r in result["runs"]}
     for rec in result["records"]:
         run = runs[rec["b"]]
-        out.append(f"| {rec['b']} | {run.model} | {run.seed} | {rec['metric']} | {_f(rec['value_a'])} | "
+        out.append(f"| {rec['b']} | {run.model} | {seed_label(run.seed)} | {rec['metric']} | {_f(rec['value_a'])} | "
                    f"{_f(rec['value_b'])} | {rec['diff']:+.3f} [{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] | "
                    f"{_p(rec['p_value'])} | {_p(rec['p_adjusted'])} | {_short_test(rec['test'])} | {rec['verdict']} |")
     if any(len(g["seeds"]) > 1 for g in result["groups"]):
@@ -46,7 +51,7 @@ def markdown(result: dict) -> str:
                 s = g["metrics"][m]
                 sd = f" ± {s['std']:.3f}" if s["std"] is not None else ""
                 cells.append(f"{s['mean']:.3f}{sd} ({s['min']:.3f}..{s['max']:.3f})")
-            out.append(f"| {g['group']} | {', '.join(str(s) for s in g['seeds'])} | " + " | ".join(cells) + " |")
+            out.append(f"| {g['group']} | {', '.join(seed_label(s) for s in g['seeds'])} | " + " | ".join(cells) + " |")
     if result["group_records"]:
         out += ["", "| group | vs | metric | diff [95% CI] | p | p (Holm) | test | verdict |",
                 "|---|---|---|---|---|---|---|---|"]
