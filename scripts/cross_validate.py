@@ -33,7 +33,6 @@ from palm.core.config import load_params
 from palm.core.errors import ConfigError, report
 from palm.core.fsutil import atomic_outputs, check_writable
 from palm.evaluation.metrics import choose_threshold, parse_threshold, score
-from palm.training.crossval import apply_overrides, cross_validate
 
 
 def whole(low: int):
@@ -72,6 +71,8 @@ def main(argv=None) -> int:
                               f"{args.out.stem}.csv)")
         for target in outputs:   # before the k trainings, not after them
             check_writable(target)
+        from palm.training.crossval import apply_overrides, cross_validate   # Paddle: seconds to import
+
         params = apply_overrides(load_params(args.params), args.set)
         rule = parse_threshold(args.threshold) if args.threshold else None
         oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed,
