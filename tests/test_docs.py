@@ -364,3 +364,13 @@ def test_the_readmes_results_table_is_the_committed_runs():
         assert re.search(rf"^\| {model} \| {px} \| ", results, re.MULTILINE), model
         assert re.search(rf"^\| {model} \| \d+ \| {re.escape(accuracy)} \| {re.escape(auc)} \| .* \| {minutes} \|$",
                          results, re.MULTILINE), (model, accuracy, auc, minutes)
+
+
+def test_sphinx_roles_of_docstrings_become_cross_references():
+    """docs/griffe_roles.py: a role is a link that mkdocs build --strict must resolve."""
+    from griffe_roles import convert
+
+    assert convert("a :class:`~palm.core.errors.ConfigError` and :func:`validate`") == \
+        "a [`ConfigError`][palm.core.errors.ConfigError] and [`validate`][validate]"
+    assert convert(":meth:`Trainer._resume` and :func:`open`") == "`Trainer._resume` and `open`"
+    assert convert("Example::\n\n    code") == "Example:\n\n    code"
