@@ -6,7 +6,7 @@
 
 It copies this repository's pipeline into a fresh git + DVC repository (``--work``), shrinks the
 synthetic set and the training (``TINY``: a few minutes on 2 cores), runs ``dvc repro``, commits
-that baseline and two experiments (LeNet, SE-ResNet18 with another seed), then opens in Debian's
+that baseline (SE-ResNet18) and two experiments (LeNet; SE-ResNet18 with another seed), then opens in Debian's
 Chromium (``/usr/bin/chromium``, through Playwright) and photographs:
 
 - ``docs/images/report.png``: ``metrics/report.html``, the report page of the run;
@@ -88,8 +88,10 @@ def tiny_run(work: Path) -> Path:
                 ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"],
                 ["dvc", "repro", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny baseline"]):
         run(cmd, repo)
-    for name, sets in EXPERIMENTS.items():
+    for name, sets in EXPERIMENTS.items():   # each from the baseline: the workspace is restored after it
         run(["dvc", "exp", "run", "-q", "-n", name, *sets], repo)
+        run(["git", "checkout", "-q", "--", "."], repo)
+        run(["dvc", "checkout", "-q", "-f"], repo)
     run(["palm", "compare", "--baseline", "HEAD", *EXPERIMENTS, "--html", "compare.html"], repo)
     run(["dvc", "plots", "diff", "HEAD", *EXPERIMENTS, "--targets", "metrics/eval/plots/sklearn/roc.json",
          "-o", "plots-diff"], repo)
