@@ -6,7 +6,7 @@ A page asks for one with a marker line, replaced by this hook before Markdown is
                                    schema, the default and comment from params.yaml
     <!-- palm: models -->          params.yaml's per-network overrides (models:)
     <!-- palm: stages -->          dvc.yaml's stages: inputs, parameters, outputs
-    <!-- palm: dag -->             the stages' graph (Mermaid), from dvc.yaml's deps and outs
+    <!-- palm: dag -->             the stages' graph (an inline SVG), from dvc.yaml's deps and outs
     <!-- palm: help -->            `palm --help`; `<!-- palm: help predict -->` a subcommand's
 
 An unknown marker fails the build. tests/test_docs.py uses the same functions.
@@ -188,8 +188,54 @@ def stages_table() -> str:
     return "\n".join(lines)
 
 
+def levels() -> dict[str, int]:
+    """Each stage's depth: the longest chain of stages before it."""
+    es, depth = edges(), {}
+
+    def d(name):
+        if name not in depth:
+            depth[name] = max((d(a) + 1 for a, b in es if b == name), default=0)
+        return depth[name]
+    return {name: d(name) for name in stages()}
+
+
 def dag() -> str:
-    return "```mermaid\nflowchart LR\n" + "\n".join(f"  {a} --> {b}" for a, b in edges()) + "\n```"
+    """The stages' graph as an inline SVG (no script, nothing fetched): one row per depth, an
+    arrow per dependency; an arrow that skips rows runs down a lane of its own on the right."""
+    from html import escape
+
+    lv, es = levels(), edges()
+    w, h, pitch, gap, margin = 120, 30, 58, 150, 20
+    rows: dict[int, list[str]] = {}
+    for name, n in lv.items():
+        rows.setdefault(n, []).append(name)
+    width = max(len(r) for r in rows.values()) * gap + 120
+    cx = width / 2 - 60
+    pos = {name: (cx + (i - (len(r) - 1) / 2) * gap, margin + n * pitch) for n, r in rows.items()
+           for i, name in enumerate(r)}
+    right = max(x for x, _ in pos.values()) + w / 2
+    parts = []
+    long = sorted((e for e in es if lv[e[1]] - lv[e[0]] > 1), key=lambda e: (lv[e[1]] - lv[e[0]], lv[e[0]]))
+    for a, b in es:
+        (x1, y1), (x2, y2) = pos[a], pos[b]
+        top = y2 - h / 2 - 2
+        if (a, b) not in long:
+            parts.append(f'<path d="M{x1},{y1 + h / 2} C{x1},{y1 + h / 2 + 18} {x2},{top - 16} {x2},{top}"/>')
+        else:   # out to its own lane on the right, down, and into the target's top
+            lane = right + 16 + 9 * long.index((a, b))
+            parts.append(f'<path d="M{x1 + w / 2},{y1} Q{lane},{y1} {lane},{y1 + 14} L{lane},{top - 20} '
+                         f'Q{lane},{top - 8} {x2 + w / 4},{top}"/>')
+    right += 16 + 9 * len(long)
+    boxes = [f'<g><rect x="{x - w / 2}" y="{y - h / 2}" width="{w}" height="{h}" rx="6"/>'
+             f'<text x="{x}" y="{y + 5}">{escape(name)}</text></g>' for name, (x, y) in pos.items()]
+    height = margin * 2 + max(lv.values()) * pitch + h
+    return (f'<svg class="palm-dag" role="img" aria-label="the stages of dvc.yaml and their dependencies" '
+            f'viewBox="0 0 {right + 10:.0f} {height}" style="max-width:{right + 10:.0f}px;width:100%">'
+            '<defs><marker id="palm-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="currentColor"/></marker></defs>'
+            '<g fill="none" stroke="currentColor" stroke-opacity="0.55" stroke-width="1.4" '
+            'marker-end="url(#palm-arrow)">' + "".join(parts) + "</g>"
+            '<g font-family="monospace" font-size="14" text-anchor="middle">' + "".join(boxes) + "</g></svg>")
 
 
 # ---------------------------------------------------------------------------- palm --help

@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                     body=scripts[route.request.url.rsplit("/npm/", 1)[1]], content_type="text/javascript"))
                 with http_folder(repo) as url:
                     shoot(page, url + "/metrics/report.html", args.out / "report.png", height=1500)
-                    shoot(page, url + "/compare.html", args.out / "compare.png", height=1500)
+                    shoot(page, url + "/compare.html", args.out / "compare.png", height=2400)
                     shoot(page, url + "/plots-diff/index.html", args.out / "plots-diff-roc.png", width=900,
                           height=520, wait=lambda p: p.wait_for_selector("canvas, svg", timeout=30_000))
                 with palm_serve(repo) as url:
