@@ -15,7 +15,10 @@ from __future__ import annotations
 import builtins
 import re
 
-import griffe
+try:
+    import griffe
+except ImportError:   # the docs extra is not installed: the converters still work (tests/test_docs.py)
+    griffe = None
 
 ROLE = re.compile(r":(?:py:)?(class|func|meth|mod|data|attr|exc|obj|const):`(~?)([\w.]+?)(\(\))?`")
 LITERAL = re.compile(r"(\S)::$|^\s*::$", re.MULTILINE)
@@ -60,7 +63,8 @@ def convert(text: str) -> str:
     return LITERAL.sub(lambda m: f"{m.group(1)}:" if m.group(1) else "", text)
 
 
-class SphinxRoles(griffe.Extension):
-    def on_object(self, *, obj, loader, **kwargs) -> None:
-        if obj.docstring is not None:
-            obj.docstring.value = convert(obj.docstring.value)
+if griffe is not None:
+    class SphinxRoles(griffe.Extension):
+        def on_object(self, *, obj, loader, **kwargs) -> None:
+            if obj.docstring is not None:
+                obj.docstring.value = convert(obj.docstring.value)

@@ -39,17 +39,25 @@ def _load(name: str) -> dict:
 
 def yaml_comments(text: str) -> dict[str, str]:
     """``a.b.c`` -> the comment at the end of that key's line in params.yaml (block structure by indent)."""
-    comments, stack = {}, []   # stack of (indent, key)
+    comments, stack, last = {}, [], None   # stack of (indent, key); last: (key, column of its '#')
     for line in text.splitlines():
         m = re.match(r"^( *)([A-Za-z_][\w+-]*):(.*)$", line)
         if not m:
+            c = re.match(r"^( *)# ?(.*)$", line)   # a comment continued on the next line, aligned
+            if c and last and len(c.group(1)) == last[1]:
+                comments[last[0]] += " " + c.group(2).strip()
+            else:
+                last = None
             continue
+        last = None
         indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, key))
         if "#" in rest:
-            comments[".".join(k for _, k in stack)] = rest.split("#", 1)[1].strip()
+            key = ".".join(k for _, k in stack)
+            comments[key] = rest.split("#", 1)[1].strip()
+            last = (key, line.index("#"))
     return comments
 
 

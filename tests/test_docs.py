@@ -301,6 +301,8 @@ def test_every_generated_block_expands_and_the_tables_follow_the_code():
         text = page.read_text(encoding="utf-8")
         expanded = hooks.expand(text, page.name)
         assert "<!-- palm:" not in expanded, page
+    comments = hooks.yaml_comments("a:\n  b: 1   # one\n         # two\n  c: 2\n# top\n")
+    assert comments == {"a.b": "one two"}
     rows = {k: t for k, t, _, _ in hooks.params_rows()}
     assert rows["train.lr"] == "number > 0, ≤ 10" and rows["image_size"] == "whole number ≥ 16, ≤ 4096"
     assert set(Params.model_fields) <= {k.split(".")[0] for k in rows}
