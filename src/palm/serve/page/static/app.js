@@ -8,8 +8,10 @@ const count = document.getElementById("count");
 let total = 0, done = 0, threshold = null;
 
 fetch("/v1/model").then(r => r.json()).then(card => {
-  threshold = card.threshold;
-  const name = card.model || card.name || "model";
+  // model.json's description (no card): model, version, threshold at the top; a model card
+  // (card.json, what dvc repro writes): model.network and decision.threshold
+  threshold = (card.decision || card).threshold;
+  const name = typeof card.model === "string" ? card.model : ((card.model || {}).network || card.name || "model");
   document.getElementById("model").textContent =
     `Model ${card.version || name}` + (threshold != null ? `, PM when the probability is at least ${Number(threshold).toFixed(3)}` : "");
 }).catch(() => { document.getElementById("model").textContent = "model description unavailable"; });
