@@ -289,3 +289,41 @@ def test_files_of_different_folders_of_the_card_or_an_older_card_are_refused(run
                                                          "weights": card["files"]}))
     with pytest.raises(DataError, match=r"written by an older palm .*rerun dvc repro card"):
         verify(root / "models")
+
+
+def test_the_service_answers_from_the_model_and_card_it_loaded_until_it_restarts(run, other, monkeypatch, tmp_path):
+    """Issue 40: ``/v1/model`` reread the card while the network in memory stayed the old one (after
+    a ``dvc repro`` during serving it described the new weights while the old ones answered). The
+    service reports the card its model was checked against when it loaded, and answers with that
+    model's weights and threshold, until it is restarted."""
+    from fastapi.testclient import TestClient
+
+    from palm.serve.service import Model, create_app
+
+    root = carded_copy(run, monkeypatch, tmp_path / "run")
+    files = synthetic_photos(tmp_path / "img", 2)
+    upload = [("files", (f.name, f.read_bytes())) for f in files]
+    loaded_card = json.loads((root / CARD_DIR / CARD_JSON).read_text())
+
+    def serve_and_ask(model):
+        with TestClient(create_app(model), base_url="http://127.0.0.1:8000") as client:
+            card = client.get("/v1/model").json()
+            answer = client.post("/v1/predict", files=upload, params={"grade_all": True}).json()
+        return card, answer
+
+    model = Model(root / "models", device="cpu", engine="eager")
+    card, before = serve_and_ask(model)
+    assert card == loaded_card and before["threshold"] == 0.5
+    # a dvc repro during serving: other weights, a new model.json and the card that vouches for them
+    shutil.copy(other / "models" / "model.safetensors", root / "models" / "model.safetensors")
+    info = json.loads((root / "models" / "model.json").read_text())
+    (root / "models" / "model.json").write_text(json.dumps({**info, "threshold": 0.9}))
+    new_card = {**loaded_card, "validation": {**loaded_card["validation"], "metrics": {"auc": {"estimate": 0.61}}},
+                "files": [{**f, "sha256": sha256_file(root / f["path"])} if f["path"].startswith("models/") else f
+                          for f in loaded_card["files"]]}
+    (root / CARD_DIR / CARD_JSON).write_text(json.dumps(new_card))
+    card, after = serve_and_ask(model)
+    assert card == loaded_card and after == before          # the model it loaded, and that model's card
+    card, restarted = serve_and_ask(Model(root / "models", device="cpu", engine="eager"))
+    assert card == new_card and restarted["threshold"] == 0.9
+    assert [r["probability"] for r in restarted["results"]] != [r["probability"] for r in before["results"]]

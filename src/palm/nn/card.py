@@ -121,8 +121,8 @@ def open_model(model_dir: str | Path, read: Iterable[str] = (), check: bool = Fa
     try:
         folder = given.resolve(strict=True)
     except FileNotFoundError:
-        raise DataError(f"{given}: no such model folder; train a model first (dvc repro) or give --model DIR") \
-            from None
+        raise DataError(f"{given}: no such folder, no {MODEL_INFO}; train a model first (dvc repro) or give "
+                        "--model DIR") from None
     except (OSError, RuntimeError) as exc:   # a loop of symbolic links, a folder that cannot be searched
         raise DataError(f"{given}: cannot open the model folder ({getattr(exc, 'strerror', None) or exc})") from None
     if not folder.is_dir():

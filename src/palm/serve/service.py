@@ -6,8 +6,9 @@
 - ``POST /v1/predict`` (multipart, field ``files``, one or many images; ``?gradcam=true`` adds
   each overlay as a JPEG data URL, ``?grade_all=true`` as ``palm predict --grade-all``): per
   image the fields of ``palm predict``'s rows;
-- ``GET /v1/model``: the model card (``card.json`` beside the weights when there is one,
-  else what ``model.json`` says); ``GET /healthz``; the OpenAPI docs at ``/docs`` (Swagger UI
+- ``GET /v1/model``: the model card the weights were checked against when the service
+  started (``card.json`` beside the weights when there is one, else what ``model.json`` said;
+  never reread: the service answers from one loaded model and its card until it restarts); ``GET /healthz``; the OpenAPI docs at ``/docs`` (Swagger UI
   from the ``swagger-ui-bundle-v2`` package, not a CDN: the service needs no internet).
 
 Every upload is read by :func:`palm.serve.decode.decode_one`, the function ``palm predict``
@@ -55,14 +56,10 @@ from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served her
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.core.errors import ConfigError, DataError
-from palm.nn import artifact, modelinfo
-from palm.core.fsutil import sha256_file
-from palm.nn.card import find_card, read_card
+from palm.nn import modelinfo
 from palm.nn.models import gradcam_layer
-from palm.nn.weights import MODEL_WEIGHTS
 from palm.serve.decode import decode_one
 from palm.serve.gradcam import gradcam, overlay
-from palm.serve.inference import PREFIX
 from palm.serve.predict import Predictor, gradable, record
 
 NOTICE = ("Research aid, not a diagnosis: the PM probability of a screening model, to be read by an "
@@ -226,21 +223,21 @@ class Model:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", engine: str = "auto"):
         self.dir = Path(model_dir)
-        self.predictor = Predictor.load(self.dir, device=device, engine=engine)
-        self.info = modelinfo.read_info(self.dir)
-        weights = self.dir / MODEL_WEIGHTS
-        weights = weights if weights.is_file() else self.dir / f"{PREFIX}.pdiparams"
-        self.weights_sha256 = sha256_file(weights)
-        self.version = f"{self.info['model']}-{self.weights_sha256[:12]}"
-        self.eager = self.layer = None
-        if (self.dir / MODEL_WEIGHTS).is_file():
-            self.eager, _ = artifact.load(self.dir)
-            self.layer = gradcam_layer(self.info["model"], self.eager)
+        # one reading of the folder (Predictor.load): the engine, the Grad-CAM network, model.json,
+        # the card and the hashes are of the same bytes, and stay together until the service restarts
+        self.predictor = Predictor.load(self.dir, device=device, engine=engine, gradcam=True)
+        self.info = self.predictor.info
+        self.weights_sha256 = self.predictor.sha256[self.predictor.weights]
+        self.version = self.predictor.version
+        self.eager = self.predictor.layer
+        self.layer = gradcam_layer(self.info["model"], self.eager) if self.eager is not None else None
 
     def card(self) -> dict:
-        card_file = find_card(self.dir)
-        if card_file is not None:
-            return read_card(card_file)
+        """The card the model was checked against when it was loaded (never read again: after a
+        ``dvc repro`` during serving, the card on the disk describes other weights than these), else
+        what its ``model.json`` said then."""
+        if self.predictor.card is not None:
+            return self.predictor.card
         p = self.predictor
         return {"source": "model.json (no model card beside the weights)", "model": self.info["model"],
                 "version": self.version, "weights_sha256": self.weights_sha256, "engine": p.engine,
