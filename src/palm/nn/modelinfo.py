@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from palm.core.errors import ConfigError, DataError
 from palm.data.fundus import Fundus
 # DEFAULT_THRESHOLD: a model whose model.json names none
-from palm.core.params import CLAHE_MODES, DEFAULT_THRESHOLD, TTA_MODES, Side, check
+from palm.core.params import CLAHE_MODES, DEFAULT_THRESHOLD, MAX_LOCAL_NORM, TTA_MODES, Side, check
 
 MODEL_INFO = "model.json"
 
@@ -79,7 +79,7 @@ class FundusInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     crop: Optional[bool] = None
-    local_norm: Optional[Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)]] = None
+    local_norm: Optional[Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)]] = None
     clahe: Optional[Literal[CLAHE_MODES]] = None  # type: ignore[valid-type]
 
 
