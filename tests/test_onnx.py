@@ -12,6 +12,7 @@ import pytest
 from conftest import ENV, PALM_MINI, requires_palm_mini
 from test_inference import FP32_TOL, SIZE, save_model, synthetic_photos
 
+from palm.cli import main as palm_main
 from palm.data.image import load_image, to_chw_float
 from palm.core.errors import DataError, RunError
 from palm.nn.models import model_names
@@ -126,3 +127,87 @@ def test_without_paddle2onnx_the_export_stands_without_onnx_and_says_so(tmp_path
     assert (out / "inference.json").is_file() and not (out / "model.onnx").exists()
     assert json.loads((out / "model.json").read_text())["onnx"] is None
     assert "paddle2onnx is not installed" in capsys.readouterr().err
+
+
+# --- issue 40, class 6: an ONNX model's signature is checked against model.json when it is loaded -----------------
+
+def fake_onnx(path, in_name="image", in_shape=("N", 3, SIZE, SIZE), in_type=None, out_shape=("N", 1), logits=1,
+              batch_mean=False, extra_output=False):
+    """An ONNX model of the given signature: the mean of each channel of the image, the first
+    ``logits`` of them as its output (``batch_mean``: averaged over the batch too, a [1]-shaped
+    answer whatever the batch)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    in_type = in_type or TensorProto.FLOAT
+    nodes = [helper.make_node("GlobalAveragePool", [in_name], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["out"])]
+    inits = [helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("ends", TensorProto.INT64, [1], [logits]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    if in_type != TensorProto.FLOAT:
+        nodes.insert(0, helper.make_node("Cast", [in_name], ["as_float"], to=TensorProto.FLOAT))
+        nodes[1].input[0] = "as_float"
+    if batch_mean:
+        nodes.append(helper.make_node("ReduceMean", ["out"], ["logits"], axes=[0], keepdims=0))
+    else:
+        nodes.append(helper.make_node("Identity", ["out"], ["logits"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(out_shape))]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 3]))
+    graph = helper.make_graph(nodes, "fake", [helper.make_tensor_value_info(in_name, in_type, list(in_shape))],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({}, None),                                                             # the export's own signature
+    ({"out_shape": ("N",), "logits": 1}, None),                           # [N, 1] declared as [N]: runs
+    ({"out_shape": ("N", 2), "logits": 2}, "output of shape [N, 2]"),       # the issue's example
+    ({"out_shape": ("N", "M"), "logits": 2}, "output of shape ["),         # declared free: onnxruntime infers it
+    ({"out_shape": (1,), "batch_mean": True}, "output of shape [1] for a batch of 2"),   # one answer per batch: run
+    ({"in_shape": ("N", 4, SIZE, SIZE)}, f"input of shape [N, 4, {SIZE}, {SIZE}]"),
+    ({"in_shape": ("N", 3, 32, 32)}, "input of shape [N, 3, 32, 32]"),
+    ({"in_shape": ("N", 3, SIZE)}, f"input of shape [N, 3, {SIZE}]"),
+    ({"in_shape": (1, 3, SIZE, SIZE)}, "a fixed batch size"),
+    ({"in_name": "x"}, "input 'x'"),
+    ({"in_type": "int64"}, "input of type tensor(int64)"),
+    ({"extra_output": True}, "1 input(s) ('image') and 2 output(s)"),
+])
+def test_an_onnx_model_of_another_signature_is_refused_when_loaded(tmp_path_factory, tmp_path, capsys, kwargs, says):
+    """Issue 40: an ONNX model with an output of shape [N, 2] gave rows each other's logits, exit 0;
+    other shapes ended in an internal error. Now: exit 2, one line naming the file and what
+    model.json wants."""
+    from onnx import TensorProto
+
+    _, export_dir = exported(tmp_path_factory, "senet18")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    info = json.loads((export_dir / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(info))
+    if kwargs.get("in_type") == "int64":
+        kwargs = {**kwargs, "in_type": TensorProto.INT64}
+    fake_onnx(folder / "model.onnx", **kwargs)
+    files = synthetic_photos(tmp_path / "img", 3)
+    capsys.readouterr()
+    code = palm_main(["predict", *map(str, files), "--model", str(folder), "--engine", "onnxruntime", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    if says is None:
+        assert code == 0, err                      # the export's signature, and [N]: both run
+        return
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert says in err and "model.onnx" in err and "model.json beside it wants one input 'image'" in err, err
+
+
+def test_an_engine_never_reshapes_logits_of_another_shape():
+    """The last guard, at every call of every engine: logits (N, 2) are refused, not read as 2N rows."""
+    from palm.serve.engine import probabilities
+
+    assert probabilities(np.zeros((3, 1)), 3).shape == (3,) and probabilities(np.zeros(3), 3).shape == (3,)
+    for shape in ((3, 2), (6,), (1,), (3, 1, 1)):
+        with pytest.raises(RunError, match=r"logits of shape .* for 3 image\(s\)"):
+            probabilities(np.zeros(shape), 3)

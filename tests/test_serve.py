@@ -185,20 +185,27 @@ def test_a_slow_upload_does_not_hold_up_the_others(served):
         assert time.perf_counter() - t0 < 20
 
 
-def test_the_model_card_beside_the_weights_is_served_as_it_is(served):
+def test_v1_model_is_the_card_of_the_model_loaded_not_of_the_files_on_the_disk_now(served):
+    """Issue 40: /v1/model reread the card while the old network answered. A card and an edited
+    model.json appearing during serving change neither /v1/model nor the answers (restart to load them)."""
     url, tmp = served
     from palm.core.fsutil import sha256_file
     from palm.nn.card import SCHEMA
 
-    weights = tmp / "models" / "model.safetensors"
+    before = httpx.get(url + "/v1/model").json()
+    info_file = tmp / "models" / "model.json"
+    original = info_file.read_bytes()
+    info_file.write_text(json.dumps({**json.loads(original), "threshold": 0.9}))
     card = {"schema": SCHEMA, "name": "PALM PM screening", "intended_use": "research",
-            "weights": [{"path": "models/model.safetensors", "sha256": sha256_file(weights)}]}
+            "files": [{"path": f"models/{f.name}", "sha256": sha256_file(f)}
+                      for f in (tmp / "models" / "model.safetensors", info_file)]}
     (tmp / "models" / "card.json").write_text(json.dumps(card))
     try:
-        assert httpx.get(url + "/v1/model").json() == card
+        assert httpx.get(url + "/v1/model").json() == before and before["threshold"] == 0.5
+        assert post(url, tmp, ["fundus.jpg"]).json()["threshold"] == 0.5
     finally:
         (tmp / "models" / "card.json").unlink()
-    assert httpx.get(url + "/v1/model").json()["model"] == "senet18"
+        info_file.write_bytes(original)
 
 
 def test_the_audit_log_keeps_hashes_and_decisions_never_images_or_names(served):

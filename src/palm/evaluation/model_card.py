@@ -4,9 +4,10 @@
 (the same for people) say what the model is for and not for, the data it was trained and
 validated on (source, images per class and split), its validation metrics with their 95%
 intervals, its threshold and where the threshold came from, what input it takes, the code
-revision (git) and the ``dvc.lock`` of the run, and the SHA-256 of every weights file
-(``models/`` and ``models_export/``). ``palm predict`` and the service refuse weights whose
-hash the card does not list (:func:`palm.nn.card.verify`).
+revision (git) and the ``dvc.lock`` of the run, and the SHA-256 of every file that decides an
+answer (``model.json`` and the weights, in ``models/`` and ``models_export/``). ``palm predict``
+and the service refuse a model folder with a file whose hash the card does not list
+(:func:`palm.nn.card.open_model`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import platform
 import subprocess
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 import yaml
@@ -28,7 +29,7 @@ from palm.evaluation.metrics import INTERVAL_KEYS
 from palm.core.fsutil import atomic_dir, read_json
 from palm.nn import modelinfo
 from palm.core.fsutil import sha256_file
-from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, SCHEMA, WEIGHT_FILES
+from palm.nn.card import CARD_DIR, CARD_FILES, CARD_JSON, CARD_MD, SCHEMA, WEIGHT_FILES
 
 NAME = "palm-pm-classifier"     # the model's name in dvc.yaml's artifacts: (the DVC model registry)
 
@@ -132,12 +133,13 @@ def provenance(lock_file: Path = Path("dvc.lock")) -> dict:
             "dvc_lock": lock, "versions": versions}
 
 
-def weights(folders=(Path("models"), Path("models_export"))) -> list[dict]:
-    """The SHA-256 and size of every weights file (:data:`palm.nn.card.WEIGHT_FILES`) in ``folders``."""
+def files(folders=(Path("models"), Path("models_export"))) -> list[dict]:
+    """The SHA-256 and size of every file that decides an answer (:data:`palm.nn.card.CARD_FILES`:
+    ``model.json`` and the weights) in ``folders``."""
     out = [{"path": (Path(d) / name).as_posix(), "sha256": sha256_file(Path(d) / name),
             "bytes": (Path(d) / name).stat().st_size}
-           for d in folders for name in WEIGHT_FILES if (Path(d) / name).is_file()]
-    if not out:
+           for d in folders for name in CARD_FILES if (Path(d) / name).is_file()]
+    if not any(PurePosixPath(f["path"]).name in WEIGHT_FILES for f in out):
         raise DataError(f"no weights files ({', '.join(WEIGHT_FILES)}) in {', '.join(map(str, folders))}; "
                         "train and export first (dvc repro)")
     return out
@@ -183,7 +185,7 @@ def build_card(model_dir: Path, export_dir: Path, eval_json: Path, labels_csv: P
         "training_data": data,
         "validation": validation(metrics),
         "provenance": provenance(lock_file),
-        "weights": weights((model_dir, export_dir)),
+        "files": files((model_dir, export_dir)),
     }
 
 
@@ -243,9 +245,10 @@ def card_markdown(card: dict) -> str:
               f"- code revision: {p['git_revision']}" + (" (with uncommitted changes)" if p["git_dirty"] else ""),
               f"- dvc.lock sha256: {p['dvc_lock']['sha256']}",
               f"- versions: {', '.join(f'{k} {x}' for k, x in p['versions'].items())}", "",
-              "## Weights (SHA-256)", "", "palm predict and palm serve refuse weights whose hash is not listed here.",
+              "## Files (SHA-256)", "", "palm predict and palm serve refuse a model folder with a file "
+              "(model.json, the weights) whose hash is not listed here.",
               "", "| file | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| {w['path']} | {w['bytes']} | `{w['sha256']}` |" for w in card["weights"]]
+    lines += [f"| {w['path']} | {w['bytes']} | `{w['sha256']}` |" for w in card["files"]]
     return "\n".join(lines) + "\n"
 
 

@@ -13,9 +13,10 @@ import numpy as np
 
 from palm.core.errors import DataError
 from palm.core.fsutil import atomic_dir
-from palm.nn.modelinfo import MODEL_INFO, input_size, read_info, write_info
+from palm.nn.card import ModelFiles, open_model
+from palm.nn.modelinfo import MODEL_INFO, input_size, write_info
 from palm.nn.models import build_model, main_logits, model_names
-from palm.nn.weights import MODEL_WEIGHTS, check_model_dir, load_state
+from palm.nn.weights import MODEL_WEIGHTS, check_model_dir, load_state_bytes
 
 
 def save(model_dir: str | Path, weights_file: str | Path, info: dict) -> None:
@@ -27,22 +28,33 @@ def save(model_dir: str | Path, weights_file: str | Path, info: dict) -> None:
 
 def load(model_dir: str | Path = "models"):
     """The saved model of ``model_dir`` in eval mode, and its ``model.json``: one-line errors
-    for a bad folder (no description, pickled or ill-fitting weights, unknown network)."""
-    model_dir = Path(model_dir)
-    info = read_info(model_dir)
-    weights = load_state(check_model_dir(model_dir))
+    for a bad folder (no description, pickled or ill-fitting weights, unknown network). Not
+    checked against a model card (the pipeline's own stages load the model before its card is
+    written); ``palm predict`` and the service go through :func:`palm.nn.card.open_model` with the check."""
+    files = open_model(model_dir, read=(MODEL_WEIGHTS,))
+    return network(files), files.info
+
+
+def network(files: ModelFiles):
+    """The eager network (eval mode) of a weights folder read by :func:`palm.nn.card.open_model`,
+    built from the very bytes that were hashed (and checked against the card when asked)."""
+    info = files.info
+    if MODEL_WEIGHTS not in files.data:
+        check_model_dir(files.given)     # why there is none (pickles refused, or missing)
+        raise DataError(f"{files.given}: no {MODEL_WEIGHTS}; train a model first (dvc repro train)")
+    weights = load_state_bytes(files.data[MODEL_WEIGHTS], files.path(MODEL_WEIGHTS))
     if info["model"] not in model_names():
-        raise DataError(f"{model_dir}/{MODEL_INFO}: unknown model {info['model']!r} "
+        raise DataError(f"{files.path(MODEL_INFO)}: unknown model {info['model']!r} "
                         f"(known: {', '.join(model_names())})")
     model = build_model(info["model"], image_size=input_size(info))
     expected = model.state_dict()
     wrong = [k for k, v in expected.items() if k not in weights or list(weights[k].shape) != list(v.shape)]
     if wrong or set(weights) - set(expected):
-        raise DataError(f"{model_dir}: the weights do not fit a {info['model']} at {input_size(info)} px "
+        raise DataError(f"{files.given}: the weights do not fit a {info['model']} at {input_size(info)} px "
                         f"({len(wrong)} missing or of another shape, {len(set(weights) - set(expected))} unknown)")
     model.set_state_dict(weights)
     model.eval()
-    return model, info
+    return model
 
 
 def predict_probs(model, loader, amp_ctx=contextlib.nullcontext) -> np.ndarray:

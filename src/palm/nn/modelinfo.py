@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from palm.core.errors import ConfigError, DataError
 from palm.data.fundus import Fundus
 # DEFAULT_THRESHOLD: a model whose model.json names none
-from palm.core.params import DEFAULT_THRESHOLD, FundusParams, Side, TTAMode, check
+from palm.core.params import CLAHE_MODES, DEFAULT_THRESHOLD, MAX_LOCAL_NORM, TTA_MODES, Side, check
 
 MODEL_INFO = "model.json"
 
@@ -45,29 +45,62 @@ def read_info(model_dir: str | Path) -> dict:
     path = Path(model_dir) / MODEL_INFO
     if not path.is_file():
         raise DataError(f"{model_dir}: no {MODEL_INFO}; train a model first (dvc repro) or give --model DIR")
+    return parse_info(path.read_bytes(), path)
+
+
+def parse_info(data: bytes, path: str | Path) -> dict:
+    """The model description in the bytes ``data`` of ``path`` (read once by the caller, who may
+    have hashed them: :func:`palm.nn.card.open_model`), checked strictly: every key that decides
+    an answer has its type (``"threshold": true`` is not a number, ``"image_size": 64.0`` not a
+    side). A :class:`DataError` when it is not a JSON object naming its network, a
+    :class:`ConfigError` (exit 2, one line naming the file and each bad key) for a bad value."""
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(data.decode("utf-8"))
         if not isinstance(info, dict) or not isinstance(info.get("model"), str):
             raise ValueError("no 'model' name")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a valid model description ({type(exc).__name__}: {exc})") from None
-    check(ModelInfo, info, str(path))  # a ConfigError (exit 2) naming the file and each bad key
+    try:
+        check(ModelInfo, info, str(path))  # each bad key named
+    except ConfigError as exc:
+        raise ConfigError("; ".join(str(exc).splitlines())) from None   # one line
     if input_size(info) > int(info["image_size"]):
         raise ConfigError(f"{path}: input_size = {input_size(info)}: must not be above image_size "
                           f"({info['image_size']})")
     return info
 
 
-class ModelInfo(BaseModel):
-    """The values of ``model.json`` that decide a diagnosis or a cost, checked as params.yaml's are."""
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
-    model_config = ConfigDict(extra="allow")
+
+class FundusInfo(BaseModel):
+    """``model.json``'s ``fundus`` (:class:`palm.core.params.FundusParams`' keys), strictly typed:
+    JSON has true and false, so no ``off`` read as false here."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    crop: Optional[bool] = None
+    local_norm: Optional[Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)]] = None
+    clahe: Optional[Literal[CLAHE_MODES]] = None  # type: ignore[valid-type]
+
+
+class ModelInfo(BaseModel):
+    """The values of ``model.json``, checked strictly (no coercion: a bool is not a number, a
+    string not a side, a float not a whole number): those that decide a diagnosis or a cost, and
+    those of the training run that the card and the report quote. Other keys are allowed (a
+    record for people)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     image_size: Side
     input_size: Optional[Side] = None
-    threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = DEFAULT_THRESHOLD
-    tta: TTAMode = "off"
-    fundus: Optional[FundusParams] = None
+    threshold: Probability = DEFAULT_THRESHOLD
+    threshold_rule: Optional[str] = None
+    tta: Literal[TTA_MODES] = "off"  # type: ignore[valid-type]
+    fundus: Optional[FundusInfo] = None
+    selected_epoch: Optional[Annotated[int, Field(ge=0)]] = None
+    epochs: Optional[Annotated[int, Field(ge=0)]] = None
+    config: Optional[dict] = None
+    onnx: Optional[dict] = None
 
 
 def input_size(info: dict) -> int:

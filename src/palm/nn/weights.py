@@ -182,6 +182,23 @@ def load_state(path: str | Path) -> Any:
         raise DataError(f"{path}: not a safetensors weights file ({type(exc).__name__}: {exc})") from None
 
 
+def load_state_bytes(data: bytes, path: str | Path) -> Any:
+    """The state saved by :func:`save_state`, from the bytes ``data`` of the file ``path`` (read
+    once by the caller, who hashed them: the weights checked are the weights loaded)."""
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(bytes(data))                      # checks the header and the byte ranges
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(bytes(data[8:8 + size])).get("__metadata__") or {}
+        tree = json.loads(meta[META_KEY]) if META_KEY in meta else {k: {"__tensor__": k} for k in tensors}
+        return unflatten(tree, tensors)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except Exception as exc:  # safetensors raises its own error types for a malformed header
+        raise DataError(f"{path}: not a safetensors weights file ({type(exc).__name__}: {exc})") from None
+
+
 def _pickled_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLED_SUFFIXES))
 

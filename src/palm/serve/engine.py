@@ -8,6 +8,10 @@ from typing import Callable
 
 import numpy as np
 
+from palm.core.errors import RunError
+
+INPUT_NAME = "image"                     # the network's one input, as the export names it (float32 NCHW)
+
 
 @dataclass
 class Engine:
@@ -24,3 +28,14 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Logits (N, 1) -> probabilities (N,), float32 (tanh form: no overflow for large logits)."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+
+
+def probabilities(logits, n: int) -> np.ndarray:
+    """The probabilities (N,) of a batch of ``n`` images from an engine's logits, which must be
+    ``(n,)`` or ``(n, 1)``: any other shape (``(n, 2)``, ``(1,)``...) is a :class:`RunError`, never
+    reshaped into rows that belong to other images."""
+    shape = tuple(np.shape(logits))
+    if shape not in ((n,), (n, 1)):
+        raise RunError(f"the network gave logits of shape {list(shape)} for {n} image(s), not [{n}] or [{n}, 1]: "
+                       "not a PM classifier of this project's export")
+    return sigmoid(logits)

@@ -59,7 +59,7 @@ def export_onnx(model, info: dict, folder: Path) -> dict | None:
     try:
         onnxrt.convert(folder, out)
         x = check_photographs(int(info["image_size"]), input_size(info), fundus=fundus_of(info))
-        diff = onnxrt.max_difference(out, eager(model, "cpu"), x)
+        diff = onnxrt.max_difference(out, eager(model, "cpu"), x, info)   # its signature checked too
         if not diff <= onnxrt.PARITY_TOL:
             raise RunError(f"its probabilities differ from eager Paddle's by {diff:.2e} (> {onnxrt.PARITY_TOL}) "
                            "on synthetic photographs")

@@ -14,7 +14,12 @@ and the engines that run a model:
 ``load_engine`` picks ``paddle-inference`` by default, for an exported model and for a
 ``models/`` folder of weights alike (the weights are exported to a temporary folder first:
 about 0.2 s for SE-ResNet18); when Paddle Inference cannot be built it says why on stderr and
-falls back to eager (which loads the network again: only on that rare path). Every engine maps a float32 NCHW batch to PM probabilities (N,).
+falls back to eager (which builds the network again: only on that rare path). Every engine maps a float32 NCHW
+batch to PM probabilities (N,), and refuses logits of another shape than (N,) or (N, 1).
+
+The folder is read once (:func:`palm.nn.card.open_model`): every engine runs from the bytes that
+were hashed (written to a private temporary folder for Paddle Inference, which reads files),
+never from the folder again.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from palm.nn import artifact, modelinfo
 from palm.core.errors import DataError
 from palm.nn.models import main_logits
 from palm.core.runtime import machine_share, select_device
-from palm.serve.engine import Engine, sigmoid
-from palm.nn.weights import check_export_dir
+from palm.nn.card import ModelFiles, open_model
+from palm.serve.engine import INPUT_NAME, Engine, probabilities, sigmoid  # noqa: F401 (sigmoid: benchmarks)
+from palm.nn.weights import MODEL_WEIGHTS, check_export_dir
 
 PREFIX = "inference"                     # models_export/inference.json + inference.pdiparams
+EXPORT_FILES = (PREFIX + ".json", PREFIX + ".pdiparams")
 ENGINES = ("auto", "paddle-inference", "eager")
 PRECISIONS = ("fp32", "bf16")
-INPUT_NAME = "image"
 GPU_MEMORY_MB = 256                      # initial GPU memory pool of a Paddle Inference predictor
 TRT_MAX_BATCH = 64
 
@@ -111,7 +117,7 @@ def paddle_inference(model_dir: str | Path, device: str, precision: str = "fp32"
         x_in.reshape(list(x.shape))
         x_in.copy_from_cpu(x)
         predictor.run()
-        return sigmoid(y_out.copy_to_cpu())
+        return probabilities(y_out.copy_to_cpu(), len(x))
 
     return Engine(run, name)
 
@@ -123,7 +129,7 @@ def eager(layer, device: str) -> Engine:
     def run(x: np.ndarray) -> np.ndarray:
         with paddle.no_grad():
             logits = main_logits(layer(paddle.to_tensor(x)))
-        return sigmoid(logits.astype("float32").numpy())
+        return probabilities(logits.astype("float32").numpy(), len(x))
 
     return Engine(run, f"eager {device}")
 
@@ -131,33 +137,59 @@ def eager(layer, device: str) -> Engine:
 def load_engine(model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
                 precision: str = "fp32") -> tuple[Engine, dict]:
     """The trained model of ``model_dir`` (``models/`` weights or an export) ready to score
-    batches, and its ``model.json``. ``engine``: auto (Paddle Inference, eager if that fails),
-    paddle-inference or eager.
+    batches, and its ``model.json``: the folder read once (:func:`open_files`), not checked
+    against a model card (evaluate runs before the card is written; ``palm predict`` checks it:
+    :meth:`palm.serve.predict.Predictor.load`). ``engine``: auto (Paddle Inference, eager if
+    that fails), paddle-inference or eager (:func:`engine_of`)."""
+    files = open_files(model_dir)
+    return engine_of(files, device, engine, precision), files.info
 
-    One path: the folder's inference program (the export's own, or the weights exported to a
-    temporary folder, :func:`program`) goes to Paddle Inference; on failure, or with
-    ``engine="eager"``, the folder's network runs eagerly (:func:`eager_layer`)."""
+
+def export_files(model_dir: str | Path) -> tuple[str, ...]:
+    """The files a Paddle engine reads from ``model_dir``: the export's program and weights, or ``models/``' weights."""
+    return EXPORT_FILES if is_export(model_dir) else (MODEL_WEIGHTS,)
+
+
+def open_files(model_dir: str | Path, check: bool = False) -> ModelFiles:
+    """``model_dir`` read once (:func:`palm.nn.card.open_model`): ``model.json`` and the files a
+    Paddle engine runs, hashed (``check``: against the folder's model card)."""
+    folder = Path(model_dir)
+    return open_model(folder, read=export_files(folder) if folder.is_dir() else (), check=check)
+
+
+def engine_of(files: ModelFiles, device: str = "auto", engine: str = "auto", precision: str = "fp32",
+              layer=None) -> Engine:
+    """The model of ``files`` (read by :func:`open_files`) ready to score batches, run from the
+    bytes that were read and hashed, never from the folder again. ``layer``: the eager network of
+    a weights folder when the caller has built it already (:func:`palm.nn.artifact.network`).
+
+    One path: the inference program (the export's own, or the weights exported, :func:`program`),
+    written to a private temporary folder, goes to Paddle Inference; on failure, or with
+    ``engine="eager"``, the network runs eagerly (:func:`eager_layer`)."""
     if engine not in ENGINES:
         raise DataError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if precision not in PRECISIONS:
         raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    info = modelinfo.read_info(model_dir)
     device = select_device(device)
-    if is_export(model_dir):
-        check_export_dir(model_dir)   # Paddle 3's JSON program and raw weights; older pickled formats refused
+    if is_export(files.dir):
+        check_export_dir(files.given)   # Paddle 3's JSON program and raw weights; older pickled formats refused
+        missing = [n for n in EXPORT_FILES if n not in files.data]
+        if missing:
+            raise DataError(f"{files.given}: exported model incomplete, no {', '.join(missing)} "
+                            "(re-export: dvc repro export)")
     if engine != "eager":
-        size = modelinfo.input_size(info)
+        size = modelinfo.input_size(files.info)
         try:
-            with program(model_dir) as prog_dir:   # the predictor reads the files when it is created
-                return paddle_inference(prog_dir, device, precision, machine_share().threads, size), info
+            with program(files, layer) as prog_dir:   # the predictor reads the files when it is created
+                return paddle_inference(prog_dir, device, precision, machine_share().threads, size)
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001  (any failure of Paddle Inference: fall back, say why)
             if engine == "paddle-inference":
-                raise DataError(f"{model_dir}: Paddle Inference failed: {exc}") from None
+                raise DataError(f"{files.given}: Paddle Inference failed: {exc}") from None
             print(f"warning: Paddle Inference unavailable ({str(exc).splitlines()[0][:200]}); "
                   "running the model in eager Paddle (slower)", file=sys.stderr)
-    return eager(eager_layer(model_dir), device), info
+    return eager(eager_layer(files, layer), device)
 
 
 def is_export(model_dir: str | Path) -> bool:
@@ -166,20 +198,26 @@ def is_export(model_dir: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def program(model_dir: str | Path) -> Iterator[Path]:
-    """A folder with the inference program of ``model_dir``: itself for an export; for weights,
-    a temporary export of the network (about 0.2 s for SE-ResNet18), removed on exit."""
-    if is_export(model_dir):
-        yield Path(model_dir)
-        return
-    layer, info = artifact.load(model_dir)
-    with tempfile.TemporaryDirectory(prefix="palm-export-") as tmp:
-        save(layer, modelinfo.input_size(info), tmp)
-        yield Path(tmp)
+def program(files: ModelFiles, layer=None) -> Iterator[Path]:
+    """A private temporary folder (removed on exit) with the inference program of ``files``: the
+    export's bytes as read, or for weights an export of the network (about 0.2 s for SE-ResNet18)."""
+    with tempfile.TemporaryDirectory(prefix="palm-model-") as tmp:   # mode 0700: only this user
+        tmp = Path(tmp)
+        if is_export(files.dir):
+            for name in EXPORT_FILES:
+                (tmp / name).write_bytes(files.data[name])
+        else:
+            save(layer if layer is not None else artifact.network(files), modelinfo.input_size(files.info), tmp)
+        yield tmp
 
 
-def eager_layer(model_dir: str | Path):
-    """The network of ``model_dir`` as an eager layer in eval mode (an export's too)."""
-    if is_export(model_dir):
-        return paddle.jit.load(str(Path(model_dir) / PREFIX))
-    return artifact.load(model_dir)[0]
+def eager_layer(files: ModelFiles, layer=None):
+    """The network of ``files`` as an eager layer in eval mode (an export's too, from its bytes as read)."""
+    if layer is not None:
+        return layer
+    if is_export(files.dir):
+        with program(files) as tmp:
+            loaded = paddle.jit.load(str(tmp / PREFIX))
+        loaded.eval()
+        return loaded
+    return artifact.network(files)

@@ -13,7 +13,7 @@ that reason and no diagnosis, unless ``grade_all`` is asked for.
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,7 +24,8 @@ from tqdm import tqdm
 from palm.data.fundus import Fundus
 from palm.core.errors import ConfigError
 from palm.nn import modelinfo
-from palm.nn.card import verify
+from palm.nn.card import open_model
+from palm.nn.weights import MODEL_WEIGHTS
 from palm.serve.decode import Decoded, decode_stream
 from palm.data.image import to_chw_float
 from palm.data.layout import IMAGE_SUFFIXES
@@ -65,7 +66,13 @@ def record(image: str, d: Decoded, probability: float | None, threshold: float) 
 
 @dataclass
 class Predictor:
-    """A trained classifier: from ``models/`` (weights) or from the exported inference model."""
+    """A trained classifier: from ``models/`` (weights) or from the exported inference model.
+
+    One loaded model and what it was loaded from, together until it is dropped: the engine, the
+    ``model.json`` whose threshold, sizes, enhancement and test-time augmentation it answers with,
+    the hashes of the files it was read from and the model card they were checked against, all
+    from one reading of the folder (:func:`palm.nn.card.open_model`). Nothing here reads the
+    folder again: ``palm serve``'s ``/v1/model`` reports this card, not the one on the disk now."""
 
     run_batch: object       # callable: float32 NCHW array -> probabilities (N,)
     image_size: int         # what preprocess decodes to
@@ -74,27 +81,49 @@ class Predictor:
     name: str
     engine: str = "eager"   # which engine runs it (palm.serve.inference)
     fundus: Fundus = Fundus()  # the enhancement before the resize to input_size (model.json; none)
+    info: dict = field(default_factory=dict)      # model.json, as read and checked
+    card: dict | None = None                      # the model card the files were checked against (None: none found)
+    card_path: Path | None = None
+    sha256: dict = field(default_factory=dict)    # SHA-256 of each file that decides an answer (palm.nn.card.CARD_FILES)
+    weights: str = ""                             # which of them holds the weights that run
+    layer: object = None                          # the eager network of a weights folder (load(gradcam=True)), same bytes
+
+    @property
+    def version(self) -> str:
+        """The network's name and the first 12 hex digits of the SHA-256 of the weights that run."""
+        return f"{self.name}-{self.sha256.get(self.weights, '?' * 12)[:12]}"
 
     @classmethod
     def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
-             precision: str = "fp32") -> "Predictor":
-        """The model of ``model_dir``, run by :func:`palm.serve.inference.load_engine` (Paddle Inference
+             precision: str = "fp32", gradcam: bool = False) -> "Predictor":
+        """The model of ``model_dir``, run by :func:`palm.serve.inference.engine_of` (Paddle Inference
         by default, eager Paddle as the fallback), or with ``engine="onnxruntime"`` by
-        :func:`palm.serve.onnxrt.onnx_engine` (no Paddle imported). Weights that the model card
-        does not list with their SHA-256 are refused first (:func:`palm.nn.card.verify`). The
-        probability is the mean over the views of ``model.json``'s ``tta`` (:mod:`palm.serve.tta`)."""
-        verify(model_dir)
+        :func:`palm.serve.onnxrt.engine_of_files` (no Paddle imported). The folder is read once
+        (symbolic links resolved): ``model.json`` and the files the engine runs are hashed, checked
+        against the model card (a file the card does not list with its SHA-256 is refused), and
+        the engine is built from those same bytes. ``gradcam``: also keep the eager network of a
+        weights folder (for Grad-CAM), built from the same bytes. The probability is the mean over
+        the views of ``model.json``'s ``tta`` (:mod:`palm.serve.tta`)."""
+        layer = None
         if engine == "onnxruntime":
-            from palm.serve.onnxrt import onnx_engine
+            from palm.serve.onnxrt import ONNX_FILE, engine_of_files
 
-            run, info = onnx_engine(model_dir)
+            files = open_model(model_dir, read=(ONNX_FILE,), check=True)
+            run, weights = engine_of_files(files), ONNX_FILE
         else:
-            from palm.serve.inference import load_engine  # imports Paddle
+            from palm.nn import artifact  # imports Paddle
+            from palm.serve import inference
 
-            run, info = load_engine(model_dir, device=device, engine=engine, precision=precision)
+            files = inference.open_files(model_dir, check=True)
+            weights = inference.export_files(files.dir)[-1]      # model.safetensors or inference.pdiparams
+            if gradcam and MODEL_WEIGHTS in files.data:
+                layer = artifact.network(files)
+            run = inference.engine_of(files, device=device, engine=engine, precision=precision, layer=layer)
+        info = files.info
         run = tta.wrap(run, modelinfo.tta(info))   # model.json's test-time augmentation (off: the engine itself)
         return cls(run, int(info["image_size"]), modelinfo.input_size(info), modelinfo.threshold(info),
-                   info["model"], run.name, modelinfo.fundus(info))
+                   info["model"], run.name, modelinfo.fundus(info), info=info, card=files.card,
+                   card_path=files.card_path, sha256=dict(files.sha256), weights=weights, layer=layer)
 
     def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,
                 workers: int | None = None, grade_all: bool = False) -> Iterator[dict]:

@@ -6,8 +6,9 @@
 - ``POST /v1/predict`` (multipart, field ``files``, one or many images; ``?gradcam=true`` adds
   each overlay as a JPEG data URL, ``?grade_all=true`` as ``palm predict --grade-all``): per
   image the fields of ``palm predict``'s rows;
-- ``GET /v1/model``: the model card (``card.json`` beside the weights when there is one,
-  else what ``model.json`` says); ``GET /healthz``; the OpenAPI docs at ``/docs`` (Swagger UI
+- ``GET /v1/model``: the model card the weights were checked against when the service
+  started (``card.json`` beside the weights when there is one, else what ``model.json`` said;
+  never reread: the service answers from one loaded model and its card until it restarts); ``GET /healthz``; the OpenAPI docs at ``/docs`` (Swagger UI
   from the ``swagger-ui-bundle-v2`` package, not a CDN: the service needs no internet).
 
 Every upload is read by :func:`palm.serve.decode.decode_one`, the function ``palm predict``
@@ -45,7 +46,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -55,14 +56,10 @@ from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served her
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.core.errors import ConfigError, DataError
-from palm.nn import artifact, modelinfo
-from palm.core.fsutil import sha256_file
-from palm.nn.card import find_card, read_card
+from palm.nn import modelinfo
 from palm.nn.models import gradcam_layer
-from palm.nn.weights import MODEL_WEIGHTS
 from palm.serve.decode import decode_one
 from palm.serve.gradcam import gradcam, overlay
-from palm.serve.inference import PREFIX
 from palm.serve.predict import Predictor, gradable, record
 
 NOTICE = ("Research aid, not a diagnosis: the PM probability of a screening model, to be read by an "
@@ -226,21 +223,21 @@ class Model:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", engine: str = "auto"):
         self.dir = Path(model_dir)
-        self.predictor = Predictor.load(self.dir, device=device, engine=engine)
-        self.info = modelinfo.read_info(self.dir)
-        weights = self.dir / MODEL_WEIGHTS
-        weights = weights if weights.is_file() else self.dir / f"{PREFIX}.pdiparams"
-        self.weights_sha256 = sha256_file(weights)
-        self.version = f"{self.info['model']}-{self.weights_sha256[:12]}"
-        self.eager = self.layer = None
-        if (self.dir / MODEL_WEIGHTS).is_file():
-            self.eager, _ = artifact.load(self.dir)
-            self.layer = gradcam_layer(self.info["model"], self.eager)
+        # one reading of the folder (Predictor.load): the engine, the Grad-CAM network, model.json,
+        # the card and the hashes are of the same bytes, and stay together until the service restarts
+        self.predictor = Predictor.load(self.dir, device=device, engine=engine, gradcam=True)
+        self.info = self.predictor.info
+        self.weights_sha256 = self.predictor.sha256[self.predictor.weights]
+        self.version = self.predictor.version
+        self.eager = self.predictor.layer
+        self.layer = gradcam_layer(self.info["model"], self.eager) if self.eager is not None else None
 
     def card(self) -> dict:
-        card_file = find_card(self.dir)
-        if card_file is not None:
-            return read_card(card_file)
+        """The card the model was checked against when it was loaded (never read again: after a
+        ``dvc repro`` during serving, the card on the disk describes other weights than these), else
+        what its ``model.json`` said then."""
+        if self.predictor.card is not None:
+            return self.predictor.card
         p = self.predictor
         return {"source": "model.json (no model card beside the weights)", "model": self.info["model"],
                 "version": self.version, "weights_sha256": self.weights_sha256, "engine": p.engine,
@@ -267,91 +264,121 @@ class Model:
         return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else None
 
 
+STATIC = resources.files("palm.serve.page") / "static"
+router = APIRouter()
+
+
+@dataclass
+class Service:
+    """What the routes share (``app.state.service``): the model, the limits, the audit log and,
+    while the application runs (its lifespan), the batcher."""
+
+    model: Model
+    limits: Limits
+    audit: AuditLog | None
+    batch_size: int
+    batcher: Batcher | None = None
+
+
+def service(request: Request) -> Service:
+    """Dependency: the application's :class:`Service`."""
+    return request.app.state.service
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    svc: Service = app.state.service
+    svc.batcher = Batcher(svc.model.predictor.run_batch, svc.batch_size)
+    try:
+        yield
+    finally:
+        svc.batcher.close()
+        svc.batcher = None
+        if svc.audit:
+            svc.audit.close()
+
+
+async def one_line(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A request FastAPI cannot validate: 422 and one line."""
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg')}"
+             for e in exc.errors()]
+    return JSONResponse({"detail": "; ".join(parts) + " (send images as multipart form field 'files')"}, 422)
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request):
+    return get_swagger_ui_html(openapi_url=request.app.openapi_url, title="palm serve: API",
+                               swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                               swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="data:,")
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page():
+    return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+@router.get("/healthz")
+async def healthz(svc: Service = Depends(service)):
+    """Whether the service is up, and which model it runs."""
+    return {"status": "ok", "model": svc.model.version, "engine": svc.model.predictor.engine}
+
+
+@router.get("/v1/model")
+async def model_card(svc: Service = Depends(service)):
+    """The model card: what the model is for, its data, metrics, threshold and inputs."""
+    return svc.model.card()
+
+
+@router.post("/v1/predict")
+async def predict(files: list[UploadFile] = File(..., description="one or many photographs"),
+                  gradcam: bool = Query(False, description="add each Grad-CAM overlay (JPEG data URL)"),
+                  grade_all: bool = Query(False, description="also score images not judged gradable"),
+                  svc: Service = Depends(service)):
+    """Per image, the fields of ``palm predict``'s rows: image, quality, probability, predicted,
+    diagnosis, error (an unreadable image is that image's error, not the request's)."""
+    model, limits, batcher = svc.model, svc.limits, svc.batcher
+    pred = model.predictor
+    if len(files) > limits.max_images:
+        raise HTTPException(413, f"too many images: at most {limits.max_images} per request, got {len(files)}")
+    names = [f.filename or f"image {i + 1}" for i, f in enumerate(files)]
+    datas = [await f.read() for f in files]
+    decoded = await asyncio.gather(*(run_in_threadpool(decode_one, d, pred.image_size, pred.input_size, True,
+                                                       pred.fundus)
+                                     for d in datas))
+    futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
+    rows: list[dict] = []
+    anonymous: dict[int, str] = {}
+    for name, d, fut in zip(names, decoded, futures):
+        p = await asyncio.wrap_future(fut) if fut is not None else None
+        rows.append(record(name, d, p, pred.threshold))
+        if d.error:   # named as palm predict names a file (the audit log keeps the unnamed error)
+            d_error = _BYTES_IO.sub("", d.error)
+            rows[-1]["error"] = d_error.replace("<bytes>", name, 1)
+            anonymous[len(rows) - 1] = d_error
+    if gradcam:
+        cams = [batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
+                for row, data in zip(rows, datas)]
+        for row, fut in zip(rows, cams):
+            row["gradcam"] = await asyncio.wrap_future(fut) if fut is not None else None
+    if svc.audit:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        await run_in_threadpool(svc.audit.add, [
+            (now, hashlib.sha256(data).hexdigest(), row["quality"], row.get("probability"),
+             row.get("diagnosis"), model.version, anonymous.get(i)) for i, (row, data) in enumerate(zip(rows, datas))])
+    return {"model": model.version, "threshold": pred.threshold, "notice": NOTICE, "results": rows}
+
+
 def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | None = None,
                batch_size: int = 16) -> FastAPI:
-    """The ASGI application serving ``model``."""
-    pred = model.predictor
-    audit = AuditLog(audit_log) if audit_log else None
-    state: dict = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        state["batcher"] = Batcher(pred.run_batch, batch_size)
-        try:
-            yield
-        finally:
-            state.pop("batcher").close()
-            if audit:
-                audit.close()
-
+    """The ASGI application serving ``model``: :data:`router`'s routes, the page's files and the
+    API docs' files, behind :class:`BodyLimit`."""
     app = FastAPI(title="palm serve", version=model.version, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Pathologic myopia screening of fundus photographs. {NOTICE}")
-    static = resources.files("palm.serve.page") / "static"
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    app.state.service = Service(model, limits, AuditLog(audit_log) if audit_log else None, batch_size)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="palm serve: API",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="data:,")
-
-    @app.exception_handler(RequestValidationError)
-    async def one_line(_request, exc: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg')}"
-                 for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(parts) + " (send images as multipart form field 'files')"}, 422)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return (static / "index.html").read_text(encoding="utf-8")
-
-    @app.get("/healthz")
-    async def healthz():
-        """Whether the service is up, and which model it runs."""
-        return {"status": "ok", "model": model.version, "engine": pred.engine}
-
-    @app.get("/v1/model")
-    async def model_card():
-        """The model card: what the model is for, its data, metrics, threshold and inputs."""
-        return model.card()
-
-    @app.post("/v1/predict")
-    async def predict(files: list[UploadFile] = File(..., description="one or many photographs"),
-                      gradcam: bool = Query(False, description="add each Grad-CAM overlay (JPEG data URL)"),
-                      grade_all: bool = Query(False, description="also score images not judged gradable")):
-        """Per image, the fields of ``palm predict``'s rows: image, quality, probability, predicted,
-        diagnosis, error (an unreadable image is that image's error, not the request's)."""
-        if len(files) > limits.max_images:
-            raise HTTPException(413, f"too many images: at most {limits.max_images} per request, got {len(files)}")
-        batcher: Batcher = state["batcher"]
-        names = [f.filename or f"image {i + 1}" for i, f in enumerate(files)]
-        datas = [await f.read() for f in files]
-        decoded = await asyncio.gather(*(run_in_threadpool(decode_one, d, pred.image_size, pred.input_size, True,
-                                                           pred.fundus)
-                                         for d in datas))
-        futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
-        rows: list[dict] = []
-        anonymous: dict[int, str] = {}
-        for name, d, fut in zip(names, decoded, futures):
-            p = await asyncio.wrap_future(fut) if fut is not None else None
-            rows.append(record(name, d, p, pred.threshold))
-            if d.error:   # named as palm predict names a file (the audit log keeps the unnamed error)
-                d_error = _BYTES_IO.sub("", d.error)
-                rows[-1]["error"] = d_error.replace("<bytes>", name, 1)
-                anonymous[len(rows) - 1] = d_error
-        if gradcam:
-            cams = [batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
-                    for row, data in zip(rows, datas)]
-            for row, fut in zip(rows, cams):
-                row["gradcam"] = await asyncio.wrap_future(fut) if fut is not None else None
-        if audit:
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-            await run_in_threadpool(audit.add, [
-                (now, hashlib.sha256(data).hexdigest(), row["quality"], row.get("probability"),
-                 row.get("diagnosis"), model.version, anonymous.get(i)) for i, (row, data) in enumerate(zip(rows, datas))])
-        return {"model": model.version, "threshold": pred.threshold, "notice": NOTICE, "results": rows}
-
+    app.add_exception_handler(RequestValidationError, one_line)
+    app.include_router(router)
     return BodyLimit(app, limits.max_request_bytes)
 
 
