@@ -381,7 +381,7 @@ class Guard:
                 await _json(send, 500, f"internal error ({type(exc).__name__}); the service keeps running")
             return
         if cut is not None and not started:
-            await _json(send, cut.status, cut.detail)
+            await _json(send, cut.status, cut.detail, close=True)
 
 
 def log_error(where: str, exc: BaseException) -> None:
@@ -391,11 +391,13 @@ def log_error(where: str, exc: BaseException) -> None:
         traceback.print_exception(exc)
 
 
-async def _json(send, status: int, detail: str, bearer: bool = False) -> None:
+async def _json(send, status: int, detail: str, bearer: bool = False, close: bool = False) -> None:
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if bearer:
         headers.append((b"www-authenticate", b"Bearer"))
+    if close:                       # the rest of a cut-off body is not read: the connection ends here
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -504,8 +506,9 @@ async def page():
 
 @router.get("/healthz")
 async def healthz(svc: Service = Depends(service)):
-    """Whether the service is up, and which model it runs."""
-    return {"status": "ok", "model": svc.model.version, "engine": svc.model.predictor.engine}
+    """Whether the service is up, and which model it runs: its version, engine and decision threshold."""
+    return {"status": "ok", "model": svc.model.version, "engine": svc.model.predictor.engine,
+            "threshold": svc.model.predictor.threshold}
 
 
 @router.get("/v1/model")
