@@ -21,6 +21,14 @@ The images of all requests go to one queue; one thread runs the network on up to
 ``batch_size`` of them at a time (:class:`Batcher`), so concurrent requests share batches, and
 uploads are read and decoded concurrently (an async server; decoding in worker threads), so a
 slow upload does not hold the others up.
+
+Hostile input: what decoding a request will cost is read from its images' headers first
+(:func:`palm.serve.decode.decode_cost`) and held from one budget for all requests
+(:class:`MemoryBudget`, 413 beyond it); :class:`Guard` refuses foreign ``Host`` names,
+cross-origin writes, requests without the token (when there is one), oversized and slow bodies,
+and turns any error escaping a route into one line of JSON; uvicorn's protocol gets a deadline
+for the headers (:func:`header_timeout_protocol`); the audit log writes a request's rows in one
+transaction or answers 503 (:class:`AuditLog`).
 """
 
 from __future__ import annotations
