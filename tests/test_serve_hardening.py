@@ -298,9 +298,11 @@ def test_an_audit_log_that_cannot_be_written_is_a_503_with_no_results_and_no_row
 
 
 def test_an_error_escaping_a_route_is_one_line_of_json(client, monkeypatch, capsys):
-    c, svc, _ = client
-    monkeypatch.setattr(svc.model, "card", lambda: 1 / 0)
-    r = c.get("/v1/model")
+    import palm.serve.service
+
+    c, _, _ = client
+    monkeypatch.setattr(palm.serve.service, "decode_cost", lambda *_: 1 / 0)
+    r = c.post("/v1/predict", files=[("files", BROKEN[0])])
     assert r.status_code == 500 and r.json() == {"detail": "internal error (ZeroDivisionError); the service keeps running"}
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError" in err and "Traceback" not in err
