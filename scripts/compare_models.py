@@ -24,23 +24,79 @@ differences on the paired images, per seed and per group of seeds, e.g.:
 
 ``--readme FILE`` (results/README.md) writes the table into FILE between the lines ``<!-- results table -->``
 and ``<!-- end of results table -->``, so results/README.md shows exactly the rows of the file.
+
+The rows of ``--out`` are checked as they are read: a metric outside [0, 1], NaN, a negative seed
+or time, a missing key is one line naming the run and the key, exit 1 (bad usage: exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from palm.core.errors import DataError, PalmError, report
+from palm.core.fsutil import atomic_file, check_target, check_writable
 from palm.nn.modelinfo import input_size, read_info
-from palm.core.fsutil import atomic_file
 from palm.nn.models import model_names
 
 MODELS = model_names()  # every registered network, in the registry's order
 COLUMNS = ("accuracy", "auc", "sensitivity", "specificity")
+
+
+def check_row(r, where: str) -> dict:
+    """One run of ``--out``, refused (:class:`DataError`) when a key is missing or a number is
+    impossible: a metric or interval end outside [0, 1] (or NaN), a negative seed or time."""
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: not a run (an object with model, seed and the metrics)")
+    missing = {"model", "seed", "input_size", "epochs", "train_seconds", *COLUMNS} - set(r)
+    if missing:
+        raise DataError(f"{where}: no {', '.join(sorted(missing))}")
+
+    def number(key, low, high=math.inf, whole=False, optional=False):
+        v = r.get(key)
+        if v is None and optional:
+            return
+        ok = isinstance(v, int) if whole else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or not (math.isfinite(v) and low <= v <= high):
+            kind = "a whole number" if whole else "a number"
+            raise DataError(f"{where}: {key} = {v!r}, must be {kind} in [{low}, {high}]".replace(", inf]", ", ...]"))
+
+    if not isinstance(r["model"], str) or not r["model"]:
+        raise DataError(f"{where}: model = {r['model']!r}, must be a network's name")
+    number("seed", 0, whole=True)
+    number("input_size", 1, whole=True)
+    number("epochs", 1, whole=True)
+    number("train_seconds", 0)
+    for key in COLUMNS:
+        number(key, 0, 1)
+        for end in ("low", "high"):
+            number(f"{key}_ci_{end}", 0, 1, optional=True)
+    return r
+
+
+def read_rows(out: Path) -> list[dict]:
+    """The runs recorded in ``out`` (none when it does not exist), each checked."""
+    if not out.is_file():
+        return []
+    try:
+        rows = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{out}: not a results file ({exc})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{out}: not a list of runs")
+    return [check_row(r, f"{out}: run {i + 1}") for i, r in enumerate(rows)]
+
+
+def seed_number(text: str) -> int:
+    """argparse type: a seed, a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def require_branch(cwd: str | Path = ".") -> None:
@@ -116,13 +172,14 @@ def write_into(path: Path, text: str) -> None:
     pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
     if not pattern.search(doc):
         raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' lines to write the table between")
-    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc), encoding="utf-8")
+    with atomic_file(path, encoding="utf-8") as f:
+        f.write(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=MODELS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--seeds", nargs="+", type=seed_number, default=[0, 1])
     ap.add_argument("--input", "--zips-dir", dest="input", help="data.input for these runs (e.g. data/original)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more -S parameters for every run")
     ap.add_argument("--out", default="metrics/compare.json")
@@ -130,7 +187,14 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", type=Path, help="also write the table into this file, between its marker lines")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    rows = json.loads(out.read_text()) if out.is_file() else []
+    try:
+        rows = read_rows(out)
+        if not args.table_only:   # before the first run, not after it
+            check_writable(out)
+        if args.readme:
+            check_target(args.readme)
+    except PalmError as exc:
+        return report(exc)
     if not args.table_only:
         require_branch()
         rows = [r for r in rows if not (r["model"] in args.models and r["seed"] in args.seeds)]

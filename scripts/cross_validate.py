@@ -11,7 +11,10 @@ out-of-fold predictions are scored. Compare recipes with ``--set``, as ``dvc exp
     python scripts/cross_validate.py --splits train valid --folds 5    # palm-mini: all 400 photographs
 
 Writes ``--out`` (JSON: the scores and the settings) and, next to it, the out-of-fold
-predictions as CSV.
+predictions as CSV: both or neither, and ``--out`` is checked before any training (it ends in
+``.json``; both files can be written, over nothing but regular files). Exit status: 0 done;
+1 bad data; 2 bad usage (an option out of range, an ``--out`` that cannot be written); 3 a
+failed run or internal error (one line).
 
 ``--threshold RULE`` (``youden``, ``sensitivity>=0.95``, ...) also chooses the operating
 threshold on the out-of-fold predictions (never the validation set) and scores them at it;
@@ -27,16 +30,28 @@ import sys
 from pathlib import Path
 
 from palm.core.config import load_params
-from palm.training.crossval import apply_overrides, cross_validate
-from palm.core.errors import PalmError, report
-from palm.core.fsutil import atomic_file
+from palm.core.errors import ConfigError, report
+from palm.core.fsutil import atomic_outputs, check_writable
 from palm.evaluation.metrics import choose_threshold, parse_threshold, score
+
+
+def whole(low: int):
+    """argparse type: a whole number >= ``low`` (bad usage, exit 2, otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--fold-seed", type=int, default=0, help="seed of the assignment of images to folds")
+    ap.add_argument("--folds", type=whole(2), default=3)
+    ap.add_argument("--fold-seed", type=whole(0), default=0, help="seed of the assignment of images to folds (>= 0)")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--splits", nargs="+", default=["train"], metavar="SPLIT",
                     help="splits of the shards pooled into the folds (default: train only). "
@@ -49,7 +64,15 @@ def main(argv=None) -> int:
                     help="choose the operating threshold on the out-of-fold predictions: youden, "
                          "sensitivity>=X or specificity>=X")
     args = ap.parse_args(argv)
+    outputs = (args.out.with_suffix(".csv"), args.out)
     try:
+        if args.out.suffix != ".json":
+            raise ConfigError(f"--out {args.out}: must end in .json (the predictions go beside it as "
+                              f"{args.out.stem}.csv)")
+        for target in outputs:   # before the k trainings, not after them
+            check_writable(target)
+        from palm.training.crossval import apply_overrides, cross_validate   # Paddle: seconds to import
+
         params = apply_overrides(load_params(args.params), args.set)
         rule = parse_threshold(args.threshold) if args.threshold else None
         oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed,
@@ -60,13 +83,14 @@ def main(argv=None) -> int:
             summary["threshold_rule"], summary["chosen_threshold"] = str(rule), t
             summary.update({f"at_threshold_{k}": at[k] for k in ("accuracy", "sensitivity", "specificity",
                                                                  "precision", "fp", "fn")})
-    except PalmError as exc:
+        summary = {"model": params["model"], "set": args.set, **summary}
+        with atomic_outputs() as out:    # the CSV and the JSON: both or neither
+            with out.open(outputs[0], newline="") as f:
+                oof.to_csv(f, index=False)
+            with out.open(outputs[1]) as f:
+                json.dump(summary, f, indent=1)
+    except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         return report(exc)
-    summary = {"model": params["model"], "set": args.set, **summary}
-    with atomic_file(args.out.with_suffix(".csv"), newline="") as f:
-        oof.to_csv(f, index=False)
-    with atomic_file(args.out) as f:
-        json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
     return 0
 

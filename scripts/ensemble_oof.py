@@ -9,7 +9,10 @@ JSON, scored as ``cross_validate`` scores), so ``palm compare`` takes it like an
     python scripts/ensemble_oof.py cv/senet18-s0.csv cv/senet18-s1.csv --out cv/senet18-2seeds.json
     palm compare cv/senet18-2seeds.csv --baseline cv/senet18-s0.csv --metric auc accuracy
 
-The JSON's ``members`` names the members' files.
+The JSON's ``members`` names the members' files. ``--out`` ends in ``.json``, names neither a
+member nor a member's settings, and the two files are written both or neither. Exit status: 0
+written; 1 bad input (a member unreadable, impossible numbers, members of other folds); 2 bad
+usage (one member, a bad ``--out``); 3 internal error (one line).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from palm.core.errors import DataError, PalmError, report
-from palm.evaluation.metrics import score
-from palm.core.fsutil import atomic_file
+from palm.core.errors import ConfigError, DataError, report
+from palm.core.fsutil import atomic_outputs, check_writable
 from palm.core.params import DEFAULT_THRESHOLD
+from palm.evaluation.metrics import score
+from palm.evaluation.stats import check_predictions
 
 KEYS = ["image", "group", "label", "fold"]
 
@@ -38,8 +42,12 @@ def read_member(path: Path) -> pd.DataFrame:
     missing = {*KEYS, "probability"} - set(oof.columns)
     if missing:
         raise DataError(f"{path}: not a cross-validation prediction file (no {', '.join(sorted(missing))} column)")
+    if not len(oof):
+        raise DataError(f"{path}: no rows")
     if oof["image"].duplicated().any():
         raise DataError(f"{path}: an image appears twice")
+    check_predictions(oof["label"], oof["probability"], name=str(path), images=oof["image"].astype(str))
+    oof["probability"] = oof["probability"].astype("float64")
     return oof.sort_values("image", ignore_index=True)
 
 
@@ -56,6 +64,22 @@ def ensemble(paths: list[Path]) -> pd.DataFrame:
     return out
 
 
+def check_outputs(out: Path, members: list[Path]) -> tuple[Path, Path]:
+    """The ensemble's CSV and JSON for ``--out``: refused (exit 2) unless it ends in ``.json``,
+    names neither a member nor a member's settings (``X.json`` beside ``X.csv``), and both can be
+    written."""
+
+    if out.suffix != ".json":
+        raise ConfigError(f"--out {out}: must end in .json (the predictions go beside it as {out.stem}.csv)")
+    targets = (out.with_suffix(".csv"), out)
+    inputs = {p.resolve() for m in members for p in (m, m.with_suffix(".json"))}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise ConfigError(f"--out {out}: would overwrite {target}, a member's predictions or settings")
+        check_writable(target)
+    return targets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("members", nargs="+", type=Path, help="cross_validate.py prediction CSVs (two or more)")
@@ -64,22 +88,26 @@ def main(argv=None) -> int:
     if len(args.members) < 2:
         ap.error("an ensemble needs two or more prediction files")
     try:
+        outputs = check_outputs(args.out, args.members)
         oof = ensemble(args.members)
-    except PalmError as exc:
+        scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
+        # one setting naming the members: palm compare groups runs by their settings, and the members'
+        # own train.seed=N must not make the ensemble look like one seed of a member's recipe
+        summary = {"model": "ensemble", "set": ["ensemble=" + "+".join(p.stem for p in args.members)],
+                   "members": [str(p) for p in args.members], "images": len(oof), **scores,
+                   "errors": scores["fp"] + scores["fn"]}
+        with atomic_outputs() as out:    # the CSV and the JSON: both or neither
+            with out.open(outputs[0], newline="") as f:
+                oof.to_csv(f, index=False)
+            with out.open(outputs[1]) as f:
+                json.dump(summary, f, indent=1)
+    except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         return report(exc)
-    scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
-    # one setting naming the members: palm compare groups runs by their settings, and the members'
-    # own train.seed=N must not make the ensemble look like one seed of a member's recipe
-    summary = {"model": "ensemble", "set": ["ensemble=" + "+".join(p.stem for p in args.members)],
-               "members": [str(p) for p in args.members], "images": len(oof), **scores,
-               "errors": scores["fp"] + scores["fn"]}
-    with atomic_file(args.out.with_suffix(".csv"), newline="") as f:
-        oof.to_csv(f, index=False)
-    with atomic_file(args.out) as f:
-        json.dump(summary, f, indent=1)
-    print(f"{len(args.members)} members, {len(oof)} images: AUC {scores['auc']:.4f} "
-          f"[{scores['auc_ci_low']:.4f}, {scores['auc_ci_high']:.4f}], accuracy {scores['accuracy']:.4f} "
-          f"[{scores['accuracy_ci_low']:.4f}, {scores['accuracy_ci_high']:.4f}], {summary['errors']} errors")
+    def f(key):
+        return "n/a" if scores.get(key) is None else f"{scores[key]:.4f}"
+
+    print(f"{len(args.members)} members, {len(oof)} images: AUC {f('auc')} [{f('auc_ci_low')}, {f('auc_ci_high')}], "
+          f"accuracy {f('accuracy')} [{f('accuracy_ci_low')}, {f('accuracy_ci_high')}], {summary['errors']} errors")
     return 0
 
 

@@ -81,3 +81,34 @@ def test_the_comparison_covers_every_registered_network():
     from palm.nn.models import model_names
 
     assert compare_models.MODELS == model_names()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(accuracy=1.7), "run 2: accuracy = 1.7, must be a number in [0, 1]"),
+    (dict(auc=float("nan")), "run 2: auc = nan, must be a number in [0, 1]"),
+    (dict(auc_ci_low=-0.1), "run 2: auc_ci_low = -0.1, must be a number in [0, 1]"),
+    (dict(seed=-1), "run 2: seed = -1, must be a whole number in [0, ...]"),
+    (dict(seed=True), "run 2: seed = True, must be a whole number in [0, ...]"),
+    (dict(train_seconds="long"), "run 2: train_seconds = 'long', must be a number in [0, ...]"),
+    (dict(model=None), "run 2: model = None, must be a network's name"),
+])
+def test_impossible_numbers_in_the_results_file_are_one_line_and_exit_1(tmp_path, capsys, edit, message):
+    out = tmp_path / "compare.json"
+    out.write_text(json.dumps([row("senet18", 0, 0.95, 0.98, 300), {**row("lenet", 0, 0.9, 0.9, 60), **edit}]))
+    assert compare_models.main(["--table-only", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out}: {message}"]
+    out.write_text("[{")
+    assert compare_models.main(["--table-only", "--out", str(out)]) == 1
+    assert "not a results file" in capsys.readouterr().err
+
+
+def test_a_bad_seed_or_an_output_that_is_not_a_file_is_refused_before_any_run(tmp_path, capsys):
+    import os
+
+    with pytest.raises(SystemExit) as exc:
+        compare_models.main(["--seeds", "-1"])
+    assert exc.value.code == 2 and "must be a whole number >= 0, got '-1'" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo")
+    assert compare_models.main(["--out", str(tmp_path / "fifo")]) == 2      # no run started: no git, no dvc here
+    assert "a FIFO, not a regular file" in capsys.readouterr().err

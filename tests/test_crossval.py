@@ -1,6 +1,7 @@
 """Cross-validation on the training images (scripts/cross_validate.py, palm.training.crossval)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,28 @@ def test_a_bad_setting_is_one_clear_line(shards, tmp_path):
                            "--set", "model.x=1", "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "cv.json")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "error:" in proc.stderr and not (tmp_path / "cv.json").exists()
+
+
+def test_bad_options_and_an_unwritable_out_are_one_line_exit_2_before_any_training(shards, tmp_path, capsys):
+    """--out is checked first: with a --params that does not exist, its error (not the params')
+    is the one reported, so no training could have run before it; --fold-seed -1 is bad usage."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cross_validate", ROOT / "scripts" / "cross_validate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "afile").write_text("x")
+    os.mkfifo(tmp_path / "fifo.json")
+    for args, message in (
+            (["--fold-seed", "-1"], "argument --fold-seed: must be at least 0, got -1"),
+            (["--folds", "1"], "argument --folds: must be at least 2, got 1"),
+            (["--out", str(tmp_path / "afile" / "cv.json")], f"{tmp_path / 'afile' / 'cv.csv'}: cannot write there"),
+            (["--out", str(tmp_path / "fifo.json")], f"{tmp_path / 'fifo.json'}: a FIFO, not a regular file"),
+            (["--out", str(tmp_path / "cv.csv")], "must end in .json")):
+        try:
+            code = script.main(["--shards", str(shards), "--params", str(tmp_path / "none.yaml"), *args])
+        except SystemExit as exc:   # argparse
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and message in err.strip().splitlines()[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "fifo.json"]

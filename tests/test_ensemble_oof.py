@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from palm.evaluation import compare as cmp
 from palm.evaluation.metrics import score
@@ -62,3 +63,40 @@ def test_one_member_or_a_file_that_is_not_predictions_is_refused(tmp_path):
     proc = _run(a, a.with_suffix(".json"), "--out", tmp_path / "ens.json", cwd=tmp_path)
     assert proc.returncode == 1 and "not a cross-validation prediction file" in proc.stderr
     assert not (tmp_path / "ens.json").exists()
+
+
+def _one_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_out_never_overwrites_a_member_or_writes_json_over_a_csv(tmp_path):
+    a = _member(tmp_path / "a.csv", [0.9, 0.4, 0.2, 0.6, 0.7, 0.8], 0)
+    b = _member(tmp_path / "b.csv", [0.7, 0.8, 0.0, 0.2, 0.1, 0.6], 1)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    for out, message in ((tmp_path / "a.json", "would overwrite"),        # a.csv is a member, a.json its settings
+                         (tmp_path / "ens.csv", "must end in .json"),
+                         (tmp_path / "sub" / ".." / "b.json", "would overwrite")):
+        proc = _run(a, b, "--out", out, cwd=tmp_path)
+        assert proc.returncode == 2 and message in _one_line(proc), proc.stderr
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before      # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("probability", "x", "probability holds values that are not numbers: 'x' (P0000.jpg)"),
+    ("probability", 1.7, "probability must be a number in [0, 1], got 1.7 (P0000.jpg)"),
+    ("probability", float("nan"), "probability must be a number in [0, 1], got nan (P0000.jpg)"),
+    ("label", 2, "label must be 0 or 1, got 2 (P0000.jpg)"),
+])
+def test_impossible_numbers_in_a_member_are_one_line_and_exit_1(tmp_path, column, value, message):
+    a = _member(tmp_path / "a.csv", [0.9, 0.4, 0.2, 0.6, 0.7, 0.8], 0)
+    b = _member(tmp_path / "b.csv", [0.7, 0.8, 0.0, 0.2, 0.1, 0.6], 1)
+    for m in (a, b):
+        df = pd.read_csv(m)
+        df[column] = df[column].astype(object)
+        df.loc[0, column] = value
+        df.to_csv(m, index=False)
+    proc = _run(a, b, "--out", tmp_path / "ens.json", cwd=tmp_path)
+    assert proc.returncode == 1 and _one_line(proc) == f"error: {a}: {message}"
+    assert not (tmp_path / "ens.json").exists() and not (tmp_path / "ens.csv").exists()

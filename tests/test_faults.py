@@ -735,3 +735,139 @@ def test_weights_are_written_a_tensor_at_a_time_and_read_back_exactly(tmp_path):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+# -- issue 40: outputs replace nothing but regular files, and are written all or none ------------
+
+
+def _node(kind: str, path: Path) -> Path:
+    """A character device (as root: a node like /dev/null; else /dev/null itself), a FIFO or a
+    symbolic link (to a file that must stay as it is) at ``path``."""
+    import stat
+
+    if kind == "a character device":
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except PermissionError:
+            return Path("/dev/null")
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    else:
+        (path.parent / "target.txt").write_text("kept")
+        os.symlink(path.parent / "target.txt", path)
+    return path
+
+
+KINDS = ["a character device", "a FIFO", "a symbolic link"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_atomic_writers_never_replace_anything_but_a_regular_file(tmp_path, kind):
+    from palm.core.errors import ConfigError
+    from palm.core.fsutil import atomic_dir, atomic_file, atomic_outputs
+
+    path = _node(kind, tmp_path / "out")
+    before = os.lstat(path)
+    for write in (lambda: atomic_file(path), lambda: atomic_outputs().__enter__().open(path), lambda: atomic_dir(path)):
+        with pytest.raises(ConfigError, match=f"{path}: {kind}, not a regular (file|folder); refusing to replace it"):
+            with write():
+                pass
+    assert (os.lstat(path).st_mode, os.lstat(path).st_ino) == (before.st_mode, before.st_ino)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir()
+                                                                 if ".tmp-" not in p.name)
+    if kind == "a symbolic link":
+        assert (tmp_path / "target.txt").read_text() == "kept"
+    # a regular file and a missing path are written as ever
+    for target in (tmp_path / "new.txt", tmp_path / "new.txt"):
+        with atomic_file(target) as f:
+            f.write("x")
+        assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_palm_predict_out_never_replaces_a_device_a_fifo_or_a_link_and_dash_is_standard_output(
+        tmp_path, tiny_model, capsys, kind):
+    from palm.cli import main as palm_main
+
+    path = _node(kind, tmp_path / "preds.csv")
+    before = os.lstat(path)
+    image = str(tiny_model.parent / "x.jpg")
+    assert palm_main(["predict", image, "--model", str(tiny_model), "--quiet", "--out", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {path}: {kind}, not a regular file; refusing to replace it "
+                     "(name a new path or a regular file)"]
+    assert (os.lstat(path).st_mode, os.lstat(path).st_ino) == (before.st_mode, before.st_ino)
+    assert palm_main(["predict", image, "--model", str(tiny_model), "--quiet", "--out", "-"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("image,quality,probability,predicted") and "x.jpg" in out
+    assert not (Path.cwd() / "-").exists()
+
+
+def test_several_outputs_are_put_in_place_all_or_none(tmp_path, monkeypatch):
+    """A rename that fails half-way through puts every previous output back."""
+    from palm.core import fsutil
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("old f")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if Path(dst).name == "b.txt":
+            raise OSError(5, "Input/output error", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", replace)
+    with pytest.raises(OSError):
+        with fsutil.atomic_outputs() as out:
+            with out.open(tmp_path / "a.txt") as f:
+                f.write("new a")
+            (out.dir(tmp_path / "d") / "f").write_text("new f")
+            with out.open(tmp_path / "b.txt") as f:
+                f.write("new b")
+    assert "a.txt" in calls and "d" in calls                         # a and d were in place when b failed
+    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "d" / "f").read_text() == "old f"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+    monkeypatch.setattr(fsutil.os, "replace", real)
+    with fsutil.atomic_outputs() as out:
+        with out.open(tmp_path / "a.txt") as f:
+            f.write("new a")
+        with out.open(tmp_path / "b.txt") as f:
+            f.write("new b")
+    assert [(tmp_path / n).read_text() for n in ("a.txt", "b.txt")] == ["new a", "new b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "d"]
+
+
+def test_evaluate_writes_its_three_outputs_all_or_none(tmp_path, monkeypatch):
+    """predictions.csv, eval.json and the plots folder: a failure while the last is written
+    leaves the previous three as they were (or none on a first run), never a mix."""
+    import types
+
+    from palm.evaluation import evaluate as ev
+
+    monkeypatch.chdir(tmp_path)
+    labels = (np.arange(30) % 3 == 0).astype(int)
+    probs = np.clip(0.3 + 0.4 * labels + np.random.default_rng(0).normal(0, 0.2, 30), 0, 1).astype(np.float32)
+    valid = types.SimpleNamespace(images=[f"V{i:04d}.jpg" for i in range(30)], labels=labels)
+    monkeypatch.setattr(ev, "predict_valid", lambda *a, **k: (valid, probs, {"model": "lenet", "threshold": 0.5}))
+    monkeypatch.setattr(ev, "threshold", lambda info: 0.5)
+
+    def files():
+        return {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    real = ev.probability_histogram
+    monkeypatch.setattr(ev, "probability_histogram", lambda *a: 1 / 0)   # the last thing evaluate writes
+    with pytest.raises(ZeroDivisionError):
+        ev.evaluate(n_boot=50, device="cpu")
+    assert files() == {} and not list(tmp_path.rglob(".*"))           # first run: nothing at all
+    monkeypatch.setattr(ev, "probability_histogram", real)
+    ev.evaluate(n_boot=50, device="cpu")
+    done = files()
+    assert {"metrics/predictions.csv", "metrics/eval.json", "metrics/eval/plots/histogram.json",
+            "metrics/eval/plots/sklearn/roc.json"} <= set(done)
+    probs[:] = 1 - probs                                               # a run that would change every output
+    monkeypatch.setattr(ev, "probability_histogram", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ev.evaluate(n_boot=50, device="cpu")
+    assert files() == done and not list(tmp_path.rglob(".*"))          # the previous three, as they were

@@ -194,6 +194,24 @@ def test_the_parameter_merges_per_model_and_a_bad_value_is_one_line():
         training_config(apply_overrides(p, ["models.senet18.fundus.sharpen=true"]))
 
 
+def test_the_schema_and_the_enhancement_agree_on_the_bound_and_on_what_is_on():
+    """One bound of local_norm (params.yaml, model.json and a Fundus built in code), and one rule
+    of "enhancement on" for the run identity (FundusParams) and enhance (Fundus)."""
+    import itertools
+
+    from palm.core.params import MAX_LOCAL_NORM, FundusParams
+
+    assert Fundus(local_norm=MAX_LOCAL_NORM) and FundusParams(local_norm=MAX_LOCAL_NORM)
+    with pytest.raises(ValueError, match=r"fundus.local_norm must be in \[0, 0.5\], got 0.6"):
+        Fundus(local_norm=0.6)
+    with pytest.raises(ValueError, match="less than or equal to 0.5"):
+        FundusParams(local_norm=0.6)
+    for crop, norm, mode in itertools.product((False, True), (0.0, 0.05), ("off", "luminance", "green")):
+        assert bool(FundusParams(crop=crop, local_norm=norm, clahe=mode)) == bool(Fundus(crop, norm, mode)) == (
+            crop or norm > 0 or mode != "off")
+    assert not FundusParams()   # nothing given: all off
+
+
 def test_model_json_round_trips_the_enhancement_and_an_old_one_means_none(tmp_path):
     from palm.nn import modelinfo
 

@@ -15,6 +15,8 @@ from scipy.stats import binomtest, norm
 from conftest import REPO, make_project, run
 from palm.cli import main
 from palm.evaluation import compare as cmp
+from palm.evaluation import stats
+from palm.evaluation.compare import table
 
 
 # ---------------------------------------------------------------- DeLong
@@ -25,7 +27,7 @@ def test_delong_matches_a_hand_computed_case_without_ties():
     # B: PM 0.8 0.3 0.7, non-PM 0.25 0.1 -> every pair right, AUC 1, placements constant
     # var = var(V10_A)/3 + var(V01_A)/2 = (1/12)/3 + (1/18)/2 = 1/18; z = (1/6)/sqrt(1/18) = 1/sqrt(2)
     labels = [1, 1, 1, 0, 0]
-    r = cmp.delong(labels, [0.9, 0.6, 0.4, 0.5, 0.2], [0.8, 0.3, 0.7, 0.25, 0.1])
+    r = stats.delong(labels, [0.9, 0.6, 0.4, 0.5, 0.2], [0.8, 0.3, 0.7, 0.25, 0.1])
     assert r["auc_a"] == pytest.approx(5 / 6) and r["auc_b"] == pytest.approx(1.0)
     assert r["diff"] == pytest.approx(1 / 6) and r["var"] == pytest.approx(1 / 18)
     assert r["p_value"] == pytest.approx(2 * norm.sf(1 / math.sqrt(2)))   # 0.4795
@@ -37,17 +39,17 @@ def test_delong_matches_a_hand_computed_case_with_ties_and_correlated_placements
     # B: PM 0.9 0.4, non-PM 0.6 0.2: V10 = [1, 1/2], V01 = [1/2, 1], AUC 3/4
     # S10 = S01 = [[1/32, 1/16], [1/16, 1/8]]: var = 2 x (1/32 + 1/8 - 2/16) / 2 = 1/32
     labels = [1, 1, 0, 0]
-    r = cmp.delong(labels, [0.8, 0.5, 0.5, 0.1], [0.9, 0.4, 0.6, 0.2])
+    r = stats.delong(labels, [0.8, 0.5, 0.5, 0.1], [0.9, 0.4, 0.6, 0.2])
     assert r["auc_a"] == pytest.approx(7 / 8) and r["auc_b"] == pytest.approx(3 / 4)
     assert r["diff"] == pytest.approx(-1 / 8) and r["var"] == pytest.approx(1 / 32)
     assert r["p_value"] == pytest.approx(2 * norm.sf((1 / 8) / math.sqrt(1 / 32)))
 
 
 def test_delong_of_identical_scores_is_no_difference_and_too_few_images_is_refused():
-    r = cmp.delong([1, 1, 0, 0], [0.9, 0.3, 0.4, 0.1], [0.9, 0.3, 0.4, 0.1])
+    r = stats.delong([1, 1, 0, 0], [0.9, 0.3, 0.4, 0.1], [0.9, 0.3, 0.4, 0.1])
     assert r["diff"] == 0 and r["p_value"] == 1.0 and r["ci_low"] == r["ci_high"] == 0
-    with pytest.raises(cmp.DataError, match="at least 2 PM and 2 non-PM"):
-        cmp.delong([1, 0, 0], [0.9, 0.3, 0.4], [0.8, 0.2, 0.1])
+    with pytest.raises(stats.DataError, match="at least 2 PM and 2 non-PM"):
+        stats.delong([1, 0, 0], [0.9, 0.3, 0.4], [0.8, 0.2, 0.1])
 
 
 def simulated(n=400, seed=1, shift=0.2):
@@ -65,11 +67,11 @@ def test_delong_variance_and_p_agree_with_a_large_paired_bootstrap(seed):
     """On 400 simulated correlated scores, DeLong's variance of the AUC difference is within 15%
     of that of 5000 paired stratified bootstrap resamples, and the p-values within 0.03."""
     y, a, b = simulated(seed=seed)
-    r = cmp.delong(y, a, b)
-    boots = cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "auc", n_boot=5000, seed=seed)
+    r = stats.delong(y, a, b)
+    boots = stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "auc", n_boot=5000, seed=seed)
     assert boots.mean() == pytest.approx(r["diff"], abs=0.004)
     assert boots.var(ddof=1) == pytest.approx(r["var"], rel=0.15)
-    assert cmp.bootstrap_summary(r["diff"], boots)["p_value"] == pytest.approx(r["p_value"], abs=0.03)
+    assert stats.bootstrap_summary(r["diff"], boots)["p_value"] == pytest.approx(r["p_value"], abs=0.03)
 
 
 # ---------------------------------------------------------------- McNemar, bootstrap, Holm
@@ -84,7 +86,7 @@ def correct(both, only_a, only_b, neither):
 @pytest.mark.parametrize("cells", [(80, 3, 11, 6), (40, 7, 7, 2), (50, 0, 6, 1), (30, 2, 0, 0)])
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(cells):
     both, only_a, only_b, neither = cells
-    r = cmp.mcnemar(*correct(*cells))
+    r = stats.mcnemar(*correct(*cells))
     n = sum(cells)
     assert r["p_value"] == pytest.approx(binomtest(only_b, only_a + only_b, 0.5).pvalue)
     assert r["diff"] == pytest.approx((only_b - only_a) / n)
@@ -93,7 +95,7 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(cells):
 
 
 def test_mcnemar_without_discordant_pairs_is_p_one():
-    r = cmp.mcnemar(*correct(20, 0, 0, 5))
+    r = stats.mcnemar(*correct(20, 0, 0, 5))
     assert r["p_value"] == 1.0 and r["diff"] == 0 and r["ci_low"] < 0 < r["ci_high"]
 
 
@@ -102,40 +104,40 @@ def test_newcombe_interval_is_close_to_the_paired_wald_interval_on_many_images()
     n = both + only_a + only_b + neither
     d = (only_b - only_a) / n
     se = math.sqrt((only_a + only_b) / n ** 2 - (only_b - only_a) ** 2 / n ** 3)
-    low, high = cmp.newcombe_paired_interval(both, only_a, only_b, neither)
+    low, high = stats.newcombe_paired_interval(both, only_a, only_b, neither)
     assert low == pytest.approx(d - 1.96 * se, abs=0.001) and high == pytest.approx(d + 1.96 * se, abs=0.001)
 
 
 def test_paired_bootstrap_resamples_the_same_images_for_both_networks():
     y, a, b = simulated(n=120)
-    same = cmp.paired_bootstrap(y, a, a >= 0.5, a, a >= 0.5, "brier", n_boot=300)
+    same = stats.paired_bootstrap(y, a, a >= 0.5, a, a >= 0.5, "brier", n_boot=300)
     assert np.all(same == 0)                     # the same network against itself: exactly 0 every time
-    d = cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3)
-    assert np.array_equal(d, cmp.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3))
+    d = stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3)
+    assert np.array_equal(d, stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3))
     observed = np.mean((b - y) ** 2) - np.mean((a - y) ** 2)
-    s = cmp.bootstrap_summary(observed, d)
+    s = stats.bootstrap_summary(observed, d)
     assert s["ci_low"] < observed < s["ci_high"] and 0 < s["p_value"] <= 1
     for boots in (d, d + 0.05, d - 0.05):     # the p-value and the interval agree about 0
-        s = cmp.bootstrap_summary(float(np.median(boots)), boots)
+        s = stats.bootstrap_summary(float(np.median(boots)), boots)
         assert (s["p_value"] < 0.05) == (s["ci_low"] > 0 or s["ci_high"] < 0)
 
 
 def test_holm_step_down_by_hand():
     # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01, 3 x 0.03, max(2 x 0.04, 0.09), max(0.2, 0.09)
-    assert cmp.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
-    assert cmp.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
-    adj = cmp.holm([0.02, float("nan")])
+    assert stats.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    adj = stats.holm([0.02, float("nan")])
     assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1])
 
 
 def test_verdicts():
-    assert cmp.verdict("auc", 0.05, 0.001, 400, 0.02, 0.08) == "better"
-    assert cmp.verdict("brier", 0.05, 0.001, 400, 0.02, 0.08) == "worse"
-    v = cmp.verdict("accuracy", 0.01, 0.4, 400, -0.01, 0.03)
+    assert stats.verdict("auc", 0.05, 0.001, 400, 0.02, 0.08) == "better"
+    assert stats.verdict("brier", 0.05, 0.001, 400, 0.02, 0.08) == "worse"
+    v = stats.verdict("accuracy", 0.01, 0.4, 400, -0.01, 0.03)
     # se = 0.04 / 3.92; n x (2.80 x se / 0.01)^2 = 400 x 8.15 = 3,300 (two significant digits)
     assert v == "no difference detectable with 400 images (~3,300 would resolve this size)"
-    assert cmp.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
-    assert cmp.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
+    assert stats.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
+    assert stats.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
         "no difference detectable with 53 PM images (identical)"
 
 
@@ -194,12 +196,12 @@ def test_compare_reads_committed_revisions_gates_a_real_regression_and_writes_js
     recs = {r["metric"]: r for r in data["records"]}
     assert set(recs) == set(cmp.METRICS)
     for rec in recs.values():
-        assert set(cmp.RECORD_KEYS) <= set(rec) and rec["a"] == "good" and rec["b"] == "bad"
+        assert set(table.RECORD_KEYS) <= set(rec) and rec["a"] == "good" and rec["b"] == "bad"
         assert rec["ci_low"] <= rec["diff"] <= rec["ci_high"]
     assert recs["auc"]["verdict"] == "worse" and recs["auc"]["test"] == "DeLong"
     assert recs["brier"]["diff"] > 0 and recs["brier"]["verdict"] == "worse"      # lower is better
     assert recs["auc"]["diff"] == pytest.approx(
-        cmp.delong(y, good, bad)["diff"], abs=1e-5)
+        stats.delong(y, good, bad)["diff"], abs=1e-5)
     assert data["revisions"][0]["commit"] == base
     page = (repo / "c.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 2
@@ -277,7 +279,7 @@ def test_cross_validation_prediction_files_are_compared_and_grouped_by_seed(tmp_
     acc = np.mean((pd.read_csv(files[0])["probability"] >= 0.5).astype(int) == y)
     base = cmp.read_run(files[0])
     assert base.commit is None and base.model == "senet18" and base.seed == "0"
-    assert cmp.metric_value("accuracy", base.labels, base.probs, base.pred) == pytest.approx(acc)
+    assert stats.metric_value("accuracy", base.labels, base.probs, base.pred) == pytest.approx(acc)
 
 
 def test_seed_groups_are_summarised_and_compared_over_seeds_and_pooled(repo, capsys):
@@ -339,3 +341,159 @@ def test_two_tiny_experiments_are_compared_from_dvc_exp_show(tmp_path):
     (proj / "c.json").unlink()
     # nothing was checked out or changed: the same HEAD, the same workspace
     assert [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])] == before
+
+
+# ---------------------------------------------------------------- hostile input (issue 40)
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def pred_file(path: Path, images, labels, probs, predicted=None) -> str:
+    df = pd.DataFrame({"image": images, "label": labels, "probability": probs})
+    df["predicted"] = (np.asarray(probs, float) >= 0.5).astype(int) if predicted is None else predicted
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("probability", -0.5, "probability must be a number in [0, 1], got -0.5"),
+    ("probability", 1.7, "probability must be a number in [0, 1], got 1.7"),
+    ("probability", float("inf"), "probability must be a number in [0, 1], got inf"),
+    ("probability", float("nan"), "probability must be a number in [0, 1], got nan"),
+    ("probability", "high", "probability holds values that are not numbers"),
+    ("label", 2, "label must be 0 or 1, got 2"),
+    ("label", -1, "label must be 0 or 1, got -1"),
+    ("label", 0.7, "label must be 0 or 1, got 0.7"),
+    ("label", float("nan"), "label must be 0 or 1, got nan"),
+    ("predicted", 2, "predicted must be 0 or 1, got 2"),
+])
+def test_impossible_numbers_are_refused_in_one_line_with_exit_1_and_nothing_written(
+        tmp_path, monkeypatch, capsys, column, value, message):
+    monkeypatch.chdir(tmp_path)
+    images, y, good, bad = sim_runs(30)
+    base = pred_file(tmp_path / "base.csv", images, y, good)
+    df = pd.read_csv(base)
+    df[column] = df[column].astype(object)
+    df.loc[4, column] = value
+    df.to_csv(tmp_path / "odd.csv", index=False)
+    if column == "label":   # the same labels in both, or the images' labels would differ first
+        df.to_csv(tmp_path / "base.csv", index=False)
+        pred_file(tmp_path / "other.csv", images, df["label"], bad)
+        args = ["other.csv", "--baseline", "odd.csv"]
+    else:
+        args = ["odd.csv", "--baseline", "base.csv"]
+    code = main(["compare", *args, "--json", "c.json", "--html", "c.html"])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and line.startswith("error: odd.csv: ") and message in line and images[4] in line
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "c.html").exists()
+    with pytest.raises(stats.DataError, match="label must be 0 or 1"):   # the check itself, without files
+        stats.check_predictions([0, 1, 2], [0.1, 0.2, 0.3], [0, 1, 1])
+
+
+def test_prediction_files_without_settings_are_separate_runs_not_seeds_of_one_recipe(tmp_path, monkeypatch, capsys):
+    """Two CSVs with nothing beside them say nothing of their recipe: not one group "seeds None,
+    None" with a mean ± sd, but a group each, seed "?"."""
+    monkeypatch.chdir(tmp_path)
+    images, y, good, bad = sim_runs(40)
+    files = [pred_file(Path(f"{name}.csv"), images, y, probs)
+             for name, probs in (("base", good), ("x1", bad), ("x2", np.clip(bad + 0.05, 0, 1)))]
+    assert main(["compare", *files[1:], "--baseline", files[0], "--metric", "auc", "--json", "c.json"]) == 0
+    out = capsys.readouterr().out
+    assert "| x1.csv | ? | ? | auc |" in out and "None" not in out and "Seed groups" not in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [len(g["revs"]) for g in data["groups"]] == [1, 1, 1] and not data["group_records"]
+    # two runs of the same recipe and seed (other folds, say) are not two seeds either
+    same = [cmp.Run(f"r{i}", None, {"model": "m", "train": {"seed": 0}}, images, y, good, good >= 0.5) for i in (0, 1)]
+    assert [len(g["runs"]) for g in cmp.runs.groups(same)] == [1, 1]
+
+
+def test_n_boot_is_bounded_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:      # 1e8 resamples asked 14.9 GiB
+        main(["compare", "x.csv", "--baseline", "y.csv", "--n-boot", "100000000"])
+    err = capsys.readouterr().err   # argparse's usage, then the one error line
+    assert exc.value.code == 2 and "--n-boot: must be at most 20,000" in err.strip().splitlines()[-1]
+    with pytest.raises(cmp.ConfigError, match="--n-boot must be 1 to 20,000"):
+        cmp.compare(["x.csv"], baseline="y.csv", n_boot=20_001)
+
+
+def test_the_page_shows_thumbnails_of_the_projects_photographs_only(tmp_path, monkeypatch, capsys):
+    """A predictions file may name any path: an image outside data/raw (absolute, or by ..) is
+    listed by name and never read into the page."""
+    import cv2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "private").mkdir()
+    images, y, good, _ = sim_runs(30)
+    secret, climb = tmp_path / "private" / "secret.png", "../private/other.png"
+    for path in (secret, tmp_path / "private" / "other.png", *(tmp_path / "data" / "raw" / i for i in images[2:])):
+        cv2.imwrite(str(path), np.full((20, 20, 3), 128, np.uint8))
+    images = [str(secret), climb, *images[2:]]
+    pred_file(tmp_path / "a.csv", images, y, good)
+    pred_file(tmp_path / "b.csv", images, y, 1 - good)          # disagrees on every image
+    assert main(["compare", "b.csv", "--baseline", "a.csv", "--metric", "auc", "--html", "c.html"]) == 0
+    page = (tmp_path / "c.html").read_text()
+    assert "secret.png (" not in page and "other.png (" not in page          # no thumbnail of them
+    assert f"2 of them named outside <code>data/raw</code>, so not shown: {secret}, ../private/other.png" in page
+    assert page.count("<figure><img src=\"data:image/png;base64,") == 2 + 22   # ROC, forest, 22 of 24 thumbnails
+
+
+def test_json_and_html_are_written_both_or_neither(repo, capsys, monkeypatch):
+    images, y, good, bad = sim_runs(30)
+    commit(repo, "a", predictions(images, y, good))
+    run(["git", "branch", "a"], repo)
+    commit(repo, "b", predictions(images, y, bad))
+    (repo / "afile").write_text("x")
+    args = ["compare", "HEAD", "--baseline", "a", "--metric", "auc"]
+    # the page cannot be written (its folder is a file): refused before any test, and no JSON
+    assert main([*args, "--json", "c.json", "--html", "afile/c.html"]) == 2
+    assert "afile/c.html: cannot write there" in one_line(capsys.readouterr().err)
+    assert not (repo / "c.json").exists()
+    # the page fails while it is made: the JSON is not left behind either; an older JSON stays as it was
+    (repo / "c.json").write_text("older")
+    monkeypatch.setattr("palm.evaluation.compare.page.roc_overlay", lambda runs: 1 / 0)
+    assert main([*args, "--json", "c.json", "--html", "c.html"]) == 3
+    assert (repo / "c.json").read_text() == "older" and not (repo / "c.html").exists()
+    assert not [p.name for p in repo.iterdir() if ".tmp-" in p.name]
+    capsys.readouterr()
+    assert main([*args, "--json", "-"]) == 2
+    assert "--json -: standard output carries the Markdown table" in one_line(capsys.readouterr().err)
+
+
+def _device(path: Path) -> Path:
+    """A character device node like /dev/null at ``path`` (as root), else /dev/null itself."""
+    import stat
+
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        return path
+    except PermissionError:
+        return Path("/dev/null")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--html"])
+@pytest.mark.parametrize("kind", ["a character device", "a FIFO", "a symbolic link"])
+def test_outputs_never_replace_a_device_a_fifo_or_a_symbolic_link(repo, capsys, flag, kind):
+    images, y, good, bad = sim_runs(30)
+    commit(repo, "a", predictions(images, y, good))
+    run(["git", "branch", "a"], repo)
+    commit(repo, "b", predictions(images, y, bad))
+    (repo / "kept.txt").write_text("kept")
+    if kind == "a character device":
+        path = _device(repo / "dev")
+    elif kind == "a FIFO":
+        os.mkfifo(path := repo / "fifo")
+    else:
+        os.symlink(repo / "kept.txt", path := repo / "link")
+    before = os.lstat(path)
+    assert main(["compare", "HEAD", "--baseline", "a", "--metric", "auc", flag, str(path)]) == 2
+    assert one_line(capsys.readouterr().err) == (f"error: {path}: {kind}, not a regular file; refusing to replace "
+                                                 "it (name a new path or a regular file)")
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert (repo / "kept.txt").read_text() == "kept"

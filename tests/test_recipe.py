@@ -94,10 +94,10 @@ def test_the_recipe_draws_depend_on_seed_epoch_and_rank_and_off_passes_the_batch
     np.testing.assert_array_equal(*out[(0, 0, 0)])
     for key in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
         assert not np.array_equal(out[key][0], out[(0, 0, 0)][0])
-    off = BatchRecipe().for_epoch(0, 0)
-    assert not off.active and off(x, y) == (x, y)
-    with pytest.raises(ConfigError, match="train.mix must be off, mixup or cutmix, got 'blend'"):
-        BatchRecipe(mix="blend").for_epoch(0, 0)(x, y)
+    ox, oy = BatchRecipe().for_epoch(0, 0)(x, y)
+    assert ox is x and oy is y                      # off: the very batch, no copy, no draw
+    sx, sy = BatchRecipe(label_smoothing=0.2).for_epoch(0, 0)(x, y)
+    assert sx is x and not np.array_equal(sy.numpy(), y.numpy())   # smoothing alone: the targets only
 
 
 # -- parameters and identity ---------------------------------------------------------------------------

@@ -59,6 +59,11 @@ def test_views_are_the_flips_and_the_probability_their_mean():
     per_view = tta.view_probabilities(tiny_net, x, 6)
     for mode in ("off", "hflip", "flips", "flips+rot"):
         np.testing.assert_allclose(tta.combine(per_view, mode), tta.predict(tiny_net, x, mode), atol=1e-7)
+    # the images' own probabilities already known (explain's Grad-CAM pass): only the other views run
+    calls.clear()
+    np.testing.assert_array_equal(tta.predict(counted, x, "flips", first=tiny_net(x)),
+                                  tta.predict(tiny_net, x, "flips"))
+    assert calls == [15]
     assert tta.predict(tiny_net, x[:0], "flips").shape == (0,)
     with pytest.raises(ValueError, match="tta must be one of off, hflip, flips, flips.rot"):
         tta.predict(tiny_net, x, "rot90")
@@ -243,16 +248,17 @@ def test_explain_captions_the_tta_probability(trained, tmp_path, monkeypatch):
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": by_mode["flips"],
                           "predicted": (by_mode["flips"] >= 0.5).astype(int)})
     preds.to_csv(tmp_path / "predictions.csv", index=False)
-    modes = []
+    modes, ran = [], []
 
-    def spy(run, x, mode, *args):   # the caption's probability comes from the views helper, under model.json's mode
+    def spy(run, x, mode, *args, **kwargs):   # the caption's probability: the views helper, model.json's mode
         modes.append((len(x), mode))
-        return real(run, x, mode, *args)
+        return real(lambda v: ran.append(len(v)) or run(v), x, mode, *args, **kwargs)
 
     real = tta.predict
     monkeypatch.setattr(tta, "predict", spy)
     written = explain(len(VALID), shards, model_dir, tmp_path / "predictions.csv", tmp_path / "explain", "cpu")
     assert len(written) >= 3 and modes == [(1, "flips")] * len(written)
+    assert ran == [3] * len(written)   # the image's own view: from Grad-CAM's forward pass, not run again
     expected = {Path(image).stem: f"{p:.2f}" for image, p in zip(valid.images, by_mode["flips"])}
     for f in written:
         assert f.name.rsplit("_p", 1)[1] == expected[f.name.split("_")[0]] + ".png"

@@ -12,6 +12,7 @@ import sys
 from palm.core.config import Terminated, _terminate
 from palm.core.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, ConfigError, DataError, report
 from palm.core.fsutil import atomic_file
+from palm.core.params import MAX_BOOTSTRAP
 
 FIELDS = ["image", "quality", "probability", "predicted", "diagnosis", "error"]
 
@@ -19,7 +20,7 @@ EXIT_CODES = """exit status:
   0  every image was predicted
   1  some images could not be read or decoded (their rows in the CSV say why; the others are predicted)
   2  bad usage: a bad option, no images found, an unusable --model folder (or weights whose SHA-256 its model
-     card does not list), an --out that cannot be written
+     card does not list), an --out that cannot be written or is not a regular file (a device, a FIFO, a link)
   3  internal error (one line; PALM_DEBUG=1 shows the traceback)
   130/143  interrupted (Ctrl-C) / terminated (SIGTERM): no partial --out file is left"""
 
@@ -45,7 +46,7 @@ def cmd_predict(args) -> int:
         raise ConfigError("no image files found in " + " ".join(args.paths))
     with contextlib.ExitStack() as stack:
         out = sys.stdout
-        if args.out:  # opened before the model loads: a folder that cannot be written fails at once
+        if args.out and args.out != "-":  # opened before the model loads: a folder that cannot be written fails at once
             try:
                 out = stack.enter_context(atomic_file(args.out, "w", newline="", encoding="utf-8"))
             except OSError as exc:
@@ -73,7 +74,7 @@ def cmd_predict(args) -> int:
           + (f", {failed} could not be read" if failed else "")
           + (f", {ungradable} not gradable fundus photographs (see the quality column"
              + (")" if args.grade_all else "; --grade-all to diagnose them anyway)") if ungradable else "")
-          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+          + (f"; wrote {args.out}" if args.out and args.out != "-" else ""), file=sys.stderr)
     return EXIT_DATA if failed else EXIT_OK
 
 
@@ -180,7 +181,10 @@ COMPARE_EXIT_CODES = """exit status:
   0  compared (and, with --fail-if-worse, no revision is significantly worse than the baseline)
   1  --fail-if-worse: a revision is significantly worse on a --metric after Holm's correction;
      or bad input: the revisions were scored on different images, a predictions file is unreadable
-  2  bad usage: an unknown revision or metric, nothing to compare, an output that cannot be written
+     or holds impossible numbers (a label or class not 0 or 1, a probability outside [0, 1], NaN)
+  2  bad usage: an unknown revision or metric, nothing to compare, --n-boot out of range, an output
+     that cannot be written or is not a regular file (a device, a FIFO, a symbolic link); --json
+     and --html are written both or neither
   3  internal error (one line; PALM_DEBUG=1 shows the traceback)"""
 
 
@@ -188,21 +192,31 @@ def cmd_compare(args) -> int:
     import json
     import time
 
-    from palm.evaluation.compare import METRICS, compare, markdown, to_json, worse
-    from palm.evaluation.compare_report import page
+    from palm.core.fsutil import atomic_outputs, check_writable
+    from palm.evaluation.compare import METRICS, compare, worse
+    from palm.evaluation.compare.page import page
+    from palm.evaluation.compare.table import markdown, to_json
 
     start = time.perf_counter()
+    outputs = {"--json": args.json, "--html": args.html}
+    for flag, path in outputs.items():
+        if path == "-":
+            raise ConfigError(f"{flag} -: standard output carries the Markdown table; name a file")
+        if path:   # before the tests run: a path that cannot be written fails at once
+            check_writable(path)
     result = compare(args.revs, baseline=args.baseline, metrics=args.metric or METRICS,
                      n_boot=args.n_boot)
+    # both rendered, then written together: all the outputs or none
+    texts = {path: text() for path, text in ((args.json, lambda: json.dumps(to_json(result), indent=1)),
+                                             (args.html, lambda: page(result))) if path}
     print(markdown(result))
-    for path, write in ((args.json, lambda f: json.dump(to_json(result), f, indent=1)),
-                        (args.html, lambda f: f.write(page(result)))):
-        if path:
-            try:
-                with atomic_file(path, "w", encoding="utf-8") as f:
-                    write(f)
-            except OSError as exc:
-                raise ConfigError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        with atomic_outputs() as out:
+            for path, text in texts.items():
+                with out.open(path, encoding="utf-8") as f:
+                    f.write(text)
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename or ', '.join(texts)}: cannot write there ({exc.strerror or exc})") from None
     bad = worse(result)
     print(f"compared {len(result['runs']) - 1} revision(s) with {result['baseline']} on {result['n']} images "
           f"in {time.perf_counter() - start:.1f} s" + "".join(f"; wrote {p}" for p in (args.json, args.html) if p),
@@ -213,6 +227,15 @@ def cmd_compare(args) -> int:
               file=sys.stderr)
         return EXIT_DATA
     return EXIT_OK
+
+
+def n_boot(text: str) -> int:
+    """argparse type: bootstrap resamples, 1 to MAX_BOOTSTRAP (the memory is resamples x images x 8 bytes)."""
+    value = positive_int(text)
+    if value > MAX_BOOTSTRAP:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BOOTSTRAP:,} (each resample holds every image), "
+                                         f"got {value:,}")
+    return value
 
 
 def count(text: str) -> int:
@@ -232,7 +255,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models",
                    help="folder of the trained model: models/ (weights) or models_export/ (inference model); "
                         "default: %(default)s")
-    p.add_argument("--out", help="write the predictions to this CSV file (default: standard output)")
+    p.add_argument("--out", help="write the predictions to this CSV file, never over anything but a regular "
+                                 "file ('-' or none: standard output)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (at least 1)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
@@ -306,8 +330,8 @@ def parser() -> argparse.ArgumentParser:
                         "brier, f1; default: all")
     c.add_argument("--json", metavar="PATH", help="also write the records and seed groups to this JSON file")
     c.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page")
-    c.add_argument("--n-boot", type=positive_int, default=2000,
-                   help="bootstrap resamples for Brier and F1 (seed 0); default: %(default)s")
+    c.add_argument("--n-boot", type=n_boot, default=2000,
+                   help=f"bootstrap resamples for Brier and F1 (seed 0), 1 to {MAX_BOOTSTRAP:,}; default: %(default)s")
     c.add_argument("--fail-if-worse", action="store_true",
                    help="exit 1 when a revision is significantly worse than the baseline on a --metric "
                         "(after Holm's correction)")

@@ -60,6 +60,8 @@ DEFAULT_THRESHOLD = 0.5
 TTA_MODES = ("off", "hflip", "flips", "flips+rot")
 #: fundus enhancement (palm.data.fundus): where CLAHE applies
 CLAHE_MODES = ("off", "luminance", "green")
+#: ... and the largest local_norm (the blur's sigma as a fraction of the side; 0 = off)
+MAX_LOCAL_NORM = 0.5
 #: batch mixing in training (palm.training.recipe): none, mixup or cutmix
 MIX_MODES = ("off", "mixup", "cutmix")
 #: the training-recipe keys (palm.training.recipe) that enter :meth:`TrainingConfig.record` only when on
@@ -150,8 +152,18 @@ class FundusParams(Section):
     """Fields of :class:`palm.data.fundus.Fundus` (the steps of its ``enhance``); not given: off."""
 
     crop: Optional[StrictBool] = None
-    local_norm: Optional[Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)]] = None
+    local_norm: Optional[Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)]] = None
     clahe: Optional[Annotated[Literal[CLAHE_MODES], BeforeValidator(_off_word)]] = None  # type: ignore[valid-type]
+
+    def __bool__(self) -> bool:
+        """Whether any step is on (a step not given is off), as for ``palm.data.fundus.Fundus``."""
+        return fundus_on(self.crop, self.local_norm, self.clahe)
+
+
+def fundus_on(crop, local_norm, clahe) -> bool:
+    """Whether fundus enhancement changes an image: any step on (None: off). The one rule, for
+    :class:`FundusParams` (the run identity) and ``palm.data.fundus.Fundus`` (``enhance``)."""
+    return bool(crop or local_norm or clahe not in (None, "off"))
 
 
 class TrainParams(Section):
@@ -330,7 +342,7 @@ class TrainingConfig(TrainParams):
         augment = self.augment.model_dump(exclude_none=True)
         order = [k for k in self._augment_order if k in augment]
         cfg["augment"] = {k: augment[k] for k in [*order, *(k for k in augment if k not in order)]}
-        if self.fundus.crop or self.fundus.local_norm or self.fundus.clahe != "off":
+        if self.fundus:
             cfg["fundus"] = self.fundus.model_dump()
         if self.label_smoothing:
             cfg["label_smoothing"] = self.label_smoothing

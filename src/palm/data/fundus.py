@@ -29,7 +29,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from palm.core.params import CLAHE_MODES   # the values of ``clahe``
+from palm.core.params import CLAHE_MODES, MAX_LOCAL_NORM, fundus_on   # the schema of Fundus's steps
 
 #: a pixel belongs to the disc if its brightest channel is above this fraction of the image's maximum...
 DISC_FRACTION = 0.08
@@ -56,12 +56,12 @@ class Fundus:
     def __post_init__(self):
         if self.clahe not in CLAHE_MODES:
             raise ValueError(f"fundus.clahe must be one of {', '.join(CLAHE_MODES)}, got {self.clahe!r}")
-        if not 0 <= self.local_norm < 1:
-            raise ValueError(f"fundus.local_norm must be in [0, 1), got {self.local_norm!r}")
+        if not 0 <= self.local_norm <= MAX_LOCAL_NORM:
+            raise ValueError(f"fundus.local_norm must be in [0, {MAX_LOCAL_NORM}], got {self.local_norm!r}")
 
     def __bool__(self) -> bool:
         """Whether any step is on."""
-        return bool(self.crop or self.local_norm or self.clahe != "off")
+        return fundus_on(self.crop, self.local_norm, self.clahe)
 
     @classmethod
     def of(cls, value) -> "Fundus":
@@ -129,14 +129,11 @@ def find_disc(rgb: np.ndarray) -> Disc | None:
     return Disc(x + w / 2, y + h / 2, w, h, region)
 
 
-def _resize(rgb: np.ndarray, side: int) -> np.ndarray:
-    """As :func:`palm.data.image.resize_square` (area interpolation when shrinking)."""
-    shrinking = rgb.shape[0] >= side and rgb.shape[1] >= side
-    return cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
 def crop_to_disc(rgb: np.ndarray, disc: Disc | None = None) -> np.ndarray:
     """The square around the disc (side: its larger extent), black outside the frame, at the input's side."""
+    # palm.data.image imports this module (its to_input enhances, then resizes): imported here, not above
+    from palm.data.image import resize_square
+
     disc = find_disc(rgb) if disc is None else disc
     if disc is None:
         return rgb
@@ -146,7 +143,7 @@ def crop_to_disc(rgb: np.ndarray, disc: Disc | None = None) -> np.ndarray:
     square = np.zeros((side, side, 3), np.uint8)
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
     square[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
-    return _resize(square, h) if (h, w) != (side, side) else square
+    return resize_square(square, h)
 
 
 def local_normalise(rgb: np.ndarray, fraction: float, disc: Disc | None = None) -> np.ndarray:

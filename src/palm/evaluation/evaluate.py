@@ -7,13 +7,13 @@ those of the saved predictions. The operating threshold is the one ``models/mode
 stores (chosen at training time, never on the validation set). ROC and precision-recall
 curves, the confusion matrix and the reliability diagram go to ``metrics/eval/plots``
 (dvclive), the histogram of PM probabilities per class to
-``metrics/eval/plots/histogram.json``, for ``dvc plots show``.
+``metrics/eval/plots/histogram.json``, for ``dvc plots show``. The three outputs are written all
+or none (:func:`palm.core.fsutil.atomic_outputs`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from dvclive import Live
 
 from palm.nn.modelinfo import fundus, input_size, threshold, tta
 from palm.data.dataset import load_split
-from palm.core.fsutil import atomic_file
+from palm.core.fsutil import atomic_outputs, writing
 from palm.data.image import to_chw_float
 from palm.core.params import TTA_MODES
 from palm.serve.inference import load_engine
@@ -80,25 +80,30 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
     cut = threshold(info)
     preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),
                           "predicted": (probs >= cut).astype(int)})
-    with atomic_file(PREDICTIONS, newline="") as f:
-        preds.to_csv(f, index=False)
+    # the three outputs are staged beside their targets and put in place together: a failure
+    # anywhere leaves the previous ones as they were, never a new predictions.csv beside an old eval.json
+    with atomic_outputs() as out:
+        with out.open(PREDICTIONS, newline="") as f:
+            preds.to_csv(f, index=False)
 
-    saved = pd.read_csv(PREDICTIONS)  # the reported numbers come from the saved file
-    metrics = {"model": info["model"], "threshold_rule": str(info.get("threshold_rule", cut)),
-               **score(saved["label"], saved["probability"], cut, prevalence=prevalence, n_boot=n_boot)}
-    with atomic_file(EVAL_JSON) as f:
-        json.dump(metrics, f, indent=1)
+        saved = pd.read_csv(out.staged(PREDICTIONS))  # the reported numbers come from the saved file
+        metrics = {"model": info["model"], "threshold_rule": str(info.get("threshold_rule", cut)),
+                   **score(saved["label"], saved["probability"], cut, prevalence=prevalence, n_boot=n_boot)}
+        with out.open(EVAL_JSON) as f:
+            json.dump(metrics, f, indent=1)
 
-    shutil.rmtree(EVAL_PLOTS, ignore_errors=True)
-    y, p = saved["label"].to_numpy(), saved["probability"].to_numpy()
-    live = Live(str(EVAL_PLOTS), dvcyaml=False, save_dvc_exp=False)
-    live.log_sklearn_plot("roc", y, p, name="roc.json")
-    live.log_sklearn_plot("precision_recall", y, p, name="precision_recall.json")
-    live.log_sklearn_plot("calibration", y, p, name="calibration.json", n_bins=ECE_BINS)  # metrics.calibration_bins
-    live.log_sklearn_plot("confusion_matrix", y, saved["predicted"].to_numpy(), name="confusion_matrix.json")
-    live.end()
-    with atomic_file(HISTOGRAM) as f:
-        json.dump(probability_histogram(y, p), f, indent=1)
+        plots = out.dir(EVAL_PLOTS)
+        y, p = saved["label"].to_numpy(), saved["probability"].to_numpy()
+        live = Live(str(plots), dvcyaml=False, save_dvc_exp=False)
+        live.log_sklearn_plot("roc", y, p, name="roc.json")
+        live.log_sklearn_plot("precision_recall", y, p, name="precision_recall.json")
+        live.log_sklearn_plot("calibration", y, p, name="calibration.json", n_bins=ECE_BINS)  # metrics.calibration_bins
+        live.log_sklearn_plot("confusion_matrix", y, saved["predicted"].to_numpy(), name="confusion_matrix.json")
+        live.end()
+        histogram = plots / HISTOGRAM.relative_to(EVAL_PLOTS)
+        histogram.parent.mkdir(parents=True, exist_ok=True)
+        with writing(HISTOGRAM), open(histogram, "w") as f:
+            json.dump(probability_histogram(y, p), f, indent=1)
     return metrics
 
 

@@ -91,8 +91,8 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
             i = index[row.image]
             x = to_chw_float(valid.pixels[i])
             cam, prob = gradcam(model, layer, x)   # Grad-CAM of the image itself (not of its flipped views)
-            if mode != "off":                      # the probability the model gives: the mean over its views
-                prob = float(tta.predict(engine, x[None], mode)[0])
+            if mode != "off":   # the probability the model gives: the mean over its views (the image's own: above)
+                prob = float(tta.predict(engine, x[None], mode, first=[prob])[0])
             label = "PM" if row.label else "nonPM"
             pred = "PM" if prob >= threshold else "nonPM"
             name = f"{Path(row.image).stem}_label-{label}_pred-{pred}_p{prob:.2f}.png"

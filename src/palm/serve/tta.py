@@ -68,14 +68,19 @@ def views(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def view_probabilities(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n: int,
-                       max_batch: int = MAX_VIEW_BATCH) -> np.ndarray:
+                       max_batch: int = MAX_VIEW_BATCH, first=None) -> np.ndarray:
     """``(n, N)``: the probability ``run`` gives each of the first ``n`` views of each image of ``x``,
-    the views run together in calls of at most ``max_batch`` images (at least one image's views)."""
+    the views run together in calls of at most ``max_batch`` images (at least one image's views).
+    ``first``: the images' own probabilities (the first view), when a pass already gave them
+    (explain's Grad-CAM): only the other views are run."""
     if len(x) == 0:
         return np.zeros((n, 0), np.float32)
     v = views(x, n)
+    known = [] if first is None else [np.asarray(first, np.float32).reshape(-1)]
+    v = v[len(x):] if known else v
     step = max(int(max_batch), n)
-    probs = np.concatenate([np.asarray(run(v[i:i + step]), np.float32).reshape(-1) for i in range(0, len(v), step)])
+    probs = np.concatenate(known + [np.asarray(run(v[i:i + step]), np.float32).reshape(-1)
+                                    for i in range(0, len(v), step)])
     return probs.reshape(n, len(x))
 
 
@@ -85,11 +90,12 @@ def combine(per_view: np.ndarray, mode: str) -> np.ndarray:
 
 
 def predict(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, mode: str,
-            max_batch: int = MAX_VIEW_BATCH) -> np.ndarray:
-    """The probabilities (N,) of the batch ``x`` under ``mode``; ``off`` is ``run(x)`` itself."""
+            max_batch: int = MAX_VIEW_BATCH, first=None) -> np.ndarray:
+    """The probabilities (N,) of the batch ``x`` under ``mode``; ``off`` is ``run(x)`` itself (or
+    ``first``, the images' own probabilities when already known: :func:`view_probabilities`)."""
     if check_mode(mode) == "off":
-        return run(x)
-    return combine(view_probabilities(run, x, N_VIEWS[mode], max_batch), mode)
+        return run(x) if first is None else np.asarray(first, np.float32).reshape(-1)
+    return combine(view_probabilities(run, x, N_VIEWS[mode], max_batch, first), mode)
 
 
 def wrap(engine, mode: str, max_batch: int = MAX_VIEW_BATCH):

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 
-from palm.core.errors import ConfigError
-
 #: the stream of the recipe's draws in ``np.random.default_rng([seed, epoch, rank, MIX_STREAM])``
 #: (palm.data.dataset's epoch order uses ``[seed, epoch, 1]``: another sequence)
 MIX_STREAM = 31
@@ -80,10 +78,6 @@ class BatchRecipe:
         """The recipe of a :class:`palm.core.params.TrainingConfig` (no generator yet: :meth:`for_epoch`)."""
         return cls(cfg.label_smoothing, cfg.mix, cfg.mix_alpha)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.label_smoothing) or self.mix != "off"
-
     def for_epoch(self, seed: int, epoch: int, rank: int = 0) -> BatchRecipe:
         """This recipe with the generator of ``(seed, epoch, rank)``."""
         rng = np.random.default_rng([seed, epoch, rank, MIX_STREAM])
@@ -97,11 +91,9 @@ class BatchRecipe:
                 raise RuntimeError("BatchRecipe: no generator (call for_epoch first)")
             lam = float(self.rng.beta(self.alpha, self.alpha))
             perm = self.rng.permutation(x.shape[0])
-            if self.mix == "mixup":
+            if self.mix == "mixup":   # or cutmix: train.mix's schema (palm.core.params) allows no other
                 x, y = mixup(x, y, lam, perm)
-            elif self.mix == "cutmix":
+            else:
                 box = cutmix_box(x.shape[-2], x.shape[-1], lam, self.rng)
                 x, y, _ = cutmix(x, y, box, perm)
-            else:
-                raise ConfigError(f"train.mix must be off, mixup or cutmix, got {self.mix!r}")
         return x, smooth_targets(y, self.label_smoothing)
