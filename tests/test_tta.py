@@ -223,7 +223,7 @@ def test_evaluate_predict_and_serve_give_the_same_tta_probabilities(trained, tmp
         for r in rows:
             assert r["probability"] == pytest.approx(expected[Path(r["image"]).name], abs=1e-5), engine
 
-    with TestClient(create_app(Model(model_dir, device="cpu"))) as client:
+    with TestClient(create_app(Model(model_dir, device="cpu")), base_url="http://127.0.0.1") as client:
         body = client.post("/v1/predict", params={"grade_all": "true"},
                            files=[("files", (f.name, f.read_bytes())) for f in files]).json()
         card = client.get("/v1/model").json()

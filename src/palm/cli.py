@@ -85,12 +85,97 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"palm serve needs the serve extra (pip install -e \".[cpu,serve]\"): {exc}") from None
     try:
         serve(args.model, host=args.host, port=args.port, device=args.device, engine=args.engine,
-              audit_log=args.audit_log, batch_size=args.batch_size,
-              limits=Limits(max_request_bytes=args.max_request_mb << 20, max_images=args.max_images))
+              audit_log=args.audit_log, batch_size=args.batch_size, allow_hosts=tuple(args.allow_host),
+              token=_token(args.token_file),
+              limits=Limits(max_request_bytes=args.max_request_mb << 20, max_images=args.max_images,
+                            max_decode_bytes=args.max_decode_mb << 20, header_timeout=args.header_timeout,
+                            body_timeout=args.body_timeout))
     except DataError as exc:
         raise ConfigError(str(exc) if str(exc).startswith("--") else f"--model: {exc}") from None
     return EXIT_OK
 
+
+TOKEN_ENV = "PALM_SERVE_TOKEN"
+MIN_TOKEN = 16
+
+
+def _token(token_file: str | None) -> str | None:
+    """The access token: the first line of ``--token-file``, else ``$PALM_SERVE_TOKEN``, else none
+    (never given on the command line, where other users of the computer could read it)."""
+    import os
+
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token, where = f.readline().strip(), f"--token-file {token_file}"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    elif os.environ.get(TOKEN_ENV) is not None:
+        token, where = os.environ[TOKEN_ENV].strip(), TOKEN_ENV
+    else:
+        return None
+    if len(token) < MIN_TOKEN or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(f"{where}: the token must be at least {MIN_TOKEN} printable characters without spaces "
+                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+    return token
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def host_address(text: str) -> str:
+    """argparse type: an address or name to listen on, never empty (an empty host would silently
+    mean every interface)."""
+    import ipaddress
+    import re
+
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("must be an address: 127.0.0.1 (this computer only), 0.0.0.0 or :: "
+                                         "(every interface), or this computer's address or name")
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        if re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
+                        name):
+            return name
+    raise argparse.ArgumentTypeError(f"not an IP address or host name: {text!r}")
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+SERVE_EPILOG = """API: POST /v1/predict (multipart field 'files'), GET /v1/model, GET /healthz, docs at /docs.
+Research aid, not a diagnosis.
+
+HTTP status (a JSON body {"detail": "one line"}):
+  200  answered (an image that cannot be read is that image's error in its row)
+  401  --token-file/$PALM_SERVE_TOKEN set and /v1/ asked without the token
+  403  a Host not served (see --allow-host), or a cross-origin POST (another site's page)
+  408  headers or body not received in time (--header-timeout, --body-timeout)
+  413  too many images, too many bytes, or too much memory to decode (--max-images, --max-request-mb,
+       --max-decode-mb; judged from the images' headers before decoding)
+  422  no 'files' field
+  503  the --audit-log cannot be written (nothing is returned; the next request tries again)
+  500  internal error (one line; the service keeps running)
+
+exit status:
+  0  stopped (Ctrl-C, SIGTERM)
+  2  bad usage: a bad option (--host, --port, a token shorter than 16 characters), an unusable --model
+     folder or --audit-log, an address that cannot be listened on
+  3  internal error (one line; PALM_DEBUG=1 shows the traceback)"""
 
 COMPARE_EXIT_CODES = """exit status:
   0  compared (and, with --fail-if-worse, no revision is significantly worse than the baseline)
@@ -191,12 +276,19 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("serve", help="a web page and an HTTP API that screen photographs with a trained model",
-                       epilog="API: POST /v1/predict (multipart field 'files'), GET /v1/model, GET /healthz, "
-                              "docs at /docs. Research aid, not a diagnosis.")
+                       epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--model", default="models", help="folder of the trained model (as palm predict); default: %(default)s")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; default: %(default)s (this computer only)")
-    s.add_argument("--port", type=int, default=8000, help="port; default: %(default)s")
+    s.add_argument("--host", default="127.0.0.1", type=host_address,
+                   help="address to listen on; default: %(default)s (this computer only); 0.0.0.0 or :: for every "
+                        "interface (then name the computer's addresses with --allow-host)")
+    s.add_argument("--port", type=port_number, default=8000, help="port, 0 to 65535 (0: any free port); "
+                   "default: %(default)s")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=host_address,
+                   help="also answer requests addressed to NAME (a name or address other computers reach this "
+                        "one by; repeatable); by default only 127.0.0.1, localhost, ::1 and --host")
+    s.add_argument("--token-file", metavar="FILE",
+                   help=f"require the token on this file's first line (at least {MIN_TOKEN} characters) for /v1/: "
+                        f"'Authorization: Bearer TOKEN' (the page asks for it); default: ${TOKEN_ENV} if set, else none")
     s.add_argument("--audit-log", metavar="FILE",
                    help="record each image's time, SHA-256, verdict, probability, decision and model version "
                         "in this SQLite file (never the image)")
@@ -204,6 +296,14 @@ def parser() -> argparse.ArgumentParser:
                    "default: %(default)s")
     s.add_argument("--max-request-mb", type=positive_int, default=64, help="MiB per request (413 beyond); "
                    "default: %(default)s")
+    s.add_argument("--max-decode-mb", type=positive_int, default=1024,
+                   help="MiB that requests may hold at once for their uploads and decoding, estimated from the "
+                        "images' headers before decoding (a request that alone needs more: 413; others wait); "
+                        "default: %(default)s")
+    s.add_argument("--header-timeout", type=seconds, default=10.0,
+                   help="seconds a client may take to send a request's headers (408 beyond); default: %(default)g")
+    s.add_argument("--body-timeout", type=seconds, default=60.0,
+                   help="seconds a client may take to send a request's body (408 beyond); default: %(default)g")
     s.add_argument("--batch-size", type=positive_int, default=16,
                    help="most images the network scores at once, from all requests; default: %(default)s")
     s.add_argument("--device", default="auto", help="as palm predict's; default: %(default)s")

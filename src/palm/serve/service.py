@@ -22,22 +22,35 @@ The images of all requests go to one queue; one thread runs the network on up to
 ``batch_size`` of them at a time (:class:`Batcher`), so concurrent requests share batches, and
 uploads are read and decoded concurrently (an async server; decoding in worker threads), so a
 slow upload does not hold the others up.
+
+Hostile input: what decoding a request will cost is read from its images' headers first
+(:func:`palm.serve.decode.decode_cost`) and held from one budget for all requests
+(:class:`MemoryBudget`, 413 beyond it); :class:`Guard` refuses foreign ``Host`` names,
+cross-origin writes, requests without the token (when there is one), oversized and slow bodies,
+and turns any error escaping a route into one line of JSON; uvicorn's protocol gets a deadline
+for the headers (:func:`header_timeout_protocol`); the audit log writes a request's rows in one
+transaction or answers 503 (:class:`AuditLog`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import datetime
 import hashlib
+import hmac
 import json
+import os
 import queue
 import re
 import socket
 import sqlite3
+import sys
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
@@ -55,10 +68,11 @@ from starlette.concurrency import run_in_threadpool
 from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served here rather than from a CDN
 
 from palm.data.image import MAX_PIXELS, load_image, to_chw_float
+from palm.serve.quality import SIDE
 from palm.core.errors import ConfigError, DataError
 from palm.nn import modelinfo
 from palm.nn.models import gradcam_layer
-from palm.serve.decode import decode_one
+from palm.serve.decode import Cost, Decoded, decode_cost, decode_one
 from palm.serve.gradcam import gradcam, overlay
 from palm.serve.predict import Predictor, gradable, record
 
@@ -70,11 +84,37 @@ _BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")   # how Pillow
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry (413 beyond). Pixels per image: :data:`palm.data.image.MAX_PIXELS`,
-    as for ``palm predict`` (that image's error, not the request's)."""
+    """What one request may carry and cost (413 beyond), and how long a client may take to send it.
+
+    ``max_decode_bytes`` is the memory the service's requests may hold at once for their uploads
+    and their decoding, shared by all requests: a request takes its uploads' size plus the cost
+    of decoding its :data:`DECODE_AT_ONCE` costliest images (:func:`palm.serve.decode.decode_cost`,
+    from the headers) before anything is decoded, waits its turn while others hold it, and is
+    refused (413) when it alone would need more. Pixels per image: :data:`palm.data.image.MAX_PIXELS`,
+    as for ``palm predict`` (that image's error, not the request's). A request's headers must arrive
+    within ``header_timeout`` seconds and its body within ``body_timeout`` (408 beyond)."""
 
     max_request_bytes: int = 64 << 20
     max_images: int = 32
+    max_decode_bytes: int = 1 << 30
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+
+
+#: names a request's ``Host`` may have by default (this computer); more with ``--allow-host``
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: images of one request decoded at once (the decoding runs in threads, on this machine's cores)
+DECODE_AT_ONCE = max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may use the service: requests whose ``Host`` is one of ``hosts`` (403 otherwise; DNS
+    rebinding), writes from the service's own origin only (a browser's cross-origin POST: 403), and
+    with ``token``, ``/v1/`` only with ``Authorization: Bearer <token>`` (401 otherwise)."""
+
+    hosts: frozenset = LOOPBACK
+    token: str | None = None
 
 
 class Batcher:
@@ -137,83 +177,234 @@ class Batcher:
                         fut.set_exception(exc)
 
 
+class AuditError(Exception):
+    """The audit log cannot record a request (its results are then not returned)."""
+
+
 class AuditLog:
-    """``--audit-log FILE``: one SQLite row per image scored; never the image or its name."""
+    """``--audit-log FILE``: one SQLite row per image scored; never the image or its name.
+
+    A request's rows are written in one transaction, before its results are returned; when they
+    cannot be (the database locked, read-only, deleted or full) :meth:`add` raises
+    :class:`AuditError` and leaves no row of it, and the next request opens the file again, so
+    the service records again as soon as the database can be written."""
 
     COLUMNS = "time TEXT, sha256 TEXT, quality TEXT, probability REAL, decision TEXT, model_version TEXT, error TEXT"
+    TIMEOUT = 2.0          # seconds to wait for a lock another process holds
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.lock = threading.Lock()
+        self.db: sqlite3.Connection | None = None
         try:
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self.db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({self.COLUMNS})")
+            self._open()
         except sqlite3.Error as exc:
             raise DataError(f"--audit-log {path}: cannot use it as an SQLite database ({exc})") from None
-        self.lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        if self.db is None:
+            db = sqlite3.connect(self.path, timeout=self.TIMEOUT, check_same_thread=False, isolation_level=None)
+            try:
+                db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({self.COLUMNS})")
+            except sqlite3.Error:
+                db.close()
+                raise
+            self.db = db
+        return self.db
 
     def add(self, rows: list[tuple]) -> None:
+        """Write ``rows`` together, or none of them (:class:`AuditError`)."""
         with self.lock:
-            self.db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            try:
+                db = self._open()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                if self.db is not None:    # opened again by the next request: a deleted or replaced file,
+                    with contextlib.suppress(sqlite3.Error):   # a lock released, space freed
+                        self.db.close()
+                    self.db = None
+                raise AuditError(str(exc) or type(exc).__name__) from None
 
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
 
 
-class _TooLarge(Exception):
-    pass
+class MemoryBudget:
+    """Bytes that requests hold while they read and decode their images, granted first come,
+    first served (:attr:`Limits.max_decode_bytes`)."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self.waiters: collections.deque = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int):
+        if self.waiters or n > self.free:
+            fut = asyncio.get_running_loop().create_future()
+            self.waiters.append((n, fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.cancelled():
+                    with contextlib.suppress(ValueError):
+                        self.waiters.remove((n, fut))
+                    self._grant()
+                else:
+                    self._release(n)
+                raise
+        else:
+            self.free -= n
+        try:
+            yield
+        finally:
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        self.free += n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self.waiters and self.waiters[0][0] <= self.free:
+            n, fut = self.waiters.popleft()
+            if not fut.done():
+                self.free -= n
+                fut.set_result(None)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body above ``max_bytes`` is answered 413, whether its size is
-    declared (``Content-Length``, refused before reading) or not (counted as it arrives)."""
+class _Refused(Exception):
+    """The body of a request was cut off: too large, or too slow (the answer is the guard's own)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+
+
+def _hostname(value: str) -> str:
+    """``Host``/``Origin`` authority without its port, lower case (``[::1]:8000`` -> ``::1``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Guard:
+    """ASGI middleware in front of the application: refuses, with one line of JSON,
+
+    - a ``Host`` the service does not answer to (403: a page elsewhere reaching it by DNS rebinding);
+    - a write (POST...) whose ``Origin`` is not the service's own (403: a page elsewhere posting
+      through a clinic's browser) or that a browser marks ``Sec-Fetch-Site: cross-site``;
+    - with a token, a ``/v1/`` request without ``Authorization: Bearer <token>`` (401);
+    - a body above ``max_request_bytes``, declared or counted as it arrives (413);
+    - a body not received within ``body_timeout`` seconds (408);
+
+    and answers an error of the application that escaped it as JSON (500, one line; the server
+    logs one line, the traceback with ``PALM_DEBUG=1``) rather than as plain text."""
+
+    def __init__(self, app, limits: Limits, security: Security = Security()):
+        self.app, self.limits, self.security = app, limits, security
+        self.token = security.token.encode() if security.token else None
+
+    def refusal(self, scope) -> tuple[int, str] | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if _hostname(host) not in self.security.hosts:
+            return 403, (f"host {host!r} is not served here (palm serve --allow-host NAME serves the names "
+                         "this computer is reached by)")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin")
+            if origin is not None and origin.split("://", 1)[-1].lower() != host.lower():
+                return 403, f"cross-origin request from {origin!r} refused: only the service's own page may post"
+            if headers.get("sec-fetch-site") == "cross-site":
+                return 403, "cross-site request refused: only the service's own page may post"
+        if self.token is not None and scope["path"].startswith("/v1/"):
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                return 401, "this service needs its access token: Authorization: Bearer <token>"
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_request_bytes:
+            return 413, self.too_large
+        return None
+
+    @property
+    def too_large(self) -> str:
+        return (f"request too large: at most {self.limits.max_request_bytes / 2**20:g} MiB per request "
+                "(send fewer or smaller images per request)")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = (f"request too large: at most {self.max_bytes / 2**20:g} MiB per request "
-                   "(send fewer or smaller images per request)")
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _json(send, 413, message)
+        refused = self.refusal(scope)
+        if refused is not None:
+            return await _json(send, *refused, bearer=refused[0] == 401)
         received = 0
-        too_large = False
-        started = False
+        deadline = None
+        cut: _Refused | None = None
+        started = complete = False
 
-        async def counting_receive():
-            nonlocal received, too_large
-            msg = await receive()
+        async def guarded_receive():
+            nonlocal received, deadline, cut, complete
+            if complete:                    # the body is in: waiting for a disconnect needs no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.limits.body_timeout
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                cut = _Refused(408, f"request body not received within {self.limits.body_timeout:g} s")
+                raise cut from None
             if msg["type"] == "http.request":
+                complete = not msg.get("more_body", False)
                 received += len(msg.get("body", b""))
-                if received > self.max_bytes:
-                    too_large = True
-                    raise _TooLarge
+                if received > self.limits.max_request_bytes:
+                    cut = _Refused(413, self.too_large)
+                    raise cut
             return msg
 
         async def guarded_send(msg):
             nonlocal started
-            if too_large:
+            if cut is not None:
                 return                      # the app's answer to the cut-off body: ours replaces it
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
-        except _TooLarge:
+            await self.app(scope, guarded_receive, guarded_send)
+        except _Refused:
             pass
-        if too_large and not started:
-            await _json(send, 413, message)
+        except Exception as exc:  # noqa: BLE001 - one line for the client and for the log
+            log_error(f"{scope['method']} {scope['path']}", exc)
+            if not started:
+                await _json(send, 500, f"internal error ({type(exc).__name__}); the service keeps running")
+            return
+        if cut is not None and not started:
+            await _json(send, cut.status, cut.detail, close=True)
 
 
-async def _json(send, status: int, detail: str) -> None:
+def log_error(where: str, exc: BaseException) -> None:
+    """One line on the server's standard error (the traceback too with ``PALM_DEBUG=1``)."""
+    print(f"palm serve: {where}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    if os.environ.get("PALM_DEBUG"):
+        traceback.print_exception(exc)
+
+
+async def _json(send, status: int, detail: str, bearer: bool = False, close: bool = False) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if bearer:
+        headers.append((b"www-authenticate", b"Bearer"))
+    if close:                       # the rest of a cut-off body is not read: the connection ends here
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
 
 
 class Model:
@@ -277,6 +468,7 @@ class Service:
     limits: Limits
     audit: AuditLog | None
     batch_size: int
+    memory: MemoryBudget
     batcher: Batcher | None = None
 
 
@@ -319,8 +511,9 @@ async def page():
 
 @router.get("/healthz")
 async def healthz(svc: Service = Depends(service)):
-    """Whether the service is up, and which model it runs."""
-    return {"status": "ok", "model": svc.model.version, "engine": svc.model.predictor.engine}
+    """Whether the service is up, and which model it runs: its version, engine and decision threshold."""
+    return {"status": "ok", "model": svc.model.version, "engine": svc.model.predictor.engine,
+            "threshold": svc.model.predictor.threshold}
 
 
 @router.get("/v1/model")
@@ -335,51 +528,105 @@ async def predict(files: list[UploadFile] = File(..., description="one or many p
                   grade_all: bool = Query(False, description="also score images not judged gradable"),
                   svc: Service = Depends(service)):
     """Per image, the fields of ``palm predict``'s rows: image, quality, probability, predicted,
-    diagnosis, error (an unreadable image is that image's error, not the request's)."""
+    diagnosis, error (an unreadable image is that image's error, not the request's).
+
+    413: more than ``--max-images`` images, more than ``--max-request-mb``, or more memory to
+    decode than ``--max-decode-mb`` (estimated from the images' headers, before decoding);
+    503: the audit log cannot record the request (no results then)."""
     model, limits, batcher = svc.model, svc.limits, svc.batcher
     pred = model.predictor
     if len(files) > limits.max_images:
         raise HTTPException(413, f"too many images: at most {limits.max_images} per request, got {len(files)}")
     names = [f.filename or f"image {i + 1}" for i, f in enumerate(files)]
-    datas = [await f.read() for f in files]
-    decoded = await asyncio.gather(*(run_in_threadpool(decode_one, d, pred.image_size, pred.input_size, True,
-                                                       pred.fundus)
-                                     for d in datas))
-    futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
-    rows: list[dict] = []
-    anonymous: dict[int, str] = {}
-    for name, d, fut in zip(names, decoded, futures):
-        p = await asyncio.wrap_future(fut) if fut is not None else None
-        rows.append(record(name, d, p, pred.threshold))
-        if d.error:   # named as palm predict names a file (the audit log keeps the unnamed error)
-            d_error = _BYTES_IO.sub("", d.error)
-            rows[-1]["error"] = d_error.replace("<bytes>", name, 1)
-            anonymous[len(rows) - 1] = d_error
-    if gradcam:
-        cams = [batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
-                for row, data in zip(rows, datas)]
-        for row, fut in zip(rows, cams):
-            row["gradcam"] = await asyncio.wrap_future(fut) if fut is not None else None
-    if svc.audit:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-        await run_in_threadpool(svc.audit.add, [
-            (now, hashlib.sha256(data).hexdigest(), row["quality"], row.get("probability"),
-             row.get("diagnosis"), model.version, anonymous.get(i)) for i, (row, data) in enumerate(zip(rows, datas))])
+    sides = {pred.image_size, max(pred.image_size, SIDE)}   # palm.serve.decode.decode_one's decodings
+    costs = await run_in_threadpool(_costs, [f.file for f in files], sides)
+    need = sum(_size(f) for f in files) + sum(sorted((c.bytes for c in costs if isinstance(c, Cost)),
+                                                     reverse=True)[:DECODE_AT_ONCE])
+    if need > limits.max_decode_bytes:
+        worst = max(range(len(files)), key=lambda i: costs[i].bytes if isinstance(costs[i], Cost) else 0)
+        raise HTTPException(413, f"request needs ~{need / 2**20:,.0f} MiB to read and decode (the costliest image, "
+                                 f"{names[worst]}: {costs[worst].what}, ~{costs[worst].bytes / 2**20:,.0f} MiB), "
+                                 f"above the limit of {limits.max_decode_bytes / 2**20:g} MiB (palm serve "
+                                 "--max-decode-mb); send fewer or smaller images (a JPEG costs the least)")
+    async with svc.memory.hold(need):
+        datas = [await f.read() for f in files]
+        at_once = asyncio.Semaphore(DECODE_AT_ONCE)
+
+        async def decode(data: bytes, cost) -> Decoded:
+            if not isinstance(cost, Cost):          # refused from its header: never decoded
+                return Decoded(data, None, cost)
+            async with at_once:
+                return await run_in_threadpool(decode_one, data, pred.image_size, pred.input_size, True, pred.fundus)
+
+        decoded = await asyncio.gather(*(decode(d, c) for d, c in zip(datas, costs)))
+        futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
+        rows: list[dict] = []
+        anonymous: dict[int, str] = {}
+        for name, d, fut in zip(names, decoded, futures):
+            p = await asyncio.wrap_future(fut) if fut is not None else None
+            rows.append(record(name, d, p, pred.threshold))
+            if d.error:   # named as palm predict names a file (the audit log keeps the unnamed error)
+                d_error = _BYTES_IO.sub("", d.error)
+                rows[-1]["error"] = d_error.replace("<bytes>", name, 1)
+                anonymous[len(rows) - 1] = d_error
+        if gradcam:
+            cams = [batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
+                    for row, data in zip(rows, datas)]
+            for row, fut in zip(rows, cams):
+                row["gradcam"] = await asyncio.wrap_future(fut) if fut is not None else None
+        if svc.audit:        # recorded before the results are returned, all rows or none
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+            try:
+                await run_in_threadpool(svc.audit.add, [
+                    (now, hashlib.sha256(data).hexdigest(), row["quality"], row.get("probability"),
+                     row.get("diagnosis"), model.version, anonymous.get(i))
+                    for i, (row, data) in enumerate(zip(rows, datas))])
+            except AuditError as exc:
+                log_error(f"--audit-log {svc.audit.path}", exc)
+                raise HTTPException(503, f"the audit log cannot record this request ({exc}); no results are "
+                                         "returned: try again once it can be written") from None
     return {"model": model.version, "threshold": pred.threshold, "notice": NOTICE, "results": rows}
 
 
+def _costs(streams: list, sides: set[int]) -> list:
+    """Each upload's :func:`palm.serve.decode.decode_cost`, or why it is not read (one line)."""
+    out = []
+    for f in streams:
+        try:
+            out.append(decode_cost(f, sides))
+        except DataError as exc:
+            out.append(str(exc))
+    return out
+
+
+def _size(f: UploadFile) -> int:
+    if f.size is not None:
+        return f.size
+    f.file.seek(0, os.SEEK_END)
+    size = f.file.tell()
+    f.file.seek(0)
+    return size
+
+
+async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    """What escaped a route: 500 and one line (:class:`Guard` logs it)."""
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the service keeps running"}, 500)
+
+
 def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | None = None,
-               batch_size: int = 16) -> FastAPI:
+               batch_size: int = 16, security: Security = Security()) -> Guard:
     """The ASGI application serving ``model``: :data:`router`'s routes, the page's files and the
-    API docs' files, behind :class:`BodyLimit`."""
+    API docs' files, behind :class:`Guard`."""
     app = FastAPI(title="palm serve", version=model.version, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Pathologic myopia screening of fundus photographs. {NOTICE}")
-    app.state.service = Service(model, limits, AuditLog(audit_log) if audit_log else None, batch_size)
+    app.state.service = Service(model, limits, AuditLog(audit_log) if audit_log else None, batch_size,
+                                MemoryBudget(limits.max_decode_bytes))
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
     app.add_exception_handler(RequestValidationError, one_line)
+    app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
-    return BodyLimit(app, limits.max_request_bytes)
+    return Guard(app, limits, security)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -387,23 +634,85 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     reuse_port=False)
-    except OSError as exc:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
     sock.set_inheritable(True)
     return sock
 
 
-def serve(model_dir: str | Path = "models", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          engine: str = "auto", audit_log: str | None = None, limits: Limits = Limits(), batch_size: int = 16) -> None:
-    """Load the model once, then serve it until interrupted (the address is taken first, so a
-    port in use fails at once)."""
-    import sys
+def every_interface(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
 
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, with a deadline for a request's headers (uvicorn has none: a client
+    could hold a connection forever by sending them a byte at a time): counted from the connection,
+    or from the first byte after the previous answer; answered 408 and closed beyond."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"detail": f"request headers not received within {seconds:g} s"}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class HeaderTimeout(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                self._arm()                     # between requests: these bytes begin the next one's headers
+            super().data_received(data)
+            if self.cycle is not cycle:         # its headers are in
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+    return HeaderTimeout
+
+
+def serve(model_dir: str | Path = "models", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          engine: str = "auto", audit_log: str | None = None, limits: Limits = Limits(), batch_size: int = 16,
+          allow_hosts: tuple[str, ...] = (), token: str | None = None) -> None:
+    """Load the model once, then serve it until interrupted (the address is taken first, so a
+    port in use fails at once). Requests are answered for the names of this computer
+    (:data:`LOOPBACK`), ``host`` itself (unless every interface) and ``allow_hosts``."""
     import uvicorn
 
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is a number from 0 to 65535")
+    hosts = LOOPBACK | {_hostname(h) for h in allow_hosts} | (set() if every_interface(host) else {_hostname(host)})
     with listen(host, port) as sock:
         model = Model(model_dir, device=device, engine=engine)
-        app = create_app(model, limits, audit_log, batch_size)
-        print(f"palm serve: {model.version} ({model.predictor.engine}) at http://{host}:{sock.getsockname()[1]}/ "
-              f"(API docs: /docs){'; audit log ' + str(audit_log) if audit_log else ''}", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+        app = create_app(model, limits, audit_log, batch_size, Security(frozenset(hosts), token))
+        bound = sock.getsockname()[1]
+        where = (f"every interface, port {bound} (http://127.0.0.1:{bound}/ here; other computers by the names given "
+                 "with --allow-host)" if every_interface(host)
+                 else f"http://{'[' + host + ']' if ':' in host else host}:{bound}/")
+        print(f"palm serve: {model.version} ({model.predictor.engine}) at {where} (API docs: /docs)"
+              f"{'; audit log ' + str(audit_log) if audit_log else ''}{'; token required for /v1/' if token else ''}",
+              file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
+                                http=header_timeout_protocol(limits.header_timeout))
+        uvicorn.Server(config).run(sockets=[sock])

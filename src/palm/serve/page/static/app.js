@@ -5,16 +5,75 @@ const CONCURRENT = 2;          // requests in flight at once
 const results = document.getElementById("results");
 const progress = document.getElementById("progress");
 const count = document.getElementById("count");
-let total = 0, done = 0, threshold = null;
+let total = 0, done = 0;
+let token = sessionStorage.getItem("palm-serve-token");
+let asking = null;
 
-fetch("/v1/model").then(r => r.json()).then(card => {
-  // model.json's description (no card): model, version, threshold at the top; a model card
-  // (card.json, what dvc repro writes): model.network and decision.threshold
-  threshold = (card.decision || card).threshold;
-  const name = typeof card.model === "string" ? card.model : ((card.model || {}).network || card.name || "model");
-  document.getElementById("model").textContent =
-    `Model ${card.version || name}` + (threshold != null ? `, PM when the probability is at least ${Number(threshold).toFixed(3)}` : "");
-}).catch(() => { document.getElementById("model").textContent = "model description unavailable"; });
+// The service's API, with its access token when it asks for one (401): the person types it once
+// (kept for this tab only, sessionStorage) and the request is sent again.
+async function api(url, options = {}) {
+  for (;;) {
+    const headers = Object.assign({}, options.headers, token ? { Authorization: `Bearer ${token}` } : {});
+    const resp = await fetch(url, Object.assign({}, options, { headers }));
+    if (resp.status !== 401) return resp;
+    await askToken(token ? "That token was not accepted; type it again." : "");
+  }
+}
+
+function askToken(message) {
+  if (asking) return asking;
+  const form = document.getElementById("token-form");
+  const input = document.getElementById("token");
+  document.getElementById("token-message").textContent = message;
+  form.hidden = false;
+  input.focus();
+  asking = new Promise(resolve => {
+    form.onsubmit = e => {
+      e.preventDefault();
+      token = input.value.trim();
+      sessionStorage.setItem("palm-serve-token", token);
+      input.value = "";
+      form.hidden = true;
+      asking = null;
+      resolve();
+    };
+  });
+  return asking;
+}
+
+// a card field shown only when it is text or a number (never "[object Object]")
+function text(value) {
+  return typeof value === "string" || typeof value === "number" ? String(value) : null;
+}
+
+// The header: the model that answers (/healthz: its version and threshold) and, from its description
+// (/v1/model: a model card, palm-model-card/1, or what model.json says), its name and network.
+function describe(health, card) {
+  card = card && typeof card === "object" ? card : {};
+  const isCard = card.model !== null && typeof card.model === "object";
+  const network = text(isCard ? card.model.network : card.model);
+  const threshold = health.threshold ?? (isCard ? (card.decision || {}).threshold : card.threshold);
+  const name = text(card.name);
+  const version = text(health.model) || text(card.version);
+  return `Model ${[name, network].filter(Boolean).join(", ") || "(unnamed)"}` + (version ? ` (version ${version})` : "")
+    + (text(threshold) != null ? `; PM when the probability is at least ${Number(threshold).toFixed(3)}` : "");
+}
+
+async function header() {
+  const line = document.getElementById("model");
+  try {
+    const health = await (await fetch("/healthz")).json();
+    let card = null;
+    try {
+      const resp = await api("/v1/model");
+      if (resp.ok) card = await resp.json();
+    } catch (e) { /* the version and threshold are enough */ }
+    line.textContent = describe(health, card);
+  } catch (e) {
+    line.textContent = "model description unavailable";
+  }
+}
+header();
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -92,7 +151,7 @@ async function send(file, card) {
   const body = new FormData();
   body.append("files", file, file.name);
   try {
-    const resp = await fetch("/v1/predict?gradcam=true", { method: "POST", body });
+    const resp = await api("/v1/predict?gradcam=true", { method: "POST", body });
     const answer = await resp.json();
     if (!resp.ok) fail(card, answer.detail || `HTTP ${resp.status}`);
     else fill(card, answer.results[0]);
