@@ -61,14 +61,15 @@ def reset_peak(pid: int) -> None:
 
 
 def write_card(models: Path) -> dict:
-    """A model card as the card stage writes one (the fields the page reads), listing the weights."""
+    """A model card as the card stage writes one (the fields the page reads), listing model.json and the weights."""
     from palm.core.fsutil import sha256_file
     from palm.nn.card import SCHEMA
 
     card = {"schema": SCHEMA, "name": "PALM PM screening", "intended_use": "research",
             "model": {"network": "senet18", "image_size": 64, "input_size": 48},
             "decision": {"threshold": 0.5, "threshold_rule": "fixed 0.5", "tta": "off", "rule": "PM if p >= t"},
-            "weights": [{"path": "models/model.safetensors", "sha256": sha256_file(models / "model.safetensors")}]}
+            "files": [{"path": f"models/{name}", "sha256": sha256_file(models / name)}
+                      for name in ("model.json", "model.safetensors")]}
     (models / "card.json").write_text(json.dumps(card))
     return card
 
