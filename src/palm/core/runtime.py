@@ -48,9 +48,11 @@ FIXED_CODE_ENV = {
     # path whatever the SIMD level and, STRICT, whatever the thread count. oneMKL guarantees it on
     # Intel CPUs; on AMD every MKL_CBWR value gives that one path too (measured).
     "MKL_CBWR": "COMPATIBLE,STRICT",
-    # oneDNN (Paddle Inference's CPU engine: palm predict, evaluate of an exported model): its
-    # SSE4.1 kernels, which every CPU numpy 2.4 runs on (x86-64-v2) has.
-    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    # oneDNN (Paddle Inference's CPU engine, palm predict): its AVX2 kernels on every CPU that has
+    # AVX2 (x86-64-v3: Intel since 2013, AMD since 2015), AVX-512 ones included; measured: the same
+    # logits as its AVX-512 kernels, at 0.8x their speed, where SSE4.1 (every x86-64-v2 CPU) ran at
+    # 0.2x. A CPU without AVX2 moves a logit by up to 2e-6 of its size (docs/reproducibility.md).
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
     # numpy: its x86-64-v2 baseline loops only; its AVX2 and AVX-512 loops of exp, log, tanh, power,
     # sin, cos... round differently from each other and from the baseline (measured).
     "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import pandas as pd
 from palm.core.fsutil import atomic_file
 from palm.core.runtime import exact_cos_sin as _cos_sin
 from palm.core.runtime import exact_exp as _exp
-from palm.core.runtime import fixed_opencv
+from palm.core.runtime import fixed_opencv, machine_share
 from palm.data.layout import (
     GT_FILE,
     GT_ZIP,
@@ -364,7 +363,7 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
     from tqdm import tqdm
 
     plan = [(*p, float(scale), jpeg_quality) for p in _plan(seed, **counts)]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(machine_share().cpus)   # this process's cores (the bytes do not depend on it)
     results = []
     with tqdm(total=len(plan), desc="synthesize", unit="img", disable=not progress) as bar:
         if workers > 1:
