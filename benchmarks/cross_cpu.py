@@ -13,9 +13,11 @@ loads), alternately, ``--repeat`` times; the best time of each is kept. Work tim
 - train step: SE-ResNet18 at 96 px, batch 16, forward, loss, backward, AdamW (the default network);
 - predict: Paddle Inference + oneDNN (what ``palm predict`` runs), SE-ResNet18 at 96 px, batch 16.
 
-Printed: seconds of each, and pinned / dispatch (above 1: the pinning is slower).
+Printed: seconds of each, and pinned / dispatch (above 1: the pinning is slower). ``--configs``
+releases one pin at a time instead (``mkl_auto``, ``opencv_optimised``, ``numpy_simd``,
+``onednn_all``) to say which costs what.
 
-    python benchmarks/cross_cpu.py [--repeat 3] [--steps 3]
+    python benchmarks/cross_cpu.py [--repeat 3] [--steps 3] [--work train_step ...] [--configs dispatch mkl_auto ...]
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ import tempfile
 import time
 
 DISPATCH = {"MKL_CBWR": "AUTO", "NPY_DISABLE_CPU_FEATURES": "", "ONEDNN_MAX_CPU_ISA": "ALL", "PALM_BENCH_CV_OPT": "1"}
+# one pin at a time released, to say which costs what (--configs)
+CONFIGS = {"pinned": {}, "dispatch": DISPATCH, "mkl_auto": {"MKL_CBWR": "AUTO"}, "opencv_optimised": {"PALM_BENCH_CV_OPT": "1"},
+           "numpy_simd": {"NPY_DISABLE_CPU_FEATURES": ""}, "onednn_all": {"ONEDNN_MAX_CPU_ISA": "ALL"}}
 WORK = ("synthesize", "preprocess", "augment", "train_step", "predict")
 
 
-def child(steps: int) -> dict[str, float]:
+def child(steps: int, work: set[str]) -> dict[str, float]:
     import palm  # noqa: F401  (the pins, unless the environment overrides them)
     from palm.core.runtime import fixed_opencv
 
@@ -64,11 +69,13 @@ def child(steps: int) -> dict[str, float]:
     def synth():
         jpeg["bytes"] = _render(plan)[3]
 
-    out["synthesize"] = best(synth, 1)
-    out["preprocess"] = best(lambda: load_image(jpeg["bytes"], 224))
+    if work & {"synthesize", "preprocess"}:
+        out["synthesize"] = best(synth, 1)
+        out["preprocess"] = best(lambda: load_image(jpeg["bytes"], 224))
     imgs = np.random.default_rng(0).integers(0, 255, (16, 224, 224, 3), dtype=np.uint8)
     aug = Augment(hflip=True, vflip=True, rotate_deg=25, scale=0.1, brightness=0.15, contrast=0.15)
-    out["augment"] = best(lambda: [aug(im, np.random.default_rng(i)) for i, im in enumerate(imgs)])
+    if "augment" in work:
+        out["augment"] = best(lambda: [aug(im, np.random.default_rng(i)) for i, im in enumerate(imgs)])
     paddle.set_device("cpu")
     paddle.seed(0)
     model = build_model("senet18", image_size=96)
@@ -84,11 +91,13 @@ def child(steps: int) -> dict[str, float]:
         opt.clear_grad()
         float(loss)
 
-    out["train_step"] = best(step)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(model, 96, tmp)
-        engine = paddle_inference(tmp, "cpu", threads=len(os.sched_getaffinity(0)))
-        out["predict"] = best(lambda: engine(x.numpy()))
+    if "train_step" in work:
+        out["train_step"] = best(step)
+    if "predict" in work:
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, 96, tmp)
+            engine = paddle_inference(tmp, "cpu", threads=len(os.sched_getaffinity(0)))
+            out["predict"] = best(lambda: engine(x.numpy()))
     return out
 
 
@@ -96,22 +105,26 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration")
     ap.add_argument("--steps", type=int, default=3, help="timed repetitions in each process (best kept)")
+    ap.add_argument("--work", nargs="+", default=list(WORK), choices=WORK)
+    ap.add_argument("--configs", nargs="+", default=["dispatch"], choices=[c for c in CONFIGS if c != "pinned"],
+                    help="what to compare the pinned run with: everything released (dispatch) or one pin released")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.steps)))
+        print(json.dumps(child(args.steps, set(args.work))))
         return
-    best = {"pinned": {}, "dispatch": {}}
+    names = ["pinned", *args.configs]
+    best = {name: {} for name in names}
     for _ in range(args.repeat):
-        for name, env in (("pinned", {}), ("dispatch", DISPATCH)):
-            proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)], env={**os.environ, **env},
-                                  capture_output=True, text=True, check=True)
+        for name in names:
+            proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--work", *args.work],
+                                  env={**os.environ, **CONFIGS[name]}, capture_output=True, text=True, check=True)
             for k, v in json.loads(proc.stdout.splitlines()[-1]).items():
                 best[name][k] = min(v, best[name].get(k, v))
-    print(f"{'work':<12} {'pinned s':>10} {'dispatch s':>11} {'pinned/dispatch':>16}")
-    for k in WORK:
-        p, d = best["pinned"][k], best["dispatch"][k]
-        print(f"{k:<12} {p:>10.4f} {d:>11.4f} {p / d:>16.2f}")
+    print(f"{'work':<12} {'pinned s':>10} " + " ".join(f"{n + ' s':>18} {'pinned/' + n:>24}" for n in args.configs))
+    for k in args.work:
+        p = best["pinned"][k]
+        print(f"{k:<12} {p:>10.4f} " + " ".join(f"{best[n][k]:>18.4f} {p / best[n][k]:>24.2f}" for n in args.configs))
 
 
 if __name__ == "__main__":

@@ -119,20 +119,23 @@ def test_predict_gives_the_same_probabilities_as_on_an_older_cpu(two_cpus):
 
 RENDER = """
 import hashlib, sys
+from palm.data.image import load_image
 from palm.data.synthetic import SIZES, _render
 for i, (w, h) in enumerate(SIZES):   # full size: drawn at 768 px, resized up, as the default set
-    print(hashlib.sha256(_render(("train", "P1.jpg", "PHN"[i], 1, (2026, i), 1.0, 90))[3]).hexdigest())
+    jpeg = _render(("train", "P1.jpg", "PHN"[i], 1, (2026, i), 1.0, 90))[3]
+    print(hashlib.sha256(jpeg).hexdigest(), hashlib.sha256(load_image(jpeg, 224).tobytes()).hexdigest())
 """
 
 
 def test_full_size_photographs_are_the_same_bytes_on_an_older_cpu():
-    """The tiny pipeline's photographs are drawn at their size; the default set's are drawn at
-    768 px and resized (other OpenCV functions): those too."""
+    """The tiny pipeline's photographs are drawn at their size and decoded whole; the default
+    set's are drawn at 768 px and resized (other OpenCV functions), and decoded at 1/8 of their
+    size (libjpeg's scaled IDCT) then shrunk to 224 px: those too, the JPEGs and the pixels."""
     def render(env):
         return subprocess.run([sys.executable, "-c", RENDER], capture_output=True, text=True, check=True,
                               env={**ENV, **env}).stdout.split()
     native = render({"NPY_DISABLE_CPU_FEATURES": ""})
-    assert len(native) == 2 and native == render(OLD_CPU)
+    assert len(native) == 4 and native == render(OLD_CPU)
 
 
 PROBE = """
