@@ -17,7 +17,7 @@ Printed: seconds of each, and pinned / dispatch (above 1: the pinning is slower)
 releases one pin at a time instead (``mkl_auto``, ``opencv_optimised``, ``numpy_simd``,
 ``onednn_all``) to say which costs what.
 
-    python benchmarks/cross_cpu.py [--repeat 3] [--steps 3] [--work train_step ...] [--configs dispatch mkl_auto ...]
+    python benchmarks/cross_cpu.py [--repeat 3] [--steps 5] [--work train_step ...] [--configs dispatch mkl_auto ...]
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def child(steps: int, work: set[str]) -> dict[str, float]:
         jpeg["bytes"] = _render(plan)[3]
 
     if work & {"synthesize", "preprocess"}:
-        out["synthesize"] = best(synth, 1)
-        out["preprocess"] = best(lambda: load_image(jpeg["bytes"], 224))
+        out["synthesize"] = best(synth)
+        out["preprocess"] = best(lambda: load_image(jpeg["bytes"], 224), 10 * steps)
     imgs = np.random.default_rng(0).integers(0, 255, (16, 224, 224, 3), dtype=np.uint8)
     aug = Augment(hflip=True, vflip=True, rotate_deg=25, scale=0.1, brightness=0.15, contrast=0.15)
     if "augment" in work:
-        out["augment"] = best(lambda: [aug(im, np.random.default_rng(i)) for i, im in enumerate(imgs)])
+        out["augment"] = best(lambda: [aug(im, np.random.default_rng(i)) for i, im in enumerate(imgs)], 10 * steps)
     paddle.set_device("cpu")
     paddle.seed(0)
     model = build_model("senet18", image_size=96)
@@ -97,14 +97,15 @@ def child(steps: int, work: set[str]) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             save(model, 96, tmp)
             engine = paddle_inference(tmp, "cpu", threads=len(os.sched_getaffinity(0)))
-            out["predict"] = best(lambda: engine(x.numpy()))
+            out["predict"] = best(lambda: engine(x.numpy()), 3 * steps)
     return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration")
-    ap.add_argument("--steps", type=int, default=3, help="timed repetitions in each process (best kept)")
+    ap.add_argument("--steps", type=int, default=5,
+                    help="timed repetitions in each process (best kept; x10 for the short work, x3 for predict)")
     ap.add_argument("--work", nargs="+", default=list(WORK), choices=WORK)
     ap.add_argument("--configs", nargs="+", default=["dispatch"], choices=[c for c in CONFIGS if c != "pinned"],
                     help="what to compare the pinned run with: everything released (dispatch) or one pin released")
