@@ -17,4 +17,7 @@ _os.environ.setdefault("GLOG_minloglevel", "2")
 # whose value above 1 makes Paddle print a warning at import.
 _warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
-from palm.core import runtime as _runtime  # noqa: E402,F401  (reads OMP_NUM_THREADS before Paddle does)
+from palm.core import runtime as _runtime  # noqa: E402  (reads OMP_NUM_THREADS before Paddle does)
+
+# The same code paths on every x86-64 CPU (numpy, MKL, oneDNN, OpenCV): set before they load.
+_runtime.pin_code_paths()

@@ -9,13 +9,18 @@ still sets the thread count.
 
 Nothing here imports Paddle at module level: ``palm/__init__.py`` imports this module before
 anything loads Paddle, so that the user's ``OMP_NUM_THREADS`` is read before Paddle's start-up
-overwrites it.
+overwrites it, and calls :func:`pin_code_paths` before numpy, MKL or oneDNN load.
+
+Fixed code paths (docs/reproducibility.md): numpy, OpenCV, MKL and oneDNN choose their code by
+the CPU they find (SSE4, AVX2, AVX-512, FMA; Intel or AMD), and the paths round differently.
+:data:`FIXED_CODE_ENV` and :func:`fixed_opencv` make them take one path on every x86-64 CPU.
 """
 
 from __future__ import annotations
 
 import fcntl
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -33,6 +38,48 @@ USER_THREADS = os.environ.get("OMP_NUM_THREADS")
 if "paddle" in sys.modules and USER_THREADS == "1":
     USER_THREADS = None
 _held_locks: list = []                   # open lock files: the slot is ours while they are open
+
+#: What makes the numerical libraries take the same code on every x86-64 CPU, read when each
+#: library loads (so set by palm/__init__.py before any of them does; a value the user exported
+#: wins). Measured on an AVX-512 CPU, with the libraries' own switches imitating others:
+#: docs/reproducibility.md.
+FIXED_CODE_ENV = {
+    # MKL (Paddle's sgemm: convolutions, matmuls): conditional numerical reproducibility, one code
+    # path whatever the SIMD level and, STRICT, whatever the thread count. oneMKL guarantees it on
+    # Intel CPUs; on AMD every MKL_CBWR value gives that one path too (measured).
+    "MKL_CBWR": "COMPATIBLE,STRICT",
+    # oneDNN (Paddle Inference's CPU engine, palm predict): its AVX2 kernels on every CPU that has
+    # AVX2 (x86-64-v3: Intel since 2013, AMD since 2015), AVX-512 ones included; measured: the same
+    # logits as its AVX-512 kernels, at 0.8x their speed, where SSE4.1 (every x86-64-v2 CPU) ran at
+    # 0.2x. A CPU without AVX2 moves a logit by up to 2e-6 of its size (docs/reproducibility.md).
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    # numpy: its x86-64-v2 baseline loops only; its AVX2 and AVX-512 loops of exp, log, tanh, power,
+    # sin, cos... round differently from each other and from the baseline (measured).
+    "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+}
+
+
+def pin_code_paths() -> None:
+    """Set :data:`FIXED_CODE_ENV` (before numpy, MKL, oneDNN load; a user's value wins) and fix
+    OpenCV's code path when OpenCV is already loaded (else :func:`fixed_opencv` does it on import)."""
+    for key, value in FIXED_CODE_ENV.items():
+        os.environ.setdefault(key, value)
+    if "cv2" in sys.modules:
+        fixed_opencv()
+
+
+def fixed_opencv():
+    """OpenCV (``cv2``) on its baseline code (SSE3) and without Intel IPP, process-wide.
+
+    OpenCV picks SSE4/AVX/AVX2/AVX-512 versions of its functions, and IPP's, by the CPU it finds;
+    their results differ in the last bits (blurs and resizes in float, warps). With optimisations
+    off, every x86-64 CPU runs the same code. Every palm module that uses OpenCV imports it
+    through here."""
+    import cv2
+
+    if cv2.useOptimized():
+        cv2.setUseOptimized(False)
+    return cv2
 
 
 @dataclass(frozen=True)
@@ -186,3 +233,41 @@ def check_memory(need: int, what: str, advice: str, share: float = 0.8) -> None:
     if free is not None and need > share * free:
         raise ConfigError(f"{what} needs about {need / 2**30:.1f} GB of memory, more than the "
                           f"{free / 2**30:.1f} GB available; {advice}")
+
+
+# -- exact elementary functions -------------------------------------------------------------
+# numpy's exp, sin, cos, power (its AVX2 and AVX-512 loops) and the C library's (its FMA
+# variants; OpenCV's and Python's math call them) are chosen by the CPU and differ in the last
+# bit; a last bit moved can move a pixel by one level. These use IEEE additions and
+# multiplications only, which round the same on every CPU (numpy never fuses two operations).
+
+_LN2 = 0.6931471805599453
+_EXP_TERMS = [1.0 / math.factorial(k) for k in range(14)]               # |r| <= ln2/2: error < 1e-17
+_COS_TERMS = [(-1.0) ** k / math.factorial(2 * k) for k in range(17)]     # |r| <= pi: error < 1e-19
+_SIN_TERMS = [(-1.0) ** k / math.factorial(2 * k + 1) for k in range(17)]
+
+
+def exact_exp(x):
+    """e**x in float64 (an array, or a 0-d one), the same bits on every CPU (below e**-700: e**-700)."""
+    import numpy as np
+
+    x = np.maximum(np.asarray(x, np.float64), -700.0)
+    n = np.floor(x / _LN2 + 0.5)
+    r = x - n * _LN2
+    p = np.full_like(r, _EXP_TERMS[-1])
+    for c in reversed(_EXP_TERMS[:-1]):
+        p = p * r + c
+    return np.ldexp(p, n.astype(np.int32))  # times 2**n: exact (no rounding above 2**-1022)
+
+
+def exact_cos_sin(t):
+    """(cos t, sin t) in float64 (arrays, or 0-d ones), the same bits on every CPU."""
+    import numpy as np
+
+    t = np.asarray(t, np.float64)
+    r = t - np.floor(t / (2 * math.pi) + 0.5) * (2 * math.pi)     # in [-pi, pi]
+    r2 = r * r
+    c, s = np.full_like(r, _COS_TERMS[-1]), np.full_like(r, _SIN_TERMS[-1])
+    for a, b in zip(reversed(_COS_TERMS[:-1]), reversed(_SIN_TERMS[:-1])):
+        c, s = c * r2 + a, s * r2 + b
+    return c, s * r

@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import paddle
 
 from palm.data.fundus import Fundus
 from palm.data.image import to_chw_float
 from palm.data.shards import ShardImages, open_split
+from palm.core.runtime import exact_cos_sin, fixed_opencv
+
+cv2 = fixed_opencv()   # OpenCV's baseline code on every CPU: the same pixels everywhere
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Augment:
             h, w = img.shape[:2]
             angle = rng.uniform(-self.rotate_deg, self.rotate_deg)
             zoom = 1.0 + rng.uniform(-self.scale, self.scale)
-            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, zoom)
+            m = _rotation(w / 2, h / 2, angle, zoom)
             img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         if self.brightness or self.contrast:
@@ -83,6 +85,14 @@ class Augment:
             mean = x.mean()
             img = np.clip((x - mean) * c + mean * b, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(img)
+
+
+def _rotation(cx: float, cy: float, degrees: float, zoom: float) -> np.ndarray:
+    """cv2.getRotationMatrix2D, with a cosine and sine that are the same bits on every CPU (OpenCV's
+    come from the C library, whose FMA variants round differently)."""
+    cos, sin = exact_cos_sin(degrees * (np.pi / 180))
+    a, b = float(cos) * zoom, float(sin) * zoom
+    return np.array([[a, b, (1 - a) * cx - b * cy], [-b, a, b * cx + (1 - a) * cy]])
 
 
 class FundusDataset(paddle.io.Dataset):

@@ -12,12 +12,14 @@ import io
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from palm.data.fundus import enhance
 from palm.core.errors import DataError
+from palm.core.runtime import fixed_opencv
+
+cv2 = fixed_opencv()   # OpenCV's baseline code on every CPU: the same pixels everywhere
 
 #: the most pixels a photograph may have (8000 x 8000); the PALM photographs have up to 2124 x 2056.
 #: Larger images are refused before decoding (a "decompression bomb" could need gigabytes).

@@ -17,23 +17,30 @@ for a left or a right eye. The classes differ by shape and texture, like the rea
 Each image's mean colour is rescaled to a random target drawn the same way for every class,
 so that global colour carries no class information (tested: a logistic regression on mean
 RGB stays near chance).
+
+The same arguments give the same bytes on every x86-64 CPU (docs/reproducibility.md): OpenCV
+runs its baseline code (:func:`palm.core.runtime.fixed_opencv`), ``exp``, ``cos`` and ``sin``
+are computed from additions and multiplications only (:func:`palm.core.runtime.exact_exp`, ``exact_cos_sin``;
+numpy's and the C library's versions are chosen by the CPU and round differently), and the
+zips store their entries (deflate's bytes depend on the zlib build).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from palm.core.fsutil import atomic_file
+from palm.core.runtime import exact_cos_sin as _cos_sin
+from palm.core.runtime import exact_exp as _exp
+from palm.core.runtime import fixed_opencv, machine_share
 from palm.data.layout import (
     GT_FILE,
     GT_ZIP,
@@ -48,6 +55,8 @@ SIZES = ((1444, 1444), (2124, 2056))   # (width, height) of the real photographs
 WORK_SIDE = 768                        # drawn at most this large, then resized (fundus images are smooth)
 H_SHARE_OF_NON_PM = 26 / 187           # as in the real training set
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+cv2 = fixed_opencv()
 
 
 # -- drawing ------------------------------------------------------------------------------
@@ -75,14 +84,16 @@ def _blob_polygon(rng, center, radius: float, irregularity: float = 0.35, n: int
     """An irregular closed outline around ``center``."""
     theta = np.linspace(0, 2 * np.pi, n, endpoint=False)
     k = rng.normal(0, 1, 5)
-    wobble = sum(k[j] * np.cos((j + 2) * theta + rng.uniform(0, 2 * np.pi)) for j in range(5)) / 5
+    wobble = sum(k[j] * _cos_sin((j + 2) * theta + rng.uniform(0, 2 * np.pi))[0] for j in range(5)) / 5
     r = radius * (1 + irregularity * wobble) * rng.uniform(0.8, 1.2, 2)[:, None].repeat(n, 1)[0]
     r = np.clip(r, radius * 0.3, None)
     aspect = rng.uniform(0.6, 1.0)
     rot = rng.uniform(0, np.pi)
-    x, y = r * np.cos(theta), r * np.sin(theta) * aspect
-    xr = x * np.cos(rot) - y * np.sin(rot)
-    yr = x * np.sin(rot) + y * np.cos(rot)
+    cos_t, sin_t = _cos_sin(theta)
+    cos_r, sin_r = _cos_sin(rot)
+    x, y = r * cos_t, r * sin_t * aspect
+    xr = x * cos_r - y * sin_r
+    yr = x * sin_r + y * cos_r
     return np.stack([center[0] + xr, center[1] + yr], 1).astype(np.int32)
 
 
@@ -94,7 +105,8 @@ def _vessel(rng, mask, p, angle, length, width, depth, bend, scale):
     x, y = p
     for i in range(steps):
         angle += bend / steps + rng.normal(0, 0.04)
-        x, y = x + seg * np.cos(angle), y + seg * np.sin(angle)
+        cos_a, sin_a = _cos_sin(angle)
+        x, y = float(x + seg * cos_a), float(y + seg * sin_a)
         pts.append((x, y))
         if depth > 0 and i > 1 and rng.random() < 0.09:
             side = rng.choice([-1, 1])
@@ -198,8 +210,9 @@ def _patchy_atrophy(rng, img: np.ndarray, g: _Frame, sev: float) -> None:
     for _ in range(int(rng.poisson(3.5 * sev))):
         ang = rng.uniform(0, 2 * np.pi)
         rr = rng.uniform(0.3, 1.1)
-        px = (g.fov_x + g.dx) / 2 + np.cos(ang) * rr * 3 * g.disc_r
-        py = (g.fov_y + g.dy) / 2 + np.sin(ang) * rr * 2.2 * g.disc_r
+        cos_a, sin_a = _cos_sin(ang)
+        px = float((g.fov_x + g.dx) / 2 + cos_a * rr * 3 * g.disc_r)
+        py = float((g.fov_y + g.dy) / 2 + sin_a * rr * 2.2 * g.disc_r)
         if np.hypot(px - g.cx, py - g.cy) > 0.85 * g.R:
             continue
         poly = _blob_polygon(rng, (px, py), g.disc_r * rng.uniform(0.25, 0.35 + 0.65 * sev))
@@ -218,14 +231,14 @@ def _patchy_atrophy(rng, img: np.ndarray, g: _Frame, sev: float) -> None:
 def _macula_and_disc(rng, img: np.ndarray, g: _Frame) -> None:
     """A darker macula with a small bright foveal reflex; a bright yellow-white disc, brighter cup."""
     d_f = np.sqrt((g.xx - g.fov_x) ** 2 + (g.yy - g.fov_y) ** 2)
-    img *= (1 - rng.uniform(0.25, 0.4) * np.exp(-(d_f / (1.3 * g.disc_r)) ** 2))[..., None]
-    _blend(img, np.exp(-(d_f / (0.08 * g.disc_r)) ** 2), (0.9, 0.75, 0.55), 0.5)
+    img *= (1 - rng.uniform(0.25, 0.4) * _exp(-(d_f / (1.3 * g.disc_r)) ** 2)).astype(np.float32)[..., None]
+    _blend(img, _exp(-(d_f / (0.08 * g.disc_r)) ** 2).astype(np.float32), (0.9, 0.75, 0.55), 0.5)
     m = np.zeros((g.h, g.w), np.float32)
     cv2.ellipse(m, (int(g.dx), int(g.dy)), (int(g.disc_r * rng.uniform(0.85, 0.95)), int(g.disc_r)), 0, 0, 360,
                 1.0, -1, cv2.LINE_AA)
     _blend(img, _soft(m, 2 * g.s), np.array([0.98, 0.85, 0.55], np.float32) * rng.uniform(0.95, 1.05), 0.92)
     d_d = np.sqrt((g.xx - g.dx) ** 2 + (g.yy - g.dy) ** 2)
-    _blend(img, np.exp(-(d_d / (0.45 * g.disc_r)) ** 2), (1.0, 0.97, 0.88), rng.uniform(0.5, 0.8))
+    _blend(img, _exp(-(d_d / (0.45 * g.disc_r)) ** 2).astype(np.float32), (1.0, 0.97, 0.88), rng.uniform(0.5, 0.8))
 
 
 def _vessel_tree(rng, img: np.ndarray, g: _Frame) -> None:
@@ -245,7 +258,7 @@ def _vessel_tree(rng, img: np.ndarray, g: _Frame) -> None:
 def _photograph(rng, img: np.ndarray, g: _Frame, W: int, H: int) -> np.ndarray:
     """The field of view (vignetting, black outside), a class-blind global colour, the full size
     ``W`` x ``H``, sensor noise: the BGR uint8 photograph."""
-    img *= np.clip(1 - 0.45 * g.dist ** 3, 0, 1)[..., None]
+    img *= np.clip(1 - 0.45 * (g.dist * g.dist * g.dist), 0, 1)[..., None]   # not ** 3: numpy's power varies
     fov = np.clip((1 - g.dist) * g.R / (2 * g.s), 0, 1)
     img *= fov[..., None]
     # rescale the field of view's mean to a target drawn the same way for every class
@@ -319,11 +332,12 @@ def _render(args):
 
 
 def _zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A zip of ``entries``, stored (not deflated: deflate's bytes depend on the zlib build, e.g.
+    zlib-ng; the JPEGs would not shrink anyway), with fixed dates."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name, data in entries.items():
-            zf.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE), data, zipfile.ZIP_STORED
-                        if name.endswith(".jpg") else zipfile.ZIP_DEFLATED)
+            zf.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE), data, zipfile.ZIP_STORED)
     return buf.getvalue()
 
 
@@ -349,7 +363,7 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
     from tqdm import tqdm
 
     plan = [(*p, float(scale), jpeg_quality) for p in _plan(seed, **counts)]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(machine_share().cpus)   # this process's cores (the bytes do not depend on it)
     results = []
     with tqdm(total=len(plan), desc="synthesize", unit="img", disable=not progress) as bar:
         if workers > 1:
@@ -382,7 +396,8 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
 
 
 def _deterministic_xlsx(data: bytes) -> bytes:
-    """openpyxl stamps the creation time into docProps/core.xml; rewrite the package with fixed times."""
+    """openpyxl stamps the creation time into docProps/core.xml; rewrite the package with fixed
+    times, its parts stored (a valid xlsx; deflated, its bytes would depend on the zlib build)."""
     src = zipfile.ZipFile(io.BytesIO(data))
     entries = {}
     for info in src.infolist():
@@ -392,8 +407,4 @@ def _deterministic_xlsx(data: bytes) -> bytes:
 
             content = re.sub(rb"(<dcterms:(created|modified)[^>]*>)[^<]*", rb"\g<1>2000-01-01T00:00:00Z", content)
         entries[info.filename] = content
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, content in entries.items():
-            zf.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE), content, zipfile.ZIP_DEFLATED)
-    return buf.getvalue()
+    return _zip_bytes(entries)
