@@ -43,14 +43,22 @@ def resnet50_nhwc():
     f = "NHWC"
 
     def conv_bn(cin, cout, k, stride=1, pad=0):
-        return [nn.Conv2D(cin, cout, k, stride, pad, bias_attr=False, data_format=f), nn.BatchNorm2D(cout, data_format=f)]
+        return [
+            nn.Conv2D(cin, cout, k, stride, pad, bias_attr=False, data_format=f),
+            nn.BatchNorm2D(cout, data_format=f),
+        ]
 
     class Bottleneck(nn.Layer):
         def __init__(self, cin, width, stride):
             super().__init__()
             cout = width * 4
-            self.body = nn.Sequential(*conv_bn(cin, width, 1), nn.ReLU(), *conv_bn(width, width, 3, stride, 1),
-                                      nn.ReLU(), *conv_bn(width, cout, 1))
+            self.body = nn.Sequential(
+                *conv_bn(cin, width, 1),
+                nn.ReLU(),
+                *conv_bn(width, width, 3, stride, 1),
+                nn.ReLU(),
+                *conv_bn(width, cout, 1),
+            )
             self.down = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
             self.relu = nn.ReLU()
 
@@ -62,18 +70,25 @@ def resnet50_nhwc():
         for i in range(blocks):
             layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
             cin = width * 4
-    return nn.Sequential(*conv_bn(3, 64, 7, 2, 3), nn.ReLU(), nn.MaxPool2D(3, 2, 1, data_format=f), *layers,
-                         nn.AdaptiveAvgPool2D(1, data_format=f), nn.Flatten(), nn.Linear(2048, 1))
+    return nn.Sequential(
+        *conv_bn(3, 64, 7, 2, 3),
+        nn.ReLU(),
+        nn.MaxPool2D(3, 2, 1, data_format=f),
+        *layers,
+        nn.AdaptiveAvgPool2D(1, data_format=f),
+        nn.Flatten(),
+        nn.Linear(2048, 1),
+    )
 
 
 def child(opts: dict) -> dict:
     import contextlib
 
-    import palm  # noqa: F401  (the project's thread settings, unless the lever overrides them)
     import paddle
 
-    from palm.nn.models import build_model
+    import palm  # noqa: F401  (the project's thread settings, unless the lever overrides them)
     from palm.core.runtime import select_device
+    from palm.nn.models import build_model
 
     select_device("cpu")
     paddle.seed(0)
@@ -109,8 +124,12 @@ def main(argv=None) -> None:
     for name in levers:
         env, opts = LEVERS[name]
         opts = {"steps": args.steps, "size": args.size, **opts}
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(opts)], capture_output=True,
-                              text=True, env={**os.environ, **env})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(opts)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:60]

@@ -24,8 +24,8 @@ def paddle_step_times(name: str, batch: int, size: int, steps: int, amp: str) ->
 
     import paddle
 
-    from palm.nn.models import build_model
     from palm.core.runtime import select_device
+    from palm.nn.models import build_model
 
     select_device("cpu")
     paddle.seed(0)
@@ -66,11 +66,20 @@ def torch_models():
             super().__init__()
             cout = width * 4
             self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
-            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                         if stride != 1 or cin != cout else nn.Identity())
+                nn.Conv2d(cin, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
+            self.down = (
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                if stride != 1 or cin != cout
+                else nn.Identity()
+            )
             self.relu = nn.ReLU(inplace=True)
 
         def forward(self, x):
@@ -82,8 +91,16 @@ def torch_models():
             for i in range(blocks):
                 layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
                 cin = width * 4
-        return nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                             nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1))
+        return nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+            *layers,
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2048, 1),
+        )
 
     def vgg16():  # with batch norm, like the project's default vgg16
         layers, cin = [], 3
@@ -93,9 +110,18 @@ def torch_models():
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 cin = v
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(512 * 49, 4096),
-                             nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-                             nn.Linear(4096, 1))
+        return nn.Sequential(
+            *layers,
+            nn.AdaptiveAvgPool2d(7),
+            nn.Flatten(),
+            nn.Linear(512 * 49, 4096),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(4096, 1),
+        )
 
     return {"resnet50": resnet50, "vgg16": vgg16}
 
@@ -141,8 +167,10 @@ def main(argv=None) -> None:
         sys.exit("PyTorch is not installed: pip install -e '.[bench]'")
     import os
 
-    print(f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, {args.size}px")
+    print(
+        f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, {args.size}px"
+    )
     print(f"{'model':10s} {'amp':5s} {'paddle s/step':>14s} {'torch s/step':>13s} {'paddle/torch throughput':>24s}")
     for name in args.models:
         for amp in args.amp:

@@ -32,8 +32,14 @@ import time
 
 DISPATCH = {"MKL_CBWR": "AUTO", "NPY_DISABLE_CPU_FEATURES": "", "ONEDNN_MAX_CPU_ISA": "ALL", "PALM_BENCH_CV_OPT": "1"}
 # one pin at a time released, to say which costs what (--configs)
-CONFIGS = {"pinned": {}, "dispatch": DISPATCH, "mkl_auto": {"MKL_CBWR": "AUTO"}, "opencv_optimised": {"PALM_BENCH_CV_OPT": "1"},
-           "numpy_simd": {"NPY_DISABLE_CPU_FEATURES": ""}, "onednn_all": {"ONEDNN_MAX_CPU_ISA": "ALL"}}
+CONFIGS = {
+    "pinned": {},
+    "dispatch": DISPATCH,
+    "mkl_auto": {"MKL_CBWR": "AUTO"},
+    "opencv_optimised": {"PALM_BENCH_CV_OPT": "1"},
+    "numpy_simd": {"NPY_DISABLE_CPU_FEATURES": ""},
+    "onednn_all": {"ONEDNN_MAX_CPU_ISA": "ALL"},
+}
 WORK = ("synthesize", "preprocess", "augment", "train_step", "predict")
 
 
@@ -104,11 +110,20 @@ def child(steps: int, work: set[str]) -> dict[str, float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration")
-    ap.add_argument("--steps", type=int, default=5,
-                    help="timed repetitions in each process (best kept; x10 for the short work, x3 for predict)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="timed repetitions in each process (best kept; x10 for the short work, x3 for predict)",
+    )
     ap.add_argument("--work", nargs="+", default=list(WORK), choices=WORK)
-    ap.add_argument("--configs", nargs="+", default=["dispatch"], choices=[c for c in CONFIGS if c != "pinned"],
-                    help="what to compare the pinned run with: everything released (dispatch) or one pin released")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["dispatch"],
+        choices=[c for c in CONFIGS if c != "pinned"],
+        help="what to compare the pinned run with: everything released (dispatch) or one pin released",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -118,8 +133,13 @@ def main(argv=None) -> None:
     best = {name: {} for name in names}
     for _ in range(args.repeat):
         for name in names:
-            proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps), "--work", *args.work],
-                                  env={**os.environ, **CONFIGS[name]}, capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", "--steps", str(args.steps), "--work", *args.work],
+                env={**os.environ, **CONFIGS[name]},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             for k, v in json.loads(proc.stdout.splitlines()[-1]).items():
                 best[name][k] = min(v, best[name].get(k, v))
     print(f"{'work':<12} {'pinned s':>10} " + " ".join(f"{n + ' s':>18} {'pinned/' + n:>24}" for n in args.configs))

@@ -76,12 +76,14 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--real", action="store_true", help="../shared/palm-mini's training photographs")
     args = ap.parse_args(argv)
-    cv2.setNumThreads(1)   # one image per core, as the loader and palm predict's workers run
+    cv2.setNumThreads(1)  # one image per core, as the loader and palm predict's workers run
     if args.real and not PALM_MINI.is_file():
         sys.exit(f"{PALM_MINI}: not here")
     images = (real if args.real else synthetic)(args.images, args.size)
-    print(f"{len(images)} {'real' if args.real else 'synthetic'} images at {args.size} px, one thread, "
-          f"best of {args.repeat}")
+    print(
+        f"{len(images)} {'real' if args.real else 'synthetic'} images at {args.size} px, one thread, "
+        f"best of {args.repeat}"
+    )
     base = per_image_ms(lambda im: resize_square(im, args.input), images, args.repeat)
     print(f"  resize {args.size} -> {args.input} px (every image, always): {base:.3f} ms/image")
     for name, spec in SPECS.items():
@@ -103,8 +105,10 @@ def main(argv=None) -> None:
         view = pixels.resized(args.input, SPECS["all three"])
         t_first = per_image_ms(lambda i: view[i], idx, 1)
         t_cached = per_image_ms(lambda i: view[i], idx, args.repeat)
-        print(f"  loader, plain read + resize: {t_plain:.3f} ms/image; all three, first read {t_first:.3f} "
-              f"ms/image ({t_first / t_plain:.1f}x), cached {t_cached:.4f} ms/image ({t_cached / t_plain:.2f}x)")
+        print(
+            f"  loader, plain read + resize: {t_plain:.3f} ms/image; all three, first read {t_first:.3f} "
+            f"ms/image ({t_first / t_plain:.1f}x), cached {t_cached:.4f} ms/image ({t_cached / t_plain:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

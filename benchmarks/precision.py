@@ -24,25 +24,28 @@ def main(argv=None) -> None:
 
     import numpy as np
 
+    from palm.data.image import to_chw_float
     from palm.nn.modelinfo import input_size
     from palm.serve.decode import decode_stream
-    from palm.data.image import to_chw_float
     from palm.serve.inference import load_engine
     from palm.serve.predict import find_images
 
     files = find_images(args.paths)
     ref_engine, info = load_engine(args.model, device="cpu", engine="eager")
-    images = [d.image for d in decode_stream(files, int(info["image_size"]), input_size(info), workers=0)
-              if d.error is None]
+    images = [
+        d.image for d in decode_stream(files, int(info["image_size"]), input_size(info), workers=0) if d.error is None
+    ]
     x = to_chw_float(np.stack(images))
     threshold = float(info.get("threshold", 0.5))
 
     def score(engine):
-        return np.concatenate([engine(x[i:i + args.batch]) for i in range(0, len(x), args.batch)])
+        return np.concatenate([engine(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])
 
     ref = score(ref_engine)
-    print(f"{info['model']} ({args.model}), {len(x)} photographs, threshold {threshold}; "
-          f"eager probabilities in [{ref.min():.4f}, {ref.max():.4f}], {int((ref >= threshold).sum())} PM")
+    print(
+        f"{info['model']} ({args.model}), {len(x)} photographs, threshold {threshold}; "
+        f"eager probabilities in [{ref.min():.4f}, {ref.max():.4f}], {int((ref >= threshold).sum())} PM"
+    )
     print("| engine | max abs(p - eager) | mean abs(p - eager) | class changes |")
     print("|---|---|---|---|")
     for precision in ("fp32", "bf16"):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import palm  # noqa: F401  (thread settings before paddle or torch load)
 
-NETWORKS = (("senet18", 224, 96), ("resnet50", 224, 224))   # (model, image_size, input_size)
+NETWORKS = (("senet18", 224, 96), ("resnet50", 224, 224))  # (model, image_size, input_size)
 PHOTO_SIZES = ((1444, 1444), (2124, 2056))
 NET = "Paddle Inference + oneDNN (palm predict)"
 
@@ -87,8 +87,8 @@ def decode_job(files, image_size, input_size):
 def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Path:
     import paddle
 
-    from palm.nn.modelinfo import write_info
     from palm.core.params import DEFAULT_THRESHOLD
+    from palm.nn.modelinfo import write_info
     from palm.nn.models import build_model
     from palm.nn.weights import MODEL_WEIGHTS, save_state
 
@@ -96,8 +96,9 @@ def save_model(folder: Path, name: str, image_size: int, input_size: int) -> Pat
     paddle.seed(0)
     model = build_model(name, image_size=input_size)
     save_state(model.state_dict(), folder / MODEL_WEIGHTS)
-    write_info(folder, {"model": name, "image_size": image_size, "input_size": input_size,
-                        "threshold": DEFAULT_THRESHOLD})
+    write_info(
+        folder, {"model": name, "image_size": image_size, "input_size": input_size, "threshold": DEFAULT_THRESHOLD}
+    )
     return folder
 
 
@@ -106,8 +107,8 @@ def paddle_engines(models: Path, export: Path, batch: int, input_size: int) -> d
     import numpy as np
     import paddle.inference as pi
 
-    from palm.serve.inference import load_engine, sigmoid
     from palm.core.runtime import machine_share
+    from palm.serve.inference import load_engine, sigmoid
 
     x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, input_size, input_size)).astype("float32")
     eager, _ = load_engine(models, device="cpu", engine="eager")
@@ -129,10 +130,12 @@ def paddle_engines(models: Path, export: Path, batch: int, input_size: int) -> d
 
     fp32, _ = load_engine(export, device="cpu", engine="paddle-inference", precision="fp32")
     bf16, _ = load_engine(export, device="cpu", engine="paddle-inference", precision="bf16")
-    return {"Paddle eager": (lambda: eager(x), batch),
-            "Paddle Inference, oneDNN off": (plain, batch),
-            NET: (lambda: fp32(x), batch),
-            "Paddle Inference + oneDNN bf16": (lambda: bf16(x), batch)}
+    return {
+        "Paddle eager": (lambda: eager(x), batch),
+        "Paddle Inference, oneDNN off": (plain, batch),
+        NET: (lambda: fp32(x), batch),
+        "Paddle Inference + oneDNN bf16": (lambda: bf16(x), batch),
+    }
 
 
 def torch_engines(batch: int, size: int) -> dict:
@@ -151,14 +154,18 @@ def torch_engines(batch: int, size: int) -> dict:
     torch.manual_seed(0)
     model = torch_models()["resnet50"]().eval()
     x = torch.randn(batch, 3, size, size)
+
     def job(ctx):
         def run():
             with torch.inference_mode(), ctx():
                 return torch.sigmoid(model(x).float())
+
         return run, batch
 
-    return {"PyTorch eager fp32": job(contextlib.nullcontext),
-            "PyTorch eager bf16 autocast": job(lambda: torch.autocast("cpu", dtype=torch.bfloat16))}
+    return {
+        "PyTorch eager fp32": job(contextlib.nullcontext),
+        "PyTorch eager bf16 autocast": job(lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    }
 
 
 def end_to_end_job(model_dir: Path, files, batch: int):
@@ -182,21 +189,25 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds, the fastest counts")
     args = ap.parse_args(argv)
 
-    from palm.serve.export import export
     from palm.core.runtime import machine_share, select_device
+    from palm.serve.export import export
 
     select_device("cpu")
-    print(f"{len(machine_share().cpus)} core(s), {args.images} photographs per size, batch {args.batch}; "
-          f"images/s, fastest of {args.repeat} rounds after a warm-up round (the jobs of a comparison "
-          "interleaved in each round)")
+    print(
+        f"{len(machine_share().cpus)} core(s), {args.images} photographs per size, batch {args.batch}; "
+        f"images/s, fastest of {args.repeat} rounds after a warm-up round (the jobs of a comparison "
+        "interleaved in each round)"
+    )
     rows, ratios = [], []
     with tempfile.TemporaryDirectory(prefix="palm-bench-") as tmp:
         tmp = Path(tmp)
         folders = {size: photos(tmp / f"{size[0]}x{size[1]}", size, args.images) for size in PHOTO_SIZES}
         two = folders[PHOTO_SIZES[0]][:2]
         start = min(timed(decode_job(two, 224, 224)) for _ in range(3))
-        print(f"starting the decoding processes and decoding 2 photographs: {start:.2f} s (paid once per "
-              "palm predict run, and by every timed run of decoding and of palm predict below)")
+        print(
+            f"starting the decoding processes and decoding 2 photographs: {start:.2f} s (paid once per "
+            "palm predict run, and by every timed run of decoding and of palm predict below)"
+        )
         for name, image_size, input_size in NETWORKS:
             label = f"{name} ({image_size} px decoded, {input_size} px network)"
             models = save_model(tmp / name / "models", name, image_size, input_size)
@@ -209,25 +220,43 @@ def main(argv=None) -> None:
                 rows.append((label, f"network alone: {engine}", rate))
             for size, files in folders.items():
                 e2e_job, load_s = end_to_end_job(tmp / name / "export", files, args.batch)
-                got = best_rates({"decode": (decode_job(files, image_size, input_size), len(files)),
-                                  "net": jobs[NET], "e2e": e2e_job}, args.repeat)
+                got = best_rates(
+                    {
+                        "decode": (decode_job(files, image_size, input_size), len(files)),
+                        "net": jobs[NET],
+                        "e2e": e2e_job,
+                    },
+                    args.repeat,
+                )
                 dec, net, e2e = got["decode"], got["net"], got["e2e"]
                 rows.append((label, f"decoding alone, {size[0]}x{size[1]} JPEGs, all cores", dec))
                 rows.append((label, f"network alone ({NET}), in the same rounds", net))
-                rows.append((label, f"palm predict end to end, {size[0]}x{size[1]} (load {load_s:.1f} s excluded)",
-                             e2e))
-                ratios.append((f"{name} {size[0]}x{size[1]}: end-to-end / min(decode, network)",
-                               e2e / min(dec, net), ">= 0.8"))
+                rows.append(
+                    (label, f"palm predict end to end, {size[0]}x{size[1]} (load {load_s:.1f} s excluded)", e2e)
+                )
+                ratios.append(
+                    (f"{name} {size[0]}x{size[1]}: end-to-end / min(decode, network)", e2e / min(dec, net), ">= 0.8")
+                )
                 # decoding and the network share the same cores: together they cannot beat this
-                ratios.append((f"{name} {size[0]}x{size[1]}: end-to-end / (1 / (1/decode + 1/network))",
-                               e2e * (1 / dec + 1 / net), "1.0 = no overlap loss"))
+                ratios.append(
+                    (
+                        f"{name} {size[0]}x{size[1]}: end-to-end / (1 / (1/decode + 1/network))",
+                        e2e * (1 / dec + 1 / net),
+                        "1.0 = no overlap loss",
+                    )
+                )
             if name == "resnet50" and any(k.startswith("PyTorch") for k in nets):
                 best_paddle = max(v for k, v in nets.items() if k.startswith("Paddle"))
                 best_torch = max(v for k, v in nets.items() if k.startswith("PyTorch"))
                 ratios.append(("resnet50: Paddle's best engine / PyTorch's best", best_paddle / best_torch, ">= 1.0"))
                 best_fp32 = max(v for k, v in nets.items() if k.startswith("Paddle") and "bf16" not in k)
-                ratios.append(("resnet50: Paddle's best fp32 / PyTorch eager fp32",
-                               best_fp32 / nets["PyTorch eager fp32"], ">= 1.0"))
+                ratios.append(
+                    (
+                        "resnet50: Paddle's best fp32 / PyTorch eager fp32",
+                        best_fp32 / nets["PyTorch eager fp32"],
+                        ">= 1.0",
+                    )
+                )
     print()
     print("| network | measured | images/s |")
     print("|---|---|---|")

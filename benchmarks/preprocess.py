@@ -61,8 +61,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         half = args.images // 2
-        generate(tmp / "zips", seed=1, n_train_p=half, n_train_n=args.images - half, n_train_h=0,
-                 n_val_pm=1, n_val_non_pm=1, scale=1.0, progress=False)
+        generate(
+            tmp / "zips",
+            seed=1,
+            n_train_p=half,
+            n_train_n=args.images - half,
+            n_train_h=0,
+            n_val_pm=1,
+            n_val_non_pm=1,
+            scale=1.0,
+            progress=False,
+        )
         with zipfile.ZipFile(tmp / "zips" / "training.zip") as outer:
             with zipfile.ZipFile(outer.open("PALM-Training400/PALM-Training400.zip")) as inner:
                 inner.extractall(tmp / "raw")

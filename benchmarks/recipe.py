@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     import numpy as np
     import paddle
 
-    from palm.nn.models import build_model, training_loss
     from palm.core.runtime import machine_share
+    from palm.nn.models import build_model, training_loss
     from palm.training.recipe import BatchRecipe
 
     paddle.seed(0)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         opt.step()
         opt.clear_grad()
 
-    for mode in MODES:   # warm-up
+    for mode in MODES:  # warm-up
         step(mode)
     best = {m: float("inf") for m in MODES}
     alone = {m: float("inf") for m in MODES}
@@ -67,8 +67,10 @@ def main(argv=None) -> int:
             for _ in range(10):
                 recipes[mode](x, y)
             alone[mode] = min(alone[mode], (time.perf_counter() - t0) / 10)
-    print(f"{args.model}, {machine_share().threads} thread(s), batches of {args.batch} at {args.size} px, "
-          f"best of {args.repeat} rounds of {args.steps} steps")
+    print(
+        f"{args.model}, {machine_share().threads} thread(s), batches of {args.batch} at {args.size} px, "
+        f"best of {args.repeat} rounds of {args.steps} steps"
+    )
     print("| mix | ms/step | x off | ms of the recipe alone |")
     print("|---|---|---|---|")
     for mode in MODES:

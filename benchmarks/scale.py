@@ -64,8 +64,9 @@ def child_preprocess(args) -> dict:
     from palm.data.preprocess import preprocess
 
     t0 = time.perf_counter()
-    preprocess(args.labels, args.raw, args.shards, image_size=args.image_size, shard_size=args.shard_size,
-               workers=args.workers)
+    preprocess(
+        args.labels, args.raw, args.shards, image_size=args.image_size, shard_size=args.shard_size, workers=args.workers
+    )
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -77,10 +78,20 @@ def child_train(args) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = args.model
     params["image_size"] = args.image_size
-    params["train"].update(epochs=1, batch_size=args.batch_size, holdout=0, ema=0, to_static=False, workers=0,
-                           device="cpu", amp="off", select="last")
-    params["models"][args.model] = {k: v for k, v in params["models"].get(args.model, {}).items()
-                                    if k not in ("input_size", "to_static", "epochs")}
+    params["train"].update(
+        epochs=1,
+        batch_size=args.batch_size,
+        holdout=0,
+        ema=0,
+        to_static=False,
+        workers=0,
+        device="cpu",
+        amp="off",
+        select="last",
+    )
+    params["models"][args.model] = {
+        k: v for k, v in params["models"].get(args.model, {}).items() if k not in ("input_size", "to_static", "epochs")
+    }
     out = Path(args.shards).parent / "run"
     t0 = time.perf_counter()
     Trainer(params, args.shards).run(out / "models", out / "checkpoints", out / "live")
@@ -125,37 +136,66 @@ def main() -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         make_photos(root, max(args.sizes), args.source_size)
-        print(f"made {max(args.sizes)} + 32 synthetic {args.source_size} px photographs in "
-              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(
+            f"made {max(args.sizes)} + 32 synthetic {args.source_size} px photographs in "
+            f"{time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+        )
         rows = []
         for n in args.sizes:
             labels = labels_csv(root, n)
             shards = root / f"shards-{n}" / "shards"
-            pre = run_child("preprocess", labels=labels, raw=root / "raw", shards=shards, image_size=args.image_size,
-                            shard_size=args.shard_size, workers=args.workers)
-            tr = run_child("train", shards=shards, image_size=args.image_size, model=args.model,
-                           batch_size=args.batch_size)
-            rows.append({"images": n, "preprocess_s_per_image": pre["seconds"] / (n + 32),
-                         "preprocess_peak_mb": pre["peak_rss_mb"],
-                         "train_epoch_s_per_image": tr["seconds"] / n, "train_peak_mb": tr["peak_rss_mb"]})
+            pre = run_child(
+                "preprocess",
+                labels=labels,
+                raw=root / "raw",
+                shards=shards,
+                image_size=args.image_size,
+                shard_size=args.shard_size,
+                workers=args.workers,
+            )
+            tr = run_child(
+                "train", shards=shards, image_size=args.image_size, model=args.model, batch_size=args.batch_size
+            )
+            rows.append(
+                {
+                    "images": n,
+                    "preprocess_s_per_image": pre["seconds"] / (n + 32),
+                    "preprocess_peak_mb": pre["peak_rss_mb"],
+                    "train_epoch_s_per_image": tr["seconds"] / n,
+                    "train_peak_mb": tr["peak_rss_mb"],
+                }
+            )
             print(f"{n}: {rows[-1]}", file=sys.stderr)
 
     first, last = rows[0], rows[-1]
-    cols = [("preprocess_s_per_image", "preprocess s/image", "{:.2e}"), ("preprocess_peak_mb", "preprocess peak MB", "{:.0f}"),
-            ("train_epoch_s_per_image", "train epoch s/image", "{:.2e}"), ("train_peak_mb", "train peak MB", "{:.0f}")]
-    print(f"\n{args.model} at {args.image_size} px, shards of {args.shard_size}, batch {args.batch_size}, "
-          f"{args.source_size} px JPEG sources\n")
+    cols = [
+        ("preprocess_s_per_image", "preprocess s/image", "{:.2e}"),
+        ("preprocess_peak_mb", "preprocess peak MB", "{:.0f}"),
+        ("train_epoch_s_per_image", "train epoch s/image", "{:.2e}"),
+        ("train_peak_mb", "train peak MB", "{:.0f}"),
+    ]
+    print(
+        f"\n{args.model} at {args.image_size} px, shards of {args.shard_size}, batch {args.batch_size}, "
+        f"{args.source_size} px JPEG sources\n"
+    )
     print("| images | " + " | ".join(c[1] for c in cols) + " |")
     print("|---:|" + "---:|" * len(cols))
     for r in rows:
         print(f"| {r['images']} | " + " | ".join(fmt.format(r[k]) for k, _, fmt in cols) + " |")
     ratios = {k: last[k] / first[k] for k, _, _ in cols}
     print(f"| {last['images']}/{first['images']} | " + " | ".join(f"{ratios[k]:.2f}x" for k, _, _ in cols) + " |")
-    goals = {"preprocess_s_per_image": 1.2, "train_epoch_s_per_image": 1.2, "preprocess_peak_mb": 1.3,
-             "train_peak_mb": 1.3}
+    goals = {
+        "preprocess_s_per_image": 1.2,
+        "train_epoch_s_per_image": 1.2,
+        "preprocess_peak_mb": 1.3,
+        "train_peak_mb": 1.3,
+    }
     verdict = {k: ratios[k] <= g for k, g in goals.items()}
-    print("\ngoals (time <= 1.2x, memory <= 1.3x): " +
-          ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in verdict.items()))
+    print(
+        "\ngoals (time <= 1.2x, memory <= 1.3x): "
+        + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in verdict.items())
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ratios": ratios, "goals_met": verdict}, indent=1))
 

@@ -46,8 +46,9 @@ def save_model(folder: Path, name: str = "senet18", image_size: int = 224, input
     folder.mkdir(parents=True)
     paddle.seed(0)
     save_state(build_model(name, image_size=input_size).state_dict(), folder / "model.safetensors")
-    (folder / "model.json").write_text(json.dumps({"model": name, "image_size": image_size,
-                                                   "input_size": input_size, "threshold": 0.5}))
+    (folder / "model.json").write_text(
+        json.dumps({"model": name, "image_size": image_size, "input_size": input_size, "threshold": 0.5})
+    )
     return folder
 
 
@@ -94,16 +95,26 @@ async def load(url: str, bodies: list[bytes], clients: int, n: int, max_seconds:
         wall = time.perf_counter() - t0
     lat = sorted(latencies)
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000  # noqa: E731
-    return {"clients": clients, "requests": len(lat), "rps": len(lat) / wall, "p50_ms": q(0.5), "p95_ms": q(0.95),
-            "failed": failed}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "rps": len(lat) / wall,
+        "p50_ms": q(0.5),
+        "p95_ms": q(0.95),
+        "failed": failed,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=200, help="requests per client count (default %(default)s)")
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--rss-requests", type=int, default=10_000,
-                    help="requests between the two memory readings (default %(default)s)")
+    ap.add_argument(
+        "--rss-requests",
+        type=int,
+        default=10_000,
+        help="requests between the two memory readings (default %(default)s)",
+    )
     ap.add_argument("--max-seconds", type=float, default=120, help="bound on each phase (default %(default)s)")
     ap.add_argument("--predict-images", type=int, default=128, help="images for palm predict's rate")
     args = ap.parse_args()
@@ -112,7 +123,7 @@ def main() -> None:
 
     from palm.serve.predict import Predictor
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)     # not a line per request
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     with tempfile.TemporaryDirectory(prefix="palm-bench-serve-") as tmp:
         tmp = Path(tmp)
@@ -121,15 +132,18 @@ def main() -> None:
         bodies = [f.read_bytes() for f in files[:8]]
 
         predictor = Predictor.load(models)
-        list(predictor.predict(files[:16], progress=False))                       # warm-up
+        list(predictor.predict(files[:16], progress=False))  # warm-up
         t0 = time.perf_counter()
         n = sum(1 for _ in predictor.predict(files, progress=False))
         predict_rate = n / (time.perf_counter() - t0)
         del predictor
 
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "serve", "--model", str(models), "--host", HOST,
-                                 "--port", str(port)], stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "palm.cli", "serve", "--model", str(models), "--host", HOST, "--port", str(port)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         base = f"http://{HOST}:{port}"
         try:
             for _ in range(600):
@@ -139,9 +153,10 @@ def main() -> None:
                 except httpx.TransportError:
                     time.sleep(0.2)
             url = base + "/v1/predict"
-            asyncio.run(load(url, bodies, 4, 64, args.max_seconds))                 # warm-up
-            rows = [asyncio.run(load(url, bodies, int(c), args.requests, args.max_seconds))
-                    for c in args.clients.split(",")]
+            asyncio.run(load(url, bodies, 4, 64, args.max_seconds))  # warm-up
+            rows = [
+                asyncio.run(load(url, bodies, int(c), args.requests, args.max_seconds)) for c in args.clients.split(",")
+            ]
             rss_before = rss_mib(proc.pid)
             t0 = time.perf_counter()
             many = asyncio.run(load(url, bodies, 4, args.rss_requests, args.max_seconds * 10))
@@ -154,13 +169,19 @@ def main() -> None:
     print("| clients | requests | requests/s | p50 ms | p95 ms | failed |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['failed']} |")
+        print(
+            f"| {r['clients']} | {r['requests']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['failed']} |"
+        )
     best = max(r["rps"] for r in rows)
-    print(f"\npalm predict on the same files and model: {predict_rate:.1f} images/s; "
-          f"palm serve's best / palm predict = {best / predict_rate:.2f} (goal >= 0.8)")
-    print(f"resident memory of the server: {rss_before:.0f} MiB after warm-up, {rss_after:.0f} MiB after "
-          f"{many['requests']} more requests at 4 clients ({many_s:.0f} s, {many['failed']} failed): "
-          f"{rss_after / rss_before:.3f}x (goal <= 1.1)")
+    print(
+        f"\npalm predict on the same files and model: {predict_rate:.1f} images/s; "
+        f"palm serve's best / palm predict = {best / predict_rate:.2f} (goal >= 0.8)"
+    )
+    print(
+        f"resident memory of the server: {rss_before:.0f} MiB after warm-up, {rss_after:.0f} MiB after "
+        f"{many['requests']} more requests at 4 clients ({many_s:.0f} s, {many['failed']} failed): "
+        f"{rss_after / rss_before:.3f}x (goal <= 1.1)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,13 +41,20 @@ def png(width: int, height: int, bit_depth: int, color_type: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def status(pid: int, field: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                if line.startswith(field + ":"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith(field + ":")
+    )
 
 
 def main() -> None:
@@ -56,8 +63,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = save_model(Path(tmp) / "models")
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "serve", "--model", str(models),
-                                 "--port", str(port)], stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "palm.cli", "serve", "--model", str(models), "--port", str(port)],
+            stderr=subprocess.DEVNULL,
+        )
         url = f"http://{HOST}:{port}"
         try:
             for _ in range(400):
@@ -71,13 +80,19 @@ def main() -> None:
                 cost = decode_cost(image, [224]).bytes
                 Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
                 before, t0 = status(proc.pid, "VmRSS"), time.perf_counter()
-                r = httpx.post(url + "/v1/predict", files=[("files", (f"{i}.png", image)) for i in range(32)],
-                               params={"grade_all": "true"}, timeout=900)
+                r = httpx.post(
+                    url + "/v1/predict",
+                    files=[("files", (f"{i}.png", image)) for i in range(32)],
+                    params={"grade_all": "true"},
+                    timeout=900,
+                )
                 peak = status(proc.pid, "VmHWM")
-                print(f"{label}: 32 x {side}x{side} PNG ({len(image) / 1e3:.0f} kB each, ~{cost / MiB:.0f} MiB each "
-                      f"to decode): HTTP {r.status_code} in {time.perf_counter() - t0:.1f} s; resident "
-                      f"{before / MiB:.0f} MiB before, peak {peak / MiB:.0f} MiB (+{(peak - before) / MiB:.0f} MiB)",
-                      flush=True)
+                print(
+                    f"{label}: 32 x {side}x{side} PNG ({len(image) / 1e3:.0f} kB each, ~{cost / MiB:.0f} MiB each "
+                    f"to decode): HTTP {r.status_code} in {time.perf_counter() - t0:.1f} s; resident "
+                    f"{before / MiB:.0f} MiB before, peak {peak / MiB:.0f} MiB (+{(peak - before) / MiB:.0f} MiB)",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=60)

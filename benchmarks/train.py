@@ -17,22 +17,31 @@ import tempfile
 import time
 from pathlib import Path
 
-import palm  # noqa: F401  (CPU thread settings before paddle loads)
 import numpy as np
 import paddle
 
+import palm  # noqa: F401  (CPU thread settings before paddle loads)
+from palm.core.runtime import select_device
 from palm.data.dataset import Augment, FundusDataset, load_split, make_loader
 from palm.data.labels import build_labels
-from palm.nn.models import build_model, training_loss
 from palm.data.preprocess import preprocess
-from palm.core.runtime import select_device
 from palm.data.synthetic import generate
 from palm.data.unzip import unzip_all
+from palm.nn.models import build_model, training_loss
 
 
 def make_shards(tmp: Path, size: int, n: int) -> Path:
-    generate(tmp / "zips", seed=3, n_train_p=n // 2, n_train_n=n - n // 2, n_train_h=0, n_val_pm=1,
-             n_val_non_pm=1, scale=0.25, progress=False)
+    generate(
+        tmp / "zips",
+        seed=3,
+        n_train_p=n // 2,
+        n_train_n=n - n // 2,
+        n_train_h=0,
+        n_val_pm=1,
+        n_val_non_pm=1,
+        scale=0.25,
+        progress=False,
+    )
     unzip_all(tmp / "zips", tmp / "raw")
     build_labels(tmp / "raw").to_csv(tmp / "labels.csv", index=False)
     preprocess(tmp / "labels.csv", tmp / "raw", tmp / "shards", image_size=size)
@@ -60,8 +69,11 @@ def bench(name: str, shards: Path, size: int, batch: int, steps: int, workers: i
     y = paddle.to_tensor(np.random.default_rng(0).integers(0, 2, (batch, 1)).astype("float32"))
     time_steps(model, opt, [(x, y)] * 2)  # warm-up
     t_mem = time_steps(model, opt, [(x, y)] * steps)
-    ds = FundusDataset(load_split(shards, "train"), Augment(hflip=True, rotate_deg=10, scale=0.05,
-                                                             brightness=0.15, contrast=0.15), seed=0)
+    ds = FundusDataset(
+        load_split(shards, "train"),
+        Augment(hflip=True, rotate_deg=10, scale=0.05, brightness=0.15, contrast=0.15),
+        seed=0,
+    )
     loader = make_loader(ds, batch, shuffle=True, workers=workers, drop_last=True)
 
     def pipeline_batches():
@@ -87,8 +99,10 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (train.workers)")
     args = ap.parse_args(argv)
     device = select_device("auto")
-    print(f"device {device}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-          f"batch {args.batch}, {args.size}px, {args.steps} timed steps after 2 warm-up steps")
+    print(
+        f"device {device}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"batch {args.batch}, {args.size}px, {args.steps} timed steps after 2 warm-up steps"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), args.size, max(2 * args.batch, 32))
         print(f"{'model':10s} {'train img/s':>12s} {'pipeline/in-memory':>20s}")

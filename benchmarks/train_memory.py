@@ -67,11 +67,25 @@ def main() -> None:
         ckpt_mb = sum(p.stat().st_size for p in (out / "checkpoints").glob("*.safetensors")) / 2**20
     steady = statistics.median(rss[2:]) if len(rss) > 2 else rss[-1]
     peak = status("VmHWM")
-    print(json.dumps({"model": args.model, "size": args.size, "epochs": args.epochs, "images": args.images,
-                      "rss_before_training_mb": round(before), "rss_per_epoch_mb": rss,
-                      "steady_mb": round(steady), "max_epoch_rss_mb": max(rss), "peak_mb": round(peak),
-                      "checkpoint_files_mb": round(ckpt_mb), "peak_over_steady": round(peak / steady, 2),
-                      "max_epoch_over_steady": round(max(rss) / steady, 2)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "size": args.size,
+                "epochs": args.epochs,
+                "images": args.images,
+                "rss_before_training_mb": round(before),
+                "rss_per_epoch_mb": rss,
+                "steady_mb": round(steady),
+                "max_epoch_rss_mb": max(rss),
+                "peak_mb": round(peak),
+                "checkpoint_files_mb": round(ckpt_mb),
+                "peak_over_steady": round(peak / steady, 2),
+                "max_epoch_over_steady": round(max(rss) / steady, 2),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 
 import palm  # noqa: F401  (thread settings before paddle loads)
 
-NETWORKS = (("senet18", 96), ("resnet50", 96))   # (model, input size)
+NETWORKS = (("senet18", 96), ("resnet50", 96))  # (model, input size)
 
 
 def main(argv=None) -> int:
@@ -35,15 +35,17 @@ def main(argv=None) -> int:
     import numpy as np
     import paddle
 
-    from palm.nn.models import build_model
     from palm.core.params import TTA_MODES
     from palm.core.runtime import machine_share
+    from palm.nn.models import build_model
     from palm.serve import tta
     from palm.serve.inference import paddle_inference, save
 
     threads = machine_share().threads
-    print(f"Paddle Inference, oneDNN fp32, {threads} thread(s); {args.images} images in batches of {args.batch}, "
-          f"best of {args.repeat} rounds")
+    print(
+        f"Paddle Inference, oneDNN fp32, {threads} thread(s); {args.images} images in batches of {args.batch}, "
+        f"best of {args.repeat} rounds"
+    )
     print("| model | input | tta | views | ms/image | x off |")
     print("|---|---|---|---|---|---|")
     for name, size in NETWORKS:
@@ -55,19 +57,21 @@ def main(argv=None) -> int:
             save(layer, size, tmp)
             engine = paddle_inference(tmp, "cpu", "fp32", threads, size)
         x = np.random.default_rng(0).uniform(-1, 1, (args.images, 3, size, size)).astype(np.float32)
-        for mode in TTA_MODES:                       # warm-up: oneDNN builds its kernels per shape
-            tta.predict(engine, x[:args.batch], mode)
+        for mode in TTA_MODES:  # warm-up: oneDNN builds its kernels per shape
+            tta.predict(engine, x[: args.batch], mode)
         best = {m: float("inf") for m in TTA_MODES}
         for _ in range(args.repeat):
             for mode in TTA_MODES:
                 t0 = time.perf_counter()
                 for i in range(0, args.images, args.batch):
-                    tta.predict(engine, x[i:i + args.batch], mode)
+                    tta.predict(engine, x[i : i + args.batch], mode)
                 best[mode] = min(best[mode], time.perf_counter() - t0)
         for mode in TTA_MODES:
             ms = 1000 * best[mode] / args.images
-            print(f"| {name} | {size} | {mode} | {tta.N_VIEWS[mode]} | {ms:.2f} | {best[mode] / best['off']:.2f} |",
-                  flush=True)
+            print(
+                f"| {name} | {size} | {mode} | {tta.N_VIEWS[mode]} | {ms:.2f} | {best[mode] / best['off']:.2f} |",
+                flush=True,
+            )
     return 0
 
 

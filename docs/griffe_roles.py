@@ -17,7 +17,7 @@ import re
 
 try:
     import griffe
-except ImportError:   # the docs extra is not installed: the converters still work (tests/test_docs.py)
+except ImportError:  # the docs extra is not installed: the converters still work (tests/test_docs.py)
     griffe = None
 
 ROLE = re.compile(r":(?:py:)?(class|func|meth|mod|data|attr|exc|obj|const):`(~?)([\w.]+?)(\(\))?`")
@@ -46,7 +46,7 @@ def simple_tables(text: str) -> str:
             elif line.strip():
                 rows.append(cells)
             i += 1
-        i += 1   # the closing border
+        i += 1  # the closing border
         out += ["| " + " | ".join(" " for _ in starts) + " |", "|" + "---|" * len(starts)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(out)
@@ -57,13 +57,15 @@ def convert(text: str) -> str:
         tilde, target, call = m.group(2), m.group(3), m.group(4) or ""
         shown = (target.rsplit(".", 1)[-1] if tilde else target) + call
         if target.rsplit(".", 1)[-1].startswith("_") or target in dir(builtins):
-            return f"`{shown}`"   # private (not in the reference) or Python's own: named, not linked
+            return f"`{shown}`"  # private (not in the reference) or Python's own: named, not linked
         return f"[`{shown}`][{target}]"
+
     text = ROLE.sub(role, simple_tables(text))
     return LITERAL.sub(lambda m: f"{m.group(1)}:" if m.group(1) else "", text)
 
 
 if griffe is not None:
+
     class SphinxRoles(griffe.Extension):
         def on_object(self, *, obj, loader, **kwargs) -> None:
             if obj.docstring is not None:

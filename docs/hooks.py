@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:   # the worktree's palm, also without an editable install
+if str(ROOT / "src") not in sys.path:  # the worktree's palm, also without an editable install
     sys.path.insert(0, str(ROOT / "src"))
 
 MARKER = re.compile(r"^<!-- palm: (\w+)(?: ([\w-]+))? -->$", re.MULTILINE)
@@ -39,11 +39,11 @@ def _load(name: str) -> dict:
 
 def yaml_comments(text: str) -> dict[str, str]:
     """``a.b.c`` -> the comment at the end of that key's line in params.yaml (block structure by indent)."""
-    comments, stack, last = {}, [], None   # stack of (indent, key); last: (key, column of its '#')
+    comments, stack, last = {}, [], None  # stack of (indent, key); last: (key, column of its '#')
     for line in text.splitlines():
         m = re.match(r"^( *)([A-Za-z_][\w+-]*):(.*)$", line)
         if not m:
-            c = re.match(r"^( *)# ?(.*)$", line)   # a comment continued on the next line, aligned
+            c = re.match(r"^( *)# ?(.*)$", line)  # a comment continued on the next line, aligned
             if c and last and len(c.group(1)) == last[1]:
                 comments[last[0]] += " " + c.group(2).strip()
             else:
@@ -71,18 +71,29 @@ def describe(prop: dict, defs: dict) -> str:
 
     variants = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
     if len(variants) > 1:
-        if {v.get("type") for v in variants} == {"number", "string"}:   # the threshold's grammar
+        if {v.get("type") for v in variants} == {"number", "string"}:  # the threshold's grammar
             return parse_threshold.__doc__.split(": ", 1)[1].rstrip(".").replace("``", "`")
         return " or ".join(describe(v, defs) for v in variants)
     p = variants[0]
     if "enum" in p:
         return "one of " + ", ".join(f"`{v}`" for v in p["enum"])
-    kind = {"integer": "whole number", "number": "number", "boolean": "`true` or `false`",
-            "string": "text"}.get(p.get("type"), p.get("type", "any"))
-    lo = (f"≥ {_fmt(p['minimum'])}" if "minimum" in p else
-          f"> {_fmt(p['exclusiveMinimum'])}" if "exclusiveMinimum" in p else None)
-    hi = (f"≤ {_fmt(p['maximum'])}" if "maximum" in p else
-          f"< {_fmt(p['exclusiveMaximum'])}" if "exclusiveMaximum" in p else None)
+    kind = {"integer": "whole number", "number": "number", "boolean": "`true` or `false`", "string": "text"}.get(
+        p.get("type"), p.get("type", "any")
+    )
+    lo = (
+        f"≥ {_fmt(p['minimum'])}"
+        if "minimum" in p
+        else f"> {_fmt(p['exclusiveMinimum'])}"
+        if "exclusiveMinimum" in p
+        else None
+    )
+    hi = (
+        f"≤ {_fmt(p['maximum'])}"
+        if "maximum" in p
+        else f"< {_fmt(p['exclusiveMaximum'])}"
+        if "exclusiveMaximum" in p
+        else None
+    )
     bounds = ", ".join(b for b in (lo, hi) if b)
     if "pattern" in p:
         bounds = f"matching `{p['pattern']}`"
@@ -105,8 +116,13 @@ def _rows(model_defs: dict, name: str, prefix: str, values: dict, comments: dict
         if key == "models":
             out.append((path, "per network: any key of `train:`", "see below", comments.get(path, "")))
             continue
-        shown = "(absent)" if key not in (values or {}) else f"`{json.dumps(value)}`" if not isinstance(value, str) \
+        shown = (
+            "(absent)"
+            if key not in (values or {})
+            else f"`{json.dumps(value)}`"
+            if not isinstance(value, str)
             else f"`{value}`"
+        )
         if key not in (values or {}) and "default" in prop and prop["default"] is not None:
             shown = f"(absent: `{prop['default']}`)"
         out.append((path, describe(prop, model_defs), shown, comments.get(path, "")))
@@ -129,8 +145,10 @@ def _cell(text: str) -> str:
 
 
 def params_table() -> str:
-    lines = ["| key | type and bounds (palm.core.params) | in params.yaml | what it does (params.yaml's comment) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| key | type and bounds (palm.core.params) | in params.yaml | what it does (params.yaml's comment) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| `{k}` | {_cell(t)} | {_cell(v)} | {_cell(c)} |" for k, t, v, c in params_rows()]
     return "\n".join(lines)
 
@@ -152,6 +170,7 @@ def _resolve(text: str, params: dict) -> str:
         for part in m.group(1).split("."):
             node = node[part]
         return str(node)
+
     return re.sub(r"\$\{([\w.]+)\}", value, text)
 
 
@@ -167,11 +186,12 @@ def stages() -> dict[str, dict]:
     for name, stage in dvc["stages"].items():
         deps = [_resolve(d, params) for d in _paths(stage.get("deps"))]
         outs = [o for key in ("outs", "metrics", "plots") for o in _paths(stage.get(key))]
-        out[name] = {"inputs": [d for d in deps if not d.startswith(CODE)],
-                     "code": [d for d in deps if d.startswith(CODE)],
-                     "params": [_resolve(p, params) if isinstance(p, str) else next(iter(p))
-                                for p in stage.get("params") or []],
-                     "outputs": outs}
+        out[name] = {
+            "inputs": [d for d in deps if not d.startswith(CODE)],
+            "code": [d for d in deps if d.startswith(CODE)],
+            "params": [_resolve(p, params) if isinstance(p, str) else next(iter(p)) for p in stage.get("params") or []],
+            "outputs": outs,
+        }
     return out
 
 
@@ -182,17 +202,27 @@ def _inside(a: str, b: str) -> bool:
 
 def edges() -> list[tuple[str, str]]:
     st = stages()
-    return [(a, b) for b, sb in st.items() for a, sa in st.items()
-            if a != b and any(_inside(d, o) for d in sb["inputs"] for o in sa["outputs"])]
+    return [
+        (a, b)
+        for b, sb in st.items()
+        for a, sa in st.items()
+        if a != b and any(_inside(d, o) for d in sb["inputs"] for o in sa["outputs"])
+    ]
 
 
 def stages_table() -> str:
     lines = ["| stage | reads | parameters | writes |", "|---|---|---|---|"]
     for name, s in stages().items():
         code = f"{len(s['code'])} code paths"
-        lines.append(f"| `{name}` | " + "<br>".join([f"`{d}`" for d in s["inputs"]] + [code]) + " | "
-                     + "<br>".join(f"`{p}`" for p in s["params"]) + " | "
-                     + "<br>".join(f"`{o}`" for o in s["outputs"]) + " |")
+        lines.append(
+            f"| `{name}` | "
+            + "<br>".join([f"`{d}`" for d in s["inputs"]] + [code])
+            + " | "
+            + "<br>".join(f"`{p}`" for p in s["params"])
+            + " | "
+            + "<br>".join(f"`{o}`" for o in s["outputs"])
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -204,6 +234,7 @@ def levels() -> dict[str, int]:
         if name not in depth:
             depth[name] = max((d(a) + 1 for a, b in es if b == name), default=0)
         return depth[name]
+
     return {name: d(name) for name in stages()}
 
 
@@ -219,8 +250,11 @@ def dag() -> str:
         rows.setdefault(n, []).append(name)
     width = max(len(r) for r in rows.values()) * gap + 120
     cx = width / 2 - 60
-    pos = {name: (cx + (i - (len(r) - 1) / 2) * gap, margin + n * pitch) for n, r in rows.items()
-           for i, name in enumerate(r)}
+    pos = {
+        name: (cx + (i - (len(r) - 1) / 2) * gap, margin + n * pitch)
+        for n, r in rows.items()
+        for i, name in enumerate(r)
+    }
     right = max(x for x, _ in pos.values()) + w / 2
     parts = []
     long = sorted((e for e in es if lv[e[1]] - lv[e[0]] > 1), key=lambda e: (lv[e[1]] - lv[e[0]], lv[e[0]]))
@@ -229,27 +263,34 @@ def dag() -> str:
         top = y2 - h / 2 - 2
         if (a, b) not in long:
             parts.append(f'<path d="M{x1},{y1 + h / 2} C{x1},{y1 + h / 2 + 18} {x2},{top - 16} {x2},{top}"/>')
-        else:   # out to its own lane on the right, down, and into the target's top
+        else:  # out to its own lane on the right, down, and into the target's top
             lane = right + 16 + 9 * long.index((a, b))
-            parts.append(f'<path d="M{x1 + w / 2},{y1} Q{lane},{y1} {lane},{y1 + 14} L{lane},{top - 20} '
-                         f'Q{lane},{top - 8} {x2 + w / 4},{top}"/>')
+            parts.append(
+                f'<path d="M{x1 + w / 2},{y1} Q{lane},{y1} {lane},{y1 + 14} L{lane},{top - 20} '
+                f'Q{lane},{top - 8} {x2 + w / 4},{top}"/>'
+            )
     right += 16 + 9 * len(long)
-    boxes = [f'<g><rect x="{x - w / 2}" y="{y - h / 2}" width="{w}" height="{h}" rx="6"/>'
-             f'<text x="{x}" y="{y + 5}">{escape(name)}</text></g>' for name, (x, y) in pos.items()]
+    boxes = [
+        f'<g><rect x="{x - w / 2}" y="{y - h / 2}" width="{w}" height="{h}" rx="6"/>'
+        f'<text x="{x}" y="{y + 5}">{escape(name)}</text></g>'
+        for name, (x, y) in pos.items()
+    ]
     height = margin * 2 + max(lv.values()) * pitch + h
-    return (f'<svg class="palm-dag" role="img" aria-label="the stages of dvc.yaml and their dependencies" '
-            f'viewBox="0 0 {right + 10:.0f} {height}" style="max-width:{right + 10:.0f}px;width:100%">'
-            '<defs><marker id="palm-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="currentColor"/></marker></defs>'
-            '<g fill="none" stroke="currentColor" stroke-opacity="0.55" stroke-width="1.4" '
-            'marker-end="url(#palm-arrow)">' + "".join(parts) + "</g>"
-            '<g font-family="monospace" font-size="14" text-anchor="middle">' + "".join(boxes) + "</g></svg>")
+    return (
+        f'<svg class="palm-dag" role="img" aria-label="the stages of dvc.yaml and their dependencies" '
+        f'viewBox="0 0 {right + 10:.0f} {height}" style="max-width:{right + 10:.0f}px;width:100%">'
+        '<defs><marker id="palm-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="currentColor"/></marker></defs>'
+        '<g fill="none" stroke="currentColor" stroke-opacity="0.55" stroke-width="1.4" '
+        'marker-end="url(#palm-arrow)">' + "".join(parts) + "</g>"
+        '<g font-family="monospace" font-size="14" text-anchor="middle">' + "".join(boxes) + "</g></svg>"
+    )
 
 
 # ---------------------------------------------------------------------------- palm --help
 
 
-def parsers() -> dict[str, "argparse.ArgumentParser"]:  # noqa: F821
+def parsers() -> dict[str, argparse.ArgumentParser]:  # noqa: F821
     """'' -> `palm`'s parser, and each subcommand's name -> its parser."""
     import argparse
 
@@ -261,7 +302,7 @@ def parsers() -> dict[str, "argparse.ArgumentParser"]:  # noqa: F821
 
 
 def help_text(command: str = "") -> str:
-    os.environ["COLUMNS"] = "100"   # argparse wraps at the terminal's width: fixed, as the page is
+    os.environ["COLUMNS"] = "100"  # argparse wraps at the terminal's width: fixed, as the page is
     try:
         text = parsers()[command].format_help()
     finally:
@@ -278,6 +319,7 @@ def expand(markdown: str, where: str = "") -> str:
         if name not in GENERATORS:
             raise ValueError(f"{where}: unknown generated block {m.group(0)!r}")
         return GENERATORS[name](arg) if arg is not None else GENERATORS[name]()
+
     return MARKER.sub(one, markdown)
 
 

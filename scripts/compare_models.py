@@ -103,8 +103,10 @@ def require_branch(cwd: str | Path = ".") -> None:
     """Refuse to start on a detached HEAD: a ``dvc exp run`` that is killed can leave HEAD
     detached at the baseline, and commits made after that land on no branch."""
     if subprocess.run(["git", "symbolic-ref", "-q", "HEAD"], cwd=cwd, capture_output=True).returncode:
-        raise SystemExit("git HEAD is detached (an interrupted `dvc exp run`?): "
-                         "`git checkout <your branch>` first, then run the comparison")
+        raise SystemExit(
+            "git HEAD is detached (an interrupted `dvc exp run`?): "
+            "`git checkout <your branch>` first, then run the comparison"
+        )
 
 
 def exp_name(model: str, seed: int) -> str:
@@ -126,10 +128,18 @@ def run_one(model: str, seed: int, data_input: str | None, extra: list[str]) -> 
     ev = json.loads(Path("metrics/eval.json").read_text())
     tr = json.loads(Path("metrics/train/metrics.json").read_text())
     info = read_info("models")
-    return {"model": model, "seed": seed, "exp": name, "input_size": input_size(info),
-            "epochs": info["epochs"], "selected_epoch": tr["selected_epoch"],
-            "train_seconds": tr["train_seconds"], "n_valid": ev["n"], **{k: ev[k] for k in COLUMNS},
-            **{f"{k}_ci_{end}": ev.get(f"{k}_ci_{end}") for k in COLUMNS for end in ("low", "high")}}
+    return {
+        "model": model,
+        "seed": seed,
+        "exp": name,
+        "input_size": input_size(info),
+        "epochs": info["epochs"],
+        "selected_epoch": tr["selected_epoch"],
+        "train_seconds": tr["train_seconds"],
+        "n_valid": ev["n"],
+        **{k: ev[k] for k in COLUMNS},
+        **{f"{k}_ci_{end}": ev.get(f"{k}_ci_{end}") for k in COLUMNS for end in ("low", "high")},
+    }
 
 
 def cell(r: dict, key: str) -> str:
@@ -141,25 +151,35 @@ def cell(r: dict, key: str) -> str:
 def table(rows: list[dict]) -> str:
     order = {m: i for i, m in enumerate(MODELS)}  # runs in the order of MODELS, then seed
     rows = sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"], r["seed"]))
-    out = ["| model | px | epochs | seed | accuracy | AUC | sensitivity | specificity | train time |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| model | px | epochs | seed | accuracy | AUC | sensitivity | specificity | train time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['model']} | {r['input_size']} | {r['epochs']} | {r['seed']} | {cell(r, 'accuracy')} | "
-                   f"{cell(r, 'auc')} | {cell(r, 'sensitivity')} | {cell(r, 'specificity')} | "
-                   f"{r['train_seconds'] / 60:.1f} min |")
-    out += ["", "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | sensitivity mean | "
-                "specificity mean | train time mean |", "|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r['model']} | {r['input_size']} | {r['epochs']} | {r['seed']} | {cell(r, 'accuracy')} | "
+            f"{cell(r, 'auc')} | {cell(r, 'sensitivity')} | {cell(r, 'specificity')} | "
+            f"{r['train_seconds'] / 60:.1f} min |"
+        )
+    out += [
+        "",
+        "| model | seeds | accuracy mean (min..max) | AUC mean (min..max) | sensitivity mean | "
+        "specificity mean | train time mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
 
-        def spread(key):
+        def spread(key, rs=rs):
             v = [r[key] for r in rs]
             return f"{sum(v) / len(v):.3f} ({min(v):.3f}..{max(v):.3f})"
 
         minutes = sum(r["train_seconds"] for r in rs) / len(rs) / 60
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("sensitivity", "specificity")}
-        out.append(f"| {model} | {len(rs)} | {spread('accuracy')} | {spread('auc')} | {mean['sensitivity']:.3f} | "
-                   f"{mean['specificity']:.3f} | {minutes:.1f} min |")
+        out.append(
+            f"| {model} | {len(rs)} | {spread('accuracy')} | {spread('auc')} | {mean['sensitivity']:.3f} | "
+            f"{mean['specificity']:.3f} | {minutes:.1f} min |"
+        )
     return "\n".join(out)
 
 
@@ -189,7 +209,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         rows = read_rows(out)
-        if not args.table_only:   # before the first run, not after it
+        if not args.table_only:  # before the first run, not after it
             check_writable(out)
         if args.readme:
             check_target(args.readme)

@@ -37,6 +37,7 @@ from palm.evaluation.metrics import choose_threshold, parse_threshold, score
 
 def whole(low: int):
     """argparse type: a whole number >= ``low`` (bad usage, exit 2, otherwise)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -45,6 +46,7 @@ def whole(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
+
     return parse
 
 
@@ -53,38 +55,49 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=whole(2), default=3)
     ap.add_argument("--fold-seed", type=whole(0), default=0, help="seed of the assignment of images to folds (>= 0)")
     ap.add_argument("--shards", default="data/shards")
-    ap.add_argument("--splits", nargs="+", default=["train"], metavar="SPLIT",
-                    help="splits of the shards pooled into the folds (default: train only). "
-                         "'train valid' only where the validation images are a sample of the "
-                         "training photographs (palm-mini), never a real validation set")
+    ap.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train"],
+        metavar="SPLIT",
+        help="splits of the shards pooled into the folds (default: train only). "
+        "'train valid' only where the validation images are a sample of the "
+        "training photographs (palm-mini), never a real validation set",
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="parameters changed for this run")
     ap.add_argument("--out", type=Path, default=Path("metrics/crossval.json"))
-    ap.add_argument("--threshold", metavar="RULE",
-                    help="choose the operating threshold on the out-of-fold predictions: youden, "
-                         "sensitivity>=X or specificity>=X")
+    ap.add_argument(
+        "--threshold",
+        metavar="RULE",
+        help="choose the operating threshold on the out-of-fold predictions: youden, sensitivity>=X or specificity>=X",
+    )
     args = ap.parse_args(argv)
     outputs = (args.out.with_suffix(".csv"), args.out)
     try:
         if args.out.suffix != ".json":
-            raise ConfigError(f"--out {args.out}: must end in .json (the predictions go beside it as "
-                              f"{args.out.stem}.csv)")
-        for target in outputs:   # before the k trainings, not after them
+            raise ConfigError(
+                f"--out {args.out}: must end in .json (the predictions go beside it as {args.out.stem}.csv)"
+            )
+        for target in outputs:  # before the k trainings, not after them
             check_writable(target)
-        from palm.training.crossval import apply_overrides, cross_validate   # Paddle: seconds to import
+        from palm.training.crossval import apply_overrides, cross_validate  # Paddle: seconds to import
 
         params = apply_overrides(load_params(args.params), args.set)
         rule = parse_threshold(args.threshold) if args.threshold else None
-        oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed,
-                                      splits=tuple(args.splits))
+        oof, summary = cross_validate(params, args.shards, k=args.folds, seed=args.fold_seed, splits=tuple(args.splits))
         if rule is not None:
             t = choose_threshold(oof["label"], oof["probability"], rule)
             at = score(oof["label"], oof["probability"], t)
             summary["threshold_rule"], summary["chosen_threshold"] = str(rule), t
-            summary.update({f"at_threshold_{k}": at[k] for k in ("accuracy", "sensitivity", "specificity",
-                                                                 "precision", "fp", "fn")})
+            summary.update(
+                {
+                    f"at_threshold_{k}": at[k]
+                    for k in ("accuracy", "sensitivity", "specificity", "precision", "fp", "fn")
+                }
+            )
         summary = {"model": params["model"], "set": args.set, **summary}
-        with atomic_outputs() as out:    # the CSV and the JSON: both or neither
+        with atomic_outputs() as out:  # the CSV and the JSON: both or neither
             with out.open(outputs[0], newline="") as f:
                 oof.to_csv(f, index=False)
             with out.open(outputs[1]) as f:

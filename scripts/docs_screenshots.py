@@ -42,23 +42,46 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 #: params.yaml changes of the tiny run: a few dozen synthetic photographs at 64 px, 3 epochs
-TINY = {"synthetic": dict(n_train_p=24, n_train_n=20, n_train_h=4, n_val_pm=20, n_val_non_pm=20, scale=0.15),
-        "image_size": 64, "train": dict(epochs=3, warmup_epochs=0), "evaluate": dict(bootstrap=200),
-        "explain": dict(n_images=6)}
+TINY = {
+    "synthetic": dict(n_train_p=24, n_train_n=20, n_train_h=4, n_val_pm=20, n_val_non_pm=20, scale=0.15),
+    "image_size": 64,
+    "train": dict(epochs=3, warmup_epochs=0),
+    "evaluate": dict(bootstrap=200),
+    "explain": dict(n_images=6),
+}
 EXPERIMENTS = {"lenet": ["-S", "model=lenet"], "senet18-seed1": ["-S", "train.seed=1"]}
 #: the CDN scripts of dvc plots' page (dvc_render.vega) -> (npm package, file inside it)
-VEGA = {"vega@5.20.2": "build/vega.min.js", "vega-lite@5.2.0": "build/vega-lite.min.js",
-        "vega-embed@6.18.2": "build/vega-embed.min.js"}
+VEGA = {
+    "vega@5.20.2": "build/vega.min.js",
+    "vega-lite@5.2.0": "build/vega-lite.min.js",
+    "vega-embed@6.18.2": "build/vega-embed.min.js",
+}
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
     print("+", " ".join(cmd), file=sys.stderr)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                               "PYTHONPATH": str(REPO / "src"), **(env or {})})
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(REPO / "src"),
+            **(env or {}),
+        },
+    )
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -82,19 +105,39 @@ def tiny_run(work: Path) -> Path:
     for over in params["models"].values():
         over.pop("epochs", None)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "docs@example.com"],
-                ["git", "config", "user.name", "docs"], ["dvc", "init", "-q"],
-                ["dvc", "config", "core.autostage", "true"], ["dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"],
-                ["dvc", "repro", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny baseline"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "docs@example.com"],
+        ["git", "config", "user.name", "docs"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.autostage", "true"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "tiny pipeline"],
+        ["dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "tiny baseline"],
+    ):
         run(cmd, repo)
-    for name, sets in EXPERIMENTS.items():   # each from the baseline: the workspace is restored after it
+    for name, sets in EXPERIMENTS.items():  # each from the baseline: the workspace is restored after it
         run(["dvc", "exp", "run", "-q", "-n", name, *sets], repo)
         run(["git", "checkout", "-q", "--", "."], repo)
         run(["dvc", "checkout", "-q", "-f"], repo)
     run(["palm", "compare", "--baseline", "HEAD", *EXPERIMENTS, "--html", "compare.html"], repo)
-    run(["dvc", "plots", "diff", "HEAD", *EXPERIMENTS, "--targets", "metrics/eval/plots/sklearn/roc.json",
-         "-o", "plots-diff"], repo)
+    run(
+        [
+            "dvc",
+            "plots",
+            "diff",
+            "HEAD",
+            *EXPERIMENTS,
+            "--targets",
+            "metrics/eval/plots/sklearn/roc.json",
+            "-o",
+            "plots-diff",
+        ],
+        repo,
+    )
     return repo
 
 
@@ -141,9 +184,13 @@ def palm_serve(repo: Path):
 
     port = free_port()
     log = open(repo / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "serve", "--model", "models", "--port", str(port)],
-                            cwd=repo, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "palm.cli", "serve", "--model", "models", "--port", str(port)],
+        cwd=repo,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -170,8 +217,9 @@ def small_png(png: bytes, path: Path) -> None:
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB)", file=sys.stderr)
 
 
-def shoot(page, url: str, path: Path, width: int = 1100, height: int = 1300, full_page: bool = False,
-          wait=None) -> None:
+def shoot(
+    page, url: str, path: Path, width: int = 1100, height: int = 1300, full_page: bool = False, wait=None
+) -> None:
     page.set_viewport_size({"width": width, "height": height})
     page.goto(url)
     page.wait_for_load_state("networkidle")
@@ -232,13 +280,23 @@ def main(argv=None) -> int:
             if not args.only_site:
                 repo = tiny_run(work)
                 scripts = vega_scripts(work)
-                page.route("https://cdn.jsdelivr.net/npm/**", lambda route: route.fulfill(
-                    body=scripts[route.request.url.rsplit("/npm/", 1)[1]], content_type="text/javascript"))
+                page.route(
+                    "https://cdn.jsdelivr.net/npm/**",
+                    lambda route: route.fulfill(
+                        body=scripts[route.request.url.rsplit("/npm/", 1)[1]], content_type="text/javascript"
+                    ),
+                )
                 with http_folder(repo) as url:
                     shoot(page, url + "/metrics/report.html", args.out / "report.png", height=1500)
                     shoot(page, url + "/compare.html", args.out / "compare.png", height=2400)
-                    shoot(page, url + "/plots-diff/index.html", args.out / "plots-diff-roc.png", width=900,
-                          height=520, wait=lambda p: p.wait_for_selector("canvas, svg", timeout=30_000))
+                    shoot(
+                        page,
+                        url + "/plots-diff/index.html",
+                        args.out / "plots-diff-roc.png",
+                        width=900,
+                        height=520,
+                        wait=lambda p: p.wait_for_selector("canvas, svg", timeout=30_000),
+                    )
                 with palm_serve(repo) as url:
                     serve_page(page, url, repo, args.out / "serve.png")
             if args.site:

@@ -57,8 +57,10 @@ def ensemble(paths: list[Path]) -> pd.DataFrame:
     first = members[0]
     for path, m in zip(paths[1:], members[1:]):
         if not m[KEYS].fillna("").equals(first[KEYS].fillna("")):
-            raise DataError(f"{path} and {paths[0]} differ in their images, labels or folds: "
-                            "only runs with the same --splits, --folds and --fold-seed can be averaged")
+            raise DataError(
+                f"{path} and {paths[0]} differ in their images, labels or folds: "
+                "only runs with the same --splits, --folds and --fold-seed can be averaged"
+            )
     out = first[KEYS].copy()
     out["probability"] = sum(m["probability"] for m in members) / len(members)
     return out
@@ -93,21 +95,29 @@ def main(argv=None) -> int:
         scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
         # one setting naming the members: palm compare groups runs by their settings, and the members'
         # own train.seed=N must not make the ensemble look like one seed of a member's recipe
-        summary = {"model": "ensemble", "set": ["ensemble=" + "+".join(p.stem for p in args.members)],
-                   "members": [str(p) for p in args.members], "images": len(oof), **scores,
-                   "errors": scores["fp"] + scores["fn"]}
-        with atomic_outputs() as out:    # the CSV and the JSON: both or neither
+        summary = {
+            "model": "ensemble",
+            "set": ["ensemble=" + "+".join(p.stem for p in args.members)],
+            "members": [str(p) for p in args.members],
+            "images": len(oof),
+            **scores,
+            "errors": scores["fp"] + scores["fn"],
+        }
+        with atomic_outputs() as out:  # the CSV and the JSON: both or neither
             with out.open(outputs[0], newline="") as f:
                 oof.to_csv(f, index=False)
             with out.open(outputs[1]) as f:
                 json.dump(summary, f, indent=1)
     except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         return report(exc)
+
     def f(key):
         return "n/a" if scores.get(key) is None else f"{scores[key]:.4f}"
 
-    print(f"{len(args.members)} members, {len(oof)} images: AUC {f('auc')} [{f('auc_ci_low')}, {f('auc_ci_high')}], "
-          f"accuracy {f('accuracy')} [{f('accuracy_ci_low')}, {f('accuracy_ci_high')}], {summary['errors']} errors")
+    print(
+        f"{len(args.members)} members, {len(oof)} images: AUC {f('auc')} [{f('auc_ci_low')}, {f('auc_ci_high')}], "
+        f"accuracy {f('accuracy')} [{f('accuracy_ci_low')}, {f('accuracy_ci_high')}], {summary['errors']} errors"
+    )
     return 0
 
 

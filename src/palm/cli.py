@@ -52,16 +52,16 @@ def cmd_predict(args) -> int:
             except OSError as exc:
                 raise ConfigError(f"--out {args.out}: cannot write there ({exc.strerror or exc})") from None
         try:
-            predictor = Predictor.load(args.model, device=args.device, engine=args.engine,
-                                       precision=args.precision)
+            predictor = Predictor.load(args.model, device=args.device, engine=args.engine, precision=args.precision)
         except DataError as exc:
             raise ConfigError(f"--model: {exc}") from None
         _handle_signals()  # again: a Paddle engine imports Paddle only as the model loads (onnxruntime: never)
         failed = ungradable = 0
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for rec in predictor.predict(files, batch_size=args.batch_size, progress=not args.quiet,
-                                     grade_all=args.grade_all, workers=args.workers):
+        for rec in predictor.predict(
+            files, batch_size=args.batch_size, progress=not args.quiet, grade_all=args.grade_all, workers=args.workers
+        ):
             if rec["error"]:
                 failed += 1
                 print(f"skipped: {rec['error']}", file=sys.stderr)
@@ -70,11 +70,18 @@ def cmd_predict(args) -> int:
             writer.writerow(rec)
             out.flush()
     done = len(files) - failed - (0 if args.grade_all else ungradable)
-    print(f"{predictor.name} ({predictor.engine}): predicted {done} image(s)"
-          + (f", {failed} could not be read" if failed else "")
-          + (f", {ungradable} not gradable fundus photographs (see the quality column"
-             + (")" if args.grade_all else "; --grade-all to diagnose them anyway)") if ungradable else "")
-          + (f"; wrote {args.out}" if args.out and args.out != "-" else ""), file=sys.stderr)
+    print(
+        f"{predictor.name} ({predictor.engine}): predicted {done} image(s)"
+        + (f", {failed} could not be read" if failed else "")
+        + (
+            f", {ungradable} not gradable fundus photographs (see the quality column"
+            + (")" if args.grade_all else "; --grade-all to diagnose them anyway)")
+            if ungradable
+            else ""
+        )
+        + (f"; wrote {args.out}" if args.out and args.out != "-" else ""),
+        file=sys.stderr,
+    )
     return EXIT_DATA if failed else EXIT_OK
 
 
@@ -82,14 +89,26 @@ def cmd_serve(args) -> int:
     try:
         from palm.serve.service import Limits, serve
     except ImportError as exc:
-        raise ConfigError(f"palm serve needs the serve extra (pip install -e \".[cpu,serve]\"): {exc}") from None
+        raise ConfigError(f'palm serve needs the serve extra (pip install -e ".[cpu,serve]"): {exc}') from None
     try:
-        serve(args.model, host=args.host, port=args.port, device=args.device, engine=args.engine,
-              audit_log=args.audit_log, batch_size=args.batch_size, allow_hosts=tuple(args.allow_host),
-              token=_token(args.token_file),
-              limits=Limits(max_request_bytes=args.max_request_mb << 20, max_images=args.max_images,
-                            max_decode_bytes=args.max_decode_mb << 20, header_timeout=args.header_timeout,
-                            body_timeout=args.body_timeout))
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            engine=args.engine,
+            audit_log=args.audit_log,
+            batch_size=args.batch_size,
+            allow_hosts=tuple(args.allow_host),
+            token=_token(args.token_file),
+            limits=Limits(
+                max_request_bytes=args.max_request_mb << 20,
+                max_images=args.max_images,
+                max_decode_bytes=args.max_decode_mb << 20,
+                header_timeout=args.header_timeout,
+                body_timeout=args.body_timeout,
+            ),
+        )
     except DataError as exc:
         raise ConfigError(str(exc) if str(exc).startswith("--") else f"--model: {exc}") from None
     return EXIT_OK
@@ -109,14 +128,18 @@ def _token(token_file: str | None) -> str | None:
             with open(token_file, encoding="utf-8") as f:
                 token, where = f.readline().strip(), f"--token-file {token_file}"
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+            raise ConfigError(
+                f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
+            ) from None
     elif os.environ.get(TOKEN_ENV) is not None:
         token, where = os.environ[TOKEN_ENV].strip(), TOKEN_ENV
     else:
         return None
     if len(token) < MIN_TOKEN or any(c.isspace() or not c.isprintable() for c in token):
-        raise ConfigError(f"{where}: the token must be at least {MIN_TOKEN} printable characters without spaces "
-                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+        raise ConfigError(
+            f"{where}: the token must be at least {MIN_TOKEN} printable characters without spaces "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')"
+        )
     return token
 
 
@@ -135,13 +158,17 @@ def host_address(text: str) -> str:
 
     name = text.strip()
     if not name:
-        raise argparse.ArgumentTypeError("must be an address: 127.0.0.1 (this computer only), 0.0.0.0 or :: "
-                                         "(every interface), or this computer's address or name")
+        raise argparse.ArgumentTypeError(
+            "must be an address: 127.0.0.1 (this computer only), 0.0.0.0 or :: "
+            "(every interface), or this computer's address or name"
+        )
     try:
         return str(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
-        if re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
-                        name):
+        if re.fullmatch(
+            r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
+            name,
+        ):
             return name
     raise argparse.ArgumentTypeError(f"not an IP address or host name: {text!r}")
 
@@ -202,13 +229,18 @@ def cmd_compare(args) -> int:
     for flag, path in outputs.items():
         if path == "-":
             raise ConfigError(f"{flag} -: standard output carries the Markdown table; name a file")
-        if path:   # before the tests run: a path that cannot be written fails at once
+        if path:  # before the tests run: a path that cannot be written fails at once
             check_writable(path)
-    result = compare(args.revs, baseline=args.baseline, metrics=args.metric or METRICS,
-                     n_boot=args.n_boot)
+    result = compare(args.revs, baseline=args.baseline, metrics=args.metric or METRICS, n_boot=args.n_boot)
     # both rendered, then written together: all the outputs or none
-    texts = {path: text() for path, text in ((args.json, lambda: json.dumps(to_json(result), indent=1)),
-                                             (args.html, lambda: page(result))) if path}
+    texts = {
+        path: text()
+        for path, text in (
+            (args.json, lambda: json.dumps(to_json(result), indent=1)),
+            (args.html, lambda: page(result)),
+        )
+        if path
+    }
     print(markdown(result))
     try:
         with atomic_outputs() as out:
@@ -218,13 +250,17 @@ def cmd_compare(args) -> int:
     except OSError as exc:
         raise ConfigError(f"{exc.filename or ', '.join(texts)}: cannot write there ({exc.strerror or exc})") from None
     bad = worse(result)
-    print(f"compared {len(result['runs']) - 1} revision(s) with {result['baseline']} on {result['n']} images "
-          f"in {time.perf_counter() - start:.1f} s" + "".join(f"; wrote {p}" for p in (args.json, args.html) if p),
-          file=sys.stderr)
+    print(
+        f"compared {len(result['runs']) - 1} revision(s) with {result['baseline']} on {result['n']} images "
+        f"in {time.perf_counter() - start:.1f} s" + "".join(f"; wrote {p}" for p in (args.json, args.html) if p),
+        file=sys.stderr,
+    )
     if args.fail_if_worse and bad:
-        print("worse than the baseline: " + ", ".join(f"{r['b']} ({r['metric']} {r['diff']:+.3f}, "
-                                                      f"p adjusted {r['p_adjusted']:.3g})" for r in bad),
-              file=sys.stderr)
+        print(
+            "worse than the baseline: "
+            + ", ".join(f"{r['b']} ({r['metric']} {r['diff']:+.3f}, p adjusted {r['p_adjusted']:.3g})" for r in bad),
+            file=sys.stderr,
+        )
         return EXIT_DATA
     return EXIT_OK
 
@@ -233,8 +269,9 @@ def n_boot(text: str) -> int:
     """argparse type: bootstrap resamples, 1 to MAX_BOOTSTRAP (the memory is resamples x images x 8 bytes)."""
     value = positive_int(text)
     if value > MAX_BOOTSTRAP:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_BOOTSTRAP:,} (each resample holds every image), "
-                                         f"got {value:,}")
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_BOOTSTRAP:,} (each resample holds every image), got {value:,}"
+        )
     return value
 
 
@@ -246,95 +283,190 @@ def count(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="palm", description="Pathologic myopia screening with a trained PALM model.",
-                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="palm",
+        description="Pathologic myopia screening with a trained PALM model.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="PM probability and class for image files or folders",
-                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "predict",
+        help="PM probability and class for image files or folders",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--model", default="models",
-                   help="folder of the trained model: models/ (weights) or models_export/ (inference model); "
-                        "default: %(default)s")
-    p.add_argument("--out", help="write the predictions to this CSV file, never over anything but a regular "
-                                 "file ('-' or none: standard output)")
+    p.add_argument(
+        "--model",
+        default="models",
+        help="folder of the trained model: models/ (weights) or models_export/ (inference model); default: %(default)s",
+    )
+    p.add_argument(
+        "--out",
+        help="write the predictions to this CSV file, never over anything but a regular "
+        "file ('-' or none: standard output)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (at least 1)")
-    p.add_argument("--device", default="auto",
-                   help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s")
-    p.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager", "onnxruntime"],
-                   help="auto: Paddle Inference (oneDNN on the CPU, CUDA/TensorRT on a GPU), eager Paddle "
-                        "if that cannot run; onnxruntime: models_export/model.onnx on the CPU, without Paddle "
-                        "(pip install \"palm-pipeline[onnx]\"); default: %(default)s")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; benchmarks/README.md); "
-                        "default: %(default)s")
-    p.add_argument("--workers", type=count, default=None,
-                   help="image decoding processes (default: one per core; 0: decode in the main process)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a GPU if there is one, else the CPU), cpu, gpu or gpu:N; default: %(default)s",
+    )
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "paddle-inference", "eager", "onnxruntime"],
+        help="auto: Paddle Inference (oneDNN on the CPU, CUDA/TensorRT on a GPU), eager Paddle "
+        "if that cannot run; onnxruntime: models_export/model.onnx on the CPU, without Paddle "
+        '(pip install "palm-pipeline[onnx]"); default: %(default)s',
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: oneDNN bfloat16 kernels on the CPU (faster, probabilities move; benchmarks/README.md); "
+        "default: %(default)s",
+    )
+    p.add_argument(
+        "--workers",
+        type=count,
+        default=None,
+        help="image decoding processes (default: one per core; 0: decode in the main process)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--grade-all", action="store_true",
-                   help="also diagnose images whose quality is not ok (too dark, overexposed, blurred, "
-                        "no circular fundus, too small); by default they are listed without a diagnosis")
+    p.add_argument(
+        "--grade-all",
+        action="store_true",
+        help="also diagnose images whose quality is not ok (too dark, overexposed, blurred, "
+        "no circular fundus, too small); by default they are listed without a diagnosis",
+    )
     p.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("serve", help="a web page and an HTTP API that screen photographs with a trained model",
-                       epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--model", default="models", help="folder of the trained model (as palm predict); default: %(default)s")
-    s.add_argument("--host", default="127.0.0.1", type=host_address,
-                   help="address to listen on; default: %(default)s (this computer only); 0.0.0.0 or :: for every "
-                        "interface (then name the computer's addresses with --allow-host)")
-    s.add_argument("--port", type=port_number, default=8000, help="port, 0 to 65535 (0: any free port); "
-                   "default: %(default)s")
-    s.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=host_address,
-                   help="also answer requests addressed to NAME (a name or address other computers reach this "
-                        "one by; repeatable); by default only 127.0.0.1, localhost, ::1 and --host")
-    s.add_argument("--token-file", metavar="FILE",
-                   help=f"require the token on this file's first line (at least {MIN_TOKEN} characters) for /v1/: "
-                        f"'Authorization: Bearer TOKEN' (the page asks for it); default: ${TOKEN_ENV} if set, else none")
-    s.add_argument("--audit-log", metavar="FILE",
-                   help="record each image's time, SHA-256, verdict, probability, decision and model version "
-                        "in this SQLite file (never the image)")
-    s.add_argument("--max-images", type=positive_int, default=32, help="images per request (413 beyond); "
-                   "default: %(default)s")
-    s.add_argument("--max-request-mb", type=positive_int, default=64, help="MiB per request (413 beyond); "
-                   "default: %(default)s")
-    s.add_argument("--max-decode-mb", type=positive_int, default=1024,
-                   help="MiB that requests may hold at once for their uploads and decoding, estimated from the "
-                        "images' headers before decoding (a request that alone needs more: 413; others wait); "
-                        "default: %(default)s")
-    s.add_argument("--header-timeout", type=seconds, default=10.0,
-                   help="seconds a client may take to send a request's headers (408 beyond); default: %(default)g")
-    s.add_argument("--body-timeout", type=seconds, default=60.0,
-                   help="seconds a client may take to send a request's body (408 beyond); default: %(default)g")
-    s.add_argument("--batch-size", type=positive_int, default=16,
-                   help="most images the network scores at once, from all requests; default: %(default)s")
+    s = sub.add_parser(
+        "serve",
+        help="a web page and an HTTP API that screen photographs with a trained model",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--model", default="models", help="folder of the trained model (as palm predict); default: %(default)s"
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        type=host_address,
+        help="address to listen on; default: %(default)s (this computer only); 0.0.0.0 or :: for every "
+        "interface (then name the computer's addresses with --allow-host)",
+    )
+    s.add_argument(
+        "--port", type=port_number, default=8000, help="port, 0 to 65535 (0: any free port); default: %(default)s"
+    )
+    s.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        type=host_address,
+        help="also answer requests addressed to NAME (a name or address other computers reach this "
+        "one by; repeatable); by default only 127.0.0.1, localhost, ::1 and --host",
+    )
+    s.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"require the token on this file's first line (at least {MIN_TOKEN} characters) for /v1/: "
+        f"'Authorization: Bearer TOKEN' (the page asks for it); default: ${TOKEN_ENV} if set, else none",
+    )
+    s.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="record each image's time, SHA-256, verdict, probability, decision and model version "
+        "in this SQLite file (never the image)",
+    )
+    s.add_argument(
+        "--max-images", type=positive_int, default=32, help="images per request (413 beyond); default: %(default)s"
+    )
+    s.add_argument(
+        "--max-request-mb", type=positive_int, default=64, help="MiB per request (413 beyond); default: %(default)s"
+    )
+    s.add_argument(
+        "--max-decode-mb",
+        type=positive_int,
+        default=1024,
+        help="MiB that requests may hold at once for their uploads and decoding, estimated from the "
+        "images' headers before decoding (a request that alone needs more: 413; others wait); "
+        "default: %(default)s",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=10.0,
+        help="seconds a client may take to send a request's headers (408 beyond); default: %(default)g",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=seconds,
+        default=60.0,
+        help="seconds a client may take to send a request's body (408 beyond); default: %(default)g",
+    )
+    s.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="most images the network scores at once, from all requests; default: %(default)s",
+    )
     s.add_argument("--device", default="auto", help="as palm predict's; default: %(default)s")
-    s.add_argument("--engine", default="auto", choices=["auto", "paddle-inference", "eager"],
-                   help="as palm predict's; default: %(default)s")
+    s.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "paddle-inference", "eager"],
+        help="as palm predict's; default: %(default)s",
+    )
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("compare", help="paired tests of experiments' validation predictions against a baseline",
-                       description="Compare revisions (experiment names, branches, commits or 'workspace') with a "
-                                   "baseline on the same validation images, from their committed "
-                                   "metrics/predictions.csv and params.yaml: DeLong for AUC, exact McNemar for "
-                                   "accuracy, sensitivity, specificity, paired bootstrap for Brier and F1, Holm's "
-                                   "correction; revisions that differ only by train.seed are grouped. A REV "
-                                   "may also be a predictions .csv file (e.g. scripts/cross_validate.py's "
-                                   "out-of-fold predictions).",
-                       epilog=COMPARE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("revs", nargs="*", metavar="REV",
-                   help="revisions (or predictions .csv files) to compare (default: every experiment "
-                        "that dvc exp show lists)")
-    c.add_argument("--baseline", default="HEAD", help="the revision (or .csv file) compared against; default: %(default)s")
-    c.add_argument("--metric", action="extend", nargs="+", metavar="M",
-                   choices=["auc", "accuracy", "sensitivity", "specificity", "brier", "f1"],
-                   help="metrics to compare: auc, accuracy, sensitivity, specificity, "
-                        "brier, f1; default: all")
+    c = sub.add_parser(
+        "compare",
+        help="paired tests of experiments' validation predictions against a baseline",
+        description="Compare revisions (experiment names, branches, commits or 'workspace') with a "
+        "baseline on the same validation images, from their committed "
+        "metrics/predictions.csv and params.yaml: DeLong for AUC, exact McNemar for "
+        "accuracy, sensitivity, specificity, paired bootstrap for Brier and F1, Holm's "
+        "correction; revisions that differ only by train.seed are grouped. A REV "
+        "may also be a predictions .csv file (e.g. scripts/cross_validate.py's "
+        "out-of-fold predictions).",
+        epilog=COMPARE_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument(
+        "revs",
+        nargs="*",
+        metavar="REV",
+        help="revisions (or predictions .csv files) to compare (default: every experiment that dvc exp show lists)",
+    )
+    c.add_argument(
+        "--baseline", default="HEAD", help="the revision (or .csv file) compared against; default: %(default)s"
+    )
+    c.add_argument(
+        "--metric",
+        action="extend",
+        nargs="+",
+        metavar="M",
+        choices=["auc", "accuracy", "sensitivity", "specificity", "brier", "f1"],
+        help="metrics to compare: auc, accuracy, sensitivity, specificity, brier, f1; default: all",
+    )
     c.add_argument("--json", metavar="PATH", help="also write the records and seed groups to this JSON file")
     c.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page")
-    c.add_argument("--n-boot", type=n_boot, default=2000,
-                   help=f"bootstrap resamples for Brier and F1 (seed 0), 1 to {MAX_BOOTSTRAP:,}; default: %(default)s")
-    c.add_argument("--fail-if-worse", action="store_true",
-                   help="exit 1 when a revision is significantly worse than the baseline on a --metric "
-                        "(after Holm's correction)")
+    c.add_argument(
+        "--n-boot",
+        type=n_boot,
+        default=2000,
+        help=f"bootstrap resamples for Brier and F1 (seed 0), 1 to {MAX_BOOTSTRAP:,}; default: %(default)s",
+    )
+    c.add_argument(
+        "--fail-if-worse",
+        action="store_true",
+        help="exit 1 when a revision is significantly worse than the baseline on a --metric (after Holm's correction)",
+    )
     c.set_defaults(func=cmd_compare)
     return ap
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -28,8 +29,12 @@ class _NoAliases(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.MarkedYAMLError(None, None, f"alias *{event.anchor} is not allowed in params.yaml "
-                                       "(write the value out)", event.start_mark)
+            raise yaml.MarkedYAMLError(
+                None,
+                None,
+                f"alias *{event.anchor} is not allowed in params.yaml (write the value out)",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -43,8 +48,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         with open(path, "rb") as f:
             data = f.read(MAX_PARAMS_BYTES + 1)
         if len(data) > MAX_PARAMS_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES // 1024} KB; a params.yaml is a few KB "
-                              "(is it the right file?)")
+            raise ConfigError(
+                f"{path}: larger than {MAX_PARAMS_BYTES // 1024} KB; a params.yaml is a few KB (is it the right file?)"
+            )
         params = yaml.load(data.decode("utf-8"), Loader=_NoAliases) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None

@@ -22,11 +22,10 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from palm.core.errors import ConfigError, DataError, RunError
-
 
 #: errors of a full disk: out of space, over quota, above the file size limit
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -42,12 +41,20 @@ def disk_error(exc: BaseException, target: str | Path) -> Exception | None:
     if exc.errno not in _FULL and not short:
         return None
     why = "the disk is full (a short write)" if short else (exc.strerror or str(exc))
-    return RunError(f"cannot write {target}: {why}; free space on {Path(target).resolve().parent} "
-                    "(df -h shows it), or move the project to a disk with room, then run the stage again")
+    return RunError(
+        f"cannot write {target}: {why}; free space on {Path(target).resolve().parent} "
+        "(df -h shows it), or move the project to a disk with room, then run the stage again"
+    )
 
 
-_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def kind_of(path: str | Path) -> str | None:
@@ -58,7 +65,7 @@ def kind_of(path: str | Path) -> str | None:
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        return None   # a file in the path's way: the write itself will say so
+        return None  # a file in the path's way: the write itself will say so
     if stat.S_ISREG(mode):
         return None
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
@@ -72,8 +79,10 @@ def check_target(target: str | Path, folder: bool = False) -> None:
     if folder and kind == "a folder":
         return
     if kind is not None:
-        raise ConfigError(f"{target}: {kind}, not a regular {'folder' if folder else 'file'}; "
-                          "refusing to replace it (name a new path or a regular file)")
+        raise ConfigError(
+            f"{target}: {kind}, not a regular {'folder' if folder else 'file'}; "
+            "refusing to replace it (name a new path or a regular file)"
+        )
 
 
 def check_writable(target: str | Path) -> None:
@@ -162,7 +171,7 @@ class Outputs:
     """Several outputs staged beside their targets by :func:`atomic_outputs`, put in place together."""
 
     def __init__(self) -> None:
-        self._staged: dict[Path, tuple[Path, bool]] = {}   # target -> (temporary, is a folder)
+        self._staged: dict[Path, tuple[Path, bool]] = {}  # target -> (temporary, is a folder)
 
     @contextlib.contextmanager
     def open(self, target: str | Path, mode: str = "w", **kwargs) -> Iterator:
@@ -202,7 +211,7 @@ class Outputs:
                 os.replace(tmp, target)
                 placed.append(target)
         except BaseException:
-            for target in placed:     # undo: the previous outputs back, every one of them
+            for target in placed:  # undo: the previous outputs back, every one of them
                 _remove(target)
             for old, target in aside:
                 os.replace(old, target)

@@ -19,7 +19,7 @@ grammar of :func:`parse_threshold` (a probability or a rule), checked here.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -38,8 +38,19 @@ from palm.core.errors import ConfigError
 
 #: the networks of :data:`palm.nn.models.MODELS` (listed here so that validating params.yaml does not
 #: import Paddle; tests/test_params.py checks that the two lists agree)
-MODEL_NAMES = ("lenet", "alexnet", "vgg16", "googlenet", "resnet50", "resnet101", "resnet152", "senet18",
-               "mobilenetv3_small", "mobilenetv3_large", "shufflenetv2")
+MODEL_NAMES = (
+    "lenet",
+    "alexnet",
+    "vgg16",
+    "googlenet",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "senet18",
+    "mobilenetv3_small",
+    "mobilenetv3_large",
+    "shufflenetv2",
+)
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
 
 Count = Annotated[StrictInt, Field(ge=1)]
@@ -87,9 +98,10 @@ def parse_threshold(value) -> float | str:
     m = _RULE.match(text)
     if m and 0 < float(m.group(2)) <= 1:
         return f"{m.group(1)}>={float(m.group(2)):g}"
-    raise ConfigError(f"threshold: expected a number in (0, 1), 'youden', 'sensitivity>=X' or 'specificity>=X' "
-                    f"(0 < X <= 1), got {value!r}")
-
+    raise ConfigError(
+        f"threshold: expected a number in (0, 1), 'youden', 'sensitivity>=X' or 'specificity>=X' "
+        f"(0 < X <= 1), got {value!r}"
+    )
 
 
 def _threshold_grammar(value):
@@ -102,7 +114,7 @@ def _threshold_grammar(value):
 
 
 #: a probability, or a rule (youden, sensitivity>=X, specificity>=X): :func:`parse_threshold`
-Threshold = Annotated[Union[float, str], BeforeValidator(_threshold_grammar)]
+Threshold = Annotated[float | str, BeforeValidator(_threshold_grammar)]
 
 
 def _off_word(value):
@@ -140,20 +152,20 @@ class PreprocessParams(Section):
 class AugmentParams(Section):
     """Fields of :class:`palm.data.dataset.Augment`; those not given keep its defaults (off)."""
 
-    hflip: Optional[StrictBool] = None
-    vflip: Optional[StrictBool] = None
-    rotate_deg: Optional[Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)]] = None
-    brightness: Optional[Fraction] = None
-    contrast: Optional[Fraction] = None
-    scale: Optional[Fraction] = None
+    hflip: StrictBool | None = None
+    vflip: StrictBool | None = None
+    rotate_deg: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)] | None = None
+    brightness: Fraction | None = None
+    contrast: Fraction | None = None
+    scale: Fraction | None = None
 
 
 class FundusParams(Section):
     """Fields of :class:`palm.data.fundus.Fundus` (the steps of its ``enhance``); not given: off."""
 
-    crop: Optional[StrictBool] = None
-    local_norm: Optional[Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)]] = None
-    clahe: Optional[Annotated[Literal[CLAHE_MODES], BeforeValidator(_off_word)]] = None  # type: ignore[valid-type]
+    crop: StrictBool | None = None
+    local_norm: Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)] | None = None
+    clahe: Annotated[Literal[CLAHE_MODES], BeforeValidator(_off_word)] | None = None  # type: ignore[valid-type]
 
     def __bool__(self) -> bool:
         """Whether any step is on (a step not given is off), as for ``palm.data.fundus.Fundus``."""
@@ -194,32 +206,36 @@ class TrainParams(Section):
     to_static: StrictBool
     threshold: Threshold
     tta: TTAMode  # not part of a run's identity: palm.serve.tta
-    input_size: Optional[Side] = None
-    dropout: Optional[Fraction] = None
+    input_size: Side | None = None
+    dropout: Fraction | None = None
 
 
 def _optional(field) -> object:
     """A field's type, constraints included, that may also be absent (None)."""
-    return Optional[Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation]
+    base = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return base | None
 
 
 #: ``models.<name>``: any key of ``train:``, typed as there (one list of fields), for that network only
 ModelOverrides = create_model(
-    "ModelOverrides", __base__=Section, __doc__="``models.<name>``: any training key, for that network only.",
-    **{name: (_optional(f), None) for name, f in TrainParams.model_fields.items()})
+    "ModelOverrides",
+    __base__=Section,
+    __doc__="``models.<name>``: any training key, for that network only.",
+    **{name: (_optional(f), None) for name, f in TrainParams.model_fields.items()},
+)
 
 
 class SyntheticParams(Section):
     """``synthetic:``, the arguments of :func:`palm.data.synthetic.generate` (those not given keep its defaults)."""
 
-    seed: Optional[NonNegInt] = None
-    n_train_p: Optional[NonNegInt] = None
-    n_train_n: Optional[NonNegInt] = None
-    n_train_h: Optional[NonNegInt] = None
-    n_val_pm: Optional[NonNegInt] = None
-    n_val_non_pm: Optional[NonNegInt] = None
-    scale: Optional[Positive] = None
-    jpeg_quality: Optional[Annotated[StrictInt, Field(ge=1, le=100)]] = None
+    seed: NonNegInt | None = None
+    n_train_p: NonNegInt | None = None
+    n_train_n: NonNegInt | None = None
+    n_train_h: NonNegInt | None = None
+    n_val_pm: NonNegInt | None = None
+    n_val_non_pm: NonNegInt | None = None
+    scale: Positive | None = None
+    jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
 
     @model_validator(mode="after")
     def _both_sets(self):
@@ -248,7 +264,7 @@ class TrainingParams(BaseModel):
     model: ModelName
     image_size: Side
     train: TrainParams
-    models: dict[ModelName, Optional[ModelOverrides]] = {}
+    models: dict[ModelName, ModelOverrides | None] = {}
 
 
 class Params(TrainingParams):
@@ -257,18 +273,25 @@ class Params(TrainingParams):
     model_config = ConfigDict(extra="allow", frozen=True)
     data: DataParams
     unzip: UnzipParams
-    synthetic: Optional[SyntheticParams] = None
+    synthetic: SyntheticParams | None = None
     preprocess: PreprocessParams
     evaluate: EvaluateParams
     explain: ExplainParams
 
 
 _MESSAGES = {
-    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number", "bool_type": "must be true or false",
-    "float_parsing": "must be a number", "float_type": "must be a number", "finite_number": "must be finite",
-    "missing": "is missing", "extra_forbidden": "is not a known key", "literal_error": None,
-    "string_pattern_mismatch": "must be auto, cpu, gpu or gpu:N", "model_type": "must be a mapping",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_type": "must be true or false",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be finite",
+    "missing": "is missing",
+    "extra_forbidden": "is not a known key",
+    "literal_error": None,
+    "string_pattern_mismatch": "must be auto, cpu, gpu or gpu:N",
+    "model_type": "must be a mapping",
     "dict_type": "must be a mapping",
 }
 
@@ -289,7 +312,7 @@ def short_text(text: str, limit: int = 60) -> str:
 def _line(err: dict, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
     kind = err["type"]
-    if kind == "value_error":   # a validator's own message (the threshold grammar, synthetic's counts)
+    if kind == "value_error":  # a validator's own message (the threshold grammar, synthetic's counts)
         msg = str(err["ctx"]["error"])
     else:
         msg = _MESSAGES.get(kind) or err["msg"][0].lower() + err["msg"][1:]
@@ -297,7 +320,7 @@ def _line(err: dict, source: str) -> str:
         msg += " (not a string)"
     if kind == "missing":
         return f"{source}: {key} {msg}"
-    if isinstance(err.get("input"), dict):   # a whole section's check: the message names the keys
+    if isinstance(err.get("input"), dict):  # a whole section's check: the message names the keys
         return f"{source}: {key}: {msg}"
     return f"{source}: {key} = {short(err.get('input'))}: {msg}"
 
@@ -370,7 +393,8 @@ def training_config(params: dict, source: str = "params.yaml") -> TrainingConfig
         if override.fundus is not None:
             fundus.update(override.fundus.model_dump(exclude_none=True))
     cfg["input_size"] = min(cfg["input_size"] or p.image_size, p.image_size)
-    config = TrainingConfig.model_validate({**cfg, "augment": augment, "fundus": fundus, "model": p.model,
-                                            "image_size": p.image_size})
+    config = TrainingConfig.model_validate(
+        {**cfg, "augment": augment, "fundus": fundus, "model": p.model, "image_size": p.image_size}
+    )
     config._augment_order = tuple(augment)
     return config

@@ -89,4 +89,3 @@ def describe_paths(paths: list[str], limit: int = 3) -> str:
     """``a, b, c and 2 more``: a short list for a one-line message."""
     shown = ", ".join(paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-

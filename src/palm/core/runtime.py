@@ -30,14 +30,14 @@ from pathlib import Path
 from palm.core.errors import ConfigError
 
 JOBS_ENV = "PALM_JOBS"
-SLOT_DIR_ENV = "PALM_SLOT_DIR"           # where the slot locks live (default: the system's temp dir)
-SLOT_ENV = "PALM_SLOT"                   # "slot/jobs" a run hands the training processes it spawns
+SLOT_DIR_ENV = "PALM_SLOT_DIR"  # where the slot locks live (default: the system's temp dir)
+SLOT_ENV = "PALM_SLOT"  # "slot/jobs" a run hands the training processes it spawns
 # The user's thread count, read before Paddle's import sets an unset one to "1" (when Paddle
 # was imported first, a "1" may be Paddle's own and is not taken as the user's).
 USER_THREADS = os.environ.get("OMP_NUM_THREADS")
 if "paddle" in sys.modules and USER_THREADS == "1":
     USER_THREADS = None
-_held_locks: list = []                   # open lock files: the slot is ours while they are open
+_held_locks: list = []  # open lock files: the slot is ours while they are open
 
 #: What makes the numerical libraries take the same code on every x86-64 CPU, read when each
 #: library loads (so set by palm/__init__.py before any of them does; a value the user exported
@@ -84,8 +84,8 @@ def fixed_opencv():
 
 @dataclass(frozen=True)
 class Share:
-    slot: int            # 0..jobs-1
-    jobs: int            # how many runs share the machine (PALM_JOBS)
+    slot: int  # 0..jobs-1
+    jobs: int  # how many runs share the machine (PALM_JOBS)
     cpus: tuple[int, ...]  # the cores this process may use
 
     @property
@@ -132,7 +132,7 @@ def machine_share() -> Share:
         return Share(0, 1, cpus)
     slot = _take_slot(jobs)
     per = max(1, len(cpus) // jobs)
-    mine = cpus[(slot * per) % len(cpus):][:per]
+    mine = cpus[(slot * per) % len(cpus) :][:per]
     os.sched_setaffinity(0, mine)
     return Share(slot, jobs, mine)
 
@@ -156,7 +156,7 @@ def rank_share(share: Share, local_rank: int, local_size: int) -> Share:
     if local_size <= 1:
         return share
     per = len(share.cpus) // local_size
-    cpus = share.cpus[local_rank * per:(local_rank + 1) * per] if per else share.cpus
+    cpus = share.cpus[local_rank * per : (local_rank + 1) * per] if per else share.cpus
     return Share(share.slot, share.jobs, cpus)
 
 
@@ -165,16 +165,20 @@ def resolve_device(device: str = "auto", local_rank: int = 0, local_size: int = 
     if device not in ("auto", "cpu", "gpu") and not (device.startswith("gpu:") and device[4:].isdigit()):
         raise ConfigError(f"device must be auto, cpu, gpu or gpu:N, got {device!r}")
     if local_size > 1 and ":" in device:
-        raise ConfigError(f"device {device!r} names one GPU, but {local_size} training processes run on this "
-                          "machine (train.nproc): set train.device to gpu or auto, one GPU per process")
+        raise ConfigError(
+            f"device {device!r} names one GPU, but {local_size} training processes run on this "
+            "machine (train.nproc): set train.device to gpu or auto, one GPU per process"
+        )
     share = share or machine_share()
     n_gpus = gpu_count()
     if device == "auto":
         device = "gpu" if n_gpus else "cpu"
     if device.startswith("gpu"):
         if not n_gpus:
-            raise ConfigError(f"device {device!r} asked for, but this Paddle has no usable GPU "
-                            "(install Paddle's CUDA build, or set train.device: cpu)")
+            raise ConfigError(
+                f"device {device!r} asked for, but this Paddle has no usable GPU "
+                "(install Paddle's CUDA build, or set train.device: cpu)"
+            )
         index = int(device[4:]) if ":" in device else (share.slot * local_size + local_rank) % n_gpus
         if index >= n_gpus:
             raise ConfigError(f"device {device!r} asked for, but this machine has {n_gpus} GPU(s)")
@@ -201,8 +205,10 @@ def select_device(device: str = "auto", local_rank: int = 0, local_size: int = 1
     if share.jobs > 1 or local_size > 1:
         who = [f"{JOBS_ENV}={share.jobs}: slot {share.slot}"] if share.jobs > 1 else []
         who += [f"process {local_rank + 1} of {local_size} on this machine"] if local_size > 1 else []
-        print(f"{', '.join(who)}: {share.threads} thread(s) on cores {','.join(map(str, share.cpus))}, "
-              f"device {device}", file=sys.stderr)
+        print(
+            f"{', '.join(who)}: {share.threads} thread(s) on cores {','.join(map(str, share.cpus))}, device {device}",
+            file=sys.stderr,
+        )
     return device
 
 
@@ -231,8 +237,10 @@ def check_memory(need: int, what: str, advice: str, share: float = 0.8) -> None:
     :func:`available_memory` (``what`` needs them; ``advice`` says what to lower)."""
     free = available_memory()
     if free is not None and need > share * free:
-        raise ConfigError(f"{what} needs about {need / 2**30:.1f} GB of memory, more than the "
-                          f"{free / 2**30:.1f} GB available; {advice}")
+        raise ConfigError(
+            f"{what} needs about {need / 2**30:.1f} GB of memory, more than the "
+            f"{free / 2**30:.1f} GB available; {advice}"
+        )
 
 
 # -- exact elementary functions -------------------------------------------------------------
@@ -242,8 +250,8 @@ def check_memory(need: int, what: str, advice: str, share: float = 0.8) -> None:
 # multiplications only, which round the same on every CPU (numpy never fuses two operations).
 
 _LN2 = 0.6931471805599453
-_EXP_TERMS = [1.0 / math.factorial(k) for k in range(14)]               # |r| <= ln2/2: error < 1e-17
-_COS_TERMS = [(-1.0) ** k / math.factorial(2 * k) for k in range(17)]     # |r| <= pi: error < 1e-19
+_EXP_TERMS = [1.0 / math.factorial(k) for k in range(14)]  # |r| <= ln2/2: error < 1e-17
+_COS_TERMS = [(-1.0) ** k / math.factorial(2 * k) for k in range(17)]  # |r| <= pi: error < 1e-19
 _SIN_TERMS = [(-1.0) ** k / math.factorial(2 * k + 1) for k in range(17)]
 
 
@@ -265,7 +273,7 @@ def exact_cos_sin(t):
     import numpy as np
 
     t = np.asarray(t, np.float64)
-    r = t - np.floor(t / (2 * math.pi) + 0.5) * (2 * math.pi)     # in [-pi, pi]
+    r = t - np.floor(t / (2 * math.pi) + 0.5) * (2 * math.pi)  # in [-pi, pi]
     r2 = r * r
     c, s = np.full_like(r, _COS_TERMS[-1]), np.full_like(r, _SIN_TERMS[-1])
     for a, b in zip(reversed(_COS_TERMS[:-1]), reversed(_SIN_TERMS[:-1])):

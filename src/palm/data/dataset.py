@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from palm.core.runtime import exact_cos_sin, fixed_opencv
 from palm.data.fundus import Fundus
 from palm.data.image import to_chw_float
 from palm.data.shards import ShardImages, open_split
-from palm.core.runtime import exact_cos_sin, fixed_opencv
 
-cv2 = fixed_opencv()   # OpenCV's baseline code on every CPU: the same pixels everywhere
+cv2 = fixed_opencv()  # OpenCV's baseline code on every CPU: the same pixels everywhere
 
 
 @dataclass
@@ -32,12 +32,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx) -> "Split":
+    def subset(self, idx) -> Split:
         idx = np.asarray(idx, dtype=np.int64)
-        return Split(self.pixels.subset(idx), self.labels[idx],
-                     [self.images[i] for i in idx], [self.groups[i] for i in idx])
+        return Split(
+            self.pixels.subset(idx), self.labels[idx], [self.images[i] for i in idx], [self.groups[i] for i in idx]
+        )
 
-    def resized(self, size: int | None, fundus=None) -> "Split":
+    def resized(self, size: int | None, fundus=None) -> Split:
         """The same images as a model sees them: enhanced by ``fundus`` (its ``train.fundus``,
         :mod:`palm.data.fundus`; None: not) and resized to ``size`` x ``size`` (its ``input_size``),
         as each is read (:func:`palm.data.image.to_input`)."""
@@ -58,9 +59,9 @@ class Augment:
     hflip: bool = False
     vflip: bool = False
     rotate_deg: float = 0.0
-    brightness: float = 0.0   # max relative change, e.g. 0.2 = +-20%
+    brightness: float = 0.0  # max relative change, e.g. 0.2 = +-20%
     contrast: float = 0.0
-    scale: float = 0.0        # max relative zoom, e.g. 0.1 = 0.9x..1.1x
+    scale: float = 0.0  # max relative zoom, e.g. 0.1 = 0.9x..1.1x
 
     @property
     def active(self) -> bool:
@@ -76,8 +77,14 @@ class Augment:
             angle = rng.uniform(-self.rotate_deg, self.rotate_deg)
             zoom = 1.0 + rng.uniform(-self.scale, self.scale)
             m = _rotation(w / 2, h / 2, angle, zoom)
-            img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            img = cv2.warpAffine(
+                np.ascontiguousarray(img),
+                m,
+                (w, h),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
         if self.brightness or self.contrast:
             x = img.astype(np.float32)
             b = 1.0 + rng.uniform(-self.brightness, self.brightness)
@@ -148,16 +155,16 @@ class RankBatchSampler(paddle.io.DistributedBatchSampler):
     only one of a training set no larger than it, as evenly as it goes). So N processes see
     exactly the batches one process sees, the augmentation of each image included."""
 
-    def __init__(self, dataset: FundusDataset, batch_size: int, seed: int, rank: int, nranks: int,
-                 drop_last: bool):
-        super().__init__(dataset, batch_size // nranks, num_replicas=nranks, rank=rank, shuffle=True,
-                         drop_last=drop_last)
+    def __init__(self, dataset: FundusDataset, batch_size: int, seed: int, rank: int, nranks: int, drop_last: bool):
+        super().__init__(
+            dataset, batch_size // nranks, num_replicas=nranks, rank=rank, shuffle=True, drop_last=drop_last
+        )
         self.global_batch, self.seed = batch_size, seed
 
     def __iter__(self):
         order = epoch_order(self.seed, self.dataset.epoch, len(self.dataset))
         for start in range(0, len(order), self.global_batch):
-            batch = order[start:start + self.global_batch]
+            batch = order[start : start + self.global_batch]
             if len(batch) < self.global_batch and self.drop_last:
                 return
             yield np.array_split(np.asarray(batch), self.nranks)[self.local_rank].tolist()
@@ -167,8 +174,17 @@ class RankBatchSampler(paddle.io.DistributedBatchSampler):
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
 
-def make_loader(dataset: FundusDataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                workers: int = 0, drop_last: bool = False, rank: int = 0, nranks: int = 1) -> paddle.io.DataLoader:
+def make_loader(
+    dataset: FundusDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    workers: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    nranks: int = 1,
+) -> paddle.io.DataLoader:
     """Batches of ``dataset`` (shuffled per epoch, or in order); with ``nranks`` > 1, rank
     ``rank``'s parts of the global batches of ``batch_size`` (:class:`RankBatchSampler`)."""
     if shuffle and nranks > 1:

@@ -61,11 +61,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
     one-line :class:`DataError` naming the file and the rows."""
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True,
-                         skip_blank_lines=False)  # so that a row's number is its line in the file
+        df = pd.read_csv(
+            path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skipinitialspace=True, skip_blank_lines=False
+        )  # so that a row's number is its line in the file
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found (a folder source needs labels.csv with columns image,label "
-                        "at its top)") from None
+        raise DataError(
+            f"{path}: file not found (a folder source needs labels.csv with columns image,label at its top)"
+        ) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file (expected a header line image,label[,group][,split])") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
@@ -90,8 +92,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     rel = [_relative(n) for n in names]
     bad = [f"row {r} ({n!r})" for r, n, p in zip(out["row"], names, rel) if p is None]
     if bad:
-        raise DataError(f"{path}: image path(s) must stay inside the folder (no absolute path, no '..'): "
-                        f"{listing(bad)}")
+        raise DataError(
+            f"{path}: image path(s) must stay inside the folder (no absolute path, no '..'): {listing(bad)}"
+        )
     rel = pd.Series(rel, index=df.index, dtype=object)
     if (rel == LABELS_CSV).any():
         raise DataError(f"{path}: row {out['row'][rel == LABELS_CSV].iloc[0]} lists {LABELS_CSV} itself as an image")
@@ -126,8 +129,10 @@ def check_splits(df: pd.DataFrame, source: str, how: str = "") -> None:
             raise DataError(f"{source}: split {split} has no images{how}")
         n_pm = int(part["label"].sum())
         if n_pm in (0, len(part)):
-            raise DataError(f"{source}: split {split} has only {'PM' if n_pm else 'non-PM'} images "
-                            f"({len(part)}){how}; it needs both classes")
+            raise DataError(
+                f"{source}: split {split} has only {'PM' if n_pm else 'non-PM'} images "
+                f"({len(part)}){how}; it needs both classes"
+            )
 
 
 def flat_name(rel: str) -> str:
@@ -184,12 +189,14 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
         if not stat.S_ISREG(st.st_mode):
             raise DataError(f"{what}: not a regular file; refusing it")
         if st.st_size > limits.max_entry_mb * MB:
-            raise DataError(f"{what}: {mb(st.st_size)}, above unzip.max_entry_mb ({limits.max_entry_mb:g}); "
-                            "refusing it")
+            raise DataError(
+                f"{what}: {mb(st.st_size)}, above unzip.max_entry_mb ({limits.max_entry_mb:g}); refusing it"
+            )
         total += st.st_size
         if total > limits.max_total_mb * MB:
-            raise DataError(f"{what}: the photographs up to this row pass unzip.max_total_mb "
-                            f"({limits.max_total_mb:g} MB); stopping")
+            raise DataError(
+                f"{what}: the photographs up to this row pass unzip.max_total_mb ({limits.max_total_mb:g} MB); stopping"
+            )
         sources.append(real)
     if missing:
         raise DataError(f"{csv}: listed image(s) not found in {folder}: {listing(missing)}")
@@ -213,8 +220,11 @@ def copy_folder(folder: str | Path, out_dir: str | Path, limits: Limits | None =
         out.to_csv(tmp / LABELS_CSV, index=False)
     unlisted = _unlisted(folder, set(table["image"]))
     if unlisted:
-        print(f"warning: {len(unlisted)} photograph(s) in {folder} are not in {LABELS_CSV} and not used: "
-              + listing(unlisted), file=sys.stderr)
+        print(
+            f"warning: {len(unlisted)} photograph(s) in {folder} are not in {LABELS_CSV} and not used: "
+            + listing(unlisted),
+            file=sys.stderr,
+        )
     return len(table)
 
 
@@ -224,8 +234,10 @@ def folder_labels(raw_dir: str | Path, val_fraction: float = 0.2, split_seed: in
     raw_dir = Path(raw_dir)
     csv = raw_dir / LABELS_CSV
     if not csv.is_file():
-        raise DataError(f"{csv}: not found; data.source is folder but {raw_dir} was not copied from a folder "
-                        "(run the unzip stage: dvc repro)")
+        raise DataError(
+            f"{csv}: not found; data.source is folder but {raw_dir} was not copied from a folder "
+            "(run the unzip stage: dvc repro)"
+        )
     table = read_table(csv)
     missing = [f"{n} (row {r})" for r, n in zip(table["row"], table["image"]) if not (raw_dir / n).is_file()]
     if missing:
@@ -238,10 +250,18 @@ def folder_labels(raw_dir: str | Path, val_fraction: float = 0.2, split_seed: in
         except DataError as exc:
             raise DataError(f"{csv}: {exc}") from None
         table["split"] = np.where(valid, "valid", "train")
-        how = (f" after splitting {len(table)} images with data.val_fraction {val_fraction:g}, "
-               f"data.split_seed {split_seed}")
+        how = (
+            f" after splitting {len(table)} images with data.val_fraction {val_fraction:g}, "
+            f"data.split_seed {split_seed}"
+        )
     check_splits(table, str(csv), how)
-    out = pd.DataFrame({"split": table["split"], "image": table["image"], "label": table["label"].astype(int),
-                        "group": table["group"] if "group" in table.columns else ""})
+    out = pd.DataFrame(
+        {
+            "split": table["split"],
+            "image": table["image"],
+            "label": table["label"].astype(int),
+            "group": table["group"] if "group" in table.columns else "",
+        }
+    )
     order = np.lexsort((out["image"].to_numpy(), out["split"].map(SPLITS.index).to_numpy()))
     return out.iloc[order].reset_index(drop=True)

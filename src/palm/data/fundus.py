@@ -29,7 +29,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from palm.core.params import CLAHE_MODES, MAX_LOCAL_NORM, fundus_on   # the schema of Fundus's steps
+from palm.core.params import CLAHE_MODES, MAX_LOCAL_NORM, fundus_on  # the schema of Fundus's steps
 
 #: a pixel belongs to the disc if its brightest channel is above this fraction of the image's maximum...
 DISC_FRACTION = 0.08
@@ -64,7 +64,7 @@ class Fundus:
         return fundus_on(self.crop, self.local_norm, self.clahe)
 
     @classmethod
-    def of(cls, value) -> "Fundus":
+    def of(cls, value) -> Fundus:
         """A spec from None (all off), a mapping (``model.json``'s ``fundus``, params), a pydantic
         model of one (``palm.core.params.FundusParams``) or a spec; keys not given (or None) are off."""
         if isinstance(value, cls):
@@ -74,10 +74,13 @@ class Fundus:
         if hasattr(value, "model_dump"):
             value = value.model_dump()
         given = {k: v for k, v in dict(value).items() if v is not None}
-        if given.get("clahe") is False:   # YAML 1.1 reads a bare `off` as false
+        if given.get("clahe") is False:  # YAML 1.1 reads a bare `off` as false
             given["clahe"] = "off"
-        return cls(crop=bool(given.get("crop", False)), local_norm=float(given.get("local_norm", 0.0)),
-                   clahe=str(given.get("clahe", "off")))
+        return cls(
+            crop=bool(given.get("crop", False)),
+            local_norm=float(given.get("local_norm", 0.0)),
+            clahe=str(given.get("clahe", "off")),
+        )
 
     def record(self) -> dict:
         return asdict(self)
@@ -104,7 +107,7 @@ def find_disc(rgb: np.ndarray) -> Disc | None:
     :data:`MIN_DISC_AREA` of the frame) or no border (the region covers :data:`NO_BORDER_AREA`
     of the frame)."""
     r, g, b = cv2.split(rgb)
-    bright = cv2.max(cv2.max(r, g), b)   # each pixel's brightest channel (24x faster than numpy's max here)
+    bright = cv2.max(cv2.max(r, g), b)  # each pixel's brightest channel (24x faster than numpy's max here)
     top = int(bright.max())
     if top <= DISC_FLOOR:
         return None
@@ -125,7 +128,7 @@ def find_disc(rgb: np.ndarray) -> Disc | None:
         y, h = (y + h - w if y == 0 else y), w
     region = np.zeros_like(mask)
     contours, _ = cv2.findContours((labels == k).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(region, contours, -1, 1, thickness=cv2.FILLED)   # dark spots inside are the disc's
+    cv2.drawContours(region, contours, -1, 1, thickness=cv2.FILLED)  # dark spots inside are the disc's
     return Disc(x + w / 2, y + h / 2, w, h, region)
 
 
@@ -142,7 +145,7 @@ def crop_to_disc(rgb: np.ndarray, disc: Disc | None = None) -> np.ndarray:
     x0, y0 = int(round(disc.cx - side / 2)), int(round(disc.cy - side / 2))
     square = np.zeros((side, side, 3), np.uint8)
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
-    square[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    square[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
     return resize_square(square, h)
 
 
@@ -156,7 +159,7 @@ def local_normalise(rgb: np.ndarray, fraction: float, disc: Disc | None = None) 
     if disc is not None:
         r = max(1, int(round((1 - MASK_RADIUS) * disc.radius)))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        inside = cv2.erode(disc.region, kernel)   # the frame's edge is no border: not eroded from there
+        inside = cv2.erode(disc.region, kernel)  # the frame's edge is no border: not eroded from there
         out[inside == 0] = 128
     return out
 
@@ -165,7 +168,7 @@ def clahe(rgb: np.ndarray, mode: str) -> np.ndarray:
     """CLAHE (clip limit 2, 8x8 tiles) on L of CIELAB (``luminance``) or on the green channel."""
     if mode == "off":
         return rgb
-    tool = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES)   # per call: thread-safe (palm serve)
+    tool = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES)  # per call: thread-safe (palm serve)
     if mode == "green":
         out = rgb.copy()
         out[..., 1] = tool.apply(np.ascontiguousarray(rgb[..., 1]))

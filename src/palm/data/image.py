@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from palm.data.fundus import enhance
 from palm.core.errors import DataError
 from palm.core.runtime import fixed_opencv
+from palm.data.fundus import enhance
 
-cv2 = fixed_opencv()   # OpenCV's baseline code on every CPU: the same pixels everywhere
+cv2 = fixed_opencv()  # OpenCV's baseline code on every CPU: the same pixels everywhere
 
 #: the most pixels a photograph may have (8000 x 8000); the PALM photographs have up to 2124 x 2056.
 #: Larger images are refused before decoding (a "decompression bomb" could need gigabytes).
@@ -31,8 +31,7 @@ _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA", "P"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def load_image(source: str | Path | bytes, image_size: int, input_size: int | None = None,
-               fundus=None) -> np.ndarray:
+def load_image(source: str | Path | bytes, image_size: int, input_size: int | None = None, fundus=None) -> np.ndarray:
     """Decode ``source`` (a path or the file's bytes) to RGB uint8 of shape (image_size, image_size, 3).
 
     This is what ``preprocess`` stores. With ``input_size`` (a model trained at a lower
@@ -83,8 +82,10 @@ def decode(source: str | Path | bytes, min_side: int) -> tuple[np.ndarray, tuple
         with im:
             size = w, h = im.size
             if w * h > MAX_PIXELS:
-                raise DataError(f"{name}: {w}x{h} pixels is above the limit of {MAX_PIXELS:,} "
-                                "(palm.data.image.MAX_PIXELS); refusing to decode it")
+                raise DataError(
+                    f"{name}: {w}x{h} pixels is above the limit of {MAX_PIXELS:,} "
+                    "(palm.data.image.MAX_PIXELS); refusing to decode it"
+                )
             im.draft("RGB", (min_side, min_side))
             drafted = im.size
             # as the eye saw it: a photograph saved sideways with an EXIF orientation tag (phones,
@@ -121,8 +122,10 @@ def _to_rgb(im: Image.Image, name: str) -> np.ndarray:
         alpha = rgba[..., 3:4].astype(np.float32) / 255.0
         return np.rint(rgba[..., :3].astype(np.float32) * alpha).astype(np.uint8)  # on black
     if mode in ("I", "F"):
-        raise DataError(f"{name}: {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (mode {mode}) "
-                        "are not supported; save the image with 8 or 16 bits per channel")
+        raise DataError(
+            f"{name}: {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (mode {mode}) "
+            "are not supported; save the image with 8 or 16 bits per channel"
+        )
     raise DataError(f"{name}: image mode {mode} is not supported (RGB, grayscale, palette, CMYK, 16-bit gray)")
 
 

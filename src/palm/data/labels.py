@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from palm.core.errors import DataError, listing
-from palm.data.folder import folder_labels
 from palm.core.fsutil import atomic_file
+from palm.data.folder import folder_labels
 from palm.data.layout import GT_FILE, PALM_SUFFIXES, TRAIN_DIR, VALID_DIR, parse_label
 
 REQUIRED_COLUMNS = ("imgName", "Label")
@@ -39,12 +39,14 @@ def training_labels(raw_dir: Path) -> pd.DataFrame:
     if not files:
         raise DataError(f"{folder}: no training images")
     groups = [f[0].upper() for f in files]
-    return pd.DataFrame({
-        "split": "train",
-        "image": [f"{TRAIN_DIR}/{f}" for f in files],
-        "label": [CLASS_OF_PREFIX[g] for g in groups],
-        "group": groups,
-    })
+    return pd.DataFrame(
+        {
+            "split": "train",
+            "image": [f"{TRAIN_DIR}/{f}" for f in files],
+            "label": [CLASS_OF_PREFIX[g] for g in groups],
+            "group": groups,
+        }
+    )
 
 
 def read_ground_truth(path: Path) -> pd.DataFrame:
@@ -61,10 +63,7 @@ def read_ground_truth(path: Path) -> pd.DataFrame:
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} "
-            f"(found: {', '.join(df.columns) or 'none'})"
-        )
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns) or 'none'})")
     return df
 
 
@@ -98,12 +97,14 @@ def validation_labels(raw_dir: Path) -> pd.DataFrame:
         raise DataError(f"{folder}: validation image(s) without a label in {GT_FILE}: {listing(unlabelled)}")
 
     order = names.argsort(kind="stable")
-    return pd.DataFrame({
-        "split": "valid",
-        "image": [f"{VALID_DIR}/{n}" for n in names.iloc[order]],
-        "label": labels.iloc[order].astype(int).to_numpy(),
-        "group": "",
-    })
+    return pd.DataFrame(
+        {
+            "split": "valid",
+            "image": [f"{VALID_DIR}/{n}" for n in names.iloc[order]],
+            "label": labels.iloc[order].astype(int).to_numpy(),
+            "group": "",
+        }
+    )
 
 
 def build_labels(raw_dir: str | Path) -> pd.DataFrame:

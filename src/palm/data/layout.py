@@ -29,7 +29,7 @@ GT_FILE = f"{GT_DIR}/PM_Label_and_Fovea_Location.xlsx"
 #: the suffixes of the photographs people hand us (palm predict, a folder source): any that
 #: :func:`palm.data.image.load_image` decodes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-PALM_SUFFIXES = (".jpg", ".jpeg")     # the PALM photographs'
+PALM_SUFFIXES = (".jpg", ".jpeg")  # the PALM photographs'
 #: a label's names (case-insensitive), besides the numbers 0 and 1
 LABEL_NAMES = {"pm": 1, "non-pm": 0, "nonpm": 0, "non_pm": 0, "non pm": 0}
 
@@ -65,10 +65,10 @@ class Limits:
     training zip, its JPEGs compressed about 1:1.
     """
 
-    max_total_mb: float = 8192      # all extracted files together, uncompressed
-    max_entry_mb: float = 4096      # one entry (the nested training zip included)
-    max_ratio: float = 200          # uncompressed / compressed size of one entry ...
-    ratio_floor_mb: float = 1       # ... once it is larger than this (tiny files compress freely)
+    max_total_mb: float = 8192  # all extracted files together, uncompressed
+    max_entry_mb: float = 4096  # one entry (the nested training zip included)
+    max_ratio: float = 200  # uncompressed / compressed size of one entry ...
+    ratio_floor_mb: float = 1  # ... once it is larger than this (tiny files compress freely)
 
     def entry_budget(self, info: zipfile.ZipInfo) -> int:
         """The most bytes ``info`` may decompress to."""

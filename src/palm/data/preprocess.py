@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from palm.core.errors import DataError
 from palm.core.fsutil import atomic_dir, atomic_file, move
-from palm.data.image import load_image
 from palm.core.provenance import producer
 from palm.core.runtime import check_memory, machine_share
+from palm.data.image import load_image
 from palm.data.shards import FORMAT_VERSION, SplitWriter, new_manifest, write_manifest
 
 #: the resume folder's record of its finished shards: {"shards": {file name: stamp}}
@@ -69,8 +69,11 @@ def _decode_into(out: np.ndarray, paths, image_size: int, pool, bar=None) -> lis
 
 def _raise_errors(errors: list[str]) -> None:
     if errors:
-        raise DataError(f"{len(errors)} image(s) cannot be decoded: " + "; ".join(errors[:10])
-                        + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else ""))
+        raise DataError(
+            f"{len(errors)} image(s) cannot be decoded: "
+            + "; ".join(errors[:10])
+            + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else "")
+        )
 
 
 def decoder_identity() -> str:
@@ -114,8 +117,9 @@ class _Progress:
             return False
         nbytes = n * image_size * image_size * 3
         try:  # the stamp is written after its shard: the file is complete, unless changed since
-            return (self.folder / fname).stat().st_size >= nbytes and \
-                tuple(np.load(self.folder / fname, mmap_mode="r").shape) == (n, image_size, image_size, 3)
+            return (self.folder / fname).stat().st_size >= nbytes and tuple(
+                np.load(self.folder / fname, mmap_mode="r").shape
+            ) == (n, image_size, image_size, 3)
         except (OSError, ValueError):
             return False
 
@@ -130,9 +134,16 @@ class _Progress:
                 json.dump({"shards": self.stamps}, f)
 
 
-def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path, *,
-               image_size: int = 224, shard_size: int = 256, workers: int = 0,
-               resume_dir: str | Path | None = None) -> dict:
+def preprocess(
+    labels_csv: str | Path,
+    raw_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    image_size: int = 224,
+    shard_size: int = 256,
+    workers: int = 0,
+    resume_dir: str | Path | None = None,
+) -> dict:
     """Decode the images of ``labels_csv`` (below ``raw_dir``) into shards in ``out_dir``.
 
     ``resume_dir`` (default: ``.<out_dir>.partial`` beside it) keeps finished shards across a
@@ -146,8 +157,11 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
     labels = pd.read_csv(labels_csv, keep_default_na=False)
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     resume_dir = Path(resume_dir) if resume_dir is not None else out_dir.with_name(f".{out_dir.name}.partial")
-    check_memory(shard_size * image_size * image_size * 3, f"preprocess at image_size {image_size} "
-                 f"(a shard of {shard_size} images)", "lower preprocess.shard_size or image_size")
+    check_memory(
+        shard_size * image_size * image_size * 3,
+        f"preprocess at image_size {image_size} (a shard of {shard_size} images)",
+        "lower preprocess.shard_size or image_size",
+    )
     progress = _Progress(resume_dir)
     decoder = decoder_identity()
     manifest = new_manifest(image_size, {"image_size": image_size, "shard_size": shard_size})
@@ -160,7 +174,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
                 writer = SplitWriter(resume_dir, manifest, split, shard_size)
                 with tqdm(total=len(part), desc=f"preprocess {split}", unit="img", dynamic_ncols=True) as bar:
                     for start in range(0, len(part), shard_size):
-                        chunk = part.iloc[start:start + shard_size]
+                        chunk = part.iloc[start : start + shard_size]
                         paths = [str(raw_dir / p) for p in chunk["image"]]
                         meta = ([Path(p).name for p in chunk["image"]], chunk["label"], chunk["group"])
                         fname, stamp = writer.entry(*meta)["file"], source_stamp(paths, image_size, decoder)
@@ -170,7 +184,7 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
                             bar.update(len(paths))
                             continue
                         progress.forget(fname)
-                        pixels = buf[:len(paths)]
+                        pixels = buf[: len(paths)]
                         bad = _decode_into(pixels, paths, image_size, pool, bar)
                         if bad:  # go on: the error names every bad file, not just the first
                             errors += bad
@@ -197,8 +211,12 @@ def preprocess(labels_csv: str | Path, raw_dir: str | Path, out_dir: str | Path,
 def main(params: dict) -> None:
     cfg = params["preprocess"]  # validated by palm.core.params
     manifest = preprocess(
-        "data/labels/labels.csv", "data/raw", "data/shards",
-        image_size=params["image_size"], shard_size=cfg["shard_size"], workers=cfg["workers"],
+        "data/labels/labels.csv",
+        "data/raw",
+        "data/shards",
+        image_size=params["image_size"],
+        shard_size=cfg["shard_size"],
+        workers=cfg["workers"],
         resume_dir=RESUME_DIR,
     )
     for split, info in manifest["splits"].items():

@@ -26,9 +26,9 @@ import numpy as np
 
 from palm.core.errors import DataError
 from palm.core.fsutil import atomic_file, writing
+from palm.core.params import MAX_SIDE, MIN_SIDE, short
 from palm.data.fundus import Fundus
 from palm.data.image import to_input
-from palm.core.params import MAX_SIDE, MIN_SIDE, short
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -38,8 +38,15 @@ SUFFIX = ".npy"
 def new_manifest(image_size: int, params: dict) -> dict:
     """The manifest of a shards folder, before its splits are added (``splits[name] =
     {"count": n, "shards": [{"file", "shape", "images", "labels", "groups"}, ...]}``)."""
-    return {"format_version": FORMAT_VERSION, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-            "image_size": image_size, "params": params, "splits": {}}
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "channels": "RGB",
+        "image_size": image_size,
+        "params": params,
+        "splits": {},
+    }
 
 
 def shard_name(split: str, k: int) -> str:
@@ -69,10 +76,13 @@ class SplitWriter:
 
     def entry(self, images, labels, groups) -> dict:
         """The manifest entry of the next shard (``images``, ``labels``, ``groups`` of its images)."""
-        return {"file": shard_name(self.split, len(self.shards)),
-                "shape": [len(images), self.side, self.side, 3],
-                "images": [str(v) for v in images], "labels": [int(v) for v in labels],
-                "groups": [str(v) for v in groups]}
+        return {
+            "file": shard_name(self.split, len(self.shards)),
+            "shape": [len(images), self.side, self.side, 3],
+            "images": [str(v) for v in images],
+            "labels": [int(v) for v in labels],
+            "groups": [str(v) for v in groups],
+        }
 
     def skip(self, images, labels, groups) -> dict:
         entry = self.entry(images, labels, groups)
@@ -104,8 +114,10 @@ def read_manifest(shards_dir: str | Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: shard format {version!r}, this code reads "
-                        f"{FORMAT_VERSION}; run the preprocess stage again (dvc repro preprocess)")
+        raise DataError(
+            f"{path}: shard format {version!r}, this code reads "
+            f"{FORMAT_VERSION}; run the preprocess stage again (dvc repro preprocess)"
+        )
     check_manifest(manifest, path)
     return manifest
 
@@ -114,9 +126,11 @@ def check_manifest(manifest: dict, path: Path) -> None:
     """Every value of a shard manifest that the pipeline uses, checked as params.yaml is: a
     :class:`DataError` naming the file and the key (sizes within params.yaml's bounds, labels 0 or
     1, shard files by their own names in the folder, one image name, label and group per image)."""
+
     def bad(key: str, value, why: str):
-        raise DataError(f"{path}: {key} = {short(value)}: {why}; run the preprocess stage again "
-                        "(dvc repro -f preprocess)")
+        raise DataError(
+            f"{path}: {key} = {short(value)}: {why}; run the preprocess stage again (dvc repro -f preprocess)"
+        )
 
     side = manifest.get("image_size")
     if type(side) is not int or not MIN_SIDE <= side <= MAX_SIDE:
@@ -133,8 +147,12 @@ def check_manifest(manifest: dict, path: Path) -> None:
             if not isinstance(shard, dict):
                 bad(key, shard, "must be a mapping")
             file = shard.get("file")
-            if not isinstance(file, str) or file != Path(file).name or not file.endswith(SUFFIX) \
-                    or file.startswith("."):
+            if (
+                not isinstance(file, str)
+                or file != Path(file).name
+                or not file.endswith(SUFFIX)
+                or file.startswith(".")
+            ):
                 bad(f"{key}.file", file, f"must be the name of a {SUFFIX} file in the shards folder")
             labels = shard.get("labels")
             if not isinstance(labels, list):
@@ -144,8 +162,11 @@ def check_manifest(manifest: dict, path: Path) -> None:
                     bad(f"{key}.labels[{i}]", v, "must be 0 (not PM) or 1 (PM)")
             for field in ("images", "groups"):
                 values = shard.get(field, [""] * len(labels) if field == "groups" else None)
-                if not isinstance(values, list) or len(values) != len(labels) \
-                        or not all(isinstance(v, str) for v in values):
+                if (
+                    not isinstance(values, list)
+                    or len(values) != len(labels)
+                    or not all(isinstance(v, str) for v in values)
+                ):
                     bad(f"{key}.{field}", values, f"must list one name per label ({len(labels)})")
 
 
@@ -154,8 +175,9 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(f)
             offset = f.tell()
     except FileNotFoundError:
@@ -179,9 +201,17 @@ class ShardImages:
     never on disk. Picklable (for loader worker processes); each process opens the files itself.
     """
 
-    def __init__(self, files: list[Path], counts: list[int], side: int, rows: np.ndarray | None = None,
-                 size: int | None = None, offsets: list[int] | None = None, fundus=None,
-                 cache: dict | None = None):
+    def __init__(
+        self,
+        files: list[Path],
+        counts: list[int],
+        side: int,
+        rows: np.ndarray | None = None,
+        size: int | None = None,
+        offsets: list[int] | None = None,
+        fundus=None,
+        cache: dict | None = None,
+    ):
         self.files, self.counts, self.side = [Path(p) for p in files], list(counts), int(side)
         self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self.offsets = offsets
@@ -193,15 +223,16 @@ class ShardImages:
         self._fds: dict[int, int] = {}
 
     # -- views -------------------------------------------------------------------------
-    def _view(self, rows, size, fundus) -> "ShardImages":
+    def _view(self, rows, size, fundus) -> ShardImages:
         same = size == self.size and Fundus.of(fundus) == self.fundus
-        return ShardImages(self.files, self.counts, self.side, rows, size, self.offsets, fundus,
-                           self.cache if same else None)
+        return ShardImages(
+            self.files, self.counts, self.side, rows, size, self.offsets, fundus, self.cache if same else None
+        )
 
-    def subset(self, idx) -> "ShardImages":
+    def subset(self, idx) -> ShardImages:
         return self._view(self.rows[np.asarray(idx, dtype=np.int64)], self.size, self.fundus)
 
-    def resized(self, size: int, fundus=None) -> "ShardImages":
+    def resized(self, size: int, fundus=None) -> ShardImages:
         """The same images enhanced by ``fundus`` (None: not) and resized to ``size``, as each is read."""
         return self._view(self.rows, size, fundus)
 
@@ -218,7 +249,9 @@ class ShardImages:
     def __getitem__(self, i):
         if isinstance(i, slice) or not np.isscalar(i):
             idx = np.arange(len(self))[i] if isinstance(i, slice) else np.asarray(i)
-            return np.stack([self[int(j)] for j in idx]) if len(idx) else np.zeros((0, self.size, self.size, 3), np.uint8)
+            return (
+                np.stack([self[int(j)] for j in idx]) if len(idx) else np.zeros((0, self.size, self.size, 3), np.uint8)
+            )
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"image {i} of {len(self)}")
@@ -228,7 +261,7 @@ class ShardImages:
         img = self.cache.get(row)
         if img is None:
             img = self.cache[row] = to_input(self._read(row), self.size, self.fundus)
-            img.flags.writeable = False   # shared: a caller that changes an image works on a copy
+            img.flags.writeable = False  # shared: a caller that changes an image works on a copy
         return img
 
     def __iter__(self):
@@ -270,7 +303,7 @@ class ShardImages:
             pass
 
     def __getstate__(self):
-        return {**self.__dict__, "_fds": {}, "cache": {}}   # a worker process fills its own cache
+        return {**self.__dict__, "_fds": {}, "cache": {}}  # a worker process fills its own cache
 
 
 def digest(shards_dir: str | Path, split: str) -> str:
@@ -278,7 +311,7 @@ def digest(shards_dir: str | Path, split: str) -> str:
     shards (0.13 s for 400 images of 224 px, 60 MB, as the default set's training split: measured
     on the project's 2-core machine)."""
     shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)   # a missing or unreadable manifest is a one-line error
+    manifest = read_manifest(shards_dir)  # a missing or unreadable manifest is a one-line error
     h = hashlib.sha256((shards_dir / MANIFEST).read_bytes())
     for s in manifest["splits"].get(split, {}).get("shards", []):
         try:
@@ -303,12 +336,16 @@ def open_split(shards_dir: str | Path, split: str, manifest: dict | None = None)
         path = shards_dir / s["file"]
         shape, offset = _npy_layout(path)
         if shape[1:3] != (side, side) or shape[0] != len(s["labels"]):
-            raise DataError(f"{path}: holds {shape[0]} images of {shape[1]}x{shape[2]} px, the manifest lists "
-                            f"{len(s['labels'])} labels of {side} px")
+            raise DataError(
+                f"{path}: holds {shape[0]} images of {shape[1]}x{shape[2]} px, the manifest lists "
+                f"{len(s['labels'])} labels of {side} px"
+            )
         expected = offset + int(np.prod(shape))
         if path.stat().st_size != expected:
-            raise DataError(f"{path}: truncated shard ({path.stat().st_size:,} bytes, its header says "
-                            f"{expected:,}); run the preprocess stage again (dvc repro -f preprocess)")
+            raise DataError(
+                f"{path}: truncated shard ({path.stat().st_size:,} bytes, its header says "
+                f"{expected:,}); run the preprocess stage again (dvc repro -f preprocess)"
+            )
         files.append(path)
         counts.append(shape[0])
         offsets.append(offset)

@@ -12,7 +12,7 @@ the same seed divides the same images alike.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
@@ -30,11 +30,12 @@ def _patients(groups: Sequence[str]) -> bool:
 
 def strata(labels: np.ndarray, groups: Sequence[str]) -> np.ndarray:
     """Each image's stratum: its group (H/N/P), else its label."""
-    return np.array([g or str(l) for g, l in zip(groups, labels)])
+    return np.array([g or str(label) for g, label in zip(groups, labels)])
 
 
-def stratified_holdout(labels: np.ndarray, groups: Sequence[str], fraction: float,
-                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(
+    labels: np.ndarray, groups: Sequence[str], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, holdout): ``fraction`` of each stratum held out (at least one image of
     each stratum of two or more when ``fraction`` > 0, never a whole stratum). With patient
     groups, a patient's images are all on one side (:func:`train_valid_split`)."""
@@ -79,8 +80,7 @@ def fold_of(labels: np.ndarray, groups: Sequence[str], k: int, seed: int = 0) ->
     return folds
 
 
-def train_valid_split(labels, fraction: float, seed: int, groups=None,
-                      key: str = "data.val_fraction") -> np.ndarray:
+def train_valid_split(labels, fraction: float, seed: int, groups=None, key: str = "data.val_fraction") -> np.ndarray:
     """A boolean mask, True for the validation images: stratified by label, seeded.
 
     Without ``groups``, ``fraction`` of the images (rounded, at least one of each class
@@ -101,13 +101,14 @@ def train_valid_split(labels, fraction: float, seed: int, groups=None,
         raise DataError(f"{n} image(s) cannot be split into train and valid")
     if groups is None:
         if min(int(y.sum()), int(n - y.sum())) < 2:
-            raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} {fraction:g}: "
-                            "each class needs at least 2 images, one for each side")
+            raise DataError(
+                f"cannot split {n} images ({int(y.sum())} PM) with {key} {fraction:g}: "
+                "each class needs at least 2 images, one for each side"
+            )
         try:
             _, test_idx = train_test_split(np.arange(n), test_size=fraction, stratify=y, random_state=seed)
         except ValueError as exc:
-            raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} "
-                            f"{fraction:g}: {exc}") from None
+            raise DataError(f"cannot split {n} images ({int(y.sum())} PM) with {key} {fraction:g}: {exc}") from None
         valid = np.zeros(n, dtype=bool)
         valid[test_idx] = True
         return valid
@@ -115,8 +116,7 @@ def train_valid_split(labels, fraction: float, seed: int, groups=None,
     n_groups = len(set(keys))
     k = max(2, int(round(1 / fraction)))
     if n_groups < k:
-        raise DataError(f"{n_groups} group(s) cannot be split {k} ways ({key} {fraction:g}): "
-                        f"add groups or raise {key}")
+        raise DataError(f"{n_groups} group(s) cannot be split {k} ways ({key} {fraction:g}): add groups or raise {key}")
     return _group_folds(y, keys, k, seed) == 0
 
 

@@ -24,9 +24,10 @@ def main(params: dict) -> None:
     if source != "palm" or os.path.normpath(data_input) != os.path.normpath(SYNTHETIC_DIR):
         with atomic_dir(SYNTHETIC_DIR) as tmp:
             (tmp / "SKIPPED.txt").write_text(
-                f"data.source is {source}, data.input is {data_input}: the synthetic data set is not generated.\n")
+                f"data.source is {source}, data.input is {data_input}: the synthetic data set is not generated.\n"
+            )
         print(f"data.source = {source}, data.input = {data_input}: synthetic data not needed, skipped")
         return
-    with atomic_dir(SYNTHETIC_DIR) as tmp:   # cfg: generate's arguments, checked by palm.core.params.SyntheticParams
+    with atomic_dir(SYNTHETIC_DIR) as tmp:  # cfg: generate's arguments, checked by palm.core.params.SyntheticParams
         generate(tmp, **cfg)
     print(f"wrote synthetic PALM zips to {SYNTHETIC_DIR}")

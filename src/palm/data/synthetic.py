@@ -51,15 +51,16 @@ from palm.data.layout import (
     VALID_ZIP,
 )
 
-SIZES = ((1444, 1444), (2124, 2056))   # (width, height) of the real photographs
-WORK_SIDE = 768                        # drawn at most this large, then resized (fundus images are smooth)
-H_SHARE_OF_NON_PM = 26 / 187           # as in the real training set
+SIZES = ((1444, 1444), (2124, 2056))  # (width, height) of the real photographs
+WORK_SIDE = 768  # drawn at most this large, then resized (fundus images are smooth)
+H_SHARE_OF_NON_PM = 26 / 187  # as in the real training set
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 cv2 = fixed_opencv()
 
 
 # -- drawing ------------------------------------------------------------------------------
+
 
 def _blend(img: np.ndarray, mask: np.ndarray, color, alpha: float = 1.0) -> None:
     """In place: img <- img * (1 - a) + color * a, with a = alpha * mask (mask in [0, 1])."""
@@ -110,8 +111,17 @@ def _vessel(rng, mask, p, angle, length, width, depth, bend, scale):
         pts.append((x, y))
         if depth > 0 and i > 1 and rng.random() < 0.09:
             side = rng.choice([-1, 1])
-            _vessel(rng, mask, (x, y), angle + side * rng.uniform(0.35, 0.8), length * rng.uniform(0.3, 0.5),
-                    width * 0.65, depth - 1, rng.normal(0, 0.6), scale)
+            _vessel(
+                rng,
+                mask,
+                (x, y),
+                angle + side * rng.uniform(0.35, 0.8),
+                length * rng.uniform(0.3, 0.5),
+                width * 0.65,
+                depth - 1,
+                rng.normal(0, 0.6),
+                scale,
+            )
     t = max(1, int(round(width)))
     cv2.polylines(mask, [np.array(pts, np.int32)], False, 1.0, thickness=t, lineType=cv2.LINE_AA)
 
@@ -127,18 +137,18 @@ class _Frame:
     yy: np.ndarray
     cx: float
     cy: float
-    R: float                   # radius of the field of view
-    dist: np.ndarray           # distance from its centre, in radii
-    nasal: int = 1             # +1: disc on the right (right eye)
+    R: float  # radius of the field of view
+    dist: np.ndarray  # distance from its centre, in radii
+    nasal: int = 1  # +1: disc on the right (right eye)
     disc_r: float = 0.0
-    dx: float = 0.0            # disc centre
+    dx: float = 0.0  # disc centre
     dy: float = 0.0
-    fov_x: float = 0.0         # fovea
+    fov_x: float = 0.0  # fovea
     fov_y: float = 0.0
 
 
 def _frame(rng, w: int, h: int) -> _Frame:
-    s = min(w, h) / 700.0                                       # drawing unit
+    s = min(w, h) / 700.0  # drawing unit
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cx, cy = w / 2 + rng.normal(0, 0.01) * w, h / 2 + rng.normal(0, 0.01) * h
     R = min(w, h) * rng.uniform(0.46, 0.5)
@@ -167,18 +177,22 @@ def _landmarks(rng, g: _Frame, eye: str) -> None:
 
 def _tessellation(rng, img: np.ndarray, g: _Frame, kind: str) -> None:
     """Large choroidal vessels showing through a thin retina."""
-    tess = {"N": rng.uniform(0.05, 0.2) * (rng.random() < 0.3), "H": rng.uniform(0.18, 0.38),
-            "P": rng.uniform(0.2, 0.5)}[kind]
+    tess = {
+        "N": rng.uniform(0.05, 0.2) * (rng.random() < 0.3),
+        "H": rng.uniform(0.18, 0.38),
+        "P": rng.uniform(0.2, 0.5),
+    }[kind]
     if not tess:
         return
     vm = np.zeros((g.h, g.w), np.float32)
     for _ in range(int(rng.integers(40, 60))):
         a = rng.uniform(0, 2 * np.pi)
         p0 = (g.cx + rng.uniform(-1, 1) * g.R, g.cy + rng.uniform(-1, 1) * g.R)
-        _vessel(rng, vm, p0, a, g.R * rng.uniform(0.3, 0.7), 7 * g.s * rng.uniform(0.8, 1.6), 1,
-                rng.normal(0, 0.7), g.s)
+        _vessel(
+            rng, vm, p0, a, g.R * rng.uniform(0.3, 0.7), 7 * g.s * rng.uniform(0.8, 1.6), 1, rng.normal(0, 0.7), g.s
+        )
     vm = np.clip(_soft(vm, 2 * g.s), 0, 1)
-    img *= (1 - tess * (1 - vm) * np.clip(1.2 - g.dist, 0, 1))[..., None]   # darker pigmented interstices
+    img *= (1 - tess * (1 - vm) * np.clip(1.2 - g.dist, 0, 1))[..., None]  # darker pigmented interstices
 
 
 def _peripapillary_atrophy(rng, img: np.ndarray, g: _Frame, kind: str, sev: float) -> None:
@@ -198,7 +212,7 @@ def _peripapillary_atrophy(rng, img: np.ndarray, g: _Frame, kind: str, sev: floa
     cv2.ellipse(m, centre, ax, rng.uniform(-20, 20), 0, 360, 1.0, -1, cv2.LINE_AA)
     pale = np.array([0.95, 0.80, 0.50], np.float32) * rng.uniform(0.9, 1.05)
     _blend(img, _soft(m, 2 * g.s), pale, rng.uniform(0.6, 0.9))
-    if kind == "P" and rng.random() < sev:   # pigment at the atrophy's rim
+    if kind == "P" and rng.random() < sev:  # pigment at the atrophy's rim
         rim = np.zeros((g.h, g.w), np.float32)
         cv2.ellipse(rim, centre, ax, 0, 0, 360, 1.0, max(1, int(3 * g.s)), cv2.LINE_AA)
         _blend(img, _soft(rim, g.s), (0.25, 0.12, 0.05), 0.5)
@@ -218,11 +232,15 @@ def _patchy_atrophy(rng, img: np.ndarray, g: _Frame, sev: float) -> None:
         poly = _blob_polygon(rng, (px, py), g.disc_r * rng.uniform(0.25, 0.35 + 0.65 * sev))
         pm = np.zeros((g.h, g.w), np.float32)
         cv2.fillPoly(pm, [poly], 1.0, cv2.LINE_AA)
-        _blend(img, _soft(pm, 1.5 * g.s), np.array([0.97, 0.85, 0.55], np.float32) * rng.uniform(0.9, 1.05),
-               rng.uniform(0.45, 0.65) + 0.25 * sev)
+        _blend(
+            img,
+            _soft(pm, 1.5 * g.s),
+            np.array([0.97, 0.85, 0.55], np.float32) * rng.uniform(0.9, 1.05),
+            rng.uniform(0.45, 0.65) + 0.25 * sev,
+        )
         em = np.zeros((g.h, g.w), np.float32)
         cv2.polylines(em, [poly], True, 1.0, max(1, int(rng.uniform(2, 5) * g.s)), cv2.LINE_AA)
-        for _ in range(int(rng.integers(1, 5))):       # pigment clumps
+        for _ in range(int(rng.integers(1, 5))):  # pigment clumps
             q = poly[rng.integers(len(poly))]
             cv2.circle(em, (int(q[0]), int(q[1])), max(1, int(rng.uniform(3, 8) * g.s)), 1.0, -1, cv2.LINE_AA)
         _blend(img, _soft(em, g.s), (0.18, 0.09, 0.04), rng.uniform(0.5, 0.8))
@@ -231,24 +249,42 @@ def _patchy_atrophy(rng, img: np.ndarray, g: _Frame, sev: float) -> None:
 def _macula_and_disc(rng, img: np.ndarray, g: _Frame) -> None:
     """A darker macula with a small bright foveal reflex; a bright yellow-white disc, brighter cup."""
     d_f = np.sqrt((g.xx - g.fov_x) ** 2 + (g.yy - g.fov_y) ** 2)
-    img *= (1 - rng.uniform(0.25, 0.4) * _exp(-(d_f / (1.3 * g.disc_r)) ** 2)).astype(np.float32)[..., None]
-    _blend(img, _exp(-(d_f / (0.08 * g.disc_r)) ** 2).astype(np.float32), (0.9, 0.75, 0.55), 0.5)
+    img *= (1 - rng.uniform(0.25, 0.4) * _exp(-((d_f / (1.3 * g.disc_r)) ** 2))).astype(np.float32)[..., None]
+    _blend(img, _exp(-((d_f / (0.08 * g.disc_r)) ** 2)).astype(np.float32), (0.9, 0.75, 0.55), 0.5)
     m = np.zeros((g.h, g.w), np.float32)
-    cv2.ellipse(m, (int(g.dx), int(g.dy)), (int(g.disc_r * rng.uniform(0.85, 0.95)), int(g.disc_r)), 0, 0, 360,
-                1.0, -1, cv2.LINE_AA)
+    cv2.ellipse(
+        m,
+        (int(g.dx), int(g.dy)),
+        (int(g.disc_r * rng.uniform(0.85, 0.95)), int(g.disc_r)),
+        0,
+        0,
+        360,
+        1.0,
+        -1,
+        cv2.LINE_AA,
+    )
     _blend(img, _soft(m, 2 * g.s), np.array([0.98, 0.85, 0.55], np.float32) * rng.uniform(0.95, 1.05), 0.92)
     d_d = np.sqrt((g.xx - g.dx) ** 2 + (g.yy - g.dy) ** 2)
-    _blend(img, _exp(-(d_d / (0.45 * g.disc_r)) ** 2).astype(np.float32), (1.0, 0.97, 0.88), rng.uniform(0.5, 0.8))
+    _blend(img, _exp(-((d_d / (0.45 * g.disc_r)) ** 2)).astype(np.float32), (1.0, 0.97, 0.88), rng.uniform(0.5, 0.8))
 
 
 def _vessel_tree(rng, img: np.ndarray, g: _Frame) -> None:
     """Four arcades leaving the disc, branching, thinner as they go."""
     vm = np.zeros((g.h, g.w), np.float32)
     temporal = np.pi if g.nasal == 1 else 0.0
-    for up in (-1, 1):   # superior (-1, y grows downwards) and inferior arcades
+    for up in (-1, 1):  # superior (-1, y grows downwards) and inferior arcades
         a0 = temporal - up * g.nasal * rng.uniform(0.9, 1.2)
-        _vessel(rng, vm, (g.dx, g.dy), a0, g.R * rng.uniform(1.0, 1.3), 9 * g.s, 3,
-                up * g.nasal * rng.uniform(1.2, 1.7), g.s)
+        _vessel(
+            rng,
+            vm,
+            (g.dx, g.dy),
+            a0,
+            g.R * rng.uniform(1.0, 1.3),
+            9 * g.s,
+            3,
+            up * g.nasal * rng.uniform(1.2, 1.7),
+            g.s,
+        )
         a1 = (temporal + np.pi) + up * g.nasal * rng.uniform(0.5, 0.9)
         _vessel(rng, vm, (g.dx, g.dy), a1, g.R * rng.uniform(0.4, 0.6), 6 * g.s, 2, rng.normal(0, 0.4), g.s)
     vm = np.clip(_soft(vm, 0.7 * g.s), 0, 1)
@@ -258,7 +294,7 @@ def _vessel_tree(rng, img: np.ndarray, g: _Frame) -> None:
 def _photograph(rng, img: np.ndarray, g: _Frame, W: int, H: int) -> np.ndarray:
     """The field of view (vignetting, black outside), a class-blind global colour, the full size
     ``W`` x ``H``, sensor noise: the BGR uint8 photograph."""
-    img *= np.clip(1 - 0.45 * (g.dist * g.dist * g.dist), 0, 1)[..., None]   # not ** 3: numpy's power varies
+    img *= np.clip(1 - 0.45 * (g.dist * g.dist * g.dist), 0, 1)[..., None]  # not ** 3: numpy's power varies
     fov = np.clip((1 - g.dist) * g.R / (2 * g.s), 0, 1)
     img *= fov[..., None]
     # rescale the field of view's mean to a target drawn the same way for every class
@@ -269,7 +305,7 @@ def _photograph(rng, img: np.ndarray, g: _Frame, W: int, H: int) -> np.ndarray:
     full = (g.w, g.h) != (W, H)
     img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR) if full else img
     out = img * 255.0
-    out += rng.normal(0, 2.0, (H, W, 1)).astype(np.float32)            # sensor noise
+    out += rng.normal(0, 2.0, (H, W, 1)).astype(np.float32)  # sensor noise
     out = np.clip(out, 0, 255).astype(np.uint8)
     fov_full = cv2.resize(fov, (W, H), interpolation=cv2.INTER_LINEAR) if full else fov
     out[fov_full < 0.02] = 0
@@ -306,6 +342,7 @@ def draw_fundus(rng: np.random.Generator, kind: str, size: tuple[int, int], eye:
 
 # -- the data set -------------------------------------------------------------------------
 
+
 def _plan(seed, n_train_p, n_train_n, n_train_h, n_val_pm, n_val_non_pm):
     """(split, name, kind, label, rng seed) for every image, in a deterministic order."""
     items = []
@@ -341,16 +378,28 @@ def _zip_bytes(entries: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 161, n_train_h: int = 26,
-             n_val_pm: int = 211, n_val_non_pm: int = 189, scale: float = 1.0, jpeg_quality: int = 90,
-             workers: int | None = None, progress: bool = True) -> None:
+def generate(
+    out_dir,
+    *,
+    seed: int = 0,
+    n_train_p: int = 213,
+    n_train_n: int = 161,
+    n_train_h: int = 26,
+    n_val_pm: int = 211,
+    n_val_non_pm: int = 189,
+    scale: float = 1.0,
+    jpeg_quality: int = 90,
+    workers: int | None = None,
+    progress: bool = True,
+) -> None:
     """Write ``training.zip``, ``validation.zip`` and ``valid_gt.zip`` to ``out_dir``.
 
     Deterministic: the same arguments give byte-identical zips. Each zip is written to a
     temporary file and renamed, so a failure leaves no partial zip behind.
     """
-    counts = dict(n_train_p=n_train_p, n_train_n=n_train_n, n_train_h=n_train_h, n_val_pm=n_val_pm,
-                  n_val_non_pm=n_val_non_pm)
+    counts = dict(
+        n_train_p=n_train_p, n_train_n=n_train_n, n_train_h=n_train_h, n_val_pm=n_val_pm, n_val_non_pm=n_val_non_pm
+    )
     for k, v in counts.items():
         if not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"{k} must be a whole number >= 0, got {v!r}")
@@ -363,7 +412,7 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
     from tqdm import tqdm
 
     plan = [(*p, float(scale), jpeg_quality) for p in _plan(seed, **counts)]
-    workers = workers or len(machine_share().cpus)   # this process's cores (the bytes do not depend on it)
+    workers = workers or len(machine_share().cpus)  # this process's cores (the bytes do not depend on it)
     results = []
     with tqdm(total=len(plan), desc="synthesize", unit="img", disable=not progress) as bar:
         if workers > 1:
@@ -378,9 +427,15 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
 
     train = {f"{TRAIN_DIR}/{name}": data for split, name, _, data, _ in results if split == "train"}
     valid = [(name, label, data, fov) for split, name, label, data, fov in results if split == "valid"]
-    gt = pd.DataFrame({"ID": range(1, len(valid) + 1), "imgName": [v[0] for v in valid],
-                       "Label": [v[1] for v in valid], "Fovea_X": [v[3][0] for v in valid],
-                       "Fovea_Y": [v[3][1] for v in valid]})
+    gt = pd.DataFrame(
+        {
+            "ID": range(1, len(valid) + 1),
+            "imgName": [v[0] for v in valid],
+            "Label": [v[1] for v in valid],
+            "Fovea_X": [v[3][0] for v in valid],
+            "Fovea_Y": [v[3][1] for v in valid],
+        }
+    )
     xlsx = io.BytesIO()
     gt.to_excel(xlsx, index=False)
     zips = {
@@ -390,7 +445,7 @@ def generate(out_dir, *, seed: int = 0, n_train_p: int = 213, n_train_n: int = 1
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as all_three:   # all written before any replaces its target
+    with contextlib.ExitStack() as all_three:  # all written before any replaces its target
         for name, data in zips.items():
             all_three.enter_context(atomic_file(out_dir / name, "wb")).write(data)
 

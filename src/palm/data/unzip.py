@@ -32,8 +32,8 @@ import zlib
 from pathlib import Path
 
 from palm.core.errors import DataError
-from palm.data.folder import copy_folder
 from palm.core.fsutil import atomic_dir, copy_at_most
+from palm.data.folder import copy_folder
 from palm.data.layout import (
     GT_DIR,
     GT_FILE,
@@ -74,16 +74,22 @@ def check_sizes(infos: list[zipfile.ZipInfo], label: str, limits: Limits, budget
     total = 0
     for info in infos:
         if info.file_size > limits.max_entry_mb * MB:
-            raise DataError(f"{label}: entry {info.filename!r} is {mb(info.file_size)} uncompressed, above "
-                            f"unzip.max_entry_mb ({limits.max_entry_mb:g}); refusing to extract it")
+            raise DataError(
+                f"{label}: entry {info.filename!r} is {mb(info.file_size)} uncompressed, above "
+                f"unzip.max_entry_mb ({limits.max_entry_mb:g}); refusing to extract it"
+            )
         if info.file_size > limits.entry_budget(info):
-            raise DataError(f"{label}: entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}"
-                            f"-fold ({mb(info.compress_size)} -> {mb(info.file_size)}), above unzip.max_ratio "
-                            f"({limits.max_ratio:g}): a zip bomb? refusing to extract it")
+            raise DataError(
+                f"{label}: entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}"
+                f"-fold ({mb(info.compress_size)} -> {mb(info.file_size)}), above unzip.max_ratio "
+                f"({limits.max_ratio:g}): a zip bomb? refusing to extract it"
+            )
         total += info.file_size
     if total > budget:
-        raise DataError(f"{label}: {mb(total)} uncompressed would exceed unzip.max_total_mb "
-                        f"({limits.max_total_mb:g} MB for all zips); refusing to extract it")
+        raise DataError(
+            f"{label}: {mb(total)} uncompressed would exceed unzip.max_total_mb "
+            f"({limits.max_total_mb:g} MB for all zips); refusing to extract it"
+        )
     return total
 
 
@@ -104,8 +110,10 @@ def copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst, label: str, li
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
         raise DataError(f"{label}: cannot extract entry {info.filename!r} ({exc})") from None
     if n is None:
-        raise DataError(f"{label}: entry {info.filename!r} decompresses to more than {mb(limit)}, "
-                        "beyond what its directory says or the unzip limits allow; refusing it")
+        raise DataError(
+            f"{label}: entry {info.filename!r} decompresses to more than {mb(limit)}, "
+            "beyond what its directory says or the unzip limits allow; refusing it"
+        )
     return n
 
 
@@ -114,8 +122,8 @@ class Extraction:
 
     def __init__(self, dest: Path, limits: Limits):
         self.dest, self.limits = dest, limits
-        self.files: dict[str, str] = {}     # case-folded path -> "zip: entry" that wrote it
-        self.dirs: dict[str, str] = {}      # case-folded folder -> "zip: entry" that made it
+        self.files: dict[str, str] = {}  # case-folded path -> "zip: entry" that wrote it
+        self.dirs: dict[str, str] = {}  # case-folded folder -> "zip: entry" that made it
         self.written = 0
         self.unexpected: list[str] = []
 
@@ -145,8 +153,9 @@ class Extraction:
         infos = [i for i in zf.infolist() if not _is_ignorable(i.filename) and i.filename not in skip]
         for info in infos:
             check_entry(info, label)
-        check_sizes([i for i in infos if not i.is_dir()], label, self.limits,
-                    int(self.limits.max_total_mb * MB) - self.written)
+        check_sizes(
+            [i for i in infos if not i.is_dir()], label, self.limits, int(self.limits.max_total_mb * MB) - self.written
+        )
         for info in infos:  # every overwrite is found before anything is written
             rel = posixpath.normpath(info.filename.replace("\\", "/")).strip("/")
             self._claim(rel, info.is_dir(), f"{label}: entry {info.filename!r}")
@@ -183,7 +192,8 @@ def unzip_all(zips_dir: str | Path, out_dir: str | Path, limits: Limits | None =
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataError(
-            "missing zip file(s): " + ", ".join(missing)
+            "missing zip file(s): "
+            + ", ".join(missing)
             + f" (expected training.zip, validation.zip and valid_gt.zip in {zips_dir})"
         )
     counts = {}
@@ -208,8 +218,9 @@ def unzip_all(zips_dir: str | Path, out_dir: str | Path, limits: Limits | None =
             counts[TRAIN_ZIP] += ex.extract(outer, train_label, lambda rel: False, skip=frozenset({NESTED_TRAIN_ZIP}))
         for name, folder in ((VALID_ZIP, VALID_DIR), (GT_ZIP, GT_DIR)):
             with open_zip(paths[name], str(paths[name])) as zf:
-                counts[name] = ex.extract(zf, str(paths[name]),
-                                          _in_folder(folder) if name == VALID_ZIP else lambda rel: rel == GT_FILE)
+                counts[name] = ex.extract(
+                    zf, str(paths[name]), _in_folder(folder) if name == VALID_ZIP else lambda rel: rel == GT_FILE
+                )
         for folder, zip_name in ((TRAIN_DIR, TRAIN_ZIP), (VALID_DIR, VALID_ZIP)):
             if not (tmp / folder).is_dir():
                 raise DataError(f"{paths[zip_name]}: no folder {folder}/ inside; is this the PALM download?")
@@ -217,8 +228,12 @@ def unzip_all(zips_dir: str | Path, out_dir: str | Path, limits: Limits | None =
             raise DataError(f"{paths[GT_ZIP]}: no entry {GT_FILE!r}")
     if ex.unexpected:
         shown = ex.unexpected[:10]
-        print(f"warning: {len(ex.unexpected)} file(s) outside the PALM layout were extracted but are not used: "
-              + "; ".join(shown) + (" ..." if len(ex.unexpected) > 10 else ""), file=sys.stderr)
+        print(
+            f"warning: {len(ex.unexpected)} file(s) outside the PALM layout were extracted but are not used: "
+            + "; ".join(shown)
+            + (" ..." if len(ex.unexpected) > 10 else ""),
+            file=sys.stderr,
+        )
     return counts
 
 

@@ -20,15 +20,15 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 
-from palm.nn.modelinfo import fundus, input_size, threshold, tta
-from palm.data.dataset import load_split
 from palm.core.fsutil import atomic_outputs, writing
-from palm.data.image import to_chw_float
 from palm.core.params import TTA_MODES
+from palm.core.runtime import configured_device, select_device
+from palm.data.dataset import load_split
+from palm.data.image import to_chw_float
+from palm.evaluation.metrics import DEFAULT_PREVALENCE, ECE_BINS, N_BOOT, score
+from palm.nn.modelinfo import fundus, input_size, threshold, tta
 from palm.serve.inference import load_engine
 from palm.serve.tta import MAX_VIEW_BATCH, N_VIEWS, combine, view_probabilities
-from palm.evaluation.metrics import DEFAULT_PREVALENCE, ECE_BINS, N_BOOT, score
-from palm.core.runtime import configured_device, select_device
 
 PREDICTIONS = Path("metrics/predictions.csv")
 EVAL_JSON = Path("metrics/eval.json")
@@ -46,17 +46,21 @@ def predict_valid(shards_dir: str | Path, model_dir: str | Path, batch_size: int
     return valid, by_mode[tta(info)], info
 
 
-def predict_valid_modes(shards_dir: str | Path, model_dir: str | Path, modes=TTA_MODES, batch_size: int = 32,
-                        device: str = "auto"):
+def predict_valid_modes(
+    shards_dir: str | Path, model_dir: str | Path, modes=TTA_MODES, batch_size: int = 32, device: str = "auto"
+):
     """As :func:`predict_valid`, the probabilities under each test-time augmentation of ``modes``
     and the model's own, from one pass over the views: ``(split, {mode: probabilities}, info)``."""
     engine, info = load_engine(model_dir, device=device)
     modes = list(dict.fromkeys([*modes, tta(info)]))
     n = max(N_VIEWS[m] for m in modes)
     valid = load_split(shards_dir, "valid", size=input_size(info), fundus=fundus(info))
-    per_view = [view_probabilities(engine, to_chw_float(valid.pixels[i:i + batch_size]), n,
-                                   max(MAX_VIEW_BATCH, batch_size))   # off: one call per batch, as ever
-                for i in range(0, len(valid), batch_size)]
+    per_view = [
+        view_probabilities(
+            engine, to_chw_float(valid.pixels[i : i + batch_size]), n, max(MAX_VIEW_BATCH, batch_size)
+        )  # off: one call per batch, as ever
+        for i in range(0, len(valid), batch_size)
+    ]
     per_view = np.concatenate(per_view, axis=1) if per_view else np.zeros((n, 0), np.float32)
     return valid, {m: combine(per_view, m) for m in modes}, info
 
@@ -68,18 +72,32 @@ def probability_histogram(labels, probs, n_bins: int = HIST_BINS) -> list[dict]:
     edges = np.linspace(0, 1, n_bins + 1)
     pm, _ = np.histogram(np.asarray(probs)[labels == 1], bins=edges)
     non, _ = np.histogram(np.asarray(probs)[labels == 0], bins=edges)
-    return [{"probability": round(float(c), 4), "PM": int(a), "non_PM": int(b)}
-            for c, a, b in zip((edges[:-1] + edges[1:]) / 2, pm, non)]
+    return [
+        {"probability": round(float(c), 4), "PM": int(a), "non_PM": int(b)}
+        for c, a, b in zip((edges[:-1] + edges[1:]) / 2, pm, non)
+    ]
 
 
-def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "models", batch_size: int = 32,
-             prevalence: float = DEFAULT_PREVALENCE, n_boot: int = N_BOOT, device: str = "auto") -> dict:
+def evaluate(
+    shards_dir: str | Path = "data/shards",
+    model_dir: str | Path = "models",
+    batch_size: int = 32,
+    prevalence: float = DEFAULT_PREVALENCE,
+    n_boot: int = N_BOOT,
+    device: str = "auto",
+) -> dict:
     select_device(device)
 
     valid, probs, info = predict_valid(shards_dir, model_dir, batch_size, device)
     cut = threshold(info)
-    preds = pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": probs.round(6),
-                          "predicted": (probs >= cut).astype(int)})
+    preds = pd.DataFrame(
+        {
+            "image": valid.images,
+            "label": valid.labels,
+            "probability": probs.round(6),
+            "predicted": (probs >= cut).astype(int),
+        }
+    )
     # the three outputs are staged beside their targets and put in place together: a failure
     # anywhere leaves the previous ones as they were, never a new predictions.csv beside an old eval.json
     with atomic_outputs() as out:
@@ -87,8 +105,11 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
             preds.to_csv(f, index=False)
 
         saved = pd.read_csv(out.staged(PREDICTIONS))  # the reported numbers come from the saved file
-        metrics = {"model": info["model"], "threshold_rule": str(info.get("threshold_rule", cut)),
-                   **score(saved["label"], saved["probability"], cut, prevalence=prevalence, n_boot=n_boot)}
+        metrics = {
+            "model": info["model"],
+            "threshold_rule": str(info.get("threshold_rule", cut)),
+            **score(saved["label"], saved["probability"], cut, prevalence=prevalence, n_boot=n_boot),
+        }
         with out.open(EVAL_JSON) as f:
             json.dump(metrics, f, indent=1)
 
@@ -109,6 +130,10 @@ def evaluate(shards_dir: str | Path = "data/shards", model_dir: str | Path = "mo
 
 def main(params: dict) -> None:
     cfg = params["evaluate"]
-    m = evaluate(batch_size=cfg["batch_size"], prevalence=cfg["prevalence"], n_boot=cfg["bootstrap"],
-                 device=configured_device(params))
+    m = evaluate(
+        batch_size=cfg["batch_size"],
+        prevalence=cfg["prevalence"],
+        n_boot=cfg["bootstrap"],
+        device=configured_device(params),
+    )
     print(json.dumps(m, indent=1))

@@ -18,23 +18,23 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from palm.core.fsutil import atomic_dir
+from palm.core.params import DEFAULT_THRESHOLD
+from palm.core.runtime import configured_device, select_device
+from palm.data.dataset import load_split
+from palm.data.image import to_chw_float
 from palm.nn.artifact import load
 from palm.nn.modelinfo import fundus, input_size
-from palm.nn.modelinfo import tta as model_tta
 from palm.nn.modelinfo import threshold as model_threshold
-from palm.data.dataset import load_split
-from palm.core.fsutil import atomic_dir
-from palm.data.image import to_chw_float
-from palm.core.params import DEFAULT_THRESHOLD
+from palm.nn.modelinfo import tta as model_tta
 from palm.nn.models import gradcam_layer
-from palm.core.runtime import configured_device, select_device
 from palm.serve import tta
-from palm.serve.inference import eager
 from palm.serve.gradcam import gradcam, overlay  # noqa: F401  (gradcam: also this module's, for its users)
+from palm.serve.inference import eager
 
 EXPLAIN_DIR = Path("metrics/explain")
-DISPLAY = 512      # side of each of the two panels, pixels
-CAPTION = 96       # height of the caption band, pixels
+DISPLAY = 512  # side of each of the two panels, pixels
+CAPTION = 96  # height of the caption band, pixels
 
 
 def figure(rgb: np.ndarray, cam: np.ndarray, lines: list[str], side: int = DISPLAY) -> np.ndarray:
@@ -44,8 +44,16 @@ def figure(rgb: np.ndarray, cam: np.ndarray, lines: list[str], side: int = DISPL
     panels = np.hstack([photo, np.full((side, 8, 3), 255, np.uint8), overlay(photo, heat)])
     band = np.full((CAPTION, panels.shape[1], 3), 255, np.uint8)
     for i, line in enumerate(lines[:3]):
-        cv2.putText(band, line, (12, 32 + 30 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.8 if i == 0 else 0.65,
-                    (0, 0, 0), 2 if i == 0 else 1, cv2.LINE_AA)
+        cv2.putText(
+            band,
+            line,
+            (12, 32 + 30 * i),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.8 if i == 0 else 0.65,
+            (0, 0, 0),
+            2 if i == 0 else 1,
+            cv2.LINE_AA,
+        )
     return np.vstack([band, panels])
 
 
@@ -53,10 +61,11 @@ def caption(image: str, label: int, prob: float, threshold: float) -> list[str]:
     """The figure's caption: name, label, prediction (right or wrong), probability, threshold."""
     pred = prob >= threshold
     verdict = "correct" if pred == bool(label) else "WRONG"
-    return [f"{Path(image).stem}: label {'PM' if label else 'non-PM'}, predicted {'PM' if pred else 'non-PM'} "
-            f"({verdict})",
-            f"PM probability {prob:.3f} (threshold {threshold:.3f})",
-            "left: photograph; right: Grad-CAM evidence for the predicted class (red = most)"]
+    return [
+        f"{Path(image).stem}: label {'PM' if label else 'non-PM'}, predicted {'PM' if pred else 'non-PM'} ({verdict})",
+        f"PM probability {prob:.3f} (threshold {threshold:.3f})",
+        "left: photograph; right: Grad-CAM evidence for the predicted class (red = most)",
+    ]
 
 
 def choose_images(preds: pd.DataFrame, n: int, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
@@ -74,15 +83,21 @@ def choose_images(preds: pd.DataFrame, n: int, threshold: float = DEFAULT_THRESH
     return preds.loc[picks]
 
 
-def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
-            predictions="metrics/predictions.csv", out_dir=EXPLAIN_DIR, device: str = "auto") -> list[Path]:
+def explain(
+    n_images: int = 12,
+    shards_dir="data/shards",
+    model_dir="models",
+    predictions="metrics/predictions.csv",
+    out_dir=EXPLAIN_DIR,
+    device: str = "auto",
+) -> list[Path]:
     select_device(device)
     model, info = load(model_dir)
     layer = gradcam_layer(info["model"], model)
     threshold = model_threshold(info)
     mode, engine = model_tta(info), eager(model, device)
-    photos = load_split(shards_dir, "valid")                  # full image_size, for the eye
-    valid = photos.resized(input_size(info), fundus(info))     # what the network sees
+    photos = load_split(shards_dir, "valid")  # full image_size, for the eye
+    valid = photos.resized(input_size(info), fundus(info))  # what the network sees
     index = {name: i for i, name in enumerate(valid.images)}
     chosen = choose_images(pd.read_csv(predictions), n_images, threshold)
     written = []
@@ -90,8 +105,8 @@ def explain(n_images: int = 12, shards_dir="data/shards", model_dir="models",
         for _, row in chosen.iterrows():
             i = index[row.image]
             x = to_chw_float(valid.pixels[i])
-            cam, prob = gradcam(model, layer, x)   # Grad-CAM of the image itself (not of its flipped views)
-            if mode != "off":   # the probability the model gives: the mean over its views (the image's own: above)
+            cam, prob = gradcam(model, layer, x)  # Grad-CAM of the image itself (not of its flipped views)
+            if mode != "off":  # the probability the model gives: the mean over its views (the image's own: above)
                 prob = float(tta.predict(engine, x[None], mode, first=[prob])[0])
             label = "PM" if row.label else "nonPM"
             pred = "PM" if prob >= threshold else "nonPM"

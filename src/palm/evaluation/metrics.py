@@ -41,8 +41,18 @@ ECE_BINS = 10
 # (Wong et al., Am J Ophthalmol 2014;157:9-25, a systematic review); 2% is in that range.
 DEFAULT_PREVALENCE = 0.02
 
-INTERVAL_KEYS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc", "brier",
-                 "ppv_at_prevalence", "npv_at_prevalence")
+INTERVAL_KEYS = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "auc",
+    "brier",
+    "ppv_at_prevalence",
+    "npv_at_prevalence",
+)
 WILSON_KEYS = ("accuracy", "sensitivity", "specificity", "precision", "npv")
 BOOTSTRAP_KEYS = ("f1", "auc", "brier")
 
@@ -101,9 +111,15 @@ def reliability_table(labels, probs, n_bins: int = ECE_BINS) -> list[dict]:
     for b in range(n_bins):
         inside = bins == b
         if inside.any():
-            rows.append({"bin_low": b / n_bins, "bin_high": (b + 1) / n_bins,
-                         "mean_probability": float(probs[inside].mean()),
-                         "fraction_pm": float(labels[inside].mean()), "count": int(inside.sum())})
+            rows.append(
+                {
+                    "bin_low": b / n_bins,
+                    "bin_high": (b + 1) / n_bins,
+                    "mean_probability": float(probs[inside].mean()),
+                    "fraction_pm": float(labels[inside].mean()),
+                    "count": int(inside.sum()),
+                }
+            )
     return rows
 
 
@@ -111,8 +127,12 @@ def expected_calibration_error(labels, probs, n_bins: int = ECE_BINS) -> float:
     """ECE: sum over the non-empty bins of :func:`reliability_table` of (bin share) x |mean
     probability - fraction of PM| (Guo et al. 2017)."""
     n = len(np.asarray(probs))
-    return float(sum(r["count"] / n * abs(r["mean_probability"] - r["fraction_pm"])
-                     for r in reliability_table(labels, probs, n_bins)))
+    return float(
+        sum(
+            r["count"] / n * abs(r["mean_probability"] - r["fraction_pm"])
+            for r in reliability_table(labels, probs, n_bins)
+        )
+    )
 
 
 def sensitivity_at_specificity(labels, probs, target: float) -> float:
@@ -160,15 +180,20 @@ def choose_threshold(labels, probs, rule) -> float:
     else:
         what, target = rule.split(">=")
         target = float(target)
-        ok = np.flatnonzero(tpr >= target - 1e-12) if what == "sensitivity" else np.flatnonzero(1 - fpr >= target - 1e-12)
+        ok = (
+            np.flatnonzero(tpr >= target - 1e-12)
+            if what == "sensitivity"
+            else np.flatnonzero(1 - fpr >= target - 1e-12)
+        )
         if not len(ok):
             raise DataError(f"no threshold reaches {rule} on these predictions")
         i = int(ok[0]) if what == "sensitivity" else int(ok[-1])
     return float(thr[i])
 
 
-def _bootstrap(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, prevalence: float,
-               n_boot: int, seed: int) -> dict[str, np.ndarray]:
+def _bootstrap(
+    labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, prevalence: float, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
     """Each metric of ``INTERVAL_KEYS`` on ``n_boot`` stratified resamples."""
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
@@ -187,8 +212,14 @@ def _bootstrap(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, prevalen
     return out
 
 
-def score(labels, probs, threshold: float = DEFAULT_THRESHOLD, prevalence: float = DEFAULT_PREVALENCE,
-          n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+def score(
+    labels,
+    probs,
+    threshold: float = DEFAULT_THRESHOLD,
+    prevalence: float = DEFAULT_PREVALENCE,
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+) -> dict:
     """All reported metrics of PM probabilities ``probs`` against 0/1 ``labels``, as a flat dict.
 
     ``n_boot=0`` skips the confidence intervals (the training holdout, every epoch). AUC,
@@ -217,39 +248,63 @@ def score(labels, probs, threshold: float = DEFAULT_THRESHOLD, prevalence: float
     out = {k: num(v) for k, v in _counts_metrics(tp, fp, tn, fn, prevalence).items()}
     if tn + fp == 0:
         out["specificity"] = None
-    out.update({
-        "auc": float(roc_auc_score(labels, probs)) if both else None,
-        "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "brier": float(brier_score_loss(labels, probs, pos_label=1)),
-        "ece": expected_calibration_error(labels, probs),
-    })
+    out.update(
+        {
+            "auc": float(roc_auc_score(labels, probs)) if both else None,
+            "loss": float(log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
+            "brier": float(brier_score_loss(labels, probs, pos_label=1)),
+            "ece": expected_calibration_error(labels, probs),
+        }
+    )
     for pct in (90, 95):  # keys without a dot, which dvc would read as nesting
-        out[f"sensitivity_at_specificity_{pct}"] = sensitivity_at_specificity(labels, probs, pct / 100) if both else None
-        out[f"specificity_at_sensitivity_{pct}"] = specificity_at_sensitivity(labels, probs, pct / 100) if both else None
+        out[f"sensitivity_at_specificity_{pct}"] = (
+            sensitivity_at_specificity(labels, probs, pct / 100) if both else None
+        )
+        out[f"specificity_at_sensitivity_{pct}"] = (
+            specificity_at_sensitivity(labels, probs, pct / 100) if both else None
+        )
     if n_boot and both:
         ci = {}
         boot = _bootstrap(labels, probs, pred, prevalence, int(n_boot), int(seed))
         for key in BOOTSTRAP_KEYS:
             values = boot[key][~np.isnan(boot[key])]
             ci[key] = tuple(num(v) for v in np.percentile(values, [2.5, 97.5])) if len(values) else (None, None)
-        for key, (k, n) in {"accuracy": (tp + tn, tp + tn + fp + fn), "sensitivity": (tp, tp + fn),
-                            "specificity": (tn, tn + fp), "precision": (tp, tp + fp), "npv": (tn, tn + fn)}.items():
+        for key, (k, n) in {
+            "accuracy": (tp + tn, tp + tn + fp + fn),
+            "sensitivity": (tp, tp + fn),
+            "specificity": (tn, tn + fp),
+            "precision": (tp, tp + fp),
+            "npv": (tn, tn + fn),
+        }.items():
             ci[key] = wilson_interval(k, n)
         ends = []
         for sens, spec in zip(ci["sensitivity"], ci["specificity"]):  # PPV, NPV rise with both
-            ends.append({"ppv": num(_div(sens * prevalence, sens * prevalence + (1 - spec) * (1 - prevalence))),
-                         "npv": num(_div(spec * (1 - prevalence), spec * (1 - prevalence) + (1 - sens) * prevalence))})
+            ends.append(
+                {
+                    "ppv": num(_div(sens * prevalence, sens * prevalence + (1 - spec) * (1 - prevalence))),
+                    "npv": num(_div(spec * (1 - prevalence), spec * (1 - prevalence) + (1 - sens) * prevalence)),
+                }
+            )
         ci["ppv_at_prevalence"] = (ends[0]["ppv"], ends[1]["ppv"])
         ci["npv_at_prevalence"] = (ends[0]["npv"], ends[1]["npv"])
         for key in INTERVAL_KEYS:
             out[f"{key}_ci_low"], out[f"{key}_ci_high"] = ci[key]
-    out.update({
-        "n": int(len(labels)), "n_pm": int(labels.sum()), "threshold": float(threshold),
-        "prevalence": float(prevalence), "prevalence_observed": float(labels.mean()),
-        "ci_method": f"95%: Wilson score for {', '.join(WILSON_KEYS)}; Bayes at the Wilson ends of sensitivity "
-                     f"and specificity for ppv/npv_at_prevalence; stratified bootstrap ({int(n_boot)} resamples, "
-                     f"seed {int(seed)}, percentile) for {', '.join(BOOTSTRAP_KEYS)}"
-                     if n_boot and both else "none",
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-    })
+    out.update(
+        {
+            "n": int(len(labels)),
+            "n_pm": int(labels.sum()),
+            "threshold": float(threshold),
+            "prevalence": float(prevalence),
+            "prevalence_observed": float(labels.mean()),
+            "ci_method": f"95%: Wilson score for {', '.join(WILSON_KEYS)}; Bayes at the Wilson ends of sensitivity "
+            f"and specificity for ppv/npv_at_prevalence; stratified bootstrap ({int(n_boot)} resamples, "
+            f"seed {int(seed)}, percentile) for {', '.join(BOOTSTRAP_KEYS)}"
+            if n_boot and both
+            else "none",
+            "tp": tp,
+            "fp": fp,
+            "tn": tn,
+            "fn": fn,
+        }
+    )
     return out

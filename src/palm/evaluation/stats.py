@@ -42,8 +42,14 @@ from palm.evaluation.metrics import BOOT_SEED, N_BOOT, _bootstrap, wilson_interv
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "f1")
 LOWER_IS_BETTER = {"brier"}
-TESTS = {"auc": "DeLong", "accuracy": "exact McNemar", "sensitivity": "exact McNemar",
-         "specificity": "exact McNemar", "brier": "paired bootstrap", "f1": "paired bootstrap"}
+TESTS = {
+    "auc": "DeLong",
+    "accuracy": "exact McNemar",
+    "sensitivity": "exact McNemar",
+    "specificity": "exact McNemar",
+    "brier": "paired bootstrap",
+    "f1": "paired bootstrap",
+}
 ALPHA = 0.05
 Z95 = 1.959963984540054
 Z_POWER = 0.8416212335729143  # 80% power
@@ -65,11 +71,11 @@ def delong(labels, probs_a, probs_b) -> dict:
     if m < 2 or n < 2:
         raise DataError(f"DeLong's test needs at least 2 PM and 2 non-PM images, got {m} and {n}")
     x, y = scores[:, pos], scores[:, neg]
-    tx, ty = rankdata(x, axis=1), rankdata(y, axis=1)         # midranks within each class
-    tz = rankdata(np.hstack([x, y]), axis=1)                  # and over all the images
+    tx, ty = rankdata(x, axis=1), rankdata(y, axis=1)  # midranks within each class
+    tz = rankdata(np.hstack([x, y]), axis=1)  # and over all the images
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:, :m] - tx) / n          # per PM image: share of non-PM images ranked below it
-    v01 = 1 - (tz[:, m:] - ty) / m      # per non-PM image: share of PM images ranked above it
+    v10 = (tz[:, :m] - tx) / n  # per PM image: share of non-PM images ranked below it
+    v01 = 1 - (tz[:, m:] - ty) / m  # per non-PM image: share of PM images ranked above it
     cov = np.cov(v10) / m + np.cov(v01) / n
     diff = float(aucs[1] - aucs[0])
     var = float(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0))
@@ -79,12 +85,20 @@ def delong(labels, probs_a, probs_b) -> dict:
     else:
         p = float(2 * norm.sf(abs(diff) / math.sqrt(var)))
         half = Z95 * math.sqrt(var)
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "var": var,
-            "ci_low": diff - half, "ci_high": diff + half, "p_value": p}
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "diff": diff,
+        "var": var,
+        "ci_low": diff - half,
+        "ci_high": diff + half,
+        "p_value": p,
+    }
 
 
-def newcombe_paired_interval(both: int, only_a: int, only_b: int, neither: int,
-                             level: float = 0.95) -> tuple[float, float]:
+def newcombe_paired_interval(
+    both: int, only_a: int, only_b: int, neither: int, level: float = 0.95
+) -> tuple[float, float]:
     """Newcombe's (1998, method 10) interval for p_b - p_a, two proportions on the same subjects.
 
     ``both``: successes of both; ``only_a``/``only_b``: of one only; ``neither``. Hybrid score:
@@ -119,12 +133,22 @@ def mcnemar(correct_a, correct_b) -> dict:
     discordant = only_a + only_b
     p = float(binomtest(only_b, discordant, 0.5).pvalue) if discordant else 1.0
     low, high = newcombe_paired_interval(both, only_a, only_b, neither)
-    return {"a": (both + only_a) / n, "b": (both + only_b) / n, "diff": (only_b - only_a) / n,
-            "ci_low": low, "ci_high": high, "p_value": p, "only_a": only_a, "only_b": only_b, "n": n}
+    return {
+        "a": (both + only_a) / n,
+        "b": (both + only_b) / n,
+        "diff": (only_b - only_a) / n,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "only_a": only_a,
+        "only_b": only_b,
+        "n": n,
+    }
 
 
-def paired_bootstrap(labels, probs_a, pred_a, probs_b, pred_b, metric: str, n_boot: int = N_BOOT,
-                     seed: int = BOOT_SEED) -> np.ndarray:
+def paired_bootstrap(
+    labels, probs_a, pred_a, probs_b, pred_b, metric: str, n_boot: int = N_BOOT, seed: int = BOOT_SEED
+) -> np.ndarray:
     """``metric`` (``brier``, ``f1``, ``auc``, ``accuracy``...) of b minus a on ``n_boot``
     stratified resamples, the same resampled images for both (the resampling depends on the
     labels and the seed only)."""
@@ -175,8 +199,9 @@ def images_needed(diff: float, ci_low: float, ci_high: float, n: int, alpha: flo
 UNITS = {"sensitivity": "PM images", "specificity": "non-PM images"}
 
 
-def verdict(metric: str, diff: float, p_adjusted: float, n: int, ci_low: float, ci_high: float,
-            alpha: float = ALPHA) -> str:
+def verdict(
+    metric: str, diff: float, p_adjusted: float, n: int, ci_low: float, ci_high: float, alpha: float = ALPHA
+) -> str:
     """``better``, ``worse`` (b against a, after correction) or why no difference is detectable
     (sensitivity counts the PM images, specificity the non-PM ones)."""
     if math.isfinite(p_adjusted) and p_adjusted < alpha and diff != 0:
@@ -214,8 +239,10 @@ def check_predictions(labels, probs, pred=None, name: str = "predictions", image
                 float(v)
             except (TypeError, ValueError):
                 bad[i] = True
-        raise DataError(f"{name}: {column} holds values that are not numbers: "
-                        f"{listing(dict.fromkeys(repr(values[i]) for i in np.flatnonzero(bad)), 5)} ({where(bad)})")
+        raise DataError(
+            f"{name}: {column} holds values that are not numbers: "
+            f"{listing(dict.fromkeys(repr(values[i]) for i in np.flatnonzero(bad)), 5)} ({where(bad)})"
+        )
 
     for column, values in (("label", labels), ("predicted", pred)):
         if values is None:
@@ -223,15 +250,17 @@ def check_predictions(labels, probs, pred=None, name: str = "predictions", image
         v = numbers(values, column)
         bad = ~np.isin(v, (0.0, 1.0))
         if bad.any():
-            raise DataError(f"{name}: {column} must be 0 or 1, got {listing([f'{x:g}' for x in np.unique(v[bad])], 5)} "
-                            f"({where(bad)})")
+            raise DataError(
+                f"{name}: {column} must be 0 or 1, got {listing([f'{x:g}' for x in np.unique(v[bad])], 5)} "
+                f"({where(bad)})"
+            )
     p = numbers(probs, "probability")
     bad = ~np.isfinite(p) | (p < 0) | (p > 1)
     if bad.any():
-        raise DataError(f"{name}: probability must be a number in [0, 1], got "
-                        f"{listing([f'{x:g}' for x in np.unique(p[bad])], 5)} ({where(bad)})")
-
-
+        raise DataError(
+            f"{name}: probability must be a number in [0, 1], got "
+            f"{listing([f'{x:g}' for x in np.unique(p[bad])], 5)} ({where(bad)})"
+        )
 
 
 def metric_value(metric: str, labels, probs, pred) -> float:
@@ -248,8 +277,12 @@ def metric_value(metric: str, labels, probs, pred) -> float:
     fp = int(((pred == 1) & (labels == 0)).sum())
     tn = int(((pred == 0) & (labels == 0)).sum())
     fn = int(((pred == 0) & (labels == 1)).sum())
-    ratio = {"accuracy": (tp + tn, len(labels)), "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
-             "f1": (2 * tp, 2 * tp + fp + fn)}[metric]
+    ratio = {
+        "accuracy": (tp + tn, len(labels)),
+        "sensitivity": (tp, tp + fn),
+        "specificity": (tn, tn + fp),
+        "f1": (2 * tp, 2 * tp + fp + fn),
+    }[metric]
     return ratio[0] / ratio[1] if ratio[1] else math.nan
 
 
@@ -259,25 +292,43 @@ def compare_pair(metric: str, labels, a, b, n_boot: int = N_BOOT, seed: int = BO
     labels = np.asarray(labels).astype(int)
     if metric == "auc":
         r = delong(labels, a.probs, b.probs)
-        return {"value_a": r["auc_a"], "value_b": r["auc_b"], "diff": r["diff"], "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"], "p_value": r["p_value"], "test": "DeLong", "n": len(labels)}
+        return {
+            "value_a": r["auc_a"],
+            "value_b": r["auc_b"],
+            "diff": r["diff"],
+            "ci_low": r["ci_low"],
+            "ci_high": r["ci_high"],
+            "p_value": r["p_value"],
+            "test": "DeLong",
+            "n": len(labels),
+        }
     if metric in ("accuracy", "sensitivity", "specificity"):
         keep = {"accuracy": np.ones(len(labels), bool), "sensitivity": labels == 1, "specificity": labels == 0}[metric]
         if not keep.any():
             raise DataError(f"{metric}: no {'PM' if metric == 'sensitivity' else 'non-PM'} image to compare on")
         r = mcnemar((a.pred == labels)[keep], (b.pred == labels)[keep])
-        return {"value_a": r["a"], "value_b": r["b"], "diff": r["diff"], "ci_low": r["ci_low"],
-                "ci_high": r["ci_high"], "p_value": r["p_value"], "n": int(keep.sum()),
-                "test": f"exact McNemar ({r['only_a']} vs {r['only_b']} discordant), Newcombe interval"}
+        return {
+            "value_a": r["a"],
+            "value_b": r["b"],
+            "diff": r["diff"],
+            "ci_low": r["ci_low"],
+            "ci_high": r["ci_high"],
+            "p_value": r["p_value"],
+            "n": int(keep.sum()),
+            "test": f"exact McNemar ({r['only_a']} vs {r['only_b']} discordant), Newcombe interval",
+        }
     if metric in ("brier", "f1"):
         va, vb = metric_value(metric, labels, a.probs, a.pred), metric_value(metric, labels, b.probs, b.pred)
         boots = paired_bootstrap(labels, a.probs, a.pred, b.probs, b.pred, metric, n_boot, seed)
         r = bootstrap_summary(vb - va, boots)
-        return {"value_a": va, "value_b": vb, **r, "n": len(labels),
-                "test": f"paired bootstrap ({n_boot} resamples, seed {seed})"}
+        return {
+            "value_a": va,
+            "value_b": vb,
+            **r,
+            "n": len(labels),
+            "test": f"paired bootstrap ({n_boot} resamples, seed {seed})",
+        }
     raise ConfigError(f"--metric: unknown metric {metric!r} (one of {', '.join(METRICS)})")
-
-
 
 
 def over_seeds(metric: str, labels, pairs, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> list[dict]:
@@ -288,8 +339,12 @@ def over_seeds(metric: str, labels, pairs, n_boot: int = N_BOOT, seed: int = BOO
     from scipy import stats
 
     labels = np.asarray(labels).astype(int)
-    diffs = np.array([metric_value(metric, labels, b.probs, b.pred) - metric_value(metric, labels, a.probs, a.pred)
-                      for a, b in pairs])
+    diffs = np.array(
+        [
+            metric_value(metric, labels, b.probs, b.pred) - metric_value(metric, labels, a.probs, a.pred)
+            for a, b in pairs
+        ]
+    )
     mean, k = float(diffs.mean()), len(diffs)
     sd = float(diffs.std(ddof=1))
     if sd > 0:
@@ -298,10 +353,20 @@ def over_seeds(metric: str, labels, pairs, n_boot: int = N_BOOT, seed: int = BOO
     else:
         half, p = 0.0, (1.0 if mean == 0 else 0.0)
     n = int({"sensitivity": labels.sum(), "specificity": (1 - labels).sum()}.get(metric, len(labels)))
-    seeds = {"diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p,
-             "test": f"t over {k} seeds' paired differences (training variance)", "n": n}
-    boots = np.mean([paired_bootstrap(labels, a.probs, a.pred, b.probs, b.pred, metric, n_boot, seed)
-                     for a, b in pairs], axis=0)
-    pooled = {**bootstrap_summary(mean, boots), "n": n,
-              "test": f"pooled over {k} seeds, paired bootstrap over images ({n_boot} resamples; sampling variance)"}
+    seeds = {
+        "diff": mean,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "p_value": p,
+        "test": f"t over {k} seeds' paired differences (training variance)",
+        "n": n,
+    }
+    boots = np.mean(
+        [paired_bootstrap(labels, a.probs, a.pred, b.probs, b.pred, metric, n_boot, seed) for a, b in pairs], axis=0
+    )
+    pooled = {
+        **bootstrap_summary(mean, boots),
+        "n": n,
+        "test": f"pooled over {k} seeds, paired bootstrap over images ({n_boot} resamples; sampling variance)",
+    }
     return [seeds, pooled]

@@ -40,18 +40,21 @@ def network(files: ModelFiles):
     built from the very bytes that were hashed (and checked against the card when asked)."""
     info = files.info
     if MODEL_WEIGHTS not in files.data:
-        check_model_dir(files.given)     # why there is none (pickles refused, or missing)
+        check_model_dir(files.given)  # why there is none (pickles refused, or missing)
         raise DataError(f"{files.given}: no {MODEL_WEIGHTS}; train a model first (dvc repro train)")
     weights = load_state_bytes(files.data[MODEL_WEIGHTS], files.path(MODEL_WEIGHTS))
     if info["model"] not in model_names():
-        raise DataError(f"{files.path(MODEL_INFO)}: unknown model {info['model']!r} "
-                        f"(known: {', '.join(model_names())})")
+        raise DataError(
+            f"{files.path(MODEL_INFO)}: unknown model {info['model']!r} (known: {', '.join(model_names())})"
+        )
     model = build_model(info["model"], image_size=input_size(info))
     expected = model.state_dict()
     wrong = [k for k, v in expected.items() if k not in weights or list(weights[k].shape) != list(v.shape)]
     if wrong or set(weights) - set(expected):
-        raise DataError(f"{files.given}: the weights do not fit a {info['model']} at {input_size(info)} px "
-                        f"({len(wrong)} missing or of another shape, {len(set(weights) - set(expected))} unknown)")
+        raise DataError(
+            f"{files.given}: the weights do not fit a {info['model']} at {input_size(info)} px "
+            f"({len(wrong)} missing or of another shape, {len(set(weights) - set(expected))} unknown)"
+        )
     model.set_state_dict(weights)
     model.eval()
     return model

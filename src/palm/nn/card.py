@@ -26,9 +26,9 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 from palm.core.errors import DataError
 from palm.nn.modelinfo import MODEL_INFO, parse_info
@@ -49,11 +49,11 @@ class ModelFiles:
     needs, each read once; the hashes of every file of :data:`CARD_FILES` found there; the card
     they were checked against (None: no card, or not checked)."""
 
-    dir: Path                            # the folder, symbolic links resolved
-    given: Path                          # the folder as named by the caller (for messages)
-    info: dict                           # model.json, parsed from the bytes hashed
-    data: dict[str, bytes] = field(repr=False)   # the bytes of the files read, by name
-    sha256: dict[str, str]               # every file of CARD_FILES present, by name
+    dir: Path  # the folder, symbolic links resolved
+    given: Path  # the folder as named by the caller (for messages)
+    info: dict  # model.json, parsed from the bytes hashed
+    data: dict[str, bytes] = field(repr=False)  # the bytes of the files read, by name
+    sha256: dict[str, str]  # every file of CARD_FILES present, by name
     card: dict | None = None
     card_path: Path | None = None
 
@@ -79,8 +79,10 @@ def read_card(path: str | Path, data: bytes | None = None) -> dict:
     try:
         card = json.loads((path.read_bytes() if data is None else data).decode("utf-8"))
         if isinstance(card, dict) and card.get("schema") == "palm-model-card/1":
-            raise ValueError(f"written by an older palm ({card['schema']}, whose hashes do not cover {MODEL_INFO}); "
-                             "rerun dvc repro card")
+            raise ValueError(
+                f"written by an older palm ({card['schema']}, whose hashes do not cover {MODEL_INFO}); "
+                "rerun dvc repro card"
+            )
         if not isinstance(card, dict) or card.get("schema") != SCHEMA:
             raise ValueError(f"schema is not {SCHEMA}")
         for w in card["files"]:
@@ -97,7 +99,7 @@ def read_regular(path: Path) -> bytes | None:
     """The bytes of the regular file ``path`` (following links), read in one go; None when there
     is none. Anything else there (a FIFO, a device, a folder) is a one-line error, never read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO opens without waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -121,9 +123,10 @@ def open_model(model_dir: str | Path, read: Iterable[str] = (), check: bool = Fa
     try:
         folder = given.resolve(strict=True)
     except FileNotFoundError:
-        raise DataError(f"{given}: no such folder, no {MODEL_INFO}; train a model first (dvc repro) or give "
-                        "--model DIR") from None
-    except (OSError, RuntimeError) as exc:   # a loop of symbolic links, a folder that cannot be searched
+        raise DataError(
+            f"{given}: no such folder, no {MODEL_INFO}; train a model first (dvc repro) or give --model DIR"
+        ) from None
+    except (OSError, RuntimeError) as exc:  # a loop of symbolic links, a folder that cannot be searched
         raise DataError(f"{given}: cannot open the model folder ({getattr(exc, 'strerror', None) or exc})") from None
     if not folder.is_dir():
         raise DataError(f"{given}: not a folder; --model takes the folder of a trained model")
@@ -146,7 +149,7 @@ def open_model(model_dir: str | Path, read: Iterable[str] = (), check: bool = Fa
     if check and (card_path := find_card(folder)) is not None:
         card = read_card(card_path, read_regular(card_path))
         check_files(card, card_path, given, digests)
-    info = parse_info(data[MODEL_INFO], given / MODEL_INFO)    # after the card: an altered file is named as such
+    info = parse_info(data[MODEL_INFO], given / MODEL_INFO)  # after the card: an altered file is named as such
     return ModelFiles(folder, given, info, data, digests, card, card_path)
 
 
@@ -157,19 +160,25 @@ def check_files(card: dict, card_path: Path, folder: Path, digests: dict[str, st
     for entry in card["files"]:
         p = PurePosixPath(entry["path"])
         groups.setdefault(str(p.parent), {})[p.name] = entry["sha256"].lower()
-    for name, digest in sorted(digests.items(), key=lambda kv: kv[0] != MODEL_INFO):   # the weights first
+    for name, digest in sorted(digests.items(), key=lambda kv: kv[0] != MODEL_INFO):  # the weights first
         f = folder / name
         listed = sorted({g[name] for g in groups.values() if name in g})
         if not listed:
-            raise DataError(f"{f}: not described by the model card {card_path}; refusing a model the card does "
-                            "not vouch for (rerun the pipeline: dvc repro)")
+            raise DataError(
+                f"{f}: not described by the model card {card_path}; refusing a model the card does "
+                "not vouch for (rerun the pipeline: dvc repro)"
+            )
         if digest not in listed:
-            raise DataError(f"{f}: SHA-256 {digest[:12]}... does not match the model card {card_path} "
-                            f"({', '.join(h[:12] + '...' for h in listed)}); refusing this model "
-                            "(other or altered files: rerun dvc repro, or use the card that came with them)")
+            raise DataError(
+                f"{f}: SHA-256 {digest[:12]}... does not match the model card {card_path} "
+                f"({', '.join(h[:12] + '...' for h in listed)}); refusing this model "
+                "(other or altered files: rerun dvc repro, or use the card that came with them)"
+            )
     if not any(all(g.get(n) == d for n, d in digests.items()) for g in groups.values()):
-        raise DataError(f"{folder}: its files ({', '.join(sorted(digests))}) are listed by the model card {card_path} "
-                        "but for different model folders; refusing a mixed model (rerun dvc repro)")
+        raise DataError(
+            f"{folder}: its files ({', '.join(sorted(digests))}) are listed by the model card {card_path} "
+            "but for different model folders; refusing a mixed model (rerun dvc repro)"
+        )
 
 
 def verify(model_dir: str | Path) -> Path | None:

@@ -66,8 +66,6 @@ FILE_KEYS = ("state_file", "best_file")
 _FILE_NAME = re.compile(r"^(state|best)-\d{4,}\.safetensors$")
 
 
-
-
 def damaged(ckpt_dir: Path, meta: dict, keys=FILE_KEYS) -> str | None:
     """Why the weights files that ``meta`` names (``keys``) are not the ones it was written with
     (a name that is not a checkpoint's, a missing file, another SHA-256), or None when they are."""
@@ -98,14 +96,15 @@ def mismatch(saved, identity: dict) -> str | None:
         reasons.append(f"other code ({describe_paths(differing(saved.get('code') or {}, identity['code']))})")
     if saved.get("versions") != identity["versions"]:
         old, new = saved.get("versions") or {}, identity["versions"]
-        reasons.append("other libraries (" + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
-                                                         for k in differing(old, new)) + ")")
+        reasons.append(
+            "other libraries (" + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in differing(old, new)) + ")"
+        )
     if saved.get("config") != identity["config"]:
         reasons.append("other parameters")
     if saved.get("data") != identity["data"]:
         reasons.append("other data")
     known = ("code", "versions", "config", "data")
-    reasons += [f"other {key}" for key in differing(saved, identity) if key not in known]   # parts added later
+    reasons += [f"other {key}" for key in differing(saved, identity) if key not in known]  # parts added later
     return "is from " + ", ".join(reasons) if reasons else None
 
 
@@ -147,7 +146,8 @@ def remove_unlisted(ckpt_dir: Path, meta: dict) -> None:
     """Remove the weights files (and temporary files) of ``ckpt_dir`` that ``meta`` does not name."""
     keep = {meta.get("state_file"), meta.get("best_file"), MANIFEST}
     for p in ckpt_dir.iterdir():
-        if p.name not in keep and (p.suffix == ".safetensors" or p.name.startswith(".") or
-                                   p.name.endswith((".tmp", ".pdckpt", ".pdparams"))):
+        if p.name not in keep and (
+            p.suffix == ".safetensors" or p.name.startswith(".") or p.name.endswith((".tmp", ".pdckpt", ".pdparams"))
+        ):
             with contextlib.suppress(OSError):
                 p.unlink()

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from palm.core.errors import ConfigError, DataError
-from palm.data.fundus import Fundus
+
 # DEFAULT_THRESHOLD: a model whose model.json names none
 from palm.core.params import CLAHE_MODES, DEFAULT_THRESHOLD, MAX_LOCAL_NORM, TTA_MODES, Side, check
+from palm.data.fundus import Fundus
 
 MODEL_INFO = "model.json"
 
@@ -63,10 +64,11 @@ def parse_info(data: bytes, path: str | Path) -> dict:
     try:
         check(ModelInfo, info, str(path))  # each bad key named
     except ConfigError as exc:
-        raise ConfigError("; ".join(str(exc).splitlines())) from None   # one line
+        raise ConfigError("; ".join(str(exc).splitlines())) from None  # one line
     if input_size(info) > int(info["image_size"]):
-        raise ConfigError(f"{path}: input_size = {input_size(info)}: must not be above image_size "
-                          f"({info['image_size']})")
+        raise ConfigError(
+            f"{path}: input_size = {input_size(info)}: must not be above image_size ({info['image_size']})"
+        )
     return info
 
 
@@ -78,9 +80,9 @@ class FundusInfo(BaseModel):
     JSON has true and false, so no ``off`` read as false here."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    crop: Optional[bool] = None
-    local_norm: Optional[Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)]] = None
-    clahe: Optional[Literal[CLAHE_MODES]] = None  # type: ignore[valid-type]
+    crop: bool | None = None
+    local_norm: Annotated[float, Field(ge=0, le=MAX_LOCAL_NORM, allow_inf_nan=False)] | None = None
+    clahe: Literal[CLAHE_MODES] | None = None  # type: ignore[valid-type]
 
 
 class ModelInfo(BaseModel):
@@ -92,15 +94,15 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: str
     image_size: Side
-    input_size: Optional[Side] = None
+    input_size: Side | None = None
     threshold: Probability = DEFAULT_THRESHOLD
-    threshold_rule: Optional[str] = None
+    threshold_rule: str | None = None
     tta: Literal[TTA_MODES] = "off"  # type: ignore[valid-type]
-    fundus: Optional[FundusInfo] = None
-    selected_epoch: Optional[Annotated[int, Field(ge=0)]] = None
-    epochs: Optional[Annotated[int, Field(ge=0)]] = None
-    config: Optional[dict] = None
-    onnx: Optional[dict] = None
+    fundus: FundusInfo | None = None
+    selected_epoch: Annotated[int, Field(ge=0)] | None = None
+    epochs: Annotated[int, Field(ge=0)] | None = None
+    config: dict | None = None
+    onnx: dict | None = None
 
 
 def input_size(info: dict) -> int:

@@ -27,8 +27,8 @@ ResNet50's 4.1) whose low cost per image buys resolution on a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import paddle
@@ -60,9 +60,14 @@ class LeNet(nn.Sequential):
 
     def __init__(self, image_size: int = 224):
         features = nn.Sequential(
-            nn.Conv2D(3, 6, 5), nn.Sigmoid(), nn.MaxPool2D(2, 2),
-            nn.Conv2D(6, 16, 5), nn.Sigmoid(), nn.MaxPool2D(2, 2),
-            nn.Conv2D(16, 120, 4), nn.Sigmoid(),
+            nn.Conv2D(3, 6, 5),
+            nn.Sigmoid(),
+            nn.MaxPool2D(2, 2),
+            nn.Conv2D(6, 16, 5),
+            nn.Sigmoid(),
+            nn.MaxPool2D(2, 2),
+            nn.Conv2D(16, 120, 4),
+            nn.Sigmoid(),
         )
         n = _flat_size(features, image_size)
         super().__init__(features, nn.Flatten(), nn.Linear(n, 64), nn.Sigmoid(), nn.Linear(64, 1))
@@ -83,17 +88,30 @@ class AlexNet(nn.Sequential):
 
     def __init__(self, image_size: int = 224, dropout: float = 0.5):
         features = nn.Sequential(
-            nn.Conv2D(3, 96, 11, stride=4, padding=5), nn.ReLU(), nn.MaxPool2D(2, 2),
-            nn.Conv2D(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2D(2, 2),
-            nn.Conv2D(256, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2D(384, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2D(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2, 2),
+            nn.Conv2D(3, 96, 11, stride=4, padding=5),
+            nn.ReLU(),
+            nn.MaxPool2D(2, 2),
+            nn.Conv2D(96, 256, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2D(2, 2),
+            nn.Conv2D(256, 384, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2D(384, 384, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2D(384, 256, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2D(2, 2),
         )
         n = _flat_size(features, image_size)
         super().__init__(
-            features, nn.Flatten(),
-            nn.Linear(n, 4096), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(dropout),
+            features,
+            nn.Flatten(),
+            nn.Linear(n, 4096),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(4096, 1),
         )
 
@@ -117,8 +135,12 @@ class Inception(nn.Layer):
     def __init__(self, cin, c1, c3r, c3, c5r, c5, proj, batch_norm=True):
         super().__init__()
         self.b1 = ConvBNReLU(cin, c1, 1, batch_norm=batch_norm)
-        self.b3 = nn.Sequential(ConvBNReLU(cin, c3r, 1, batch_norm=batch_norm), ConvBNReLU(c3r, c3, 3, batch_norm=batch_norm))
-        self.b5 = nn.Sequential(ConvBNReLU(cin, c5r, 1, batch_norm=batch_norm), ConvBNReLU(c5r, c5, 5, batch_norm=batch_norm))
+        self.b3 = nn.Sequential(
+            ConvBNReLU(cin, c3r, 1, batch_norm=batch_norm), ConvBNReLU(c3r, c3, 3, batch_norm=batch_norm)
+        )
+        self.b5 = nn.Sequential(
+            ConvBNReLU(cin, c5r, 1, batch_norm=batch_norm), ConvBNReLU(c5r, c5, 5, batch_norm=batch_norm)
+        )
         self.bp = nn.Sequential(nn.MaxPool2D(3, 1, padding=1), ConvBNReLU(cin, proj, 1, batch_norm=batch_norm))
 
     def forward(self, x):
@@ -130,8 +152,15 @@ class AuxHead(nn.Sequential):
     fc 1024, dropout 0.7, fc 1."""
 
     def __init__(self, cin: int):
-        super().__init__(nn.AdaptiveAvgPool2D(4), ConvBNReLU(cin, 128, 1, batch_norm=False), nn.Flatten(),
-                         nn.Linear(128 * 16, 1024), nn.ReLU(), nn.Dropout(0.7), nn.Linear(1024, 1))
+        super().__init__(
+            nn.AdaptiveAvgPool2D(4),
+            ConvBNReLU(cin, 128, 1, batch_norm=False),
+            nn.Flatten(),
+            nn.Linear(128 * 16, 1024),
+            nn.ReLU(),
+            nn.Dropout(0.7),
+            nn.Linear(1024, 1),
+        )
 
 
 class GoogLeNet(nn.Layer):
@@ -153,19 +182,30 @@ class GoogLeNet(nn.Layer):
         bn = batch_norm
         pool = lambda: nn.MaxPool2D(3, 2, padding=1)  # noqa: E731
         self.stem = nn.Sequential(
-            ConvBNReLU(3, 64, 7, stride=2, batch_norm=bn), pool(),
-            ConvBNReLU(64, 64, 1, batch_norm=bn), ConvBNReLU(64, 192, 3, batch_norm=bn), pool(),
-            Inception(192, 64, 96, 128, 16, 32, 32, bn), Inception(256, 128, 128, 192, 32, 96, 64, bn), pool(),
+            ConvBNReLU(3, 64, 7, stride=2, batch_norm=bn),
+            pool(),
+            ConvBNReLU(64, 64, 1, batch_norm=bn),
+            ConvBNReLU(64, 192, 3, batch_norm=bn),
+            pool(),
+            Inception(192, 64, 96, 128, 16, 32, 32, bn),
+            Inception(256, 128, 128, 192, 32, 96, 64, bn),
+            pool(),
             Inception(480, 192, 96, 208, 16, 48, 64, bn),
         )
         self.mid = nn.Sequential(
-            Inception(512, 160, 112, 224, 24, 64, 64, bn), Inception(512, 128, 128, 256, 24, 64, 64, bn),
+            Inception(512, 160, 112, 224, 24, 64, 64, bn),
+            Inception(512, 128, 128, 256, 24, 64, 64, bn),
             Inception(512, 112, 144, 288, 32, 64, 64, bn),
         )
         self.tail = nn.Sequential(
-            Inception(528, 256, 160, 320, 32, 128, 128, bn), pool(),
-            Inception(832, 256, 160, 320, 32, 128, 128, bn), Inception(832, 384, 192, 384, 48, 128, 128, bn),
-            nn.AdaptiveAvgPool2D(1), nn.Flatten(), nn.Dropout(0.4), nn.Linear(1024, 1),
+            Inception(528, 256, 160, 320, 32, 128, 128, bn),
+            pool(),
+            Inception(832, 256, 160, 320, 32, 128, 128, bn),
+            Inception(832, 384, 192, 384, 48, 128, 128, bn),
+            nn.AdaptiveAvgPool2D(1),
+            nn.Flatten(),
+            nn.Dropout(0.4),
+            nn.Linear(1024, 1),
         )
         self.aux1 = AuxHead(512)
         self.aux2 = AuxHead(528)
@@ -188,12 +228,25 @@ class SEBasicBlock(BasicBlock):
     """ResNet basic block with squeeze-and-excitation (Hu et al. 2018, reduction 16) on the
     residual branch, before the addition."""
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
-                 norm_layer=None, reduction: int = 16):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        downsample=None,
+        groups=1,
+        base_width=64,
+        dilation=1,
+        norm_layer=None,
+        reduction: int = 16,
+    ):
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.se = nn.Sequential(
-            nn.AdaptiveAvgPool2D(1), nn.Conv2D(planes, planes // reduction, 1), nn.ReLU(),
-            nn.Conv2D(planes // reduction, planes, 1), nn.Sigmoid(),
+            nn.AdaptiveAvgPool2D(1),
+            nn.Conv2D(planes, planes // reduction, 1),
+            nn.ReLU(),
+            nn.Conv2D(planes // reduction, planes, 1),
+            nn.Sigmoid(),
         )
 
     def forward(self, x):
@@ -254,6 +307,7 @@ def _mobilenet_v3(factory: Callable[..., nn.Layer]) -> Callable[..., nn.Layer]:
             if isinstance(layer, nn.BatchNorm2D):
                 layer._momentum = BN_MOMENTUM
         return model
+
     return build
 
 
@@ -319,7 +373,7 @@ def training_memory(name: str, image_size: int, batch_size: int, **kwargs) -> in
     paddle.set_rng_state(rng)
     scale = (image_size / sides[1]) ** 2
     growth = (params[1] - params[0]) / (sides[1] ** 2 - sides[0] ** 2)  # weights that grow with the side (LeNet's fc)
-    n_params = max(params[1] + growth * (image_size ** 2 - sides[1] ** 2), params[0])
+    n_params = max(params[1] + growth * (image_size**2 - sides[1] ** 2), params[0])
     return int(4 * (8 * n_params + 3 * batch_size * acts[1] * scale))
 
 

@@ -34,7 +34,8 @@ PICKLED_SUFFIXES = (".pdparams", ".pdckpt", ".pdopt", ".pdmodel", ".pdiparams.in
 
 def _is_tensor(value) -> bool:
     return isinstance(value, np.ndarray) or (
-        type(value).__name__ in ("Tensor", "EagerParamBase", "ParamBase") and hasattr(value, "numpy"))
+        type(value).__name__ in ("Tensor", "EagerParamBase", "ParamBase") and hasattr(value, "numpy")
+    )
 
 
 def _to_numpy(value) -> np.ndarray | None:
@@ -96,8 +97,17 @@ def unflatten(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
 
 
 #: numpy dtypes by their safetensors names
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -188,9 +198,9 @@ def load_state_bytes(data: bytes, path: str | Path) -> Any:
     from safetensors.numpy import load
 
     try:
-        tensors = load(bytes(data))                      # checks the header and the byte ranges
+        tensors = load(bytes(data))  # checks the header and the byte ranges
         size = int.from_bytes(data[:8], "little")
-        meta = json.loads(bytes(data[8:8 + size])).get("__metadata__") or {}
+        meta = json.loads(bytes(data[8 : 8 + size])).get("__metadata__") or {}
         tree = json.loads(meta[META_KEY]) if META_KEY in meta else {k: {"__tensor__": k} for k in tensors}
         return unflatten(tree, tensors)
     except DataError as exc:
@@ -211,8 +221,10 @@ def check_model_dir(folder: str | Path) -> Path:
         return weights
     pickled = _pickled_files(folder) if folder.is_dir() else []
     if pickled:
-        raise DataError(f"{folder}: refusing {', '.join(pickled)}: pickle files can run code when loaded; "
-                        f"this project reads only {MODEL_WEIGHTS} (retrain: dvc repro train)")
+        raise DataError(
+            f"{folder}: refusing {', '.join(pickled)}: pickle files can run code when loaded; "
+            f"this project reads only {MODEL_WEIGHTS} (retrain: dvc repro train)"
+        )
     raise DataError(f"{folder}: no {MODEL_WEIGHTS}; train a model first (dvc repro train)")
 
 
@@ -222,8 +234,10 @@ def check_export_dir(folder: str | Path) -> str:
     folder = Path(folder)
     pickled = _pickled_files(folder)
     if pickled:
-        raise DataError(f"{folder}: refusing an exported model with {', '.join(pickled)} (the older format, "
-                        "read by unpickling, which can run code); re-export it: dvc repro export")
+        raise DataError(
+            f"{folder}: refusing an exported model with {', '.join(pickled)} (the older format, "
+            "read by unpickling, which can run code); re-export it: dvc repro export"
+        )
     missing = [n for n in ("inference.json", "inference.pdiparams") if not (folder / n).is_file()]
     if missing:
         raise DataError(f"{folder}: exported model incomplete, no {', '.join(missing)} (re-export: dvc repro export)")

@@ -17,28 +17,30 @@ import collections
 import io
 import multiprocessing
 import warnings
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from palm.core.errors import DataError
+from palm.core.runtime import machine_share
 from palm.data.image import MAX_PIXELS, decode, fit, load_image
 from palm.serve.quality import SIDE, assess, check_file
-from palm.core.runtime import machine_share
 
 
 class Decoded(NamedTuple):
     file: Path
-    image: np.ndarray | None     # RGB uint8 (input_size, input_size, 3), or None when unreadable
-    error: str | None            # why the file could not be read
-    quality: str | None = None   # with check_quality: palm.serve.quality's verdict (ok, or why not gradable)
+    image: np.ndarray | None  # RGB uint8 (input_size, input_size, 3), or None when unreadable
+    error: str | None  # why the file could not be read
+    quality: str | None = None  # with check_quality: palm.serve.quality's verdict (ok, or why not gradable)
 
 
-def decode_one(file: Path | bytes, image_size: int, input_size: int | None, check_quality: bool = False,
-               fundus=None) -> Decoded:
+def decode_one(
+    file: Path | bytes, image_size: int, input_size: int | None, check_quality: bool = False, fundus=None
+) -> Decoded:
     """``file`` (a path, or a file's bytes: ``palm serve``'s uploads) as
     :func:`palm.data.image.load_image` returns it (enhanced by the model's ``fundus``); with ``check_quality`` also its
     :mod:`palm.serve.quality` verdict, from the same decoding when the shards are at least the
@@ -58,21 +60,40 @@ def decode_one(file: Path | bytes, image_size: int, input_size: int | None, chec
 
 
 #: the formats ``palm serve`` accepts (``palm predict``'s file types), read from the header before decoding
-ACCEPTED = ("JPEG", "PNG", "BMP", "TIFF")    # a multi-picture JPEG (MPO) opens as JPEG
+ACCEPTED = ("JPEG", "PNG", "BMP", "TIFF")  # a multi-picture JPEG (MPO) opens as JPEG
 #: peak bytes per decoded pixel of :func:`palm.data.image.decode` by Pillow mode: measured on 4000 x 4000
 #: images of every mode (Pillow 13, numpy 2), plus 4 for the copy an EXIF orientation makes, plus ~10 %.
 #: 16-bit greyscale (measured 19.7) and transparent or palette images (36.7: converted through RGBA
 #: and float32) cost the most; ``I`` and ``F`` are refused once loaded (4.2).
-BYTES_PER_PIXEL = {"1": 17, "L": 17, "P": 44, "RGB": 20, "RGBX": 20, "YCbCr": 20, "CMYK": 20, "LAB": 20, "HSV": 20,
-                   "I;16": 26, "I;16L": 26, "I;16B": 26, "I;16N": 26, "RGBA": 44, "RGBa": 44, "LA": 44, "La": 44,
-                   "PA": 44, "I": 10, "F": 10}
-UNKNOWN_MODE = 44          # any other mode: the most of any
-OVERHEAD = 8 << 20         # per image, whatever its size (the decoders' buffers, allocator granularity)
+BYTES_PER_PIXEL = {
+    "1": 17,
+    "L": 17,
+    "P": 44,
+    "RGB": 20,
+    "RGBX": 20,
+    "YCbCr": 20,
+    "CMYK": 20,
+    "LAB": 20,
+    "HSV": 20,
+    "I;16": 26,
+    "I;16L": 26,
+    "I;16B": 26,
+    "I;16N": 26,
+    "RGBA": 44,
+    "RGBa": 44,
+    "LA": 44,
+    "La": 44,
+    "PA": 44,
+    "I": 10,
+    "F": 10,
+}
+UNKNOWN_MODE = 44  # any other mode: the most of any
+OVERHEAD = 8 << 20  # per image, whatever its size (the decoders' buffers, allocator granularity)
 
 
 class Cost(NamedTuple):
-    bytes: int             # the most memory decoding the file takes (0: it is refused before decoding)
-    what: str              # e.g. "8000x8000 I;16 PNG", for messages
+    bytes: int  # the most memory decoding the file takes (0: it is refused before decoding)
+    what: str  # e.g. "8000x8000 I;16 PNG", for messages
 
 
 def decode_cost(source: bytes | io.IOBase, min_sides: Iterable[int]) -> Cost:
@@ -96,8 +117,9 @@ def decode_cost(source: bytes | io.IOBase, min_sides: Iterable[int]) -> Cost:
             return Cost(0, "above the pixel limit")
         except Exception:  # noqa: BLE001 - whatever the header makes Pillow raise: not an image we read
             fp.seek(0)
-            raise DataError("<bytes>: cannot decode image (not a JPEG, PNG, BMP or TIFF file: palm serve reads "
-                            "only these)") from None
+            raise DataError(
+                "<bytes>: cannot decode image (not a JPEG, PNG, BMP or TIFF file: palm serve reads only these)"
+            ) from None
         with im:
             w, h = im.size
             what = f"{w}x{h} {im.mode} {im.format}"
@@ -120,7 +142,7 @@ def _init_worker() -> None:
 
     import cv2
 
-    cv2.setNumThreads(1)      # one process per core already
+    cv2.setNumThreads(1)  # one process per core already
     # Ctrl-C reaches the whole process group: the main process stops the workers (no traceback
     # from each); SIGTERM ends a worker at once, as by default
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -132,9 +154,15 @@ def default_workers() -> int:
     return len(machine_share().cpus)
 
 
-def decode_stream(files: Iterable[str | Path], image_size: int, input_size: int | None = None,
-                  workers: int | None = None, ahead: int = 64, check_quality: bool = False,
-                  fundus=None) -> Iterator[Decoded]:
+def decode_stream(
+    files: Iterable[str | Path],
+    image_size: int,
+    input_size: int | None = None,
+    workers: int | None = None,
+    ahead: int = 64,
+    check_quality: bool = False,
+    fundus=None,
+) -> Iterator[Decoded]:
     """Every file decoded (:func:`decode_one`), in order; ``workers`` processes (None: one per
     core; 0: in this process) keep up to ``ahead`` images decoded or in progress ahead of the
     consumer."""

@@ -3,14 +3,14 @@ from a float32 NCHW batch to PM probabilities. Imports no Paddle: the ONNX-only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from palm.core.errors import RunError
 
-INPUT_NAME = "image"                     # the network's one input, as the export names it (float32 NCHW)
+INPUT_NAME = "image"  # the network's one input, as the export names it (float32 NCHW)
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Engine:
     """A model ready to score batches: ``engine(x)`` -> probabilities (N,), float32 NCHW ``x``."""
 
     run: Callable[[np.ndarray], np.ndarray]
-    name: str                            # e.g. "paddle-inference cpu onednn fp32", "eager cpu", "onnxruntime cpu"
+    name: str  # e.g. "paddle-inference cpu onednn fp32", "eager cpu", "onnxruntime cpu"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run(np.ascontiguousarray(x, dtype=np.float32))
@@ -36,6 +36,8 @@ def probabilities(logits, n: int) -> np.ndarray:
     reshaped into rows that belong to other images."""
     shape = tuple(np.shape(logits))
     if shape not in ((n,), (n, 1)):
-        raise RunError(f"the network gave logits of shape {list(shape)} for {n} image(s), not [{n}] or [{n}, 1]: "
-                       "not a PM classifier of this project's export")
+        raise RunError(
+            f"the network gave logits of shape {list(shape)} for {n} image(s), not [{n}] or [{n}, 1]: "
+            "not a PM classifier of this project's export"
+        )
     return sigmoid(logits)

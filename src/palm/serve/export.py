@@ -17,19 +17,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from palm.core.errors import DataError, RunError
+from palm.core.fsutil import atomic_dir
+from palm.core.runtime import configured_device, select_device
 from palm.data.image import load_image, to_chw_float
 from palm.data.synthetic import draw_fundus
-from palm.core.errors import DataError, RunError
 from palm.nn.artifact import load
-from palm.nn.modelinfo import fundus as fundus_of, input_size, write_info
-from palm.core.fsutil import atomic_dir
+from palm.nn.modelinfo import fundus as fundus_of
+from palm.nn.modelinfo import input_size, write_info
+from palm.nn.weights import check_export_dir
 from palm.serve import onnxrt
 from palm.serve.inference import eager, save
-from palm.core.runtime import configured_device, select_device
-from palm.nn.weights import check_export_dir
 
 EXPORT_DIR = Path("models_export")
-N_CHECK = 6          # synthetic photographs the ONNX model is checked on
+N_CHECK = 6  # synthetic photographs the ONNX model is checked on
 
 
 def check_photographs(image_size: int, size: int, n: int = N_CHECK, fundus=None) -> np.ndarray:
@@ -52,17 +53,21 @@ def export_onnx(model, info: dict, folder: Path) -> dict | None:
     try:
         import paddle2onnx
     except ImportError:
-        print("warning: paddle2onnx is not installed (it has no wheel for this Python); no ONNX model written",
-              file=sys.stderr)
+        print(
+            "warning: paddle2onnx is not installed (it has no wheel for this Python); no ONNX model written",
+            file=sys.stderr,
+        )
         return None
     out = folder / onnxrt.ONNX_FILE
     try:
         onnxrt.convert(folder, out)
         x = check_photographs(int(info["image_size"]), input_size(info), fundus=fundus_of(info))
-        diff = onnxrt.max_difference(out, eager(model, "cpu"), x, info)   # its signature checked too
+        diff = onnxrt.max_difference(out, eager(model, "cpu"), x, info)  # its signature checked too
         if not diff <= onnxrt.PARITY_TOL:
-            raise RunError(f"its probabilities differ from eager Paddle's by {diff:.2e} (> {onnxrt.PARITY_TOL}) "
-                           "on synthetic photographs")
+            raise RunError(
+                f"its probabilities differ from eager Paddle's by {diff:.2e} (> {onnxrt.PARITY_TOL}) "
+                "on synthetic photographs"
+            )
     except (RunError, DataError) as exc:
         # a network the converter cannot express (e.g. vgg16 below 224 px: README): the Paddle export
         # stands, without model.onnx, and model.json says why
@@ -74,8 +79,13 @@ def export_onnx(model, info: dict, folder: Path) -> dict | None:
 
     graph = onnx.load(str(out), load_external_data=False)
     opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": onnxrt.ONNX_FILE, "converter": f"paddle2onnx {paddle2onnx.__version__}", "opset": opset,
-            "max_abs_difference": diff, "checked_on": f"{len(x)} synthetic fundus photographs vs eager Paddle"}
+    return {
+        "file": onnxrt.ONNX_FILE,
+        "converter": f"paddle2onnx {paddle2onnx.__version__}",
+        "opset": opset,
+        "max_abs_difference": diff,
+        "checked_on": f"{len(x)} synthetic fundus photographs vs eager Paddle",
+    }
 
 
 def export(model_dir="models", out_dir=EXPORT_DIR, device: str = "auto") -> Path:

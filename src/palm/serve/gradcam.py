@@ -34,7 +34,7 @@ def gradcam(model, layer, image_chw: np.ndarray) -> tuple[np.ndarray, float]:
     act = captured["act"]
     target = logit.sum() if float(logit.sum()) >= 0 else -logit.sum()
     (grad,) = paddle.grad([target], [act])
-    weights = grad.mean(axis=[2, 3], keepdim=True)             # per-channel importance
+    weights = grad.mean(axis=[2, 3], keepdim=True)  # per-channel importance
     cam = F.relu((weights * act).sum(axis=1))[0].numpy()
     h, w = image_chw.shape[1:]
     cam = cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)

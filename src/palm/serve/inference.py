@@ -27,26 +27,26 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import paddle
 import paddle.inference as pi
 
-from palm.nn import artifact, modelinfo
 from palm.core.errors import DataError
-from palm.nn.models import main_logits
 from palm.core.runtime import machine_share, select_device
+from palm.nn import artifact, modelinfo
 from palm.nn.card import ModelFiles, open_model
-from palm.serve.engine import INPUT_NAME, Engine, probabilities, sigmoid  # noqa: F401 (sigmoid: benchmarks)
+from palm.nn.models import main_logits
 from palm.nn.weights import MODEL_WEIGHTS, check_export_dir
+from palm.serve.engine import INPUT_NAME, Engine, probabilities, sigmoid  # noqa: F401 (sigmoid: benchmarks)
 
-PREFIX = "inference"                     # models_export/inference.json + inference.pdiparams
+PREFIX = "inference"  # models_export/inference.json + inference.pdiparams
 EXPORT_FILES = (PREFIX + ".json", PREFIX + ".pdiparams")
 ENGINES = ("auto", "paddle-inference", "eager")
 PRECISIONS = ("fp32", "bf16")
-GPU_MEMORY_MB = 256                      # initial GPU memory pool of a Paddle Inference predictor
+GPU_MEMORY_MB = 256  # initial GPU memory pool of a Paddle Inference predictor
 TRT_MAX_BATCH = 64
 
 
@@ -63,8 +63,14 @@ def program_file(model_dir: str | Path) -> Path | None:
     return f if f.is_file() else None
 
 
-def configure(config, device: str, precision: str = "fp32", threads: int = 1, tensorrt: bool = False,
-              input_size: int | None = None) -> str:
+def configure(
+    config,
+    device: str,
+    precision: str = "fp32",
+    threads: int = 1,
+    tensorrt: bool = False,
+    input_size: int | None = None,
+) -> str:
     """Set up a ``paddle.inference.Config`` for ``device`` ("cpu" or "gpu:N"); returns what it chose.
 
     CPU: oneDNN, ``threads`` math threads, bf16 kernels when ``precision == "bf16"``.
@@ -80,8 +86,14 @@ def configure(config, device: str, precision: str = "fp32", threads: int = 1, te
         config.enable_use_gpu(GPU_MEMORY_MB, int(device.partition(":")[2] or 0))
         if not tensorrt:
             return f"paddle-inference {device} cuda fp32"
-        config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=TRT_MAX_BATCH, min_subgraph_size=3,
-                                      precision_mode=pi.PrecisionType.Float32, use_static=False, use_calib_mode=False)
+        config.enable_tensorrt_engine(
+            workspace_size=1 << 30,
+            max_batch_size=TRT_MAX_BATCH,
+            min_subgraph_size=3,
+            precision_mode=pi.PrecisionType.Float32,
+            use_static=False,
+            use_calib_mode=False,
+        )
         shape = lambda n: {INPUT_NAME: [n, 3, input_size, input_size]}  # noqa: E731
         config.set_trt_dynamic_shape_info(shape(1), shape(TRT_MAX_BATCH), shape(16))
         return f"paddle-inference {device} tensorrt fp32"
@@ -101,8 +113,9 @@ def has_tensorrt() -> bool:
         return False
 
 
-def paddle_inference(model_dir: str | Path, device: str, precision: str = "fp32", threads: int = 1,
-                     input_size: int | None = None) -> Engine:
+def paddle_inference(
+    model_dir: str | Path, device: str, precision: str = "fp32", threads: int = 1, input_size: int | None = None
+) -> Engine:
     """A Paddle Inference predictor of the exported model in ``model_dir``."""
     prog = program_file(model_dir)
     if prog is None:
@@ -134,8 +147,9 @@ def eager(layer, device: str) -> Engine:
     return Engine(run, f"eager {device}")
 
 
-def load_engine(model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
-                precision: str = "fp32") -> tuple[Engine, dict]:
+def load_engine(
+    model_dir: str | Path = "models", device: str = "auto", engine: str = "auto", precision: str = "fp32"
+) -> tuple[Engine, dict]:
     """The trained model of ``model_dir`` (``models/`` weights or an export) ready to score
     batches, and its ``model.json``: the folder read once (:func:`open_files`), not checked
     against a model card (evaluate runs before the card is written; ``palm predict`` checks it:
@@ -157,8 +171,9 @@ def open_files(model_dir: str | Path, check: bool = False) -> ModelFiles:
     return open_model(folder, read=export_files(folder) if folder.is_dir() else (), check=check)
 
 
-def engine_of(files: ModelFiles, device: str = "auto", engine: str = "auto", precision: str = "fp32",
-              layer=None) -> Engine:
+def engine_of(
+    files: ModelFiles, device: str = "auto", engine: str = "auto", precision: str = "fp32", layer=None
+) -> Engine:
     """The model of ``files`` (read by :func:`open_files`) ready to score batches, run from the
     bytes that were read and hashed, never from the folder again. ``layer``: the eager network of
     a weights folder when the caller has built it already (:func:`palm.nn.artifact.network`).
@@ -172,23 +187,27 @@ def engine_of(files: ModelFiles, device: str = "auto", engine: str = "auto", pre
         raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = select_device(device)
     if is_export(files.dir):
-        check_export_dir(files.given)   # Paddle 3's JSON program and raw weights; older pickled formats refused
+        check_export_dir(files.given)  # Paddle 3's JSON program and raw weights; older pickled formats refused
         missing = [n for n in EXPORT_FILES if n not in files.data]
         if missing:
-            raise DataError(f"{files.given}: exported model incomplete, no {', '.join(missing)} "
-                            "(re-export: dvc repro export)")
+            raise DataError(
+                f"{files.given}: exported model incomplete, no {', '.join(missing)} (re-export: dvc repro export)"
+            )
     if engine != "eager":
         size = modelinfo.input_size(files.info)
         try:
-            with program(files, layer) as prog_dir:   # the predictor reads the files when it is created
+            with program(files, layer) as prog_dir:  # the predictor reads the files when it is created
                 return paddle_inference(prog_dir, device, precision, machine_share().threads, size)
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001  (any failure of Paddle Inference: fall back, say why)
             if engine == "paddle-inference":
                 raise DataError(f"{files.given}: Paddle Inference failed: {exc}") from None
-            print(f"warning: Paddle Inference unavailable ({str(exc).splitlines()[0][:200]}); "
-                  "running the model in eager Paddle (slower)", file=sys.stderr)
+            print(
+                f"warning: Paddle Inference unavailable ({str(exc).splitlines()[0][:200]}); "
+                "running the model in eager Paddle (slower)",
+                file=sys.stderr,
+            )
     return eager(eager_layer(files, layer), device)
 
 
@@ -201,7 +220,7 @@ def is_export(model_dir: str | Path) -> bool:
 def program(files: ModelFiles, layer=None) -> Iterator[Path]:
     """A private temporary folder (removed on exit) with the inference program of ``files``: the
     export's bytes as read, or for weights an export of the network (about 0.2 s for SE-ResNet18)."""
-    with tempfile.TemporaryDirectory(prefix="palm-model-") as tmp:   # mode 0700: only this user
+    with tempfile.TemporaryDirectory(prefix="palm-model-") as tmp:  # mode 0700: only this user
         tmp = Path(tmp)
         if is_export(files.dir):
             for name in EXPORT_FILES:

@@ -26,8 +26,8 @@ from palm.nn.modelinfo import input_size
 from palm.serve.engine import INPUT_NAME, Engine, probabilities
 
 ONNX_FILE = "model.onnx"
-OPSET = 13                 # what paddle2onnx starts from (it raises the opset when an operator needs it)
-PARITY_TOL = 1e-4          # |probability(onnxruntime) - probability(eager Paddle)| allowed at export
+OPSET = 13  # what paddle2onnx starts from (it raises the opset when an operator needs it)
+PARITY_TOL = 1e-4  # |probability(onnxruntime) - probability(eager Paddle)| allowed at export
 
 
 def convert(model_dir: str | Path, out_file: str | Path) -> Path:
@@ -45,12 +45,19 @@ def convert(model_dir: str | Path, out_file: str | Path) -> Path:
     root.addHandler(handler)
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            data = paddle2onnx.export(str(model_dir / "inference.json"), str(model_dir / "inference.pdiparams"),
-                                      save_file=None, opset_version=OPSET, verbose=False, enable_onnx_checker=True)
+            data = paddle2onnx.export(
+                str(model_dir / "inference.json"),
+                str(model_dir / "inference.pdiparams"),
+                save_file=None,
+                opset_version=OPSET,
+                verbose=False,
+                enable_onnx_checker=True,
+            )
     except Exception as exc:  # noqa: BLE001 - paddle2onnx logs its error and then fails on its own variable
         reason = " ".join(log.getvalue().split())[:300] or f"{type(exc).__name__}: {exc}"
-        raise RunError(f"{model_dir}: paddle2onnx {paddle2onnx.__version__} could not convert the model ({reason})") \
-            from None
+        raise RunError(
+            f"{model_dir}: paddle2onnx {paddle2onnx.__version__} could not convert the model ({reason})"
+        ) from None
     finally:
         root.removeHandler(handler)
     if not data:
@@ -104,8 +111,11 @@ def check_signature(sess, info: dict, name: str | Path) -> None:
             refuse(f"{what} of type {arg.type}")
     shape = list(x.shape or [])
     wanted = [None, 3, size, size]
-    if len(shape) != 4 or isinstance(shape[0], int) or any(
-            isinstance(d, int) and d != w for d, w in zip(shape[1:], wanted[1:])):
+    if (
+        len(shape) != 4
+        or isinstance(shape[0], int)
+        or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], wanted[1:]))
+    ):
         refuse(f"input of shape {_dims(x)}" + (" (a fixed batch size)" if shape and isinstance(shape[0], int) else ""))
     out = list(y.shape or [])
     if len(out) not in (1, 2) or (len(out) == 2 and isinstance(out[1], int) and out[1] != 1):
@@ -119,8 +129,9 @@ def check_signature(sess, info: dict, name: str | Path) -> None:
         refuse(f"output of shape {list(got)} for a batch of 2")
 
 
-def engine_of(onnx_model: str | Path | bytes, threads: int | None = None, info: dict | None = None,
-              name: str | Path | None = None) -> Engine:
+def engine_of(
+    onnx_model: str | Path | bytes, threads: int | None = None, info: dict | None = None, name: str | Path | None = None
+) -> Engine:
     """The ONNX model of ``onnx_model`` (a file, or its bytes as read) as an
     :class:`~palm.serve.engine.Engine`, its signature checked against ``info`` (``model.json``) when given."""
     import onnxruntime as ort
@@ -148,12 +159,14 @@ def engine_of_files(files: ModelFiles) -> Engine:
     """The ONNX model of ``files`` (read by :func:`palm.nn.card.open_model`), run from the bytes that
     were read and hashed, its signature checked against their ``model.json`` (:func:`check_signature`)."""
     if ONNX_FILE not in files.data:
-        raise DataError(f"{files.given}: no {ONNX_FILE}; the onnxruntime engine runs the exported model "
-                        "(--model models_export, written by dvc repro export)")
+        raise DataError(
+            f"{files.given}: no {ONNX_FILE}; the onnxruntime engine runs the exported model "
+            "(--model models_export, written by dvc repro export)"
+        )
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise DataError("the onnxruntime engine needs onnxruntime: pip install \"palm-pipeline[onnx]\"") from None
+        raise DataError('the onnxruntime engine needs onnxruntime: pip install "palm-pipeline[onnx]"') from None
     return engine_of(files.data[ONNX_FILE], info=files.info, name=files.path(ONNX_FILE))
 
 

@@ -13,26 +13,26 @@ that reason and no diagnosis, unless ``grade_all`` is asked for.
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from palm.data.fundus import Fundus
 from palm.core.errors import ConfigError
+from palm.data.fundus import Fundus
+from palm.data.image import to_chw_float
+from palm.data.layout import IMAGE_SUFFIXES
 from palm.nn import modelinfo
 from palm.nn.card import open_model
 from palm.nn.weights import MODEL_WEIGHTS
-from palm.serve.decode import Decoded, decode_stream
-from palm.data.image import to_chw_float
-from palm.data.layout import IMAGE_SUFFIXES
 from palm.serve import tta
+from palm.serve.decode import Decoded, decode_stream
 from palm.serve.quality import OK
 
-FEW_FILES = 64      # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
+FEW_FILES = 64  # below this, decoded in the main process: starting the workers takes ~0.6 s (2 cores)
 
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -59,8 +59,11 @@ def record(image: str, d: Decoded, probability: float | None, threshold: float) 
     probability and class at ``threshold``, or the error."""
     rec = {"image": image, "quality": d.quality, "error": d.error}
     if probability is not None:
-        rec.update(probability=round(probability, 6), predicted=int(probability >= threshold),
-                   diagnosis="PM" if probability >= threshold else "non-PM")
+        rec.update(
+            probability=round(probability, 6),
+            predicted=int(probability >= threshold),
+            diagnosis="PM" if probability >= threshold else "non-PM",
+        )
     return rec
 
 
@@ -74,19 +77,19 @@ class Predictor:
     from one reading of the folder (:func:`palm.nn.card.open_model`). Nothing here reads the
     folder again: ``palm serve``'s ``/v1/model`` reports this card, not the one on the disk now."""
 
-    run_batch: object       # callable: float32 NCHW array -> probabilities (N,)
-    image_size: int         # what preprocess decodes to
-    input_size: int         # what the network takes
+    run_batch: object  # callable: float32 NCHW array -> probabilities (N,)
+    image_size: int  # what preprocess decodes to
+    input_size: int  # what the network takes
     threshold: float
     name: str
-    engine: str = "eager"   # which engine runs it (palm.serve.inference)
+    engine: str = "eager"  # which engine runs it (palm.serve.inference)
     fundus: Fundus = Fundus()  # the enhancement before the resize to input_size (model.json; none)
-    info: dict = field(default_factory=dict)      # model.json, as read and checked
-    card: dict | None = None                      # the model card the files were checked against (None: none found)
+    info: dict = field(default_factory=dict)  # model.json, as read and checked
+    card: dict | None = None  # the model card the files were checked against (None: none found)
     card_path: Path | None = None
-    sha256: dict = field(default_factory=dict)    # SHA-256 of each file that decides an answer (palm.nn.card.CARD_FILES)
-    weights: str = ""                             # which of them holds the weights that run
-    layer: object = None                          # the eager network of a weights folder (load(gradcam=True)), same bytes
+    sha256: dict = field(default_factory=dict)  # SHA-256 of each file that decides an answer (palm.nn.card.CARD_FILES)
+    weights: str = ""  # which of them holds the weights that run
+    layer: object = None  # the eager network of a weights folder (load(gradcam=True)), same bytes
 
     @property
     def version(self) -> str:
@@ -94,8 +97,14 @@ class Predictor:
         return f"{self.name}-{self.sha256.get(self.weights, '?' * 12)[:12]}"
 
     @classmethod
-    def load(cls, model_dir: str | Path = "models", device: str = "auto", engine: str = "auto",
-             precision: str = "fp32", gradcam: bool = False) -> "Predictor":
+    def load(
+        cls,
+        model_dir: str | Path = "models",
+        device: str = "auto",
+        engine: str = "auto",
+        precision: str = "fp32",
+        gradcam: bool = False,
+    ) -> Predictor:
         """The model of ``model_dir``, run by :func:`palm.serve.inference.engine_of` (Paddle Inference
         by default, eager Paddle as the fallback), or with ``engine="onnxruntime"`` by
         :func:`palm.serve.onnxrt.engine_of_files` (no Paddle imported). The folder is read once
@@ -115,18 +124,36 @@ class Predictor:
             from palm.serve import inference
 
             files = inference.open_files(model_dir, check=True)
-            weights = inference.export_files(files.dir)[-1]      # model.safetensors or inference.pdiparams
+            weights = inference.export_files(files.dir)[-1]  # model.safetensors or inference.pdiparams
             if gradcam and MODEL_WEIGHTS in files.data:
                 layer = artifact.network(files)
             run = inference.engine_of(files, device=device, engine=engine, precision=precision, layer=layer)
         info = files.info
-        run = tta.wrap(run, modelinfo.tta(info))   # model.json's test-time augmentation (off: the engine itself)
-        return cls(run, int(info["image_size"]), modelinfo.input_size(info), modelinfo.threshold(info),
-                   info["model"], run.name, modelinfo.fundus(info), info=info, card=files.card,
-                   card_path=files.card_path, sha256=dict(files.sha256), weights=weights, layer=layer)
+        run = tta.wrap(run, modelinfo.tta(info))  # model.json's test-time augmentation (off: the engine itself)
+        return cls(
+            run,
+            int(info["image_size"]),
+            modelinfo.input_size(info),
+            modelinfo.threshold(info),
+            info["model"],
+            run.name,
+            modelinfo.fundus(info),
+            info=info,
+            card=files.card,
+            card_path=files.card_path,
+            sha256=dict(files.sha256),
+            weights=weights,
+            layer=layer,
+        )
 
-    def predict(self, files: list[Path], batch_size: int = 16, progress: bool = True,
-                workers: int | None = None, grade_all: bool = False) -> Iterator[dict]:
+    def predict(
+        self,
+        files: list[Path],
+        batch_size: int = 16,
+        progress: bool = True,
+        workers: int | None = None,
+        grade_all: bool = False,
+    ) -> Iterator[dict]:
         """Yield one record per file, in order: its ``quality`` (``ok`` or why it is not gradable)
         and probability and class, or the error. Ungradable images get no probability unless
         ``grade_all``.
@@ -136,10 +163,17 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if workers is None and len(files) < FEW_FILES:
-            workers = 0          # starting the decoding processes would take longer than decoding these
+            workers = 0  # starting the decoding processes would take longer than decoding these
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2)
-        decoded = decode_stream(files, self.image_size, self.input_size, workers, ahead=2 * batch_size,
-                                check_quality=True, fundus=self.fundus)
+        decoded = decode_stream(
+            files,
+            self.image_size,
+            self.input_size,
+            workers,
+            ahead=2 * batch_size,
+            check_quality=True,
+            fundus=self.fundus,
+        )
         while chunk := list(islice(decoded, batch_size)):
             graded = [d for d in chunk if gradable(d, grade_all)]
             probs = iter(self.run_batch(to_chw_float(np.stack([d.image for d in graded]))) if graded else [])

@@ -51,11 +51,11 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -65,21 +65,23 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from swagger_ui_bundle import swagger_ui_path   # Swagger UI's files, served here rather than from a CDN
+from swagger_ui_bundle import swagger_ui_path  # Swagger UI's files, served here rather than from a CDN
 
-from palm.data.image import MAX_PIXELS, load_image, to_chw_float
-from palm.serve.quality import SIDE
 from palm.core.errors import ConfigError, DataError
+from palm.data.image import MAX_PIXELS, load_image, to_chw_float
 from palm.nn import modelinfo
 from palm.nn.models import gradcam_layer
 from palm.serve.decode import Cost, Decoded, decode_cost, decode_one
 from palm.serve.gradcam import gradcam, overlay
 from palm.serve.predict import Predictor, gradable, record
+from palm.serve.quality import SIDE
 
-NOTICE = ("Research aid, not a diagnosis: the PM probability of a screening model, to be read by an "
-          "eye-care professional with the photograph; never a reason to skip an examination.")
-DISPLAY = 384               # side of the Grad-CAM overlays, pixels
-_BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")   # how Pillow names an upload it cannot identify
+NOTICE = (
+    "Research aid, not a diagnosis: the PM probability of a screening model, to be read by an "
+    "eye-care professional with the photograph; never a reason to skip an examination."
+)
+DISPLAY = 384  # side of the Grad-CAM overlays, pixels
+_BYTES_IO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # how Pillow names an upload it cannot identify
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ class AuditLog:
     the service records again as soon as the database can be written."""
 
     COLUMNS = "time TEXT, sha256 TEXT, quality TEXT, probability REAL, decision TEXT, model_version TEXT, error TEXT"
-    TIMEOUT = 2.0          # seconds to wait for a lock another process holds
+    TIMEOUT = 2.0  # seconds to wait for a lock another process holds
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -226,8 +228,8 @@ class AuditLog:
                         db.execute("ROLLBACK")
                     raise
             except (sqlite3.Error, OSError) as exc:
-                if self.db is not None:    # opened again by the next request: a deleted or replaced file,
-                    with contextlib.suppress(sqlite3.Error):   # a lock released, space freed
+                if self.db is not None:  # opened again by the next request: a deleted or replaced file,
+                    with contextlib.suppress(sqlite3.Error):  # a lock released, space freed
                         self.db.close()
                     self.db = None
                 raise AuditError(str(exc) or type(exc).__name__) from None
@@ -292,7 +294,7 @@ def _hostname(value: str) -> str:
     """``Host``/``Origin`` authority without its port, lower case (``[::1]:8000`` -> ``::1``)."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
+        return value[1 : value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
@@ -317,8 +319,10 @@ class Guard:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
         if _hostname(host) not in self.security.hosts:
-            return 403, (f"host {host!r} is not served here (palm serve --allow-host NAME serves the names "
-                         "this computer is reached by)")
+            return 403, (
+                f"host {host!r} is not served here (palm serve --allow-host NAME serves the names "
+                "this computer is reached by)"
+            )
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             origin = headers.get("origin")
             if origin is not None and origin.split("://", 1)[-1].lower() != host.lower():
@@ -336,8 +340,10 @@ class Guard:
 
     @property
     def too_large(self) -> str:
-        return (f"request too large: at most {self.limits.max_request_bytes / 2**20:g} MiB per request "
-                "(send fewer or smaller images per request)")
+        return (
+            f"request too large: at most {self.limits.max_request_bytes / 2**20:g} MiB per request "
+            "(send fewer or smaller images per request)"
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -352,7 +358,7 @@ class Guard:
 
         async def guarded_receive():
             nonlocal received, deadline, cut, complete
-            if complete:                    # the body is in: waiting for a disconnect needs no deadline
+            if complete:  # the body is in: waiting for a disconnect needs no deadline
                 return await receive()
             loop = asyncio.get_running_loop()
             deadline = deadline or loop.time() + self.limits.body_timeout
@@ -372,7 +378,7 @@ class Guard:
         async def guarded_send(msg):
             nonlocal started
             if cut is not None:
-                return                      # the app's answer to the cut-off body: ours replaces it
+                return  # the app's answer to the cut-off body: ours replaces it
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 
@@ -401,7 +407,7 @@ async def _json(send, status: int, detail: str, bearer: bool = False, close: boo
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if bearer:
         headers.append((b"www-authenticate", b"Bearer"))
-    if close:                       # the rest of a cut-off body is not read: the connection ends here
+    if close:  # the rest of a cut-off body is not read: the connection ends here
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -430,28 +436,42 @@ class Model:
         if self.predictor.card is not None:
             return self.predictor.card
         p = self.predictor
-        return {"source": "model.json (no model card beside the weights)", "model": self.info["model"],
-                "version": self.version, "weights_sha256": self.weights_sha256, "engine": p.engine,
-                "intended_use": NOTICE, "threshold": p.threshold,
-                "threshold_rule": self.info.get("threshold_rule"), "tta": modelinfo.tta(self.info),
-                "input": {"formats": "JPEG, PNG, BMP, TIFF (as palm predict reads them)",
-                          "max_pixels": MAX_PIXELS, "decoded_to": p.image_size, "network_input": p.input_size,
-                          "fundus": p.fundus.record()},
-                "training": {k: v for k, v in self.info.items()
-                             if k not in ("model", "threshold", "threshold_rule", "tta", "image_size", "input_size",
-                                          "fundus")}}
+        return {
+            "source": "model.json (no model card beside the weights)",
+            "model": self.info["model"],
+            "version": self.version,
+            "weights_sha256": self.weights_sha256,
+            "engine": p.engine,
+            "intended_use": NOTICE,
+            "threshold": p.threshold,
+            "threshold_rule": self.info.get("threshold_rule"),
+            "tta": modelinfo.tta(self.info),
+            "input": {
+                "formats": "JPEG, PNG, BMP, TIFF (as palm predict reads them)",
+                "max_pixels": MAX_PIXELS,
+                "decoded_to": p.image_size,
+                "network_input": p.input_size,
+                "fundus": p.fundus.record(),
+            },
+            "training": {
+                k: v
+                for k, v in self.info.items()
+                if k not in ("model", "threshold", "threshold_rule", "tta", "image_size", "input_size", "fundus")
+            },
+        }
 
     def overlay_jpeg(self, data: bytes) -> str | None:
         """The Grad-CAM overlay of an upload as a JPEG data URL (run on the network's thread)."""
         if self.eager is None:
             return None
         p = self.predictor
-        rgb = load_image(data, p.image_size)                         # what the person sees
+        rgb = load_image(data, p.image_size)  # what the person sees
         cam, _ = gradcam(self.eager, self.layer, to_chw_float(load_image(data, p.image_size, p.input_size, p.fundus)))
         shown = cv2.resize(rgb, (DISPLAY, DISPLAY), interpolation=cv2.INTER_CUBIC)
         heat = cv2.resize(cam.astype(np.float32), (DISPLAY, DISPLAY), interpolation=cv2.INTER_LINEAR).clip(0, 1)
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(overlay(shown, heat), cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, 88])
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(overlay(shown, heat), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 88]
+        )
         return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else None
 
 
@@ -492,16 +512,22 @@ async def lifespan(app: FastAPI):
 
 async def one_line(_request: Request, exc: RequestValidationError) -> JSONResponse:
     """A request FastAPI cannot validate: 422 and one line."""
-    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg')}"
-             for e in exc.errors()]
+    parts = [
+        f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg')}"
+        for e in exc.errors()
+    ]
     return JSONResponse({"detail": "; ".join(parts) + " (send images as multipart form field 'files')"}, 422)
 
 
 @router.get("/docs", include_in_schema=False)
 async def docs(request: Request):
-    return get_swagger_ui_html(openapi_url=request.app.openapi_url, title="palm serve: API",
-                               swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                               swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="data:,")
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url,
+        title="palm serve: API",
+        swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs-assets/swagger-ui.css",
+        swagger_favicon_url="data:,",
+    )
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -512,8 +538,12 @@ async def page():
 @router.get("/healthz")
 async def healthz(svc: Service = Depends(service)):
     """Whether the service is up, and which model it runs: its version, engine and decision threshold."""
-    return {"status": "ok", "model": svc.model.version, "engine": svc.model.predictor.engine,
-            "threshold": svc.model.predictor.threshold}
+    return {
+        "status": "ok",
+        "model": svc.model.version,
+        "engine": svc.model.predictor.engine,
+        "threshold": svc.model.predictor.threshold,
+    }
 
 
 @router.get("/v1/model")
@@ -523,10 +553,12 @@ async def model_card(svc: Service = Depends(service)):
 
 
 @router.post("/v1/predict")
-async def predict(files: list[UploadFile] = File(..., description="one or many photographs"),
-                  gradcam: bool = Query(False, description="add each Grad-CAM overlay (JPEG data URL)"),
-                  grade_all: bool = Query(False, description="also score images not judged gradable"),
-                  svc: Service = Depends(service)):
+async def predict(
+    files: list[UploadFile] = File(..., description="one or many photographs"),
+    gradcam: bool = Query(False, description="add each Grad-CAM overlay (JPEG data URL)"),
+    grade_all: bool = Query(False, description="also score images not judged gradable"),
+    svc: Service = Depends(service),
+):
     """Per image, the fields of ``palm predict``'s rows: image, quality, probability, predicted,
     diagnosis, error (an unreadable image is that image's error, not the request's).
 
@@ -538,22 +570,26 @@ async def predict(files: list[UploadFile] = File(..., description="one or many p
     if len(files) > limits.max_images:
         raise HTTPException(413, f"too many images: at most {limits.max_images} per request, got {len(files)}")
     names = [f.filename or f"image {i + 1}" for i, f in enumerate(files)]
-    sides = {pred.image_size, max(pred.image_size, SIDE)}   # palm.serve.decode.decode_one's decodings
+    sides = {pred.image_size, max(pred.image_size, SIDE)}  # palm.serve.decode.decode_one's decodings
     costs = await run_in_threadpool(_costs, [f.file for f in files], sides)
-    need = sum(_size(f) for f in files) + sum(sorted((c.bytes for c in costs if isinstance(c, Cost)),
-                                                     reverse=True)[:DECODE_AT_ONCE])
+    need = sum(_size(f) for f in files) + sum(
+        sorted((c.bytes for c in costs if isinstance(c, Cost)), reverse=True)[:DECODE_AT_ONCE]
+    )
     if need > limits.max_decode_bytes:
         worst = max(range(len(files)), key=lambda i: costs[i].bytes if isinstance(costs[i], Cost) else 0)
-        raise HTTPException(413, f"request needs ~{need / 2**20:,.0f} MiB to read and decode (the costliest image, "
-                                 f"{names[worst]}: {costs[worst].what}, ~{costs[worst].bytes / 2**20:,.0f} MiB), "
-                                 f"above the limit of {limits.max_decode_bytes / 2**20:g} MiB (palm serve "
-                                 "--max-decode-mb); send fewer or smaller images (a JPEG costs the least)")
+        raise HTTPException(
+            413,
+            f"request needs ~{need / 2**20:,.0f} MiB to read and decode (the costliest image, "
+            f"{names[worst]}: {costs[worst].what}, ~{costs[worst].bytes / 2**20:,.0f} MiB), "
+            f"above the limit of {limits.max_decode_bytes / 2**20:g} MiB (palm serve "
+            "--max-decode-mb); send fewer or smaller images (a JPEG costs the least)",
+        )
     async with svc.memory.hold(need):
         datas = [await f.read() for f in files]
         at_once = asyncio.Semaphore(DECODE_AT_ONCE)
 
         async def decode(data: bytes, cost) -> Decoded:
-            if not isinstance(cost, Cost):          # refused from its header: never decoded
+            if not isinstance(cost, Cost):  # refused from its header: never decoded
                 return Decoded(data, None, cost)
             async with at_once:
                 return await run_in_threadpool(decode_one, data, pred.image_size, pred.input_size, True, pred.fundus)
@@ -565,26 +601,42 @@ async def predict(files: list[UploadFile] = File(..., description="one or many p
         for name, d, fut in zip(names, decoded, futures):
             p = await asyncio.wrap_future(fut) if fut is not None else None
             rows.append(record(name, d, p, pred.threshold))
-            if d.error:   # named as palm predict names a file (the audit log keeps the unnamed error)
+            if d.error:  # named as palm predict names a file (the audit log keeps the unnamed error)
                 d_error = _BYTES_IO.sub("", d.error)
                 rows[-1]["error"] = d_error.replace("<bytes>", name, 1)
                 anonymous[len(rows) - 1] = d_error
         if gradcam:
-            cams = [batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
-                    for row, data in zip(rows, datas)]
+            cams = [
+                batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
+                for row, data in zip(rows, datas)
+            ]
             for row, fut in zip(rows, cams):
                 row["gradcam"] = await asyncio.wrap_future(fut) if fut is not None else None
-        if svc.audit:        # recorded before the results are returned, all rows or none
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        if svc.audit:  # recorded before the results are returned, all rows or none
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
             try:
-                await run_in_threadpool(svc.audit.add, [
-                    (now, hashlib.sha256(data).hexdigest(), row["quality"], row.get("probability"),
-                     row.get("diagnosis"), model.version, anonymous.get(i))
-                    for i, (row, data) in enumerate(zip(rows, datas))])
+                await run_in_threadpool(
+                    svc.audit.add,
+                    [
+                        (
+                            now,
+                            hashlib.sha256(data).hexdigest(),
+                            row["quality"],
+                            row.get("probability"),
+                            row.get("diagnosis"),
+                            model.version,
+                            anonymous.get(i),
+                        )
+                        for i, (row, data) in enumerate(zip(rows, datas))
+                    ],
+                )
             except AuditError as exc:
                 log_error(f"--audit-log {svc.audit.path}", exc)
-                raise HTTPException(503, f"the audit log cannot record this request ({exc}); no results are "
-                                         "returned: try again once it can be written") from None
+                raise HTTPException(
+                    503,
+                    f"the audit log cannot record this request ({exc}); no results are "
+                    "returned: try again once it can be written",
+                ) from None
     return {"model": model.version, "threshold": pred.threshold, "notice": NOTICE, "results": rows}
 
 
@@ -613,14 +665,26 @@ async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the service keeps running"}, 500)
 
 
-def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | None = None,
-               batch_size: int = 16, security: Security = Security()) -> Guard:
+def create_app(
+    model: Model,
+    limits: Limits = Limits(),
+    audit_log: str | Path | None = None,
+    batch_size: int = 16,
+    security: Security = Security(),
+) -> Guard:
     """The ASGI application serving ``model``: :data:`router`'s routes, the page's files and the
     API docs' files, behind :class:`Guard`."""
-    app = FastAPI(title="palm serve", version=model.version, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"Pathologic myopia screening of fundus photographs. {NOTICE}")
-    app.state.service = Service(model, limits, AuditLog(audit_log) if audit_log else None, batch_size,
-                                MemoryBudget(limits.max_decode_bytes))
+    app = FastAPI(
+        title="palm serve",
+        version=model.version,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description=f"Pathologic myopia screening of fundus photographs. {NOTICE}",
+    )
+    app.state.service = Service(
+        model, limits, AuditLog(audit_log) if audit_log else None, batch_size, MemoryBudget(limits.max_decode_bytes)
+    )
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
     app.add_exception_handler(RequestValidationError, one_line)
@@ -632,11 +696,13 @@ def create_app(model: Model, limits: Limits = Limits(), audit_log: str | Path | 
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``: a one-line error when it cannot be had."""
     try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                    reuse_port=False)
+        sock = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, reuse_port=False
+        )
     except (OSError, OverflowError) as exc:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there "
-                          f"({getattr(exc, 'strerror', None) or exc})") from None
+        raise ConfigError(
+            f"--host {host} --port {port}: cannot listen there ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
     sock.set_inheritable(True)
     return sock
 
@@ -652,8 +718,10 @@ def header_timeout_protocol(seconds: float):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = json.dumps({"detail": f"request headers not received within {seconds:g} s"}).encode()
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
     class HeaderTimeout(H11Protocol):
         _header_timer = None
@@ -665,9 +733,9 @@ def header_timeout_protocol(seconds: float):
         def data_received(self, data: bytes) -> None:
             cycle = self.cycle
             if cycle is None or cycle.response_complete:
-                self._arm()                     # between requests: these bytes begin the next one's headers
+                self._arm()  # between requests: these bytes begin the next one's headers
             super().data_received(data)
-            if self.cycle is not cycle:         # its headers are in
+            if self.cycle is not cycle:  # its headers are in
                 self._disarm()
 
         def connection_lost(self, exc) -> None:
@@ -692,9 +760,18 @@ def header_timeout_protocol(seconds: float):
     return HeaderTimeout
 
 
-def serve(model_dir: str | Path = "models", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          engine: str = "auto", audit_log: str | None = None, limits: Limits = Limits(), batch_size: int = 16,
-          allow_hosts: tuple[str, ...] = (), token: str | None = None) -> None:
+def serve(
+    model_dir: str | Path = "models",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    engine: str = "auto",
+    audit_log: str | None = None,
+    limits: Limits = Limits(),
+    batch_size: int = 16,
+    allow_hosts: tuple[str, ...] = (),
+    token: str | None = None,
+) -> None:
     """Load the model once, then serve it until interrupted (the address is taken first, so a
     port in use fails at once). Requests are answered for the names of this computer
     (:data:`LOOPBACK`), ``host`` itself (unless every interface) and ``allow_hosts``."""
@@ -707,12 +784,23 @@ def serve(model_dir: str | Path = "models", host: str = "127.0.0.1", port: int =
         model = Model(model_dir, device=device, engine=engine)
         app = create_app(model, limits, audit_log, batch_size, Security(frozenset(hosts), token))
         bound = sock.getsockname()[1]
-        where = (f"every interface, port {bound} (http://127.0.0.1:{bound}/ here; other computers by the names given "
-                 "with --allow-host)" if every_interface(host)
-                 else f"http://{'[' + host + ']' if ':' in host else host}:{bound}/")
-        print(f"palm serve: {model.version} ({model.predictor.engine}) at {where} (API docs: /docs)"
-              f"{'; audit log ' + str(audit_log) if audit_log else ''}{'; token required for /v1/' if token else ''}",
-              file=sys.stderr, flush=True)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
-                                http=header_timeout_protocol(limits.header_timeout))
+        where = (
+            f"every interface, port {bound} (http://127.0.0.1:{bound}/ here; other computers by the names given "
+            "with --allow-host)"
+            if every_interface(host)
+            else f"http://{'[' + host + ']' if ':' in host else host}:{bound}/"
+        )
+        print(
+            f"palm serve: {model.version} ({model.predictor.engine}) at {where} (API docs: /docs)"
+            f"{'; audit log ' + str(audit_log) if audit_log else ''}{'; token required for /v1/' if token else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=5,
+            http=header_timeout_protocol(limits.header_timeout),
+        )
         uvicorn.Server(config).run(sockets=[sock])

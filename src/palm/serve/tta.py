@@ -22,7 +22,7 @@ install runs it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -35,7 +35,7 @@ N_VIEWS = {"off": 1, "hflip": 2, "flips": 4, "flips+rot": 6}
 #: the turns of ``flips+rot``'s last two views, degrees (counter-clockwise first); the corners
 #: uncovered are black, as after the training augmentation's turns (palm.data.dataset.Augment)
 ROTATE_DEG = 10.0
-BLACK = -1.0   # a black pixel as the network sees it (palm.data.image.to_chw_float)
+BLACK = -1.0  # a black pixel as the network sees it (palm.data.image.to_chw_float)
 #: the most images one engine call gets (views of a batch included); TensorRT's largest batch (inference.TRT_MAX_BATCH)
 MAX_VIEW_BATCH = 64
 assert tuple(N_VIEWS) == TTA_MODES
@@ -54,8 +54,9 @@ def rotate(x: np.ndarray, degrees: float) -> np.ndarray:
     out = np.empty_like(x, dtype=np.float32)
     for i, img in enumerate(x):
         hwc = np.ascontiguousarray(img.transpose(1, 2, 0), dtype=np.float32)
-        turned = cv2.warpAffine(hwc, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                                borderValue=(BLACK,) * 4)
+        turned = cv2.warpAffine(
+            hwc, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(BLACK,) * 4
+        )
         out[i] = turned.reshape(h, w, -1).transpose(2, 0, 1)
     return out
 
@@ -63,12 +64,13 @@ def rotate(x: np.ndarray, degrees: float) -> np.ndarray:
 def views(x: np.ndarray, n: int) -> np.ndarray:
     """The first ``n`` views of the NCHW batch ``x``, stacked view-major: ``(n * N, C, H, W)``."""
     flips = [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]][:n]
-    turns = [rotate(x, d) for d in (ROTATE_DEG, -ROTATE_DEG)[:max(0, n - 4)]]
+    turns = [rotate(x, d) for d in (ROTATE_DEG, -ROTATE_DEG)[: max(0, n - 4)]]
     return np.ascontiguousarray(np.concatenate(flips + turns), dtype=np.float32)
 
 
-def view_probabilities(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n: int,
-                       max_batch: int = MAX_VIEW_BATCH, first=None) -> np.ndarray:
+def view_probabilities(
+    run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n: int, max_batch: int = MAX_VIEW_BATCH, first=None
+) -> np.ndarray:
     """``(n, N)``: the probability ``run`` gives each of the first ``n`` views of each image of ``x``,
     the views run together in calls of at most ``max_batch`` images (at least one image's views).
     ``first``: the images' own probabilities (the first view), when a pass already gave them
@@ -77,20 +79,22 @@ def view_probabilities(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n
         return np.zeros((n, 0), np.float32)
     v = views(x, n)
     known = [] if first is None else [np.asarray(first, np.float32).reshape(-1)]
-    v = v[len(x):] if known else v
+    v = v[len(x) :] if known else v
     step = max(int(max_batch), n)
-    probs = np.concatenate(known + [np.asarray(run(v[i:i + step]), np.float32).reshape(-1)
-                                    for i in range(0, len(v), step)])
+    probs = np.concatenate(
+        known + [np.asarray(run(v[i : i + step]), np.float32).reshape(-1) for i in range(0, len(v), step)]
+    )
     return probs.reshape(n, len(x))
 
 
 def combine(per_view: np.ndarray, mode: str) -> np.ndarray:
     """The probability of ``mode`` from :func:`view_probabilities`' rows (it needs at least its views)."""
-    return per_view[:N_VIEWS[check_mode(mode)]].mean(axis=0, dtype=np.float64).astype(np.float32)
+    return per_view[: N_VIEWS[check_mode(mode)]].mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def predict(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, mode: str,
-            max_batch: int = MAX_VIEW_BATCH, first=None) -> np.ndarray:
+def predict(
+    run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, mode: str, max_batch: int = MAX_VIEW_BATCH, first=None
+) -> np.ndarray:
     """The probabilities (N,) of the batch ``x`` under ``mode``; ``off`` is ``run(x)`` itself (or
     ``first``, the images' own probabilities when already known: :func:`view_probabilities`)."""
     if check_mode(mode) == "off":

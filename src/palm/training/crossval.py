@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from palm.data.dataset import Split, load_split
 from palm.core.errors import DataError
+from palm.core.params import DEFAULT_THRESHOLD, TTA_MODES
+from palm.data.dataset import Split, load_split
+from palm.data.shards import SplitWriter, new_manifest, open_split, read_manifest, write_manifest
+from palm.data.splits import fold_of
 from palm.evaluation.evaluate import predict_valid_modes
 from palm.evaluation.metrics import score
 from palm.nn.modelinfo import tta
-from palm.core.params import DEFAULT_THRESHOLD, TTA_MODES
-from palm.data.shards import SplitWriter, new_manifest, open_split, read_manifest, write_manifest
-from palm.data.splits import fold_of
 from palm.training.train import Trainer
 
 FOLD_SHARD_SIZE = 256
@@ -43,8 +43,10 @@ def write_fold_shards(full: Split, folds: np.ndarray, fold: int, out_dir: Path, 
     copied a shard's worth at a time (:class:`palm.data.shards.SplitWriter`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(image_size, {"image_size": image_size, "fold": fold})
-    for name, part in (("train", full.subset(np.flatnonzero(folds != fold))),
-                       ("valid", full.subset(np.flatnonzero(folds == fold)))):
+    for name, part in (
+        ("train", full.subset(np.flatnonzero(folds != fold))),
+        ("valid", full.subset(np.flatnonzero(folds == fold))),
+    ):
         writer = SplitWriter(out_dir, manifest, name, FOLD_SHARD_SIZE)
         for start in range(0, len(part), FOLD_SHARD_SIZE):
             chunk = part.subset(np.arange(start, min(start + FOLD_SHARD_SIZE, len(part))))
@@ -70,35 +72,57 @@ def pooled_split(shards_dir: str | Path, splits: tuple[str, ...]) -> Split:
     return full
 
 
-def cross_validate(params: dict, shards_dir: str | Path = "data/shards", k: int = 3, seed: int = 0,
-                   work_dir: str | Path | None = None, splits: tuple[str, ...] = ("train",)
-                   ) -> tuple[pd.DataFrame, dict]:
+def cross_validate(
+    params: dict,
+    shards_dir: str | Path = "data/shards",
+    k: int = 3,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+    splits: tuple[str, ...] = ("train",),
+) -> tuple[pd.DataFrame, dict]:
     """Out-of-fold predictions (image, group, label, fold, probability) and their scores."""
     full = pooled_split(shards_dir, tuple(splits))
     folds = fold_of(full.labels, full.groups, k, seed)
     rows, runs = [], []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fold in range(k):
-            print(f"== fold {fold + 1}/{k}: learning from {int((folds != fold).sum())} images, "
-                  f"predicting {int((folds == fold).sum())}")
+            print(
+                f"== fold {fold + 1}/{k}: learning from {int((folds != fold).sum())} images, "
+                f"predicting {int((folds == fold).sum())}"
+            )
             fold_dir = write_fold_shards(full, folds, fold, Path(tmp) / f"fold{fold}", full.pixels.shape[1])
             run_dir = Path(tmp) / f"run{fold}"
             Trainer(params, fold_dir).run(run_dir / "models", run_dir / "checkpoints", run_dir / "live")
             # as the evaluate stage predicts (the configured tta), and under every tta mode: the same networks
             held, by_mode, info = predict_valid_modes(fold_dir, run_dir / "models")
             columns = {"probability": by_mode[tta(info)], **{f"probability_{m}": by_mode[m] for m in TTA_MODES}}
-            rows += [{"image": img, "group": g, "label": int(lab), "fold": fold,
-                      **{c: round(float(p[i]), 6) for c, p in columns.items()}}
-                     for i, (img, g, lab) in enumerate(zip(held.images, held.groups, held.labels))]
-            runs.append({"fold": fold, "selected_epoch": info["selected_epoch"],
-                         "train_seconds": info["train_seconds"]})
+            rows += [
+                {
+                    "image": img,
+                    "group": g,
+                    "label": int(lab),
+                    "fold": fold,
+                    **{c: round(float(p[i]), 6) for c, p in columns.items()},
+                }
+                for i, (img, g, lab) in enumerate(zip(held.images, held.groups, held.labels))
+            ]
+            runs.append(
+                {"fold": fold, "selected_epoch": info["selected_epoch"], "train_seconds": info["train_seconds"]}
+            )
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.rmtree(fold_dir, ignore_errors=True)
     oof = pd.DataFrame(rows)
     scores = score(oof["label"], oof["probability"], DEFAULT_THRESHOLD)
-    summary = {"folds": k, "fold_seed": seed, "splits": list(splits), "images": len(oof), **scores,
-               "errors": scores["fp"] + scores["fn"], "runs": runs,
-               "tta": {m: score(oof["label"], oof[f"probability_{m}"], DEFAULT_THRESHOLD) for m in TTA_MODES}}
+    summary = {
+        "folds": k,
+        "fold_seed": seed,
+        "splits": list(splits),
+        "images": len(oof),
+        **scores,
+        "errors": scores["fp"] + scores["fn"],
+        "runs": runs,
+        "tta": {m: score(oof["label"], oof[f"probability_{m}"], DEFAULT_THRESHOLD) for m in TTA_MODES},
+    }
     return oof, summary
 
 

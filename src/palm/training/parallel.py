@@ -59,8 +59,10 @@ def launched() -> bool:
 def check_batch(batch_size: int, nranks: int) -> int:
     """The per-rank batch: ``train.batch_size`` is the global batch, split evenly among the ranks."""
     if batch_size % nranks:
-        raise ConfigError(f"train.batch_size = {batch_size}: the global batch must divide evenly among "
-                          f"{nranks} processes (train.nproc x machines)")
+        raise ConfigError(
+            f"train.batch_size = {batch_size}: the global batch must divide evenly among "
+            f"{nranks} processes (train.nproc x machines)"
+        )
     return batch_size // nranks
 
 
@@ -91,8 +93,10 @@ def same_everywhere(value: int, what: str) -> None:
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MAX)
     if int(hi.numpy()[0]) != -int(lo.numpy()[0]):
-        raise RunError(f"the ranks disagree on {what} ({-int(lo.numpy()[0])} to {int(hi.numpy()[0])}); on several "
-                       "machines checkpoints/ must be one shared folder")
+        raise RunError(
+            f"the ranks disagree on {what} ({-int(lo.numpy()[0])} to {int(hi.numpy()[0])}); on several "
+            "machines checkpoints/ must be one shared folder"
+        )
 
 
 def _die_with(parent: int) -> None:
@@ -127,7 +131,9 @@ def spawn(fn, args: tuple, nprocs: int, gpu: bool):
     os.environ[SLOT_ENV] = f"{share.slot}/{share.jobs}"  # the ranks share this run's slot and cores
     with warnings.catch_warnings():  # "trained under CPUONLY mode by using GLOO": as asked
         warnings.filterwarnings("ignore", message="Your model will be trained under CPUONLY mode")
-        ctx = dist.spawn(_rank_main, args=(os.getpid(), fn, args), nprocs=nprocs, join=False, backend="nccl" if gpu else "gloo")
+        ctx = dist.spawn(
+            _rank_main, args=(os.getpid(), fn, args), nprocs=nprocs, join=False, backend="nccl" if gpu else "gloo"
+        )
     try:
         while True:
             try:
@@ -137,8 +143,10 @@ def spawn(fn, args: tuple, nprocs: int, gpu: bool):
                 codes = [p.exitcode for p in ctx.processes]
                 bad = next((c for c in codes if c not in (0, None)), 1)
                 text = str(exc).strip().splitlines()  # a traceback (not a palm error): its last line
-                err = RunError(f"a training process failed (exit status {bad}): "
-                               + (text[-1] if len(text) > 1 else "its error is above"))
+                err = RunError(
+                    f"a training process failed (exit status {bad}): "
+                    + (text[-1] if len(text) > 1 else "its error is above")
+                )
                 err.exit_code = bad if bad > 0 else err.exit_code
                 raise err from None
     finally:

@@ -36,8 +36,7 @@ def smooth_targets(y, eps: float):
 def mixup(x, y, lam: float, perm: np.ndarray):
     """``(lam x + (1 - lam) x[perm], lam y + (1 - lam) y[perm])``."""
     idx = paddle.to_tensor(np.asarray(perm, dtype=np.int64))
-    return (lam * x + (1.0 - lam) * paddle.gather(x, idx),
-            lam * y + (1.0 - lam) * paddle.gather(y, idx))
+    return (lam * x + (1.0 - lam) * paddle.gather(x, idx), lam * y + (1.0 - lam) * paddle.gather(y, idx))
 
 
 def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -58,7 +57,7 @@ def cutmix(x, y, box: tuple[int, int, int, int], perm: np.ndarray):
     h, w = x.shape[-2], x.shape[-1]
     lam = 1.0 - (bottom - top) * (right - left) / (h * w)
     idx = paddle.to_tensor(np.asarray(perm, dtype=np.int64))
-    out = x.clone()   # only the box is copied from the other images (3x faster than a mask over the batch)
+    out = x.clone()  # only the box is copied from the other images (3x faster than a mask over the batch)
     if bottom > top and right > left:
         out[:, :, top:bottom, left:right] = paddle.gather(x[:, :, top:bottom, left:right], idx)
     return out, lam * y + (1.0 - lam) * paddle.gather(y, idx), lam
@@ -91,7 +90,7 @@ class BatchRecipe:
                 raise RuntimeError("BatchRecipe: no generator (call for_epoch first)")
             lam = float(self.rng.beta(self.alpha, self.alpha))
             perm = self.rng.permutation(x.shape[0])
-            if self.mix == "mixup":   # or cutmix: train.mix's schema (palm.core.params) allows no other
+            if self.mix == "mixup":  # or cutmix: train.mix's schema (palm.core.params) allows no other
                 x, y = mixup(x, y, lam, perm)
             else:
                 box = cutmix_box(x.shape[-2], x.shape[-1], lam, self.rng)

@@ -44,21 +44,20 @@ import paddle
 from dvclive import Live
 from tqdm import tqdm
 
-from palm.nn import artifact
-from palm.nn import checkpoint
-from palm.training import parallel
-from palm.training.recipe import BatchRecipe
-from palm.data import shards
-from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
-from palm.nn.ema import WeightEMA
 from palm.core.errors import ConfigError, RunError
-from palm.evaluation.metrics import choose_threshold, score
-from palm.nn.models import DROPOUT_MODELS, build_model, training_loss, training_memory
 from palm.core.params import DEFAULT_THRESHOLD, TrainingConfig, training_config
 from palm.core.provenance import producer
 from palm.core.runtime import check_memory, resolve_device, select_device
+from palm.data import shards
+from palm.data.dataset import Augment, FundusDataset, Split, load_split, make_loader
 from palm.data.splits import stratified_holdout
+from palm.evaluation.metrics import choose_threshold, score
+from palm.nn import artifact, checkpoint
+from palm.nn.ema import WeightEMA
+from palm.nn.models import DROPOUT_MODELS, build_model, training_loss, training_memory
 from palm.nn.weights import load_state, to_paddle
+from palm.training import parallel
+from palm.training.recipe import BatchRecipe
 
 # Paddle's notices at the first training step, not problems: batch norm's change of behaviour in
 # an old release, and a Tensor.place lookup inside its own static-graph (to_static) code.
@@ -68,7 +67,7 @@ warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface"
 MODEL_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints")
 STAGE_ENTRY = Path("stages/train.py")  # where DVC runs the stage (the working directory is the project's)
-LIBRARIES = ("paddle", "numpy")        # whose versions are part of a run's identity
+LIBRARIES = ("paddle", "numpy")  # whose versions are part of a run's identity
 LIVE_DIR = Path("metrics/train")
 #: training has diverged when an epoch's loss passes this many times the first epoch's (or ln 2,
 #: an untrained network's, if that is more), or a weight's magnitude passes MAX_WEIGHT: a run
@@ -85,9 +84,11 @@ def effective_config(params: dict) -> TrainingConfig:
     checked against the networks and the processes of this run."""
     cfg = training_config(params)
     if isinstance(cfg.threshold, str) and not cfg.holdout > 0:
-        raise ConfigError(f"train.threshold: the rule {cfg.threshold!r} is chosen on the internal holdout, "
-                          "so train.holdout must be above 0 (or choose it on out-of-fold predictions with "
-                          "scripts/cross_validate.py --threshold RULE and set the number it prints)")
+        raise ConfigError(
+            f"train.threshold: the rule {cfg.threshold!r} is chosen on the internal holdout, "
+            "so train.holdout must be above 0 (or choose it on out-of-fold predictions with "
+            "scripts/cross_validate.py --threshold RULE and set the number it prints)"
+        )
     if cfg.dropout is not None and cfg.model not in DROPOUT_MODELS:
         raise ConfigError(f"params.yaml: dropout can be set for {', '.join(DROPOUT_MODELS)} only, not {cfg.model}")
     rank = parallel.current()
@@ -107,9 +108,11 @@ def run_identity(cfg: TrainingConfig, shards_dir: Path) -> dict:
     # the threshold rule and the test-time augmentation apply after training: a finished run's
     # checkpoint serves any of them (only model.json is written again)
     config = json.dumps({k: v for k, v in cfg.record().items() if k not in ("threshold", "tta")}, sort_keys=True)
-    return {"config": hashlib.sha256(config.encode()).hexdigest(),
-            "data": shards.digest(shards_dir, "train"),
-            **producer(STAGE_ENTRY, __file__, LIBRARIES)}
+    return {
+        "config": hashlib.sha256(config.encode()).hexdigest(),
+        "data": shards.digest(shards_dir, "train"),
+        **producer(STAGE_ENTRY, __file__, LIBRARIES),
+    }
 
 
 def fingerprint(cfg: TrainingConfig, shards_dir: Path) -> str:
@@ -138,8 +141,8 @@ class Data:
 class Nets:
     """The network being trained, its weight average, and what updates it."""
 
-    model: object          # the network (its weights are what is saved)
-    trained: object        # what the steps run: the network, or paddle.DataParallel of it
+    model: object  # the network (its weights are what is saved)
+    trained: object  # what the steps run: the network, or paddle.DataParallel of it
     ema: WeightEMA | None
     opt: object
     sched: object
@@ -161,7 +164,7 @@ class Progress:
     history: list = field(default_factory=list)
     best: dict | None = None
     best_file: str | None = None
-    meta: dict = field(default_factory=dict)   # the checkpoint's manifest (its files' SHA-256)
+    meta: dict = field(default_factory=dict)  # the checkpoint's manifest (its files' SHA-256)
 
 
 class Trainer:
@@ -200,11 +203,13 @@ class Trainer:
         nets = self._networks(data, device)
         progress = self._resume(ckpt_dir, nets)
         live = self._live(live_dir, progress) if rank.writer else None
-        print(f"training {cfg.model} on {device} (amp {self.amp_mode}"
-              + (f", {rank.size} processes of {cfg.batch_size // rank.size} images per batch"
-                 if rank.size > 1 else "") + f"): {len(data.train)} images, "
-              f"{len(data.hold)} held out, {len(data.train_loader)} steps/epoch, "
-              f"epochs {progress.start + 1}..{cfg.epochs}")
+        print(
+            f"training {cfg.model} on {device} (amp {self.amp_mode}"
+            + (f", {rank.size} processes of {cfg.batch_size // rank.size} images per batch" if rank.size > 1 else "")
+            + f"): {len(data.train)} images, "
+            f"{len(data.hold)} held out, {len(data.train_loader)} steps/epoch, "
+            f"epochs {progress.start + 1}..{cfg.epochs}"
+        )
         t_start = time.perf_counter()
         for epoch in range(progress.start, cfg.epochs):
             rec = self._train_epoch(epoch, data, nets)
@@ -220,12 +225,17 @@ class Trainer:
         if not rank.writer:
             return None
         info = self._finish(model_dir, ckpt_dir, data, nets, progress, device)
-        live.summary = {**{k: v for k, v in progress.history[progress.best["epoch"] - 1].items() if k != "epoch"},
-                        "selected_epoch": progress.best["epoch"], "train_seconds": info["train_seconds"]}
+        live.summary = {
+            **{k: v for k, v in progress.history[progress.best["epoch"] - 1].items() if k != "epoch"},
+            "selected_epoch": progress.best["epoch"],
+            "train_seconds": info["train_seconds"],
+        }
         live.make_summary()
         live.end()
-        print(f"saved {model_dir / artifact.MODEL_INFO} and its weights (epoch {progress.best['epoch']}); "
-              f"this run trained for {time.perf_counter() - t_start:.1f}s")
+        print(
+            f"saved {model_dir / artifact.MODEL_INFO} and its weights (epoch {progress.best['epoch']}); "
+            f"this run trained for {time.perf_counter() - t_start:.1f}s"
+        )
         return info
 
     def _live(self, live_dir: Path, progress: Progress) -> Live:
@@ -252,8 +262,16 @@ class Trainer:
         bs = cfg.batch_size
         if len(train_ds) < self.rank.size:
             raise ConfigError(f"train.nproc: {self.rank.size} processes, but only {len(train_ds)} training images")
-        train_loader = make_loader(train_ds, bs, shuffle=True, seed=seed, workers=cfg.workers,
-                                   drop_last=len(train_ds) > bs, rank=self.rank.rank, nranks=self.rank.size)
+        train_loader = make_loader(
+            train_ds,
+            bs,
+            shuffle=True,
+            seed=seed,
+            workers=cfg.workers,
+            drop_last=len(train_ds) > bs,
+            rank=self.rank.rank,
+            nranks=self.rank.size,
+        )
         hold_loader = make_loader(FundusDataset(hold), bs, shuffle=False) if len(hold) else None
         return Data(train, hold, train_ds, train_loader, hold_loader)
 
@@ -277,9 +295,11 @@ class Trainer:
         # before the network is built (LeNet at 4096 px has 2 billion weights); measured on small
         # copies, which takes seconds, so only above the sizes this project trains at
         if cfg.input_size > MEMORY_CHECK_ABOVE:
-            check_memory(training_memory(cfg.model, cfg.input_size, per_rank, **net_kwargs),
-                         f"training {cfg.model} at {cfg.input_size} px on batches of {per_rank}",
-                         "lower image_size (or train.input_size for this model) or train.batch_size")
+            check_memory(
+                training_memory(cfg.model, cfg.input_size, per_rank, **net_kwargs),
+                f"training {cfg.model} at {cfg.input_size} px on batches of {per_rank}",
+                "lower image_size (or train.input_size for this model) or train.batch_size",
+            )
         paddle.seed(cfg.seed)
 
         def new_network():  # the trained network and its weight average are built alike
@@ -290,8 +310,10 @@ class Trainer:
             if any(isinstance(m, paddle.nn.Dropout) and m.p > 0 for m in model.sublayers()):
                 # the static graph draws its dropout masks from its own generator, which
                 # paddle.seed does not reset: the same seed would no longer give the same run
-                raise ConfigError(f"train.to_static: {cfg.model} has dropout, whose static-graph masks "
-                                  "are not reproducible from train.seed; use it for networks without dropout")
+                raise ConfigError(
+                    f"train.to_static: {cfg.model} has dropout, whose static-graph masks "
+                    "are not reproducible from train.seed; use it for networks without dropout"
+                )
             model = paddle.jit.to_static(model, full_graph=True)
         # the same initial weights on every rank (paddle.seed above); DataParallel averages the gradients
         trained = paddle.DataParallel(model) if self.rank.size > 1 else model
@@ -301,26 +323,28 @@ class Trainer:
         pos_weight = None
         if cfg.class_balance and n_pos:
             pos_weight = paddle.to_tensor([(len(data.train) - n_pos) / n_pos], dtype="float32")
-        return Nets(model, trained, ema, opt, sched, paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight), amp_ctx,
-                    scaler)
+        return Nets(
+            model, trained, ema, opt, sched, paddle.nn.BCEWithLogitsLoss(pos_weight=pos_weight), amp_ctx, scaler
+        )
 
     def _optimizer(self, model, steps_per_epoch: int):
         """AdamW or Nesterov momentum, with a linear warm-up into a cosine or constant rate."""
         cfg = self.cfg
         total = max(1, cfg.epochs * steps_per_epoch)
         warm = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
-        if cfg.schedule == "cosine":   # or constant: the typed params (TrainParams) allow no other
+        if cfg.schedule == "cosine":  # or constant: the typed params (TrainParams) allow no other
             sched = paddle.optimizer.lr.CosineAnnealingDecay(cfg.lr, T_max=max(1, total - warm))
         else:
             sched = paddle.optimizer.lr.LambdaDecay(cfg.lr, lambda _: 1.0)
         if warm > 0:
             sched = paddle.optimizer.lr.LinearWarmup(sched, warm, cfg.lr * 0.01, cfg.lr)
         wd = paddle.regularizer.L2Decay(cfg.weight_decay) if cfg.weight_decay else None
-        if cfg.optimizer == "adam":   # or momentum
+        if cfg.optimizer == "adam":  # or momentum
             opt = paddle.optimizer.AdamW(sched, parameters=model.parameters(), weight_decay=cfg.weight_decay)
         else:
-            opt = paddle.optimizer.Momentum(sched, momentum=cfg.momentum, parameters=model.parameters(),
-                                            weight_decay=wd, use_nesterov=True)
+            opt = paddle.optimizer.Momentum(
+                sched, momentum=cfg.momentum, parameters=model.parameters(), weight_decay=wd, use_nesterov=True
+            )
         return opt, sched
 
     def _resume(self, ckpt_dir: Path, nets: Nets) -> Progress:
@@ -361,20 +385,28 @@ class Trainer:
         recipe = BatchRecipe.of(cfg).for_epoch(cfg.seed, epoch, self.rank.rank)
         nets.model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
-        bar = tqdm(data.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
-                   disable=not self.rank.writer)
+        bar = tqdm(
+            data.train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            dynamic_ncols=True,
+            disable=not self.rank.writer,
+        )
         for x, y in bar:
             lv = self._step(nets, *recipe(x, y))
             if not math.isfinite(lv):
-                raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} "
-                               f"(lower train.lr for {cfg.model})")
+                raise RunError(f"training diverged: loss is {lv} at epoch {epoch + 1} (lower train.lr for {cfg.model})")
             total += lv * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / n:.4f}")
         if self.rank.size > 1:  # the mean over every global batch, as one process logs it
             total, n = parallel.all_reduce_sum([total, n])
-        return {"epoch": epoch + 1, "train_loss": total / max(n, 1), "lr": float(nets.sched.get_lr()),
-                "epoch_seconds": time.perf_counter() - t0}
+        return {
+            "epoch": epoch + 1,
+            "train_loss": total / max(n, 1),
+            "lr": float(nets.sched.get_lr()),
+            "epoch_seconds": time.perf_counter() - t0,
+        }
 
     @staticmethod
     def _step(nets: Nets, x, y) -> float:
@@ -412,8 +444,13 @@ class Trainer:
         state = {"model": nets.model.state_dict(), "opt": nets.opt.state_dict(), "sched": nets.sched.state_dict()}
         if nets.ema is not None:
             state["ema"] = nets.ema.state_dict()
-        meta = {"identity": self.identity, "epoch": epoch + 1, "history": progress.history, "best": progress.best,
-                "config": self.cfg.record()}
+        meta = {
+            "identity": self.identity,
+            "epoch": epoch + 1,
+            "history": progress.history,
+            "best": progress.best,
+            "config": self.cfg.record(),
+        }
         progress.meta = checkpoint.save(ckpt_dir, state, meta, best_state)
         progress.best_file = progress.meta["best_file"]
 
@@ -421,13 +458,14 @@ class Trainer:
         """Larger is better: the holdout's accuracy, loss or AUC as ``train.select_by`` says."""
         loss = -rec.get("holdout_loss", 0.0)
         auc = rec.get("holdout_auc", 0.0)
-        return {"loss": (loss,),
-                "accuracy": (rec.get("holdout_accuracy", 0.0), loss),
-                "auc": (auc if math.isfinite(auc) else 0.0, loss)}[self.cfg.select_by]
+        return {
+            "loss": (loss,),
+            "accuracy": (rec.get("holdout_accuracy", 0.0), loss),
+            "auc": (auc if math.isfinite(auc) else 0.0, loss),
+        }[self.cfg.select_by]
 
     # -- the end ---------------------------------------------------------------------------
-    def _finish(self, model_dir: Path, ckpt_dir: Path, data: Data, nets: Nets, progress: Progress,
-                device: str) -> dict:
+    def _finish(self, model_dir: Path, ckpt_dir: Path, data: Data, nets: Nets, progress: Progress, device: str) -> dict:
         """Save the selected network with its threshold as ``models/``; returns its ``model.json``."""
         cfg, best = self.cfg, progress.best
         if best is None or not progress.best_file:
@@ -438,13 +476,22 @@ class Trainer:
             raise RunError(f"checkpoint damaged ({damage}): no model saved; run the stage again to train afresh")
         threshold = self._threshold(nets, data, weights)
         info = {
-            "model": cfg.model, "image_size": cfg.image_size, "input_size": cfg.input_size,
-            "threshold": threshold, "threshold_rule": str(cfg.threshold), "tta": cfg.tta,
-            "selected_epoch": best["epoch"], "epochs": cfg.epochs, "device": device, "amp": self.amp_mode,
+            "model": cfg.model,
+            "image_size": cfg.image_size,
+            "input_size": cfg.input_size,
+            "threshold": threshold,
+            "threshold_rule": str(cfg.threshold),
+            "tta": cfg.tta,
+            "selected_epoch": best["epoch"],
+            "epochs": cfg.epochs,
+            "device": device,
+            "amp": self.amp_mode,
             "train_seconds": round(sum(r["epoch_seconds"] for r in progress.history), 2),
-            "n_train": len(data.train), "n_holdout": len(data.hold), "config": cfg.record(),
+            "n_train": len(data.train),
+            "n_holdout": len(data.hold),
+            "config": cfg.record(),
         }
-        if "fundus" in info["config"]:   # how a photograph is enhanced before the network (model.json)
+        if "fundus" in info["config"]:  # how a photograph is enhanced before the network (model.json)
             info["fundus"] = info["config"]["fundus"]
         artifact.save(model_dir, weights, info)
         return info
@@ -456,8 +503,9 @@ class Trainer:
         if isinstance(rule, float):
             return rule
         nets.scored.set_state_dict(to_paddle(load_state(weights)))
-        t = choose_threshold(data.hold.labels, artifact.predict_probs(nets.scored, data.hold_loader, nets.amp_ctx),
-                             rule)
+        t = choose_threshold(
+            data.hold.labels, artifact.predict_probs(nets.scored, data.hold_loader, nets.amp_ctx), rule
+        )
         print(f"threshold {t:.4f}: {rule} on the {len(data.hold)}-image holdout")
         return t
 
@@ -473,17 +521,22 @@ def check_divergence(loss: float, first_loss: float, model, epoch: int, cfg: Tra
     """A :class:`RunError` when the epoch's mean ``loss`` is far above the first epoch's, or a
     weight of ``model`` is not finite or huge (:data:`DIVERGED_LOSS_FACTOR`, :data:`MAX_WEIGHT`);
     the same on every rank (the loss is the global mean, the weights are the same)."""
-    hint = (f"lower train.lr (now {cfg.lr:g}) for {cfg.model}"
-            + (" or train.momentum" if cfg.optimizer == "momentum" else ""))
+    hint = f"lower train.lr (now {cfg.lr:g}) for {cfg.model}" + (
+        " or train.momentum" if cfg.optimizer == "momentum" else ""
+    )
     limit = DIVERGED_LOSS_FACTOR * max(first_loss, math.log(2))
     if not math.isfinite(loss) or loss > limit:
-        raise RunError(f"training diverged: loss {loss:.4g} at epoch {epoch + 1}, above {limit:.4g} "
-                       f"({DIVERGED_LOSS_FACTOR:g}x the first epoch's {first_loss:.4g}); no model saved; {hint}")
+        raise RunError(
+            f"training diverged: loss {loss:.4g} at epoch {epoch + 1}, above {limit:.4g} "
+            f"({DIVERGED_LOSS_FACTOR:g}x the first epoch's {first_loss:.4g}); no model saved; {hint}"
+        )
     for name, p in model.named_parameters():
         peak = float(paddle.max(paddle.abs(p.detach())))
         if not peak <= MAX_WEIGHT:  # NaN too
-            raise RunError(f"training diverged: weight {name} reached {peak:.4g} at epoch {epoch + 1} "
-                           f"(limit {MAX_WEIGHT:g}); no model saved; {hint}")
+            raise RunError(
+                f"training diverged: weight {name} reached {peak:.4g} at epoch {epoch + 1} "
+                f"(limit {MAX_WEIGHT:g}); no model saved; {hint}"
+            )
 
 
 def train_rank(params: dict) -> dict | None:

@@ -37,12 +37,22 @@ __all__ = ["Run", "compare", "compare_groups", "group_summary", "read_run", "wor
 def group_summary(group: dict, metrics: list[str]) -> dict:
     """Mean, standard deviation (n - 1; None for one seed) and range of each metric across seeds."""
     runs = group["runs"]
-    out = {"group": group["name"], "model": runs[0].model, "seeds": [r.seed for r in runs],
-           "revs": [r.rev for r in runs], "metrics": {}}
+    out = {
+        "group": group["name"],
+        "model": runs[0].model,
+        "seeds": [r.seed for r in runs],
+        "revs": [r.rev for r in runs],
+        "metrics": {},
+    }
     for m in metrics:
         v = np.array([metric_value(m, r.labels, r.probs, r.pred) for r in runs], np.float64)
-        out["metrics"][m] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-                             "min": float(v.min()), "max": float(v.max()), "values": v.tolist()}
+        out["metrics"][m] = {
+            "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "min": float(v.min()),
+            "max": float(v.max()),
+            "values": v.tolist(),
+        }
     return out
 
 
@@ -55,12 +65,18 @@ def compare_groups(metric: str, ga: dict, gb: dict, n_boot: int = N_BOOT, seed: 
         return []
     labels = a_by[common[0]].labels
     base = {"a": ga["name"], "b": gb["name"], "metric": metric, "seeds": common}
-    return [{**base, **rec} for rec in over_seeds(metric, labels, [(a_by[s], b_by[s]) for s in common],
-                                                   n_boot, seed)]
+    return [{**base, **rec} for rec in over_seeds(metric, labels, [(a_by[s], b_by[s]) for s in common], n_boot, seed)]
 
 
-def compare(revs: list[str], baseline: str = "HEAD", metrics=METRICS, repo: str | Path = ".",
-            n_boot: int = N_BOOT, seed: int = BOOT_SEED, alpha: float = ALPHA) -> dict:
+def compare(
+    revs: list[str],
+    baseline: str = "HEAD",
+    metrics=METRICS,
+    repo: str | Path = ".",
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+    alpha: float = ALPHA,
+) -> dict:
     """Every revision of ``revs`` against ``baseline``, per metric; the seed groups and their
     comparisons. ``revs`` empty: every experiment of ``dvc exp show``."""
     metrics = list(dict.fromkeys(metrics))
@@ -114,8 +130,17 @@ def compare(revs: list[str], baseline: str = "HEAD", metrics=METRICS, repo: str 
                 rec["p_adjusted"] = padj
                 rec["verdict"] = verdict(m, rec["diff"], padj, rec["n"], rec["ci_low"], rec["ci_high"], alpha)
         group_records += family
-    return {"baseline": base.rev, "n": n, "n_pm": int(labels.sum()), "alpha": alpha, "metrics": metrics,
-            "records": records, "groups": summaries, "group_records": group_records, "runs": runs}
+    return {
+        "baseline": base.rev,
+        "n": n,
+        "n_pm": int(labels.sum()),
+        "alpha": alpha,
+        "metrics": metrics,
+        "records": records,
+        "groups": summaries,
+        "group_records": group_records,
+        "runs": runs,
+    }
 
 
 def worse(result: dict) -> list[dict]:

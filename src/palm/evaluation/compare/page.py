@@ -53,9 +53,14 @@ def forest(records: list[dict], title: str) -> bytes:
             ax.plot(rec["diff"], y, "o", color=c)
         ax.axvline(0, color="k", lw=1)
         ax.set_yticks(range(len(records)))
-        ax.set_yticklabels([f"{rec['b']} vs {rec['a']}: {rec['metric']}"
-                            + (" (lower better)" if rec["metric"] in LOWER_IS_BETTER else "")
-                            for rec in reversed(records)], fontsize=7)
+        ax.set_yticklabels(
+            [
+                f"{rec['b']} vs {rec['a']}: {rec['metric']}"
+                + (" (lower better)" if rec["metric"] in LOWER_IS_BETTER else "")
+                for rec in reversed(records)
+            ],
+            fontsize=7,
+        )
         ax.set(xlabel="difference (revision - baseline), 95% interval", title=title)
 
     return _figure_png(draw, size=(7.5, max(2.5, 0.28 * len(records) + 1.2)))
@@ -103,8 +108,9 @@ def thumbnail(path: Path) -> bytes | None:
     if im is None:
         return None
     scale = THUMB_PX / max(im.shape[:2])
-    im = cv2.resize(im, (max(1, round(im.shape[1] * scale)), max(1, round(im.shape[0] * scale))),
-                    interpolation=cv2.INTER_AREA)
+    im = cv2.resize(
+        im, (max(1, round(im.shape[1] * scale)), max(1, round(im.shape[0] * scale))), interpolation=cv2.INTER_AREA
+    )
     ok, buf = cv2.imencode(".png", im)
     return buf.tobytes() if ok else None
 
@@ -117,10 +123,25 @@ def disagreements(runs: list[Run], raw: Path = RAW) -> dict:
     for r in others:
         differ |= r.pred != base.pred
     idx = np.flatnonzero(differ)
-    rows = [{"image": base.images[i], "truth": "PM" if base.labels[i] else "non-PM",
-             "cells": [(f"{r.probs[i]:.3f}", bool(r.pred[i] == base.labels[i])) for r in runs]} for i in idx]
-    out = {"rows": rows, "revs": [r.rev for r in runs], "raw": str(raw), "no_raw": not raw.is_dir(),
-           "thumbs": [], "missing": 0, "outside": [], "more": len(idx) > N_THUMBS, "shown": N_THUMBS}
+    rows = [
+        {
+            "image": base.images[i],
+            "truth": "PM" if base.labels[i] else "non-PM",
+            "cells": [(f"{r.probs[i]:.3f}", bool(r.pred[i] == base.labels[i])) for r in runs],
+        }
+        for i in idx
+    ]
+    out = {
+        "rows": rows,
+        "revs": [r.rev for r in runs],
+        "raw": str(raw),
+        "no_raw": not raw.is_dir(),
+        "thumbs": [],
+        "missing": 0,
+        "outside": [],
+        "more": len(idx) > N_THUMBS,
+        "shown": N_THUMBS,
+    }
     if not len(idx) or out["no_raw"]:
         return out
     for i in idx[:N_THUMBS]:
@@ -132,15 +153,32 @@ def disagreements(runs: list[Run], raw: Path = RAW) -> dict:
         if png is None:
             out["missing"] += 1
             continue
-        out["thumbs"].append({"uri": png_data_uri(png), "image": base.images[i],
-                              "caption": f"{Path(base.images[i]).name} ({'PM' if base.labels[i] else 'non-PM'})"})
+        out["thumbs"].append(
+            {
+                "uri": png_data_uri(png),
+                "image": base.images[i],
+                "caption": f"{Path(base.images[i]).name} ({'PM' if base.labels[i] else 'non-PM'})",
+            }
+        )
     return out
 
 
 def _rows(records: list[dict]) -> list[dict]:
-    return [{"b": str(rec["b"]), "a": str(rec["a"]), "metric": rec["metric"], "diff": f"{rec['diff']:+.3f}",
-             "ci_low": f"{rec['ci_low']:+.3f}", "ci_high": f"{rec['ci_high']:+.3f}", "p": _p(rec["p_value"]),
-             "p_adjusted": _p(rec["p_adjusted"]), "test": rec["test"], "verdict": rec["verdict"]} for rec in records]
+    return [
+        {
+            "b": str(rec["b"]),
+            "a": str(rec["a"]),
+            "metric": rec["metric"],
+            "diff": f"{rec['diff']:+.3f}",
+            "ci_low": f"{rec['ci_low']:+.3f}",
+            "ci_high": f"{rec['ci_high']:+.3f}",
+            "p": _p(rec["p_value"]),
+            "p_adjusted": _p(rec["p_adjusted"]),
+            "test": rec["test"],
+            "verdict": rec["verdict"],
+        }
+        for rec in records
+    ]
 
 
 def _seeds(result: dict) -> dict | None:
@@ -150,30 +188,60 @@ def _seeds(result: dict) -> dict | None:
     metrics = result["metrics"]
 
     def cell(s: dict) -> dict:
-        return {"mean": f"{s['mean']:.3f}", "std": None if s["std"] is None else f"{s['std']:.3f}",
-                "min": f"{s['min']:.3f}", "max": f"{s['max']:.3f}"}
+        return {
+            "mean": f"{s['mean']:.3f}",
+            "std": None if s["std"] is None else f"{s['std']:.3f}",
+            "min": f"{s['min']:.3f}",
+            "max": f"{s['max']:.3f}",
+        }
 
-    return {"groups": [{"group": g["group"], "seeds": ", ".join(map(seed_label, g["seeds"])),
-                        "cells": [cell(g["metrics"][m]) for m in metrics]} for g in result["groups"]],
-            "spread": png_data_uri(seed_spread(result["groups"], metrics)),
-            "records": _rows(result["group_records"])}
+    return {
+        "groups": [
+            {
+                "group": g["group"],
+                "seeds": ", ".join(map(seed_label, g["seeds"])),
+                "cells": [cell(g["metrics"][m]) for m in metrics],
+            }
+            for g in result["groups"]
+        ],
+        "spread": png_data_uri(seed_spread(result["groups"], metrics)),
+        "records": _rows(result["group_records"]),
+    }
 
 
 def page(result: dict, raw: Path = RAW) -> str:
     """The page's HTML."""
     runs = result["runs"]
     return _template().render(
-        baseline=result["baseline"], n=result["n"], n_pm=result["n_pm"], alpha=result["alpha"],
+        baseline=result["baseline"],
+        n=result["n"],
+        n_pm=result["n_pm"],
+        alpha=result["alpha"],
         metrics=result["metrics"],
-        revisions=[{"rev": r.rev, "commit": r.commit[:10] if r.commit else "workspace", "model": r.model,
-                    "seed": seed_label(r.seed)} for r in runs],
+        revisions=[
+            {
+                "rev": r.rev,
+                "commit": r.commit[:10] if r.commit else "workspace",
+                "model": r.model,
+                "seed": seed_label(r.seed),
+            }
+            for r in runs
+        ],
         records=_rows(result["records"]),
         roc=png_data_uri(roc_overlay(runs)),
         forest=png_data_uri(forest(result["records"], "Paired differences against " + result["baseline"])),
-        seeds=_seeds(result), disagree=disagreements(runs, raw))
+        seeds=_seeds(result),
+        disagree=disagreements(runs, raw),
+    )
 
 
 def _template():
-    env = Environment(loader=PackageLoader("palm.evaluation.compare", "templates"), autoescape=True,
-                      undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("palm.evaluation.compare", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("compare.html.j2")

@@ -35,8 +35,8 @@ WORKSPACE = "workspace"
 class Run:
     """One revision's validation predictions and parameters."""
 
-    rev: str                      # as the user named it
-    commit: str | None            # the commit read (None: the workspace)
+    rev: str  # as the user named it
+    commit: str | None  # the commit read (None: the workspace)
     params: dict
     images: list[str]
     labels: np.ndarray
@@ -74,8 +74,9 @@ def resolve(rev: str, repo: Path = Path(".")) -> str | None:
         return found[0]
     if len(found) > 1:
         raise ConfigError(f"{rev}: more than one experiment has this name; name one by its commit")
-    raise ConfigError(f"{rev}: no such revision or experiment (a branch, a commit, an experiment's name or "
-                      f"'{WORKSPACE}')")
+    raise ConfigError(
+        f"{rev}: no such revision or experiment (a branch, a commit, an experiment's name or '{WORKSPACE}')"
+    )
 
 
 def read_file_at(commit: str | None, path: str, repo: Path, rev: str) -> bytes:
@@ -100,10 +101,14 @@ def _file_params(csv: Path) -> dict:
     except (OSError, ValueError):
         return {}
     sets = [str(s) for s in summary.get("set") or []]
-    seed = "-" if summary.get("members") else next(
-        (s.split("=", 1)[1] for s in sets if s.startswith("train.seed=")), "0")
-    return {"model": summary.get("model", "?"), "set": [s for s in sets if not s.startswith("train.seed=")],
-            "train": {"seed": seed}}
+    seed = (
+        "-" if summary.get("members") else next((s.split("=", 1)[1] for s in sets if s.startswith("train.seed=")), "0")
+    )
+    return {
+        "model": summary.get("model", "?"),
+        "set": [s for s in sets if not s.startswith("train.seed=")],
+        "train": {"seed": seed},
+    }
 
 
 def read_run(rev: str, repo: str | Path = ".") -> Run:
@@ -118,7 +123,7 @@ def read_run(rev: str, repo: str | Path = ".") -> Run:
         df = pd.read_csv(io.BytesIO(raw))
     except (ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{rev}: {PREDICTIONS} is not a predictions table ({exc})") from None
-    guessed = as_file and "predicted" not in df.columns   # out-of-fold predictions: no class of their own
+    guessed = as_file and "predicted" not in df.columns  # out-of-fold predictions: no class of their own
     missing = {"image", "label", "probability", *(() if guessed else ("predicted",))} - set(df.columns)
     if missing:
         raise DataError(f"{rev}: {PREDICTIONS} has no column(s) {', '.join(sorted(missing))}")
@@ -126,8 +131,13 @@ def read_run(rev: str, repo: str | Path = ".") -> Run:
         raise DataError(f"{rev}: {PREDICTIONS} has no rows")
     if df["image"].duplicated().any():
         raise DataError(f"{rev}: {PREDICTIONS} lists image(s) twice: {listing(df['image'][df['image'].duplicated()])}")
-    check_predictions(df["label"], df["probability"], None if guessed else df["predicted"],
-                      name=rev if as_file else f"{rev}: {PREDICTIONS}", images=df["image"].astype(str))
+    check_predictions(
+        df["label"],
+        df["probability"],
+        None if guessed else df["predicted"],
+        name=rev if as_file else f"{rev}: {PREDICTIONS}",
+        images=df["image"].astype(str),
+    )
     labels, probs = df["label"].to_numpy(np.float64).astype(int), df["probability"].to_numpy(np.float64)
     pred = (probs >= DEFAULT_THRESHOLD).astype(int) if guessed else df["predicted"].to_numpy(np.float64).astype(int)
     if as_file:
@@ -138,8 +148,9 @@ def read_run(rev: str, repo: str | Path = ".") -> Run:
         params = {}
     except yaml.YAMLError as exc:
         raise DataError(f"{rev}: {PARAMS} is not valid YAML ({exc})") from None
-    return Run(rev, commit, params if isinstance(params, dict) else {}, df["image"].astype(str).tolist(),
-               labels, probs, pred)
+    return Run(
+        rev, commit, params if isinstance(params, dict) else {}, df["image"].astype(str).tolist(), labels, probs, pred
+    )
 
 
 def experiments(repo: str | Path = ".") -> list[str]:
@@ -171,9 +182,15 @@ def align(base: Run, runs: list[Run]) -> None:
             only_a = sorted(set(base.images) - set(r.images))
             raise DataError(
                 f"{base.rev} and {r.rev} were scored on different images: "
-                + "; ".join(part for part in (
-                    f"only in {base.rev}: {listing(only_a, 5)}" if only_a else "",
-                    f"only in {r.rev}: {listing(only_b, 5)}" if only_b else "") if part))
+                + "; ".join(
+                    part
+                    for part in (
+                        f"only in {base.rev}: {listing(only_a, 5)}" if only_a else "",
+                        f"only in {r.rev}: {listing(only_b, 5)}" if only_b else "",
+                    )
+                    if part
+                )
+            )
         idx = np.argsort([order[i] for i in r.images])
         r.images = [r.images[i] for i in idx]
         r.labels, r.probs, r.pred = r.labels[idx], r.probs[idx], r.pred[idx]

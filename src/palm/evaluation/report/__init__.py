@@ -24,16 +24,27 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from palm.nn.modelinfo import read_info
 from palm.core.errors import DataError
 from palm.core.fsutil import atomic_file, read_json
 from palm.evaluation.metrics import reliability_table
+from palm.nn.modelinfo import read_info
 
 REPORT = Path("metrics/report.html")
 N_ERRORS = 10
 #: model.json's keys in the report's summary of the model
-HEAD_KEYS = ("model", "image_size", "input_size", "threshold", "threshold_rule", "selected_epoch", "epochs",
-             "n_train", "n_holdout", "train_seconds", "device")
+HEAD_KEYS = (
+    "model",
+    "image_size",
+    "input_size",
+    "threshold",
+    "threshold_rule",
+    "selected_epoch",
+    "epochs",
+    "n_train",
+    "n_holdout",
+    "train_seconds",
+    "device",
+)
 
 # (key in eval.json, what it is) of the metrics shown with their 95% interval, in this order
 WITH_INTERVAL = [
@@ -115,20 +126,39 @@ def plots(labels: np.ndarray, probs: np.ndarray, metrics: dict) -> dict[str, byt
             ax.plot(recall, precision, lw=2)
         ax.plot(metrics["sensitivity"], metrics["precision"], "ro", label=f"threshold {threshold:.3f}")
         ax.axhline(labels.mean(), color="k", ls="--", lw=1, label="prevalence (validation)")
-        ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title="Precision-recall (validation)",
-               ylim=(0, 1.02))
+        ax.set(
+            xlabel="Recall (sensitivity)",
+            ylabel="Precision (PPV)",
+            title="Precision-recall (validation)",
+            ylim=(0, 1.02),
+        )
         ax.legend(loc="lower left")
 
     def reliability(ax):
         rows = reliability_table(labels, probs)
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        ax.plot([r["mean_probability"] for r in rows], [r["fraction_pm"] for r in rows], "o-", lw=2,
-                label=f"model (ECE {fmt(metrics.get('ece'))})")
+        ax.plot(
+            [r["mean_probability"] for r in rows],
+            [r["fraction_pm"] for r in rows],
+            "o-",
+            lw=2,
+            label=f"model (ECE {fmt(metrics.get('ece'))})",
+        )
         for r in rows:
-            ax.annotate(str(r["count"]), (r["mean_probability"], r["fraction_pm"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7)
-        ax.set(xlabel="Mean predicted PM probability (10 bins)", ylabel="Observed fraction of PM",
-               title="Reliability diagram (validation)", xlim=(0, 1), ylim=(0, 1))
+            ax.annotate(
+                str(r["count"]),
+                (r["mean_probability"], r["fraction_pm"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+            )
+        ax.set(
+            xlabel="Mean predicted PM probability (10 bins)",
+            ylabel="Observed fraction of PM",
+            title="Reliability diagram (validation)",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         ax.legend(loc="upper left")
 
     def histogram(ax):
@@ -139,8 +169,12 @@ def plots(labels: np.ndarray, probs: np.ndarray, metrics: dict) -> dict[str, byt
         ax.set(xlabel="Predicted PM probability", ylabel="Images", title="PM probability per class (validation)")
         ax.legend(loc="upper center")
 
-    return {"ROC curve": _figure_png(roc), "Precision-recall curve": _figure_png(pr),
-            "Reliability diagram": _figure_png(reliability), "Histogram of PM probabilities": _figure_png(histogram)}
+    return {
+        "ROC curve": _figure_png(roc),
+        "Precision-recall curve": _figure_png(pr),
+        "Reliability diagram": _figure_png(reliability),
+        "Histogram of PM probabilities": _figure_png(histogram),
+    }
 
 
 def rule_is_number(metrics: dict) -> bool:
@@ -161,11 +195,16 @@ def _errors(preds: pd.DataFrame, threshold: float, explain_dir: Path) -> list[di
     rows = []
     for _, r in wrong.iterrows():
         stem = Path(str(r["image"])).stem
-        rows.append({"image": str(r["image"]), "label": "PM" if r["label"] else "non-PM",
-                     "probability": f"{float(r['probability']):.3f}", "stem": stem,
-                     "heatmap": png_data_uri(heatmaps[stem].read_bytes()) if stem in heatmaps else None})
+        rows.append(
+            {
+                "image": str(r["image"]),
+                "label": "PM" if r["label"] else "non-PM",
+                "probability": f"{float(r['probability']):.3f}",
+                "stem": stem,
+                "heatmap": png_data_uri(heatmaps[stem].read_bytes()) if stem in heatmaps else None,
+            }
+        )
     return rows
-
 
 
 def _read_inputs(eval_json: Path, predictions: Path, model_dir: Path, labels_csv: Path):
@@ -178,39 +217,59 @@ def _read_inputs(eval_json: Path, predictions: Path, model_dir: Path, labels_csv
         raise DataError(f"{exc.filename}: not found; run the earlier stages first (dvc repro)") from None
 
 
-def build_report(eval_json: Path, predictions: Path, model_dir: Path, explain_dir: Path, labels_csv: Path,
-                 params: dict) -> str:
+def build_report(
+    eval_json: Path, predictions: Path, model_dir: Path, explain_dir: Path, labels_csv: Path, params: dict
+) -> str:
     """The report's HTML."""
     metrics, info, preds, labels_df = _read_inputs(eval_json, predictions, model_dir, labels_csv)
     y, p = preds["label"].to_numpy().astype(int), preds["probability"].to_numpy(dtype=float)
     counts = labels_df.groupby(["split", "label"]).size().unstack(fill_value=0)
     data = params.get("data") or {}
     return _template().render(
-        info=info, metrics=metrics, head_keys=HEAD_KEYS, with_interval=WITH_INTERVAL,
+        info=info,
+        metrics=metrics,
+        head_keys=HEAD_KEYS,
+        with_interval=WITH_INTERVAL,
         without_interval=WITHOUT_INTERVAL,
         config=[(str(k), json.dumps(v)) for k, v in (info.get("config") or {}).items()],
-        splits=[{"name": str(split), "pm": int(row.get(1, 0)), "non_pm": int(row.get(0, 0)), "n": int(row.sum())}
-                for split, row in counts.iterrows()],
+        splits=[
+            {"name": str(split), "pm": int(row.get(1, 0)), "non_pm": int(row.get(0, 0)), "n": int(row.sum())}
+            for split, row in counts.iterrows()
+        ],
         n_split={split: int(counts.loc[split].sum()) if split in counts.index else 0 for split in ("train", "valid")},
-        source=data.get("source", "palm"), data_input=str(data.get("input", "?")),
+        source=data.get("source", "palm"),
+        data_input=str(data.get("input", "?")),
         figures={name: png_data_uri(png) for name, png in plots(y, p, metrics).items()},
         errors=_errors(preds, float(metrics["threshold"]), explain_dir),
-        rule_is_number=rule_is_number(metrics))
+        rule_is_number=rule_is_number(metrics),
+    )
 
 
 def _template():
-    env = Environment(loader=PackageLoader("palm.evaluation.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("palm.evaluation.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = fmt
     return env.get_template("report.html.j2")
 
 
-def write_report(out: Path = REPORT, eval_json: Path = Path("metrics/eval.json"),
-                 predictions: Path = Path("metrics/predictions.csv"), model_dir: Path = Path("models"),
-                 explain_dir: Path = Path("metrics/explain"), labels_csv: Path = Path("data/labels/labels.csv"),
-                 params: dict | None = None) -> Path:
-    page = build_report(Path(eval_json), Path(predictions), Path(model_dir), Path(explain_dir), Path(labels_csv),
-                        params or {})
+def write_report(
+    out: Path = REPORT,
+    eval_json: Path = Path("metrics/eval.json"),
+    predictions: Path = Path("metrics/predictions.csv"),
+    model_dir: Path = Path("models"),
+    explain_dir: Path = Path("metrics/explain"),
+    labels_csv: Path = Path("data/labels/labels.csv"),
+    params: dict | None = None,
+) -> Path:
+    page = build_report(
+        Path(eval_json), Path(predictions), Path(model_dir), Path(explain_dir), Path(labels_csv), params or {}
+    )
     with atomic_file(out, encoding="utf-8") as f:
         f.write(page)
     return Path(out)
