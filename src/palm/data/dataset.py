@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from palm.core.runtime import exact_cos_sin, fixed_opencv
 from palm.data.fundus import Fundus
 from palm.data.image import to_chw_float
 from palm.data.shards import ShardImages, open_split
-from palm.core.runtime import exact_cos_sin, fixed_opencv
 
 cv2 = fixed_opencv()   # OpenCV's baseline code on every CPU: the same pixels everywhere
 

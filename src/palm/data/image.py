@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from palm.data.fundus import enhance
 from palm.core.errors import DataError
 from palm.core.runtime import fixed_opencv
+from palm.data.fundus import enhance
 
 cv2 = fixed_opencv()   # OpenCV's baseline code on every CPU: the same pixels everywhere
 
