@@ -29,7 +29,6 @@ then per epoch :meth:`Trainer._train_epoch`, :meth:`Trainer._holdout_epoch` and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 import hashlib
 import json
 import math
@@ -37,6 +36,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
