@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def check_manifest(manifest: dict, path: Path) -> None:
     :class:`DataError` naming the file and the key (sizes within params.yaml's bounds, labels 0 or
     1, shard files by their own names in the folder, one image name, label and group per image)."""
 
-    def bad(key: str, value, why: str):
+    def bad(key: str, value, why: str) -> NoReturn:
         raise DataError(
             f"{path}: {key} = {short(value)}: {why}; run the preprocess stage again (dvc repro -f preprocess)"
         )

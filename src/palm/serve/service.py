@@ -56,6 +56,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -566,6 +567,7 @@ async def predict(
     decode than ``--max-decode-mb`` (estimated from the images' headers, before decoding);
     503: the audit log cannot record the request (no results then)."""
     model, limits, batcher = svc.model, svc.limits, svc.batcher
+    assert batcher is not None  # set by the application's lifespan, which serves the requests
     pred = model.predictor
     if len(files) > limits.max_images:
         raise HTTPException(413, f"too many images: at most {limits.max_images} per request, got {len(files)}")
@@ -595,7 +597,9 @@ async def predict(
                 return await run_in_threadpool(decode_one, data, pred.image_size, pred.input_size, True, pred.fundus)
 
         decoded = await asyncio.gather(*(decode(d, c) for d, c in zip(datas, costs)))
-        futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
+        futures = [
+            batcher.score(to_chw_float(cast(np.ndarray, d.image))) if gradable(d, grade_all) else None for d in decoded
+        ]
         rows: list[dict] = []
         anonymous: dict[int, str] = {}
         for name, d, fut in zip(names, decoded, futures):
@@ -640,9 +644,9 @@ async def predict(
     return {"model": model.version, "threshold": pred.threshold, "notice": NOTICE, "results": rows}
 
 
-def _costs(streams: list, sides: set[int]) -> list:
+def _costs(streams: list, sides: set[int]) -> list[Cost | str]:
     """Each upload's :func:`palm.serve.decode.decode_cost`, or why it is not read (one line)."""
-    out = []
+    out: list[Cost | str] = []
     for f in streams:
         try:
             out.append(decode_cost(f, sides))
