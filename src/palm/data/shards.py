@@ -279,7 +279,8 @@ class ShardImages:
             self.offsets = [_npy_layout(p)[1] for p in self.files]
         nbytes = self.side * self.side * 3
         out = np.empty((self.side, self.side, 3), np.uint8)
-        got = os.preadv(self._fd(k), [out], self.offsets[k] + (row - int(self.starts[k])) * nbytes)
+        # numpy's stubs give ndarray the buffer protocol (__buffer__) only from Python 3.12 on
+        got = os.preadv(self._fd(k), [out], self.offsets[k] + (row - int(self.starts[k])) * nbytes)  # type: ignore[list-item]
         if got != nbytes:
             raise DataError(f"{self.files[k]}: truncated shard (image {row - int(self.starts[k])})")
         return out

@@ -39,6 +39,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -611,7 +612,7 @@ async def predict(
                 anonymous[len(rows) - 1] = d_error
         if gradcam:
             cams = [
-                batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
+                batcher.call(functools.partial(model.overlay_jpeg, data)) if "probability" in row else None
                 for row, data in zip(rows, datas)
             ]
             for row, fut in zip(rows, cams):
@@ -644,7 +645,7 @@ async def predict(
     return {"model": model.version, "threshold": pred.threshold, "notice": NOTICE, "results": rows}
 
 
-def _costs(streams: list, sides: set[int]) -> list[Cost | str]:
+def _costs(streams: list, sides: set[int]) -> list:
     """Each upload's :func:`palm.serve.decode.decode_cost`, or why it is not read (one line)."""
     out: list[Cost | str] = []
     for f in streams:
@@ -691,7 +692,8 @@ def create_app(
     )
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-    app.add_exception_handler(RequestValidationError, one_line)
+    # Starlette calls a handler with the class it is registered for; its annotation takes any Exception
+    app.add_exception_handler(RequestValidationError, one_line)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
     return Guard(app, limits, security)
