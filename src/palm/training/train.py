@@ -230,9 +230,9 @@ class Trainer:
             self._checkpoint(ckpt_dir, epoch, rec, data, nets, progress)
         if not rank.writer:
             return None
+        info = self._finish(model_dir, ckpt_dir, data, nets, progress, device)
         # the writer has a logger; every epoch (or the checkpoint resumed from) selected one
         assert live is not None and progress.best is not None
-        info = self._finish(model_dir, ckpt_dir, data, nets, progress, device)
         live.summary = {
             **{k: v for k, v in progress.history[progress.best["epoch"] - 1].items() if k != "epoch"},
             "selected_epoch": progress.best["epoch"],
