@@ -19,6 +19,7 @@ grammar of :func:`parse_threshold` (a probability or a rule), checked here.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -34,7 +35,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails
 
 from palm.core.errors import ConfigError
 
@@ -318,7 +318,7 @@ def short_text(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
-def _line(err: ErrorDetails, source: str) -> str:
+def _line(err: Mapping[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
     kind = err["type"]
     if kind == "value_error":  # a validator's own message (the threshold grammar, synthetic's counts)
