@@ -19,7 +19,8 @@ grammar of :func:`parse_threshold` (a probability or a rule), checked here.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -33,6 +34,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from palm.core.errors import ConfigError
 
@@ -210,19 +212,26 @@ class TrainParams(Section):
     dropout: Fraction | None = None
 
 
-def _optional(field) -> object:
+def _optional(field: FieldInfo) -> Any:
     """A field's type, constraints included, that may also be absent (None)."""
-    base = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    base: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
     return base | None
 
 
-#: ``models.<name>``: any key of ``train:``, typed as there (one list of fields), for that network only
-ModelOverrides = create_model(
-    "ModelOverrides",
-    __base__=Section,
-    __doc__="``models.<name>``: any training key, for that network only.",
-    **{name: (_optional(f), None) for name, f in TrainParams.model_fields.items()},
-)
+if TYPE_CHECKING:  # the type checker cannot follow create_model: the fields read here, as they are
+
+    class ModelOverrides(Section):
+        augment: AugmentParams | None
+        fundus: FundusParams | None
+
+else:
+    #: ``models.<name>``: any key of ``train:``, typed as there (one list of fields), for that network only
+    ModelOverrides = create_model(
+        "ModelOverrides",
+        __base__=Section,
+        __doc__="``models.<name>``: any training key, for that network only.",
+        **{name: (_optional(f), None) for name, f in TrainParams.model_fields.items()},
+    )
 
 
 class SyntheticParams(Section):
@@ -309,7 +318,7 @@ def short_text(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
-def _line(err: dict, source: str) -> str:
+def _line(err: Mapping[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS)
     kind = err["type"]
     if kind == "value_error":  # a validator's own message (the threshold grammar, synthetic's counts)
@@ -325,7 +334,10 @@ def _line(err: dict, source: str) -> str:
     return f"{source}: {key} = {short(err.get('input'))}: {msg}"
 
 
-def check(model: type[BaseModel], params: Any, source: str) -> BaseModel:
+M = TypeVar("M", bound=BaseModel)
+
+
+def check(model: type[M], params: Any, source: str) -> M:
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: expected a mapping of parameters, got {type(params).__name__}")
     try:

@@ -27,7 +27,12 @@ def _palm_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "palm"}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "palm":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module is not None
+            and node.module.split(".")[0] == "palm"
+        ):
             found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
     return found
 

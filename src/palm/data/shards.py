@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -127,7 +128,7 @@ def check_manifest(manifest: dict, path: Path) -> None:
     :class:`DataError` naming the file and the key (sizes within params.yaml's bounds, labels 0 or
     1, shard files by their own names in the folder, one image name, label and group per image)."""
 
-    def bad(key: str, value, why: str):
+    def bad(key: str, value, why: str) -> NoReturn:
         raise DataError(
             f"{path}: {key} = {short(value)}: {why}; run the preprocess stage again (dvc repro -f preprocess)"
         )
@@ -278,7 +279,8 @@ class ShardImages:
             self.offsets = [_npy_layout(p)[1] for p in self.files]
         nbytes = self.side * self.side * 3
         out = np.empty((self.side, self.side, 3), np.uint8)
-        got = os.preadv(self._fd(k), [out], self.offsets[k] + (row - int(self.starts[k])) * nbytes)
+        # numpy's stubs give ndarray the buffer protocol (__buffer__) only from Python 3.12 on
+        got = os.preadv(self._fd(k), [out], self.offsets[k] + (row - int(self.starts[k])) * nbytes)  # type: ignore[list-item]
         if got != nbytes:
             raise DataError(f"{self.files[k]}: truncated shard (image {row - int(self.starts[k])})")
         return out

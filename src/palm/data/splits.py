@@ -44,7 +44,8 @@ def stratified_holdout(
         return np.flatnonzero(~hold), np.flatnonzero(hold)
     rng = np.random.default_rng([seed, 7919])
     keys = strata(labels, groups)
-    train_idx, hold_idx = [], []
+    train_idx: list[int] = []
+    hold_idx: list[int] = []
     for key in sorted(set(keys)):
         idx = np.flatnonzero(keys == key)
         rng.shuffle(idx)

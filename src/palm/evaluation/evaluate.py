@@ -55,13 +55,13 @@ def predict_valid_modes(
     modes = list(dict.fromkeys([*modes, tta(info)]))
     n = max(N_VIEWS[m] for m in modes)
     valid = load_split(shards_dir, "valid", size=input_size(info), fundus=fundus(info))
-    per_view = [
+    views = [
         view_probabilities(
             engine, to_chw_float(valid.pixels[i : i + batch_size]), n, max(MAX_VIEW_BATCH, batch_size)
         )  # off: one call per batch, as ever
         for i in range(0, len(valid), batch_size)
     ]
-    per_view = np.concatenate(per_view, axis=1) if per_view else np.zeros((n, 0), np.float32)
+    per_view = np.concatenate(views, axis=1) if views else np.zeros((n, 0), np.float32)
     return valid, {m: combine(per_view, m) for m in modes}, info
 
 

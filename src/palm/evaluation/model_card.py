@@ -18,6 +18,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -138,7 +139,7 @@ def provenance(lock_file: Path = Path("dvc.lock")) -> dict:
         "params.yaml",
         "pyproject.toml",
     )
-    lock = {"file": str(lock_file), "sha256": None, "train": None}
+    lock: dict[str, Any] = {"file": str(lock_file), "sha256": None, "train": None}
     if lock_file.is_file():
         text = lock_file.read_bytes()
         lock["sha256"] = hashlib.sha256(text).hexdigest()
@@ -167,7 +168,7 @@ def provenance(lock_file: Path = Path("dvc.lock")) -> dict:
 def files(folders=(Path("models"), Path("models_export"))) -> list[dict]:
     """The SHA-256 and size of every file that decides an answer (:data:`palm.nn.card.CARD_FILES`:
     ``model.json`` and the weights) in ``folders``."""
-    out = [
+    out: list[dict[str, Any]] = [
         {
             "path": (Path(d) / name).as_posix(),
             "sha256": sha256_file(Path(d) / name),

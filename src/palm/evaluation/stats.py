@@ -110,6 +110,7 @@ def newcombe_paired_interval(
     pa, pb = (both + only_a) / n, (both + only_b) / n
     la, ua = wilson_interval(both + only_a, n, level)
     lb, ub = wilson_interval(both + only_b, n, level)
+    assert la is not None and ua is not None and lb is not None and ub is not None  # n > 0: both are set
     den = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
     phi = (both * neither - only_a * only_b) / math.sqrt(den) if den > 0 else 0.0
     d = pb - pa

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -32,7 +32,7 @@ from palm.serve.quality import SIDE, assess, check_file
 
 
 class Decoded(NamedTuple):
-    file: Path
+    file: Path | bytes  # bytes: palm serve's uploads
     image: np.ndarray | None  # RGB uint8 (input_size, input_size, 3), or None when unreadable
     error: str | None  # why the file could not be read
     quality: str | None = None  # with check_quality: palm.serve.quality's verdict (ok, or why not gradable)
@@ -96,7 +96,7 @@ class Cost(NamedTuple):
     what: str  # e.g. "8000x8000 I;16 PNG", for messages
 
 
-def decode_cost(source: bytes | io.IOBase, min_sides: Iterable[int]) -> Cost:
+def decode_cost(source: bytes | IO[bytes], min_sides: Iterable[int]) -> Cost:
     """What decoding ``source`` (bytes, or a binary file, left at its start) with
     :func:`palm.data.image.decode` at each of ``min_sides`` costs at most, from its header alone.
 

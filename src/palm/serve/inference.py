@@ -220,8 +220,8 @@ def is_export(model_dir: str | Path) -> bool:
 def program(files: ModelFiles, layer=None) -> Iterator[Path]:
     """A private temporary folder (removed on exit) with the inference program of ``files``: the
     export's bytes as read, or for weights an export of the network (about 0.2 s for SE-ResNet18)."""
-    with tempfile.TemporaryDirectory(prefix="palm-model-") as tmp:  # mode 0700: only this user
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="palm-model-") as tmp_name:  # mode 0700: only this user
+        tmp = Path(tmp_name)
         if is_export(files.dir):
             for name in EXPORT_FILES:
                 (tmp / name).write_bytes(files.data[name])

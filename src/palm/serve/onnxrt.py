@@ -66,7 +66,7 @@ def convert(model_dir: str | Path, out_file: str | Path) -> Path:
     return Path(out_file)
 
 
-def session(onnx_model: str | Path | bytes, threads: int | None = None, name: str | Path | None = None):
+def session(onnx_model: str | Path | bytes, threads: int | None = None, name: str | Path | bytes | None = None):
     """An onnxruntime CPU session of ``onnx_model`` (a file, or its bytes as read: ``name`` is then
     the file named in messages); ``threads`` math threads, default: this run's share."""
     import onnxruntime as ort
@@ -80,14 +80,14 @@ def session(onnx_model: str | Path | bytes, threads: int | None = None, name: st
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types for a broken file
-        raise DataError(f"{name}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{name!s}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 
 
 def _dims(arg) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else "N" for d in arg.shape) + "]"
 
 
-def check_signature(sess, info: dict, name: str | Path) -> None:
+def check_signature(sess, info: dict, name: str | Path | bytes) -> None:
     """The ONNX model of ``sess`` is what the export writes for the model of ``info`` (``model.json``),
     else a one-line :class:`DataError` naming ``name``: one input ``image``, float32, of shape
     [N, 3, S, S] (S = ``input_size``; each dimension checked where the model fixes it, the batch
@@ -99,7 +99,7 @@ def check_signature(sess, info: dict, name: str | Path) -> None:
     ins, outs = sess.get_inputs(), sess.get_outputs()
 
     def refuse(what: str):
-        raise DataError(f"{name}: {what}; the model.json beside it wants {want_in}")
+        raise DataError(f"{name!s}: {what}; the model.json beside it wants {want_in}")
 
     if len(ins) != 1 or len(outs) != 1:
         refuse(f"{len(ins)} input(s) ({', '.join(repr(i.name) for i in ins)}) and {len(outs)} output(s)")
@@ -130,7 +130,10 @@ def check_signature(sess, info: dict, name: str | Path) -> None:
 
 
 def engine_of(
-    onnx_model: str | Path | bytes, threads: int | None = None, info: dict | None = None, name: str | Path | None = None
+    onnx_model: str | Path | bytes,
+    threads: int | None = None,
+    info: dict | None = None,
+    name: str | Path | bytes | None = None,
 ) -> Engine:
     """The ONNX model of ``onnx_model`` (a file, or its bytes as read) as an
     :class:`~palm.serve.engine.Engine`, its signature checked against ``info`` (``model.json``) when given."""

@@ -13,10 +13,11 @@ that reason and no diagnosis, unless ``grade_all`` is asked for.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -57,7 +58,7 @@ def gradable(d: Decoded, grade_all: bool = False) -> bool:
 def record(image: str, d: Decoded, probability: float | None, threshold: float) -> dict:
     """One row of ``palm predict`` (and of ``palm serve``'s answers): the image's quality and
     probability and class at ``threshold``, or the error."""
-    rec = {"image": image, "quality": d.quality, "error": d.error}
+    rec: dict[str, Any] = {"image": image, "quality": d.quality, "error": d.error}
     if probability is not None:
         rec.update(
             probability=round(probability, 6),
@@ -77,7 +78,7 @@ class Predictor:
     from one reading of the folder (:func:`palm.nn.card.open_model`). Nothing here reads the
     folder again: ``palm serve``'s ``/v1/model`` reports this card, not the one on the disk now."""
 
-    run_batch: object  # callable: float32 NCHW array -> probabilities (N,)
+    run_batch: Callable[[np.ndarray], np.ndarray]  # float32 NCHW array -> probabilities (N,)
     image_size: int  # what preprocess decodes to
     input_size: int  # what the network takes
     threshold: float
@@ -176,7 +177,9 @@ class Predictor:
         )
         while chunk := list(islice(decoded, batch_size)):
             graded = [d for d in chunk if gradable(d, grade_all)]
-            probs = iter(self.run_batch(to_chw_float(np.stack([d.image for d in graded]))) if graded else [])
+            probs = iter(
+                self.run_batch(to_chw_float(np.stack([cast(np.ndarray, d.image) for d in graded]))) if graded else []
+            )
             for d in chunk:
                 yield record(str(d.file), d, float(next(probs)) if gradable(d, grade_all) else None, self.threshold)
             bar.update(len(chunk))

@@ -39,6 +39,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import hmac
 import json
@@ -56,6 +57,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -566,6 +568,7 @@ async def predict(
     decode than ``--max-decode-mb`` (estimated from the images' headers, before decoding);
     503: the audit log cannot record the request (no results then)."""
     model, limits, batcher = svc.model, svc.limits, svc.batcher
+    assert batcher is not None  # set by the application's lifespan, which serves the requests
     pred = model.predictor
     if len(files) > limits.max_images:
         raise HTTPException(413, f"too many images: at most {limits.max_images} per request, got {len(files)}")
@@ -595,7 +598,9 @@ async def predict(
                 return await run_in_threadpool(decode_one, data, pred.image_size, pred.input_size, True, pred.fundus)
 
         decoded = await asyncio.gather(*(decode(d, c) for d, c in zip(datas, costs)))
-        futures = [batcher.score(to_chw_float(d.image)) if gradable(d, grade_all) else None for d in decoded]
+        futures = [
+            batcher.score(to_chw_float(cast(np.ndarray, d.image))) if gradable(d, grade_all) else None for d in decoded
+        ]
         rows: list[dict] = []
         anonymous: dict[int, str] = {}
         for name, d, fut in zip(names, decoded, futures):
@@ -607,7 +612,7 @@ async def predict(
                 anonymous[len(rows) - 1] = d_error
         if gradcam:
             cams = [
-                batcher.call(lambda data=data: model.overlay_jpeg(data)) if "probability" in row else None
+                batcher.call(functools.partial(model.overlay_jpeg, data)) if "probability" in row else None
                 for row, data in zip(rows, datas)
             ]
             for row, fut in zip(rows, cams):
@@ -642,7 +647,7 @@ async def predict(
 
 def _costs(streams: list, sides: set[int]) -> list:
     """Each upload's :func:`palm.serve.decode.decode_cost`, or why it is not read (one line)."""
-    out = []
+    out: list[Cost | str] = []
     for f in streams:
         try:
             out.append(decode_cost(f, sides))
@@ -687,7 +692,8 @@ def create_app(
     )
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-    app.add_exception_handler(RequestValidationError, one_line)
+    # Starlette calls a handler with the class it is registered for; its annotation takes any Exception
+    app.add_exception_handler(RequestValidationError, one_line)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, internal_error)
     app.include_router(router)
     return Guard(app, limits, security)

@@ -36,8 +36,10 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paddle
@@ -133,22 +135,23 @@ class Data:
     train: Split
     hold: Split
     train_ds: FundusDataset
-    train_loader: object  # this process's part of each global batch
-    hold_loader: object | None
+    train_loader: Any  # this process's part of each global batch (a paddle.io.DataLoader)
+    hold_loader: Any | None
 
 
 @dataclass
 class Nets:
     """The network being trained, its weight average, and what updates it."""
 
-    model: object  # the network (its weights are what is saved)
-    trained: object  # what the steps run: the network, or paddle.DataParallel of it
+    # Paddle is read as untyped (pyproject's [tool.mypy]): its layers, optimizers and schedules are Any
+    model: Any  # the network (its weights are what is saved)
+    trained: Any  # what the steps run: the network, or paddle.DataParallel of it
     ema: WeightEMA | None
-    opt: object
-    sched: object
-    loss_fn: object
-    amp_ctx: object
-    scaler: object
+    opt: Any
+    sched: Any
+    loss_fn: Any
+    amp_ctx: Callable[[], contextlib.AbstractContextManager]
+    scaler: Any  # paddle.amp.GradScaler under fp16, else None
 
     @property
     def scored(self):
@@ -177,8 +180,11 @@ class Trainer:
         self.shards_dir = Path(shards_dir)
         self.identity = run_identity(self.cfg, self.shards_dir)
 
-    def run(self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR) -> dict:
-        """Train (or resume), save the selected model; returns what ``models/model.json`` says."""
+    def run(
+        self, model_dir: Path = MODEL_DIR, ckpt_dir: Path = CHECKPOINT_DIR, live_dir: Path = LIVE_DIR
+    ) -> dict | None:
+        """Train (or resume), save the selected model; returns what ``models/model.json`` says
+        (None on the ranks other than 0, which write nothing)."""
         # Fresh parameter and optimizer-state names (conv2d_0.w_0_moment1_0, ...) as in a new
         # process, so that a checkpoint's optimizer state loads whatever ran before in this one.
         with paddle.utils.unique_name.guard():
@@ -225,6 +231,8 @@ class Trainer:
         if not rank.writer:
             return None
         info = self._finish(model_dir, ckpt_dir, data, nets, progress, device)
+        # the writer has a logger; every epoch (or the checkpoint resumed from) selected one
+        assert live is not None and progress.best is not None
         live.summary = {
             **{k: v for k, v in progress.history[progress.best["epoch"] - 1].items() if k != "epoch"},
             "selected_epoch": progress.best["epoch"],
@@ -292,6 +300,7 @@ class Trainer:
         amp_ctx, scaler, self.amp_mode = self._amp(device)
         net_kwargs = {} if cfg.dropout is None else {"dropout": cfg.dropout}
         per_rank = -(-cfg.batch_size // self.rank.size)
+        assert cfg.input_size is not None  # resolved by training_config: never None
         # before the network is built (LeNet at 4096 px has 2 billion weights); measured on small
         # copies, which takes seconds, so only above the sizes this project trains at
         if cfg.input_size > MEMORY_CHECK_ABOVE:
@@ -384,6 +393,7 @@ class Trainer:
         # label smoothing and batch mixing (train.label_smoothing, train.mix): draws of (seed, epoch, rank)
         recipe = BatchRecipe.of(cfg).for_epoch(cfg.seed, epoch, self.rank.rank)
         nets.model.train()
+        n: float  # a count, summed over the ranks as a float
         t0, total, n = time.perf_counter(), 0.0, 0
         bar = tqdm(
             data.train_loader,

@@ -12,6 +12,7 @@ name and test is escaped unless the template says otherwise); this module comput
 from __future__ import annotations
 
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -131,7 +132,7 @@ def disagreements(runs: list[Run], raw: Path = RAW) -> dict:
         }
         for i in idx
     ]
-    out = {
+    out: dict[str, Any] = {
         "rows": rows,
         "revs": [r.rev for r in runs],
         "raw": str(raw),

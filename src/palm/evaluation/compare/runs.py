@@ -224,7 +224,8 @@ def groups(runs: list[Run]) -> list[dict]:
         if home is None:
             family.append(home := [])
         home.append(r)
-    out, used = [], {}
+    out: list[dict] = []
+    used: dict[str, int] = {}
     for members in (g for family in keyed.values() for g in family):
         model = members[0].model
         used[model] = used.get(model, 0) + 1
