@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny PALM-layout zips built by hand, and the repo paths."""
+"""Shared test helpers: tiny PALM-layout zips built by hand, and the repo paths; how the suite is
+spread over pytest-xdist's workers, and which tests the quick loop (``pytest -m "not e2e"``) leaves out."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PALM_MINI = REPO.parent / "shared" / "palm-mini"
+
+# Set before anything starts Paddle or dvc, here and in every process the tests start (they inherit it):
+# - no usage-analytics process after each dvc command;
+# - under pytest-xdist, each worker's share of the cores as Paddle's thread count (palm.core.runtime
+#   reads OMP_NUM_THREADS as the user's), so that N workers do not run N x cores busy threads.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit() and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 
@@ -116,3 +125,44 @@ def make_project(dest: Path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "pipeline"], dest)
     return dest
+
+
+# -- how the suite runs: the quick loop, and pytest-xdist's workers -----------------------------------
+# The quick loop, `pytest -m "not e2e"` (CONTRIBUTING.md), leaves out the modules that mark
+# themselves e2e and the tests below: each takes more than a few seconds (a stage, server or
+# training process, a training run, every network at full size). None: the whole module.
+# (Measured with `pytest --durations=0`: results/test-durations-*.txt.)
+SLOW: dict[str, set[str] | None] = {}
+
+# The costliest modules first (their test groups are handed out first, and the cheap tests fill
+# the workers' gaps after); the others keep their order, after these.
+FIRST: list[str] = []
+
+
+def _module_fixtures(item) -> list[str]:
+    """The module-scoped fixtures of the test's own module that the test uses."""
+    info = getattr(item, "_fixtureinfo", None)
+    module = getattr(item, "module", None)
+    if info is None or module is None:
+        return []
+    names = []
+    for name, defs in info.name2fixturedefs.items():
+        fixturedef = defs[-1]
+        if fixturedef.scope == "module" and getattr(fixturedef.func, "__module__", None) == module.__name__:
+            names.append(name)
+    return sorted(names)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests e2e; keep the tests that share a module-scoped fixture on one xdist worker
+    (``--dist loadgroup``: the fixture is built once); the costliest modules first."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
+    for item in items:
+        slow = SLOW.get(item.path.name, set())
+        if slow is None or getattr(item, "originalname", item.name) in slow:
+            item.add_marker(pytest.mark.e2e)
+        shared = _module_fixtures(item)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}:{'+'.join(shared)}"))
