@@ -120,8 +120,9 @@ def make_project(dest: Path) -> Path:
     run(["git", "config", "user.email", "test@example.com"], dest)
     run(["git", "config", "user.name", "test"], dest)
     run(["dvc", "init", "-q"], dest)
-    run(["dvc", "config", "core.autostage", "true"], dest)
-    run(["dvc", "config", "core.analytics", "false"], dest)
+    # what `dvc config core.autostage true` and `dvc config core.analytics false` write, without two dvc processes
+    with open(dest / ".dvc" / "config", "a", encoding="utf-8") as f:
+        f.write("[core]\n    autostage = true\n    analytics = false\n")
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "pipeline"], dest)
     return dest
