@@ -77,7 +77,7 @@ def make_palm_zips(folder: Path, train=("P0001.jpg", "P0002.jpg", "N0001.jpg", "
               {f"PALM-Validation400/{n}": jpeg_bytes(100 + i) for i, n in enumerate(names)})
     if gt is None:
         gt = pd.DataFrame({"ID": range(1, len(valid) + 1), "imgName": [n for n, _ in valid],
-                           "Label": [l for _, l in valid], "Fovea_X": 1.0, "Fovea_Y": 2.0})
+                           "Label": [label for _, label in valid], "Fovea_X": 1.0, "Fovea_Y": 2.0})
     write_zip(folder / "valid_gt.zip", {"PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx": xlsx_bytes(gt)})
     return folder
 
