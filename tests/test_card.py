@@ -7,15 +7,15 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
-from test_inference import save_model, synthetic_photos
 
+from conftest import REPO
 from palm.cli import main as palm_main
 from palm.core.errors import DataError
-from palm.evaluation.model_card import write_card
 from palm.core.fsutil import sha256_file
+from palm.evaluation.model_card import write_card
 from palm.nn.card import CARD_DIR, CARD_JSON, CARD_MD, find_card, verify
 from palm.serve.predict import Predictor
+from test_inference import save_model, synthetic_photos
 
 BASELINE_EVAL = json.loads((REPO / "metrics" / "eval.json").read_text())
 PARAMS = {"data": {"source": "palm", "input": "data/synthetic"}}
@@ -32,12 +32,24 @@ def run(tmp_path_factory):
     (root / "metrics").mkdir()
     (root / "metrics" / "eval.json").write_text(json.dumps(BASELINE_EVAL))
     (root / "data" / "labels").mkdir(parents=True)
-    pd.DataFrame({"split": ["train"] * 5 + ["valid"] * 3, "image": [f"i{i}.jpg" for i in range(8)],
-                  "label": [1, 1, 1, 0, 0, 1, 0, 0]}).to_csv(root / "data" / "labels" / "labels.csv", index=False)
-    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: python stages/train.py\n"
-                                   "    outs:\n    - path: models\n      md5: 0123abcd.dir\n")
-    for cmd in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"],
-                ["add", "dvc.lock"], ["commit", "-qm", "run"]):
+    pd.DataFrame(
+        {
+            "split": ["train"] * 5 + ["valid"] * 3,
+            "image": [f"i{i}.jpg" for i in range(8)],
+            "label": [1, 1, 1, 0, 0, 1, 0, 0],
+        }
+    ).to_csv(root / "data" / "labels" / "labels.csv", index=False)
+    (root / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  train:\n    cmd: python stages/train.py\n"
+        "    outs:\n    - path: models\n      md5: 0123abcd.dir\n"
+    )
+    for cmd in (
+        ["init", "-q"],
+        ["config", "user.email", "t@example.com"],
+        ["config", "user.name", "t"],
+        ["add", "dvc.lock"],
+        ["commit", "-qm", "run"],
+    ):
         subprocess.run(["git", *cmd], cwd=root, check=True)
     return root
 
@@ -51,12 +63,16 @@ def test_card_says_use_data_metrics_threshold_input_provenance_and_weights(run, 
     card = write(run, monkeypatch)
     assert (run / CARD_DIR / CARD_MD).is_file() and find_card(run / "models") == run / CARD_DIR / CARD_JSON
     assert "not a medical device" in " ".join(card["not_for"]) and card["intended_use"]
-    assert any("SYNTHETIC" in x for x in card["limitations"])          # the default data is not eyes
-    assert card["training_data"]["counts"] == {"train": {"PM": 3, "non_PM": 2, "total": 5},
-                                               "valid": {"PM": 1, "non_PM": 2, "total": 3}}
+    assert any("SYNTHETIC" in x for x in card["limitations"])  # the default data is not eyes
+    assert card["training_data"]["counts"] == {
+        "train": {"PM": 3, "non_PM": 2, "total": 5},
+        "valid": {"PM": 1, "non_PM": 2, "total": 3},
+    }
     auc = card["validation"]["metrics"]["auc"]
-    assert auc == {"estimate": BASELINE_EVAL["auc"],
-                   "ci95": [BASELINE_EVAL["auc_ci_low"], BASELINE_EVAL["auc_ci_high"]]}
+    assert auc == {
+        "estimate": BASELINE_EVAL["auc"],
+        "ci95": [BASELINE_EVAL["auc_ci_low"], BASELINE_EVAL["auc_ci_high"]],
+    }
     assert set(card["validation"]["metrics"]) >= {"accuracy", "sensitivity", "specificity", "ppv_at_prevalence"}
     assert card["decision"]["threshold"] == 0.5 and "probability >= threshold" in card["decision"]["rule"]
     assert card["input"]["tensor"]["shape"] == ["batch", 3, 64, 64] and card["model"]["network"] == "lenet"
@@ -65,9 +81,14 @@ def test_card_says_use_data_metrics_threshold_input_provenance_and_weights(run, 
     assert prov["git_revision"] == head and prov["dvc_lock"]["train"]["outs"] == {"models": "0123abcd.dir"}
     assert prov["dvc_lock"]["sha256"] == sha256_file(run / "dvc.lock")
     listed = {w["path"]: w["sha256"] for w in card["files"]}
-    assert set(listed) == {"models/model.json", "models/model.safetensors", "models_export/model.json",
-                           "models_export/inference.json", "models_export/inference.pdiparams",
-                           "models_export/model.onnx"}      # every file that decides an answer
+    assert set(listed) == {
+        "models/model.json",
+        "models/model.safetensors",
+        "models_export/model.json",
+        "models_export/inference.json",
+        "models_export/inference.pdiparams",
+        "models_export/model.onnx",
+    }  # every file that decides an answer
     assert listed["models/model.json"] == sha256_file(run / "models" / "model.json")
     assert listed["models/model.safetensors"] == sha256_file(run / "models" / "model.safetensors")
     text = (run / CARD_DIR / CARD_MD).read_text()
@@ -109,36 +130,42 @@ def test_the_card_says_which_training_recipe_levers_were_on(run, monkeypatch, tm
 def test_predict_runs_the_weights_of_its_card_and_refuses_others(run, monkeypatch, tmp_path, capsys):
     write(run, monkeypatch)
     files = synthetic_photos(tmp_path / "img", 2)
-    for folder, engine in (("models", "eager"), ("models_export", "paddle-inference"),
-                           ("models_export", "onnxruntime")):
+    for folder, engine in (
+        ("models", "eager"),
+        ("models_export", "paddle-inference"),
+        ("models_export", "onnxruntime"),
+    ):
         assert verify(run / folder) == run / CARD_DIR / CARD_JSON
         assert palm_main(["predict", *map(str, files), "--model", folder, "--engine", engine, "--quiet"]) == 0
     # altered weights (one byte), in either folder, for any engine: one line, exit 2
-    for folder, name, engine in (("models", "model.safetensors", "eager"),
-                                 ("models_export", "inference.pdiparams", "paddle-inference"),
-                                 ("models_export", "model.onnx", "onnxruntime")):
+    for folder, name, engine in (
+        ("models", "model.safetensors", "eager"),
+        ("models_export", "inference.pdiparams", "paddle-inference"),
+        ("models_export", "model.onnx", "onnxruntime"),
+    ):
         victim = tmp_path / folder
         shutil.rmtree(victim, ignore_errors=True)
         shutil.copytree(run / folder, victim)
         data = bytearray((victim / name).read_bytes())
         data[-1] ^= 1
         (victim / name).write_bytes(bytes(data))
-        shutil.copy(run / CARD_DIR / CARD_JSON, victim / CARD_JSON)     # a card shipped in the folder
+        shutil.copy(run / CARD_DIR / CARD_JSON, victim / CARD_JSON)  # a card shipped in the folder
         capsys.readouterr()
         assert palm_main(["predict", *map(str, files), "--model", str(victim), "--engine", engine]) == 2
         err = capsys.readouterr().err.strip()
         assert "does not match the model card" in err and name in err and len(err.splitlines()) == 1, err
     with pytest.raises(DataError, match="does not match the model card"):
-        Predictor.load(tmp_path / "models", device="cpu", engine="eager")   # the service's loading path too
+        Predictor.load(tmp_path / "models", device="cpu", engine="eager")  # the service's loading path too
 
 
 def test_a_file_the_card_does_not_list_is_refused_and_no_card_checks_nothing(run, monkeypatch, tmp_path):
     card = write(run, monkeypatch)
     folder = tmp_path / "models_export"
     shutil.copytree(run / "models_export", folder)
-    assert verify(folder) is None                       # no card in it or beside it: run unchecked
-    (folder / CARD_JSON).write_text(json.dumps({**card, "files": [w for w in card["files"]
-                                                                  if not w["path"].endswith(".onnx")]}))
+    assert verify(folder) is None  # no card in it or beside it: run unchecked
+    (folder / CARD_JSON).write_text(
+        json.dumps({**card, "files": [w for w in card["files"] if not w["path"].endswith(".onnx")]})
+    )
     with pytest.raises(DataError, match="model.onnx: not described by the model card"):
         verify(folder)
     (folder / CARD_JSON).write_text("{not json")
@@ -154,6 +181,7 @@ def test_card_without_the_evaluation_is_a_one_line_error(run, monkeypatch, tmp_p
 
 
 # --- issue 40, class 3: what is served is what the card says ---------------------------------------------------
+
 
 def probabilities(predictor, files):
     return np.array([r["probability"] for r in predictor.predict(files, progress=False, grade_all=True)])
@@ -183,13 +211,19 @@ def carded_copy(run, monkeypatch, dest):
     return dest
 
 
-@pytest.mark.parametrize("folder, name, engine", [("models", "model.safetensors", "eager"),
-                                                  ("models", "model.safetensors", "paddle-inference"),
-                                                  ("models_export", "inference.pdiparams", "paddle-inference"),
-                                                  ("models_export", "inference.pdiparams", "eager"),
-                                                  ("models_export", "model.onnx", "onnxruntime")])
+@pytest.mark.parametrize(
+    "folder, name, engine",
+    [
+        ("models", "model.safetensors", "eager"),
+        ("models", "model.safetensors", "paddle-inference"),
+        ("models_export", "inference.pdiparams", "paddle-inference"),
+        ("models_export", "inference.pdiparams", "eager"),
+        ("models_export", "model.onnx", "onnxruntime"),
+    ],
+)
 def test_the_weights_checked_are_the_weights_that_run_even_if_the_file_is_swapped_after_the_check(
-        run, other, monkeypatch, tmp_path, folder, name, engine):
+    run, other, monkeypatch, tmp_path, folder, name, engine
+):
     """Issue 40: the card was checked, then the weights read again later: other weights swapped in
     that window were served, exit 0. Now each file is read once, hashed, and loaded from those bytes."""
     import palm.nn.card as card_module
@@ -198,25 +232,24 @@ def test_the_weights_checked_are_the_weights_that_run_even_if_the_file_is_swappe
     files = synthetic_photos(tmp_path / "img", 3)
     want = probabilities(Predictor.load(root / folder, device="cpu", engine=engine), files)
     theirs = probabilities(Predictor.load(other / folder, device="cpu", engine=engine), files)
-    assert np.abs(theirs - want).max() > 1e-3            # the swap would show
+    assert np.abs(theirs - want).max() > 1e-3  # the swap would show
 
     real = card_module.read_regular
 
     def read_then_swap(path):
         data = real(path)
-        if path.name == name:                             # right after the bytes were read (and hashed)
+        if path.name == name:  # right after the bytes were read (and hashed)
             shutil.copyfile(other / folder / name, path)
         return data
 
     monkeypatch.setattr(card_module, "read_regular", read_then_swap)
     predictor = Predictor.load(root / folder, device="cpu", engine=engine)
-    assert sha256_file(root / folder / name) == sha256_file(other / folder / name)     # swapped on the disk
-    assert predictor.sha256[name] == sha256_file(run / folder / name)                   # what was checked
-    np.testing.assert_allclose(probabilities(predictor, files), want, atol=1e-6)       # and what runs
+    assert sha256_file(root / folder / name) == sha256_file(other / folder / name)  # swapped on the disk
+    assert predictor.sha256[name] == sha256_file(run / folder / name)  # what was checked
+    np.testing.assert_allclose(probabilities(predictor, files), want, atol=1e-6)  # and what runs
     monkeypatch.setattr(card_module, "read_regular", real)
-    code = palm_main(["predict", *map(str, files), "--model", str(root / folder), "--engine", engine,
-                      "--quiet"])
-    assert code == 2                               # loaded afresh now: the swapped file is refused
+    code = palm_main(["predict", *map(str, files), "--model", str(root / folder), "--engine", engine, "--quiet"])
+    assert code == 2  # loaded afresh now: the swapped file is refused
 
 
 @pytest.mark.parametrize("folder", ["models", "models_export"])
@@ -236,16 +269,19 @@ def test_an_edited_model_json_is_refused_by_the_card(run, monkeypatch, tmp_path,
         assert len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("key, value, says", [
-    ("threshold", True, "threshold = True: must be a number"),
-    ("threshold", "0.5", "threshold = '0.5': must be a number"),
-    ("image_size", 64.0, "image_size = 64.0: must be a whole number"),
-    ("input_size", True, "input_size = True: must be a whole number"),
-    ("tta", False, "tta = False"),
-    ("fundus", {"crop": 1}, "fundus.crop = 1: must be true or false"),
-    ("fundus", {"local_norm": False}, "fundus.local_norm = False: must be a number"),
-    ("threshold_rule", 0.5, "threshold_rule = 0.5"),
-])
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("threshold", True, "threshold = True: must be a number"),
+        ("threshold", "0.5", "threshold = '0.5': must be a number"),
+        ("image_size", 64.0, "image_size = 64.0: must be a whole number"),
+        ("input_size", True, "input_size = True: must be a whole number"),
+        ("tta", False, "tta = False"),
+        ("fundus", {"crop": 1}, "fundus.crop = 1: must be true or false"),
+        ("fundus", {"local_norm": False}, "fundus.local_norm = False: must be a number"),
+        ("threshold_rule", 0.5, "threshold_rule = 0.5"),
+    ],
+)
 def test_model_json_types_are_strict(run, tmp_path, capsys, key, value, says):
     """Issue 40: ``"threshold": true`` was read as 1.0 (PM for nothing but a certainty). A bool is
     not a number, a float not a side: one line naming the key, exit 2 (a folder with no card)."""
@@ -274,7 +310,7 @@ def test_a_model_folder_reached_through_a_symbolic_link_is_checked(run, monkeypa
     assert palm_main(["predict", *map(str, files), "--model", str(link), "--engine", "eager"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not match the model card" in err and len(err.splitlines()) == 1, err
-    (tmp_path / "loop").symlink_to(tmp_path / "loop")                 # a loop of links: one line too
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a loop of links: one line too
     with pytest.raises(DataError, match="loop: cannot open the model folder"):
         verify(tmp_path / "loop")
 
@@ -282,11 +318,12 @@ def test_a_model_folder_reached_through_a_symbolic_link_is_checked(run, monkeypa
 def test_files_of_different_folders_of_the_card_or_an_older_card_are_refused(run, monkeypatch, tmp_path):
     root = carded_copy(run, monkeypatch, tmp_path / "run")
     card = json.loads((root / CARD_DIR / CARD_JSON).read_text())
-    shutil.copy(root / "models" / "model.json", root / "models_export" / "model.json")   # listed, but for models/
+    shutil.copy(root / "models" / "model.json", root / "models_export" / "model.json")  # listed, but for models/
     with pytest.raises(DataError, match="listed by the model card .* but for different model folders"):
         verify(root / "models_export")
-    (root / CARD_DIR / CARD_JSON).write_text(json.dumps({**card, "schema": "palm-model-card/1",
-                                                         "weights": card["files"]}))
+    (root / CARD_DIR / CARD_JSON).write_text(
+        json.dumps({**card, "schema": "palm-model-card/1", "weights": card["files"]})
+    )
     with pytest.raises(DataError, match=r"written by an older palm .*rerun dvc repro card"):
         verify(root / "models")
 
@@ -318,12 +355,17 @@ def test_the_service_answers_from_the_model_and_card_it_loaded_until_it_restarts
     shutil.copy(other / "models" / "model.safetensors", root / "models" / "model.safetensors")
     info = json.loads((root / "models" / "model.json").read_text())
     (root / "models" / "model.json").write_text(json.dumps({**info, "threshold": 0.9}))
-    new_card = {**loaded_card, "validation": {**loaded_card["validation"], "metrics": {"auc": {"estimate": 0.61}}},
-                "files": [{**f, "sha256": sha256_file(root / f["path"])} if f["path"].startswith("models/") else f
-                          for f in loaded_card["files"]]}
+    new_card = {
+        **loaded_card,
+        "validation": {**loaded_card["validation"], "metrics": {"auc": {"estimate": 0.61}}},
+        "files": [
+            {**f, "sha256": sha256_file(root / f["path"])} if f["path"].startswith("models/") else f
+            for f in loaded_card["files"]
+        ],
+    }
     (root / CARD_DIR / CARD_JSON).write_text(json.dumps(new_card))
     card, after = serve_and_ask(model)
-    assert card == loaded_card and after == before          # the model it loaded, and that model's card
+    assert card == loaded_card and after == before  # the model it loaded, and that model's card
     card, restarted = serve_and_ask(Model(root / "models", device="cpu", engine="eager"))
     assert card == new_card and restarted["threshold"] == 0.9
     assert [r["probability"] for r in restarted["results"]] != [r["probability"] for r in before["results"]]

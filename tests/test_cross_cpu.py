@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from conftest import ENV, REPO
 
 # Switch off what each library lets an environment variable switch off (an x86-64-v2 CPU of 2010,
@@ -39,7 +40,7 @@ OLD_CPU = {
     "ONEDNN_MAX_CPU_ISA": "SSE41",
     "JSIMD_FORCENONE": "1",
     "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX_Usable,-AVX2_Usable,-FMA_Usable,-AVX,-AVX2,-FMA,-FMA4,-F16C,"
-                      "-AVX512F,-AVX512DQ,-AVX512BW,-AVX512VL,-AVX512CD,-BMI1,-BMI2",
+    "-AVX512F,-AVX512DQ,-AVX512BW,-AVX512VL,-AVX512CD,-BMI1,-BMI2",
 }
 DATA_STAGES = ("synthesize", "unzip", "labels", "preprocess")
 TINY = {"n_train_p": 6, "n_train_n": 5, "n_train_h": 1, "n_val_pm": 4, "n_val_non_pm": 4, "scale": 0.05}
@@ -69,18 +70,40 @@ def _digests(root: Path, *parts: str) -> dict[str, str]:
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], one_core: bool) -> None:
     one = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**ENV, **env}, preexec_fn=one, check=False)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
 
 
 def _pipeline(dest: Path, env: dict[str, str], data_env: dict[str, str], one_core: bool) -> dict:
     """Run the stages in ``dest`` (on one core: one thread, one worker); what each wrote."""
     proj = _project(dest)
     for stage in (*DATA_STAGES, "train", "evaluate"):
-        _run([sys.executable, str(REPO / "stages" / f"{stage}.py")], proj,
-             {**env, **(data_env if stage in DATA_STAGES else {})}, one_core)
+        _run(
+            [sys.executable, str(REPO / "stages" / f"{stage}.py")],
+            proj,
+            {**env, **(data_env if stage in DATA_STAGES else {})},
+            one_core,
+        )
     images = sorted((proj / "data" / "raw").rglob("V*.jpg"))[:4]
-    _run([sys.executable, "-m", "palm.cli", "predict", "--quiet", "--grade-all", "--model", "models", "--out",
-          "predict.csv", *(str(p.relative_to(proj)) for p in images)], proj, env, one_core)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "predict",
+            "--quiet",
+            "--grade-all",
+            "--model",
+            "models",
+            "--out",
+            "predict.csv",
+            *(str(p.relative_to(proj)) for p in images),
+        ],
+        proj,
+        env,
+        one_core,
+    )
     return {
         "synthesize": _digests(proj, "data/synthetic"),
         "unzip": _digests(proj, "data/raw"),
@@ -133,9 +156,12 @@ def test_full_size_photographs_are_the_same_bytes_on_an_older_cpu():
     """The tiny pipeline's photographs are drawn at their size and decoded whole; the default
     set's are drawn at 768 px and resized (other OpenCV functions), and decoded at 1/8 of their
     size (libjpeg's scaled IDCT) then shrunk to 224 px: those too, the JPEGs and the pixels."""
+
     def render(env):
-        return subprocess.run([sys.executable, "-c", RENDER], capture_output=True, text=True, check=True,
-                              env={**ENV, **env}).stdout.split()
+        return subprocess.run(
+            [sys.executable, "-c", RENDER], capture_output=True, text=True, check=True, env={**ENV, **env}
+        ).stdout.split()
+
     native = render({"NPY_DISABLE_CPU_FEATURES": ""})
     assert len(native) == 4 and native == render(OLD_CPU)
 
@@ -162,7 +188,7 @@ def test_the_switches_reach_the_libraries_and_palm_pins_them():
     """Without this, a misspelt switch would make the comparison above compare a CPU with itself."""
     old, bare = _probe(OLD_CPU), _probe({"NPY_DISABLE_CPU_FEATURES": ""})
     assert old["numpy"] == [] and "AVX2?" in old["cv2_line"] and "SSE4.1?" in old["cv2_line"]
-    if " avx2 " in bare["cpu"] and " fma " in bare["cpu"]:   # an AVX2 CPU: the native run differs indeed
+    if " avx2 " in bare["cpu"] and " fma " in bare["cpu"]:  # an AVX2 CPU: the native run differs indeed
         assert "X86_V3" in bare["numpy"] and "*AVX2 " in bare["cv2_line"] + " "
-    assert not old["cv2_optimized"] and not bare["cv2_optimized"]   # OpenCV's baseline code, no IPP
+    assert not old["cv2_optimized"] and not bare["cv2_optimized"]  # OpenCV's baseline code, no IPP
     assert _probe({})["numpy"] == [] and bare["mkl_cbwr"] == "COMPATIBLE,STRICT"

@@ -10,16 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_shards, train_section
 
-from palm.training.crossval import apply_overrides
-from palm.data.dataset import load_split
+from conftest import make_shards, train_section
 from palm.core.errors import DataError
-from palm.evaluation.metrics import score
+from palm.data.dataset import load_split
 from palm.data.splits import fold_of
+from palm.evaluation.metrics import score
+from palm.training.crossval import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [f"P{i:04d}.jpg" for i in range(7)] + [f"N{i:04d}.jpg" for i in range(5)] + ["H0001.jpg", "H0002.jpg", "H0003.jpg"]
+TRAIN = (
+    [f"P{i:04d}.jpg" for i in range(7)] + [f"N{i:04d}.jpg" for i in range(5)] + ["H0001.jpg", "H0002.jpg", "H0003.jpg"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,9 @@ def test_folds_are_stratified_by_group_and_cover_every_image_once(shards):
 
 
 def test_overrides_are_set_like_dvc_exp_run():
-    p = apply_overrides({"model": "senet18", "train": {"lr": 0.001}}, ["model=lenet", "train.lr=3e-4",
-                                                                       "train.augment.hflip=false"])
+    p = apply_overrides(
+        {"model": "senet18", "train": {"lr": 0.001}}, ["model=lenet", "train.lr=3e-4", "train.augment.hflip=false"]
+    )
     assert p == {"model": "lenet", "train": {"lr": 3e-4, "augment": {"hflip": False}}}
     with pytest.raises(DataError, match="KEY=VALUE"):
         apply_overrides({}, ["train.lr"])
@@ -57,13 +60,37 @@ def test_overrides_are_set_like_dvc_exp_run():
 def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_it(shards, tmp_path):
     params = tmp_path / "params.yaml"
     repo = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.write_text(yaml.safe_dump({**repo, "model": "lenet", "image_size": 32, "train": train_section(
-        epochs=1, batch_size=4, holdout=0, select="last", ema=0.0)}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                **repo,
+                "model": "lenet",
+                "image_size": 32,
+                "train": train_section(epochs=1, batch_size=4, holdout=0, select="last", ema=0.0),
+            }
+        )
+    )
     out = tmp_path / "cv.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
-                           "--params", str(params), "--set", "train.lr=0.001", "train.tta=hflip", "--out", str(out),
-                           "--threshold", "youden"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "cross_validate.py"),
+            "--shards",
+            str(shards),
+            "--params",
+            str(params),
+            "--set",
+            "train.lr=0.001",
+            "train.tta=hflip",
+            "--out",
+            str(out),
+            "--threshold",
+            "youden",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     oof = pd.read_csv(out.with_suffix(".csv"))
     assert sorted(oof["image"]) == sorted(TRAIN)  # each training image once; no validation image
@@ -73,7 +100,12 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
     # every tta mode scored from the same fold networks; probability is the configured mode's (hflip)
     assert list(summary["tta"]) == ["off", "hflip", "flips", "flips+rot"]
     assert [c for c in oof.columns if c.startswith("probability")] == [
-        "probability", "probability_off", "probability_hflip", "probability_flips", "probability_flips+rot"]
+        "probability",
+        "probability_off",
+        "probability_hflip",
+        "probability_flips",
+        "probability_flips+rot",
+    ]
     assert oof["probability"].tolist() == oof["probability_hflip"].tolist()
     assert not np.allclose(oof["probability_off"], oof["probability_hflip"], atol=1e-6)  # lenet is not symmetric
     for mode in ("off", "hflip", "flips", "flips+rot"):
@@ -94,9 +126,23 @@ def test_every_training_image_is_predicted_once_by_a_network_that_did_not_learn_
 
 
 def test_a_bad_setting_is_one_clear_line(shards, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cross_validate.py"), "--shards", str(shards),
-                           "--set", "model.x=1", "--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "cv.json")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "cross_validate.py"),
+            "--shards",
+            str(shards),
+            "--set",
+            "model.x=1",
+            "--params",
+            str(ROOT / "params.yaml"),
+            "--out",
+            str(tmp_path / "cv.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "error:" in proc.stderr and not (tmp_path / "cv.json").exists()
 
 
@@ -111,14 +157,15 @@ def test_bad_options_and_an_unwritable_out_are_one_line_exit_2_before_any_traini
     (tmp_path / "afile").write_text("x")
     os.mkfifo(tmp_path / "fifo.json")
     for args, message in (
-            (["--fold-seed", "-1"], "argument --fold-seed: must be at least 0, got -1"),
-            (["--folds", "1"], "argument --folds: must be at least 2, got 1"),
-            (["--out", str(tmp_path / "afile" / "cv.json")], f"{tmp_path / 'afile' / 'cv.csv'}: cannot write there"),
-            (["--out", str(tmp_path / "fifo.json")], f"{tmp_path / 'fifo.json'}: a FIFO, not a regular file"),
-            (["--out", str(tmp_path / "cv.csv")], "must end in .json")):
+        (["--fold-seed", "-1"], "argument --fold-seed: must be at least 0, got -1"),
+        (["--folds", "1"], "argument --folds: must be at least 2, got 1"),
+        (["--out", str(tmp_path / "afile" / "cv.json")], f"{tmp_path / 'afile' / 'cv.csv'}: cannot write there"),
+        (["--out", str(tmp_path / "fifo.json")], f"{tmp_path / 'fifo.json'}: a FIFO, not a regular file"),
+        (["--out", str(tmp_path / "cv.csv")], "must end in .json"),
+    ):
         try:
             code = script.main(["--shards", str(shards), "--params", str(tmp_path / "none.yaml"), *args])
-        except SystemExit as exc:   # argparse
+        except SystemExit as exc:  # argparse
             code = exc.code
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and message in err.strip().splitlines()[-1], err

@@ -32,8 +32,7 @@ README_LIMIT = 8000
 PAGES = sorted((REPO / "docs").glob("**/*.md"))
 COMMANDS = ("palm", "dvc", "python", "pytest", "pip", "git", "curl", "mkdir", "cp", "mkdocs", "for")
 SEPARATORS = {";", "&&", "||", "|", "&"}
-PARAMS_SECTIONS = ("train", "models", "data", "unzip", "synthetic", "preprocess",
-                   "evaluate", "explain")
+PARAMS_SECTIONS = ("train", "models", "data", "unzip", "synthetic", "preprocess", "evaluate", "explain")
 
 
 def code_lines(text: str) -> list[str]:
@@ -68,7 +67,7 @@ def expand_loops(line: str) -> list[str]:
         return [line]
     var, values, body = m.group(1), m.group(2).split(), m.group(3)
     bodies = [re.sub(rf"\${var}\b", v, body) for v in values]
-    rest = line[:m.start()] + line[m.end():]
+    rest = line[: m.start()] + line[m.end() :]
     return [x for b in bodies for x in expand_loops(b)] + [x for x in expand_loops(rest) if x.strip(" ;")]
 
 
@@ -163,7 +162,7 @@ def problems(text: str, where: str) -> list[str]:
     out = []
     for cmd in commands(text):
         shown = " ".join(cmd)
-        for word in cmd:   # the repository's own code the command runs
+        for word in cmd:  # the repository's own code the command runs
             if re.match(r"^(stages|scripts|benchmarks|tests|src)/[\w./-]+$", word) and not (REPO / word).exists():
                 out.append(f"{where}: `{shown}`: {word} does not exist")
         if cmd[0] == "palm":
@@ -173,8 +172,11 @@ def problems(text: str, where: str) -> list[str]:
             if (err := parses(dvc_parser(), cmd[1:])) is not None:
                 out.append(f"{where}: `{shown}`: {err}")
             if cmd[1:2] == ["repro"]:
-                out += [f"{where}: `{shown}`: no stage {w!r} in dvc.yaml" for w in cmd[2:]
-                        if not w.startswith("-") and w not in stages]
+                out += [
+                    f"{where}: `{shown}`: no stage {w!r} in dvc.yaml"
+                    for w in cmd[2:]
+                    if not w.startswith("-") and w not in stages
+                ]
             if cmd[1:3] == ["plots", "diff"] and "--targets" in cmd:
                 target = cmd[cmd.index("--targets") + 1]
                 if target not in plots:
@@ -187,8 +189,11 @@ def problems(text: str, where: str) -> list[str]:
                 out += check_params(params, f"{where}: `{shown}`")
         elif cmd[0] == "python" and len(cmd) > 1 and cmd[1].startswith("scripts/") and (REPO / cmd[1]).is_file():
             known = script_options(REPO / cmd[1])
-            out += [f"{where}: `{shown}`: {cmd[1]} has no option {w}" for w in cmd[2:]
-                    if w.startswith("--") and w.split("=")[0] not in known]
+            out += [
+                f"{where}: `{shown}`: {cmd[1]} has no option {w}"
+                for w in cmd[2:]
+                if w.startswith("--") and w.split("=")[0] not in known
+            ]
             if "--set" in cmd:
                 params = copy.deepcopy(base)
                 i = cmd.index("--set") + 1
@@ -214,7 +219,7 @@ def param_key_problems(text: str, where: str) -> list[str]:
             props = node.get("properties", {})
             if node is schema and part == "models":
                 if i + 1 < len(parts) and (parts[i + 1] in MODEL_NAMES or parts[i + 1] == "<name>"):
-                    return known(["train", *parts[i + 2:]]) if i + 2 < len(parts) else True
+                    return known(["train", *parts[i + 2 :]]) if i + 2 < len(parts) else True
                 return i + 1 == len(parts)
             if part not in props:
                 return False
@@ -226,7 +231,7 @@ def param_key_problems(text: str, where: str) -> list[str]:
     out = []
     for code in re.findall(r"`([^`\n]+)`", text):
         key = code.strip().lstrip("+").split("=")[0].split(":")[0].strip()
-        if re.fullmatch(r"(%s)\.[\w<>.]+" % "|".join(PARAMS_SECTIONS), key) and not known(key.split(".")):
+        if re.fullmatch(r"({})\.[\w<>.]+".format("|".join(PARAMS_SECTIONS)), key) and not known(key.split(".")):
             out.append(f"{where}: `{code}`: {key} is not a key of params.yaml's schema")
     return out
 
@@ -251,8 +256,15 @@ def test_every_params_key_named_exists(path):
 
 def test_the_guides_commands_are_found():
     """The parser of code blocks reads the guides' commands (a parser finding none would pass all)."""
-    for name, least in (("getting-started", 6), ("pipeline", 6), ("data", 6), ("comparing", 8),
-                        ("using-a-model", 8), ("scaling", 4), ("reliability", 1)):
+    for name, least in (
+        ("getting-started", 6),
+        ("pipeline", 6),
+        ("data", 6),
+        ("comparing", 8),
+        ("using-a-model", 8),
+        ("scaling", 4),
+        ("reliability", 1),
+    ):
         cmds = commands((REPO / "docs" / f"{name}.md").read_text(encoding="utf-8"))
         assert len(cmds) >= least, (name, cmds)
     readme = [c[:2] for c in commands((REPO / "README.md").read_text(encoding="utf-8"))]
@@ -275,23 +287,38 @@ Some text with `train.epochs`, `models.senet18.fundus.clahe` and `train.no_such_
     python scripts/no_such_script.py
 """
     found = "\n".join(problems(page, "page"))
-    for expected in ("--no-such-flag", "frobnicate", "no stage 'no_such_stage'", "train.epochs = 0",
-                     "train.no_such is not in params.yaml", "nosuchnet", "metrics/nothing.json is not a plot",
-                     "shw", "has no option --no-such", "scripts/no_such_script.py does not exist"):
+    for expected in (
+        "--no-such-flag",
+        "frobnicate",
+        "no stage 'no_such_stage'",
+        "train.epochs = 0",
+        "train.no_such is not in params.yaml",
+        "nosuchnet",
+        "metrics/nothing.json is not a plot",
+        "shw",
+        "has no option --no-such",
+        "scripts/no_such_script.py does not exist",
+    ):
         assert expected in found, (expected, found)
     for fine in ("`palm compare --metric auc`", "`dvc repro train`", "`dvc exp run --queue -S model=lenet`"):
         assert fine not in found, (fine, found)
     assert not [line for line in found.splitlines() if "train.mix" in line and "has no option" not in line], found
-    assert param_key_problems(page, "page") == ["page: `train.no_such_key`: train.no_such_key is not a key of "
-                                                "params.yaml's schema"]
+    assert param_key_problems(page, "page") == [
+        "page: `train.no_such_key`: train.no_such_key is not a key of params.yaml's schema"
+    ]
 
 
 def test_commands_are_read_from_indented_and_fenced_blocks_not_from_prose_or_notes():
-    page = ("Run `palm nothing` in prose.\n\n    palm predict a.jpg\n\n```bash\npalm serve\n```\n\n"
-            "```text\n$ palm --help\n```\n\n!!! note\n    palm is mentioned in a note\n")
+    page = (
+        "Run `palm nothing` in prose.\n\n    palm predict a.jpg\n\n```bash\npalm serve\n```\n\n"
+        "```text\n$ palm --help\n```\n\n!!! note\n    palm is mentioned in a note\n"
+    )
     assert commands(page) == [["palm", "predict", "a.jpg"], ["palm", "serve"]]
     assert expand_loops("for m in a b; do dvc exp run -S model=$m; done; dvc queue start") == [
-        "dvc exp run -S model=a", "dvc exp run -S model=b", "; dvc queue start"]
+        "dvc exp run -S model=a",
+        "dvc exp run -S model=b",
+        "; dvc queue start",
+    ]
 
 
 def test_every_generated_block_expands_and_the_tables_follow_the_code():
@@ -321,7 +348,7 @@ def test_the_api_reference_covers_every_module():
     for path in (REPO / "src" / "palm").rglob("*.py"):
         parts = path.relative_to(REPO / "src").with_suffix("").parts
         modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    modules -= {"palm", "palm.cli"}   # the package's one line; the cli is the help page (cli.md)
+    modules -= {"palm", "palm.cli"}  # the package's one line; the cli is the help page (cli.md)
     assert not modules - documented, f"not in docs/reference/: {sorted(modules - documented)}"
     assert not documented - modules, f"documented but gone: {sorted(documented - modules)}"
 
@@ -340,6 +367,7 @@ def test_the_readme_is_short_and_links_into_the_site():
         if isinstance(node, list):
             return [p for v in node for p in pages(v)]
         return [node]
+
     in_nav = set(pages(nav))
     on_disk = {p.relative_to(REPO / "docs").as_posix() for p in PAGES}
     assert on_disk <= in_nav | {"reproducibility.md"}, f"pages outside the nav: {sorted(on_disk - in_nav)}"
@@ -356,20 +384,26 @@ def test_the_readmes_results_table_is_the_committed_runs():
     """README.md's short table repeats rows of results/README.md's (written by scripts/compare_models.py)."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     results = (REPO / "results" / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| (\w+) \| (\d+) \| ([\d.]+ \([\d.]+\)) \| ([\d.]+ \([\d.]+\)) \| ([\d.]+ min) \|$",
-                      readme, re.MULTILINE)
+    rows = re.findall(
+        r"^\| (\w+) \| (\d+) \| ([\d.]+ \([\d.]+\)) \| ([\d.]+ \([\d.]+\)) \| ([\d.]+ min) \|$", readme, re.MULTILINE
+    )
     assert len(rows) >= 5, rows
     for model, px, accuracy, auc, minutes in rows:
         assert re.search(rf"^\| {model} \| {px} \| ", results, re.MULTILINE), model
-        assert re.search(rf"^\| {model} \| \d+ \| {re.escape(accuracy)} \| {re.escape(auc)} \| .* \| {minutes} \|$",
-                         results, re.MULTILINE), (model, accuracy, auc, minutes)
+        assert re.search(
+            rf"^\| {model} \| \d+ \| {re.escape(accuracy)} \| {re.escape(auc)} \| .* \| {minutes} \|$",
+            results,
+            re.MULTILINE,
+        ), (model, accuracy, auc, minutes)
 
 
 def test_sphinx_roles_of_docstrings_become_cross_references():
     """docs/griffe_roles.py: a role is a link that mkdocs build --strict must resolve."""
     from griffe_roles import convert
 
-    assert convert("a :class:`~palm.core.errors.ConfigError` and :func:`validate`") == \
-        "a [`ConfigError`][palm.core.errors.ConfigError] and [`validate`][validate]"
+    assert (
+        convert("a :class:`~palm.core.errors.ConfigError` and :func:`validate`")
+        == "a [`ConfigError`][palm.core.errors.ConfigError] and [`validate`][validate]"
+    )
     assert convert(":meth:`Trainer._resume` and :func:`open`") == "`Trainer._resume` and `open`"
     assert convert("Example::\n\n    code") == "Example:\n\n    code"

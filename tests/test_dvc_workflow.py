@@ -24,10 +24,13 @@ SMALL = {"n_train_p": 24, "n_train_n": 20, "n_train_h": 4, "n_val_pm": 12, "n_va
 
 
 def fast_params(project, epochs: int) -> None:
-    set_params(project, **{f"synthetic.{k}": v for k, v in SMALL.items()}, image_size=64,
-               **{"train.epochs": epochs, "train.batch_size": 8, "train.warmup_epochs": 0,
-                  "explain.n_images": 2},
-               **{f"models.{m}.epochs": epochs for m, over in PARAMS["models"].items() if "epochs" in over})
+    set_params(
+        project,
+        **{f"synthetic.{k}": v for k, v in SMALL.items()},
+        image_size=64,
+        **{"train.epochs": epochs, "train.batch_size": 8, "train.warmup_epochs": 0, "explain.n_images": 2},
+        **{f"models.{m}.epochs": epochs for m, over in PARAMS["models"].items() if "epochs" in over},
+    )
 
 
 def metrics(project: Path) -> dict:
@@ -49,7 +52,7 @@ def test_committed_baseline_holds_lock_and_metrics_but_no_bulky_or_scratch_file(
     tracked = run(["git", "ls-files"], baseline).stdout.split()
     assert "dvc.lock" in tracked and "metrics/eval.json" in tracked
     assert not [f for f in tracked if f.startswith(("checkpoints/", "models/", "data/raw/", "data/shards/"))]
-    assert (baseline / "checkpoints" / "checkpoint.json").is_file()   # resumable, just not in git
+    assert (baseline / "checkpoints" / "checkpoint.json").is_file()  # resumable, just not in git
     assert run(["git", "status", "--porcelain"], baseline).stdout == ""
 
 
@@ -57,12 +60,16 @@ def test_fresh_clone_rebuilds_the_baseline_then_an_experiment_diffs_against_it(b
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(baseline), str(clone)], tmp_path)
     run(["dvc", "repro"], clone)
-    assert metrics(clone) == metrics(baseline)          # same seed, same machine: identical
+    assert metrics(clone) == metrics(baseline)  # same seed, same machine: identical
     # nothing new to commit; only the timings (train_seconds, epoch_seconds) differ, and dvc.lock
     # records their files' new hashes
     changed = {line[3:] for line in run(["git", "status", "--porcelain"], clone).stdout.splitlines()}
-    assert changed <= {"dvc.lock", "metrics/train/metrics.json", "metrics/train/plots/metrics/epoch_seconds.tsv",
-                       "models"}, changed
+    assert changed <= {
+        "dvc.lock",
+        "metrics/train/metrics.json",
+        "metrics/train/plots/metrics/epoch_seconds.tsv",
+        "models",
+    }, changed
 
     out = run(["dvc", "exp", "run", "-S", "model=lenet", "-n", "lenet"], clone)
     assert "Running stage 'train'" in out.stdout and "Running stage 'preprocess'" not in out.stdout
@@ -88,7 +95,7 @@ def test_fresh_clone_rebuilds_the_baseline_then_an_experiment_diffs_against_it(b
 def _exp_ref(repo: Path, name: str) -> str:
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], repo).stdout.split()
     ref = next(r for r in refs if r.endswith("/" + name))
-    return ref[len("refs/exps/"):]
+    return ref[len("refs/exps/") :]
 
 
 def test_a_second_clone_pulls_data_and_model_from_a_remote_and_is_up_to_date(baseline, tmp_path):
@@ -111,8 +118,14 @@ def start_queue(project: Path, *args: str, env: dict | None = None) -> None:
     """`dvc queue start`, not waited for: its workers keep its output open until the queue is empty,
     and for ever when dvc-task's monitor thread dies on a half-written broker file (two workers,
     treeverse/dvc-task#73; seen on a loaded machine); wait_for_queue() waits for the work itself."""
-    subprocess.run(["dvc", "queue", "start", *args], cwd=project, env={**ENV, **(env or {})}, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["dvc", "queue", "start", *args],
+        cwd=project,
+        env={**ENV, **(env or {})},
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_for_queue(project: Path, timeout: float = 900) -> None:
@@ -120,7 +133,7 @@ def wait_for_queue(project: Path, timeout: float = 900) -> None:
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], project).stdout
         if not any(word in status for word in ("Queued", "Running")):
-            run(["dvc", "queue", "stop"], project)   # the idle workers go
+            run(["dvc", "queue", "stop"], project)  # the idle workers go
             return
         time.sleep(3)
     raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
@@ -155,7 +168,7 @@ def test_queued_experiment_sees_the_tracked_zips(tracked):
 
 def _find_exp(rows: list, name: str) -> dict:
     for row in rows:
-        for exp in (row.get("experiments") or []):
+        for exp in row.get("experiments") or []:
             for rev in exp.get("revs") or []:
                 if rev.get("name") == name:
                     assert rev["data"].get("status") in (None, "Success"), rev["data"].get("status")
@@ -166,19 +179,20 @@ def _find_exp(rows: list, name: str) -> dict:
 def test_two_queue_workers_share_the_cores_and_match_runs_one_at_a_time(tracked, tmp_path):
     params = {"a": ["-S", "train.seed=3"], "b": ["-S", "train.seed=4"]}
     for name, args in params.items():
-        run(["dvc", "exp", "run", "--queue", "-S", "data.input=data/original", *args, "-n", f"par-{name}"],
-            tracked)
+        run(["dvc", "exp", "run", "--queue", "-S", "data.input=data/original", *args, "-n", f"par-{name}"], tracked)
     env = {"PALM_JOBS": "2", "PALM_SLOT_DIR": str(tmp_path)}
     start_queue(tracked, "-j", "2", env=env)
     wait_for_queue(tracked)
     rows = json.loads(run(["dvc", "exp", "show", "--json"], tracked).stdout)
     parallel = {n: _find_exp(rows, f"par-{n}")["data"]["metrics"]["metrics/eval.json"]["data"] for n in params}
-    logs = run(["dvc", "queue", "logs", "par-a"], tracked).stdout + run(["dvc", "queue", "logs", "par-b"], tracked).stdout
+    logs = (
+        run(["dvc", "queue", "logs", "par-a"], tracked).stdout + run(["dvc", "queue", "logs", "par-b"], tracked).stdout
+    )
     share = max(1, len(os.sched_getaffinity(0)) // 2)
-    share = int(os.environ.get("OMP_NUM_THREADS") or share)   # exported (tests/conftest.py under pytest-xdist): taken
+    share = int(os.environ.get("OMP_NUM_THREADS") or share)  # exported (tests/conftest.py under pytest-xdist): taken
     assert logs.count("PALM_JOBS=2: slot") >= 2 and f"{share} thread(s)" in logs, logs[-3000:]
 
-    for name, args in params.items():   # the same experiments, one at a time, in the workspace
+    for name, args in params.items():  # the same experiments, one at a time, in the workspace
         run(["dvc", "exp", "run", "-S", "data.input=data/original", *args, "-n", f"seq-{name}"], tracked)
         alone = metrics(tracked)
         for key in ("accuracy", "auc", "sensitivity", "specificity", "n"):

@@ -17,8 +17,15 @@ SCRIPT = ROOT / "scripts" / "ensemble_oof.py"
 
 
 def _member(path: Path, probs, seed: int, folds=(0, 0, 1, 1, 2, 2)) -> Path:
-    oof = pd.DataFrame({"image": [f"{g}{i:04d}.jpg" for i, g in enumerate("PPNNHP")], "group": list("PPNNHP"),
-                        "label": [1, 1, 0, 0, 0, 1], "fold": list(folds), "probability": probs})
+    oof = pd.DataFrame(
+        {
+            "image": [f"{g}{i:04d}.jpg" for i, g in enumerate("PPNNHP")],
+            "group": list("PPNNHP"),
+            "label": [1, 1, 0, 0, 0, 1],
+            "fold": list(folds),
+            "probability": probs,
+        }
+    )
     oof.to_csv(path, index=False)
     path.with_suffix(".json").write_text(json.dumps({"model": "senet18", "set": [f"train.seed={seed}"]}))
     return path
@@ -75,20 +82,25 @@ def test_out_never_overwrites_a_member_or_writes_json_over_a_csv(tmp_path):
     a = _member(tmp_path / "a.csv", [0.9, 0.4, 0.2, 0.6, 0.7, 0.8], 0)
     b = _member(tmp_path / "b.csv", [0.7, 0.8, 0.0, 0.2, 0.1, 0.6], 1)
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
-    for out, message in ((tmp_path / "a.json", "would overwrite"),        # a.csv is a member, a.json its settings
-                         (tmp_path / "ens.csv", "must end in .json"),
-                         (tmp_path / "sub" / ".." / "b.json", "would overwrite")):
+    for out, message in (
+        (tmp_path / "a.json", "would overwrite"),  # a.csv is a member, a.json its settings
+        (tmp_path / "ens.csv", "must end in .json"),
+        (tmp_path / "sub" / ".." / "b.json", "would overwrite"),
+    ):
         proc = _run(a, b, "--out", out, cwd=tmp_path)
         assert proc.returncode == 2 and message in _one_line(proc), proc.stderr
-    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before      # nothing written, nothing changed
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed
 
 
-@pytest.mark.parametrize("column,value,message", [
-    ("probability", "x", "probability holds values that are not numbers: 'x' (P0000.jpg)"),
-    ("probability", 1.7, "probability must be a number in [0, 1], got 1.7 (P0000.jpg)"),
-    ("probability", float("nan"), "probability must be a number in [0, 1], got nan (P0000.jpg)"),
-    ("label", 2, "label must be 0 or 1, got 2 (P0000.jpg)"),
-])
+@pytest.mark.parametrize(
+    "column,value,message",
+    [
+        ("probability", "x", "probability holds values that are not numbers: 'x' (P0000.jpg)"),
+        ("probability", 1.7, "probability must be a number in [0, 1], got 1.7 (P0000.jpg)"),
+        ("probability", float("nan"), "probability must be a number in [0, 1], got nan (P0000.jpg)"),
+        ("label", 2, "label must be 0 or 1, got 2 (P0000.jpg)"),
+    ],
+)
 def test_impossible_numbers_in_a_member_are_one_line_and_exit_1(tmp_path, column, value, message):
     a = _member(tmp_path / "a.csv", [0.9, 0.4, 0.2, 0.6, 0.7, 0.8], 0)
     b = _member(tmp_path / "b.csv", [0.7, 0.8, 0.0, 0.2, 0.1, 0.6], 1)

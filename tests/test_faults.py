@@ -47,16 +47,24 @@ def project(dest: Path, **train) -> Path:
     params["preprocess"]["shard_size"] = 5
     params["model"] = "senet18"
     params["models"]["senet18"] = {"input_size": 32, "to_static": False}
-    params["train"].update({"epochs": 3, "batch_size": 4, "warmup_epochs": 0, "holdout": 0.25, "select": "best",
-                            **train})
+    params["train"].update(
+        {"epochs": 3, "batch_size": 4, "warmup_epochs": 0, "holdout": 0.25, "select": "best", **train}
+    )
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     make_palm_zips(dest / "data" / "original", train=TRAIN, valid=VALID)
     return dest
 
 
 def stage(name: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, f"stages/{name}.py"],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -85,8 +93,9 @@ def outputs(root: Path) -> dict[str, str]:
 
 
 def strays(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for pattern in TEMPORARY for p in root.rglob(pattern)
-                  if ".git" not in p.parts)
+    return sorted(
+        str(p.relative_to(root)) for pattern in TEMPORARY for p in root.rglob(pattern) if ".git" not in p.parts
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +119,7 @@ def test_a_stage_killed_at_any_instant_reruns_to_the_same_outputs_and_leaves_not
     shutil.copytree(ref_root / "data" / "original", root / "data" / "original")
     log = []
     for name in STAGES:
-        for k, sig in enumerate((signal.SIGKILL, signal.SIGTERM)):
+        for _k, sig in enumerate((signal.SIGKILL, signal.SIGTERM)):
             # the training run is killed once it has started training (its first second is Python
             # and Paddle starting), the others anywhere in their run
             low = 0.5 * seconds[name] if name == "train" else 0.0
@@ -149,11 +158,19 @@ def test_stale_temporaries_of_a_killed_process_are_removed_and_a_half_swap_is_un
 
 # -- bad input ---------------------------------------------------------------------------
 
+
 def _gt(valid=VALID):
     import pandas as pd
 
-    return pd.DataFrame({"ID": range(1, len(valid) + 1), "imgName": [n for n, _ in valid],
-                         "Label": [l for _, l in valid], "Fovea_X": 1.0, "Fovea_Y": 2.0})
+    return pd.DataFrame(
+        {
+            "ID": range(1, len(valid) + 1),
+            "imgName": [n for n, _ in valid],
+            "Label": [label for _, label in valid],
+            "Fovea_X": 1.0,
+            "Fovea_Y": 2.0,
+        }
+    )
 
 
 def hostile_input(root: Path, case: str) -> str:
@@ -209,9 +226,19 @@ def hostile_input(root: Path, case: str) -> str:
     return "unzip"
 
 
-HOSTILE = ["zip bomb", "nested zip bomb", "zip slip", "overwrite across zips", "file and folder of one name",
-           "not a zip", "corrupt deflate stream", "csv renamed xlsx", "spreadsheet without a Label column",
-           "bad label value", "truncated training image"]
+HOSTILE = [
+    "zip bomb",
+    "nested zip bomb",
+    "zip slip",
+    "overwrite across zips",
+    "file and folder of one name",
+    "not a zip",
+    "corrupt deflate stream",
+    "csv renamed xlsx",
+    "spreadsheet without a Label column",
+    "bad label value",
+    "truncated training image",
+]
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +247,7 @@ def clean_project(tmp_path_factory):
 
 
 def one_error_line(proc) -> str:
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
@@ -231,7 +258,7 @@ def test_hostile_data_is_one_error_line_with_exit_1_and_nothing_half_written(tmp
     root = tmp_path / "p"
     shutil.copytree(clean_project, root)
     target = hostile_input(root, case)
-    for name in STAGES[:STAGES.index(target)]:
+    for name in STAGES[: STAGES.index(target)]:
         assert run_stage(name, root).returncode == 0
     proc = run_stage(target, root)
     line = one_error_line(proc)
@@ -240,19 +267,22 @@ def test_hostile_data_is_one_error_line_with_exit_1_and_nothing_half_written(tmp
     print(f"{case}: {proc.returncode} {line}")
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("model", "foo", "model = 'foo'"),
-    ("train.lr", "abc", "train.lr = 'abc': must be a number"),
-    ("train.epochs", "2", "train.epochs = '2'"),
-    ("train.epochs", 2.5, "train.epochs = 2.5"),
-    ("train.epochs", 0, "train.epochs = 0"),
-    ("train.batch_size", 0, "train.batch_size = 0"),
-    ("train.device", "tpu", "train.device = 'tpu'"),
-    ("train.holdout", 1.5, "train.holdout = 1.5"),
-    ("train.select", "foo", "train.select = 'foo'"),
-    ("image_size", "abc", "image_size = 'abc'"),
-    ("unzip.max_ratio", -1, "unzip.max_ratio = -1"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("model", "foo", "model = 'foo'"),
+        ("train.lr", "abc", "train.lr = 'abc': must be a number"),
+        ("train.epochs", "2", "train.epochs = '2'"),
+        ("train.epochs", 2.5, "train.epochs = 2.5"),
+        ("train.epochs", 0, "train.epochs = 0"),
+        ("train.batch_size", 0, "train.batch_size = 0"),
+        ("train.device", "tpu", "train.device = 'tpu'"),
+        ("train.holdout", 1.5, "train.holdout = 1.5"),
+        ("train.select", "foo", "train.select = 'foo'"),
+        ("image_size", "abc", "image_size = 'abc'"),
+        ("unzip.max_ratio", -1, "unzip.max_ratio = -1"),
+    ],
+)
 def test_a_bad_parameter_stops_every_stage_before_any_work_with_exit_2(tmp_path, key, value, message):
     root = project(tmp_path / "p")
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -278,8 +308,8 @@ def test_broken_params_yaml_is_exit_2(tmp_path):
 def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
     from palm import cli
     from palm.core import config
-    from palm.serve import predict
     from palm.core.errors import RunError
+    from palm.serve import predict
 
     def boom(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nsecond line")
@@ -288,14 +318,17 @@ def test_an_internal_error_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(predict.Predictor, "load", boom)
     assert cli.main(["predict", str(tmp_path / "x.jpg"), "--quiet"]) == 3
     err = capsys.readouterr().err
-    assert err.strip() == ("error: internal error: ZeroDivisionError: division by zero "
-                           "(PALM_DEBUG=1 shows the traceback)")
+    assert err.strip() == (
+        "error: internal error: ZeroDivisionError: division by zero (PALM_DEBUG=1 shows the traceback)"
+    )
     monkeypatch.chdir(REPO)  # the repository's params.yaml
     for exc, code in ((boom, 3), (RunError("training diverged: loss is nan"), 3)):
+
         def main(params, exc=exc):
             if callable(exc):
                 exc()
             raise exc
+
         with pytest.raises(SystemExit) as stop:
             config.run_stage(main)
         assert stop.value.code == code
@@ -331,10 +364,11 @@ def test_the_atomic_writer_syncs_to_disk_only_when_asked(tmp_path, monkeypatch):
     with fsutil.atomic_file(tmp_path / "b.bin", "wb", fsync=True) as f:
         f.write(b"b")
     assert len(synced) == 1 and (tmp_path / "b.bin").read_bytes() == b"b"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]   # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # no temporary left
 
 
 # -- issue 28: no silent wrong answer -----------------------------------------------------------
+
 
 @pytest.fixture
 def tiny_model(tmp_path):
@@ -352,30 +386,37 @@ def tiny_model(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("key,text,message", [
-    ("threshold", "7", "threshold = 7: input should be less than or equal to 1"),
-    ("threshold", "1.0001", "threshold = 1.0001"),
-    ("threshold", "-1", "threshold = -1: input should be greater than or equal to 0"),
-    ("threshold", "NaN", "threshold = nan: must be finite"),
-    ("threshold", "Infinity", "threshold = inf"),
-    ("threshold", "-Infinity", "threshold = -inf"),
-    ("input_size", "100000", "input_size = 100000: input should be less than or equal to 4096"),
-    ("input_size", "8", "input_size = 8"),
-    ("image_size", "100000", "image_size = 100000"),
-    ("image_size", "32.5", "image_size = 32.5: must be a whole number"),
-    ("image_size", "true", "image_size"),
-    ("input_size", "64", "input_size = 64: must not be above image_size (32)"),
-])
+@pytest.mark.parametrize(
+    "key,text,message",
+    [
+        ("threshold", "7", "threshold = 7: input should be less than or equal to 1"),
+        ("threshold", "1.0001", "threshold = 1.0001"),
+        ("threshold", "-1", "threshold = -1: input should be greater than or equal to 0"),
+        ("threshold", "NaN", "threshold = nan: must be finite"),
+        ("threshold", "Infinity", "threshold = inf"),
+        ("threshold", "-Infinity", "threshold = -inf"),
+        ("input_size", "100000", "input_size = 100000: input should be less than or equal to 4096"),
+        ("input_size", "8", "input_size = 8"),
+        ("image_size", "100000", "image_size = 100000"),
+        ("image_size", "32.5", "image_size = 32.5: must be a whole number"),
+        ("image_size", "true", "image_size"),
+        ("input_size", "64", "input_size = 64: must not be above image_size (32)"),
+    ],
+)
 def test_a_bad_value_in_model_json_is_exit_2_naming_the_file_and_key(tiny_model, capsys, key, text, message):
     from palm.cli import main as palm_main
 
     info = (tiny_model / "model.json").read_text()
-    info = info[:-1] + f', "{key}": {text}}}' if key not in info else info.replace(
-        f'"{key}": {json.loads(info)[key]}', f'"{key}": {text}')
+    info = (
+        info[:-1] + f', "{key}": {text}}}'
+        if key not in info
+        else info.replace(f'"{key}": {json.loads(info)[key]}', f'"{key}": {text}')
+    )
     (tiny_model / "model.json").write_text(info)
     out = tiny_model.parent / "p.csv"
-    code = palm_main(["predict", str(tiny_model.parent / "x.jpg"), "--model", str(tiny_model), "--out", str(out),
-                      "--quiet"])
+    code = palm_main(
+        ["predict", str(tiny_model.parent / "x.jpg"), "--model", str(tiny_model), "--out", str(out), "--quiet"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"model.json: {key}" in err and message in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
@@ -394,21 +435,26 @@ def shards_dir(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("shards"), [f"P{i:04d}.jpg" for i in range(3)] + ["N0001.jpg"])
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(1, 7), "labels[1] = 7: must be 0"),
-    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, -1), "labels[0] = -1"),
-    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, 0.5), "labels[0] = 0.5"),
-    (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, True), "labels[0] = True"),
-    (lambda m: m.__setitem__("image_size", 100000), "image_size = 100000"),
-    (lambda m: m.__setitem__("image_size", "32"), "image_size = '32'"),
-    (lambda m: m["splits"]["train"]["shards"][0].__setitem__("file", "../../etc/passwd"), "file = '../../etc/passwd'"),
-    (lambda m: m["splits"]["train"]["shards"][0]["images"].pop(), "images"),
-    (lambda m: m["splits"]["train"]["shards"][0].__setitem__("labels", "x" * 10_000), "labels = 'xxx"),
-])
-def test_a_bad_value_in_the_shard_manifest_is_a_data_error_naming_the_file_and_key(tmp_path, shards_dir, edit,
-                                                                                  message):
-    from palm.data.shards import open_split
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(1, 7), "labels[1] = 7: must be 0"),
+        (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, -1), "labels[0] = -1"),
+        (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, 0.5), "labels[0] = 0.5"),
+        (lambda m: m["splits"]["train"]["shards"][0]["labels"].__setitem__(0, True), "labels[0] = True"),
+        (lambda m: m.__setitem__("image_size", 100000), "image_size = 100000"),
+        (lambda m: m.__setitem__("image_size", "32"), "image_size = '32'"),
+        (
+            lambda m: m["splits"]["train"]["shards"][0].__setitem__("file", "../../etc/passwd"),
+            "file = '../../etc/passwd'",
+        ),
+        (lambda m: m["splits"]["train"]["shards"][0]["images"].pop(), "images"),
+        (lambda m: m["splits"]["train"]["shards"][0].__setitem__("labels", "x" * 10_000), "labels = 'xxx"),
+    ],
+)
+def test_a_bad_value_in_the_shard_manifest_is_a_data_error_naming_the_file_and_key(tmp_path, shards_dir, edit, message):
     from palm.core.errors import DataError
+    from palm.data.shards import open_split
 
     folder = tmp_path / "shards"
     shutil.copytree(shards_dir, folder)
@@ -422,8 +468,8 @@ def test_a_bad_value_in_the_shard_manifest_is_a_data_error_naming_the_file_and_k
 
 
 def test_a_truncated_shard_is_refused_when_opened(tmp_path, shards_dir):
-    from palm.data.shards import open_split
     from palm.core.errors import DataError
+    from palm.data.shards import open_split
 
     folder = tmp_path / "shards"
     shutil.copytree(shards_dir, folder)
@@ -442,11 +488,15 @@ def test_a_damaged_checkpoint_is_reported_and_training_starts_afresh_never_promo
     checkpoint.save(ckpt, state, {"identity": run, "epoch": 1, "history": []}, best_state=state["model"])
     meta = checkpoint.save(ckpt, state, {"identity": run, "epoch": 2, "history": []})
     assert meta["best_file"] == "best-0001.safetensors" and set(meta["sha256"]) == {
-        "state-0002.safetensors", "best-0001.safetensors"}
+        "state-0002.safetensors",
+        "best-0001.safetensors",
+    }
     assert checkpoint.load(ckpt, run) is not None and checkpoint.damaged(ckpt, meta) is None
-    for name, damage in (("best-0001.safetensors", lambda b: b[: len(b) // 2]),
-                         ("state-0002.safetensors", lambda b: b[:-1] + b"\x00"),
-                         ("best-0001.safetensors", None)):
+    for name, damage in (
+        ("best-0001.safetensors", lambda b: b[: len(b) // 2]),
+        ("state-0002.safetensors", lambda b: b[:-1] + b"\x00"),
+        ("best-0001.safetensors", None),
+    ):
         backup = (ckpt / name).read_bytes()
         if damage is None:
             (ckpt / name).unlink()
@@ -464,8 +514,8 @@ def test_a_damaged_checkpoint_is_reported_and_training_starts_afresh_never_promo
 def test_an_error_in_the_loader_thread_reaches_the_main_thread_at_once():
     import paddle
 
-    from palm.data.dataset import make_loader
     from palm.core.errors import DataError
+    from palm.data.dataset import make_loader
 
     class Failing(paddle.io.Dataset):
         def __init__(self, bad):
@@ -510,8 +560,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_ends_palm_predict_at_once_with_no_crash_dump_temporary_file_or_worker(tmp_path, tiny_model, sig,
-                                                                                       code):
+def test_a_signal_ends_palm_predict_at_once_with_no_crash_dump_temporary_file_or_worker(
+    tmp_path, tiny_model, sig, code
+):
     info = json.loads((tiny_model / "model.json").read_text())
     (tiny_model / "model.json").write_text(json.dumps({**info, "image_size": 256, "input_size": 32}))
     photo = tmp_path / "photo.jpg"
@@ -521,9 +572,28 @@ def test_a_signal_ends_palm_predict_at_once_with_no_crash_dump_temporary_file_or
         (tmp_path / "many" / f"{i:05d}.jpg").symlink_to(photo)
     out = tmp_path / "out" / "p.csv"
     out.parent.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "predict", str(tmp_path / "many"), "--model",
-                             str(tiny_model), "--out", str(out), "--workers", "2", "--quiet", "--batch-size", "4"],
-                            env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "predict",
+            str(tmp_path / "many"),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--quiet",
+            "--batch-size",
+            "4",
+        ],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # until it is predicting: rows in its temporary CSV
         tmp = list(out.parent.glob(".p.csv.tmp-*"))
@@ -558,8 +628,8 @@ def test_preprocess_with_its_resume_folder_on_another_filesystem(tmp_path, shard
     cross-device link"): every such rename here does so, and preprocess still gives the same shards."""
     import errno
 
-    from palm.data.preprocess import preprocess
     from palm.core.fsutil import move
+    from palm.data.preprocess import preprocess
 
     real = os.replace
 
@@ -582,15 +652,21 @@ def test_preprocess_with_its_resume_folder_on_another_filesystem(tmp_path, shard
     assert (tmp_path / "b" / "a").read_text() == "x" and not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("text,message", [
-    # an alias bomb under a checked key: nine aliases a level, nine levels
-    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
-     + "model: *i\n", "alias *a is not allowed"),
-    ("base: &b {epochs: 3}\ntrain: *b\n", "alias *b is not allowed"),
-    ("model: '" + "x" * 2_000_000 + "'\n", "larger than 1024 KB"),
-    ("model: \xff\n", None),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        # an alias bomb under a checked key: nine aliases a level, nine levels
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+            + "model: *i\n",
+            "alias *a is not allowed",
+        ),
+        ("base: &b {epochs: 3}\ntrain: *b\n", "alias *b is not allowed"),
+        ("model: '" + "x" * 2_000_000 + "'\n", "larger than 1024 KB"),
+        ("model: \xff\n", None),
+    ],
+)
 def test_params_yaml_is_bounded_before_it_is_expanded(tmp_path, text, message):
     from palm.core.config import load_params
     from palm.core.errors import ConfigError
@@ -630,17 +706,18 @@ def test_bootstrap_resamples_are_bounded(tmp_path, value, ok):
     if ok:
         assert load_params(tmp_path / "params.yaml")["evaluate"]["bootstrap"] == value
     else:
-        with pytest.raises(ConfigError, match=f"evaluate.bootstrap = {value}: input should be less than or equal "
-                                              "to 20000"):
+        with pytest.raises(
+            ConfigError, match=f"evaluate.bootstrap = {value}: input should be less than or equal to 20000"
+        ):
             load_params(tmp_path / "params.yaml")
 
 
 def test_a_full_disk_names_the_file_and_what_to_do(tmp_path, monkeypatch):
     import errno
 
-    from palm.data.shards import save_shard
     from palm.core.errors import RunError
     from palm.core.fsutil import atomic_dir, atomic_file
+    from palm.data.shards import save_shard
 
     with pytest.raises(RunError, match=r"cannot write .*out\.json: No space left on device; free space on"):
         with atomic_file(tmp_path / "out.json") as f:
@@ -674,8 +751,15 @@ def test_a_stage_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_no
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    p = subprocess.Popen([sys.executable, "stages/preprocess.py"], cwd=root, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, preexec_fn=small_disk)
+    p = subprocess.Popen(
+        [sys.executable, "stages/preprocess.py"],
+        cwd=root,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=small_disk,
+    )
     _, err = p.communicate(timeout=300)
     line = one_error_line(subprocess.CompletedProcess(p.args, p.returncode, "", err))
     assert p.returncode == 3 and "cannot write checkpoints/preprocess/train-000.npy: " in line, line
@@ -685,24 +769,40 @@ def test_a_stage_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_no
 
 def test_image_size_is_checked_against_the_available_memory_before_any_work(tmp_path, shards_dir, monkeypatch):
     from palm.core import runtime
-    from palm.data.preprocess import preprocess
     from palm.core.errors import ConfigError
+    from palm.data.preprocess import preprocess
     from palm.nn.models import training_memory
 
     # LeNet's fully connected layer grows with the side: 4096 px is far beyond any machine here
     small, big = training_memory("lenet", 224, 16), training_memory("lenet", 4096, 16)
     assert small < 2 * 2**30 < 100 * 2**30 < big
     monkeypatch.setattr(runtime, "available_memory", lambda: 8 * 2**30)
-    with pytest.raises(ConfigError, match=r"training lenet at 4096 px on batches of 16 needs about \d+\.\d GB of "
-                                          r"memory, more than the 8\.0 GB available; lower image_size"):
-        runtime.check_memory(big, "training lenet at 4096 px on batches of 16",
-                             "lower image_size (or train.input_size for this model) or train.batch_size")
+    with pytest.raises(
+        ConfigError,
+        match=r"training lenet at 4096 px on batches of 16 needs about \d+\.\d GB of "
+        r"memory, more than the 8\.0 GB available; lower image_size",
+    ):
+        runtime.check_memory(
+            big,
+            "training lenet at 4096 px on batches of 16",
+            "lower image_size (or train.input_size for this model) or train.batch_size",
+        )
     runtime.check_memory(small, "training", "")
     work = shards_dir.parent
-    with pytest.raises(ConfigError, match=r"preprocess at image_size 4096 \(a shard of 256 images\) needs about "
-                                          r"12\.0 GB.*lower preprocess.shard_size or image_size"):
-        preprocess(work / "labels.csv", work / "raw", tmp_path / "shards", image_size=4096, shard_size=256,
-                   workers=1, resume_dir=tmp_path / "pre")
+    with pytest.raises(
+        ConfigError,
+        match=r"preprocess at image_size 4096 \(a shard of 256 images\) needs about "
+        r"12\.0 GB.*lower preprocess.shard_size or image_size",
+    ):
+        preprocess(
+            work / "labels.csv",
+            work / "raw",
+            tmp_path / "shards",
+            image_size=4096,
+            shard_size=256,
+            workers=1,
+            resume_dir=tmp_path / "pre",
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -714,10 +814,11 @@ def test_weights_are_written_a_tensor_at_a_time_and_read_back_exactly(tmp_path):
 
     from palm.nn.weights import load_state, save_state
 
-    state = {"model": {"w": paddle.randn([3, 4]), "i": paddle.to_tensor(np.arange(5)),
-                       "b": paddle.to_tensor([True, False])},
-             "opt": {"lr": 0.1, "m": [np.ones((2, 2), np.float16), np.zeros((0, 3), np.float32)], "s": "x",
-                     "n": None}, "scalar": np.float32(2.0)}
+    state = {
+        "model": {"w": paddle.randn([3, 4]), "i": paddle.to_tensor(np.arange(5)), "b": paddle.to_tensor([True, False])},
+        "opt": {"lr": 0.1, "m": [np.ones((2, 2), np.float16), np.zeros((0, 3), np.float32)], "s": "x", "n": None},
+        "scalar": np.float32(2.0),
+    }
     save_state(state, tmp_path / "a.safetensors")
     back = load_state(tmp_path / "a.safetensors")
     assert np.array_equal(back["model"]["w"], state["model"]["w"].numpy()) and back["model"]["i"].dtype == np.int64
@@ -773,8 +874,9 @@ def test_the_atomic_writers_never_replace_anything_but_a_regular_file(tmp_path, 
             with write():
                 pass
     assert (os.lstat(path).st_mode, os.lstat(path).st_ino) == (before.st_mode, before.st_ino)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir()
-                                                                 if ".tmp-" not in p.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name
+    )
     if kind == "a symbolic link":
         assert (tmp_path / "target.txt").read_text() == "kept"
     # a regular file and a missing path are written as ever
@@ -786,7 +888,8 @@ def test_the_atomic_writers_never_replace_anything_but_a_regular_file(tmp_path, 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_palm_predict_out_never_replaces_a_device_a_fifo_or_a_link_and_dash_is_standard_output(
-        tmp_path, tiny_model, capsys, kind):
+    tmp_path, tiny_model, capsys, kind
+):
     from palm.cli import main as palm_main
 
     path = _node(kind, tmp_path / "preds.csv")
@@ -794,8 +897,9 @@ def test_palm_predict_out_never_replaces_a_device_a_fifo_or_a_link_and_dash_is_s
     image = str(tiny_model.parent / "x.jpg")
     assert palm_main(["predict", image, "--model", str(tiny_model), "--quiet", "--out", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: {path}: {kind}, not a regular file; refusing to replace it "
-                     "(name a new path or a regular file)"]
+    assert lines == [
+        f"error: {path}: {kind}, not a regular file; refusing to replace it (name a new path or a regular file)"
+    ]
     assert (os.lstat(path).st_mode, os.lstat(path).st_ino) == (before.st_mode, before.st_ino)
     assert palm_main(["predict", image, "--model", str(tiny_model), "--quiet", "--out", "-"]) == 0
     out = capsys.readouterr().out
@@ -826,7 +930,7 @@ def test_several_outputs_are_put_in_place_all_or_none(tmp_path, monkeypatch):
             (out.dir(tmp_path / "d") / "f").write_text("new f")
             with out.open(tmp_path / "b.txt") as f:
                 f.write("new b")
-    assert "a.txt" in calls and "d" in calls                         # a and d were in place when b failed
+    assert "a.txt" in calls and "d" in calls  # a and d were in place when b failed
     assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "d" / "f").read_text() == "old f"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
     monkeypatch.setattr(fsutil.os, "replace", real)
@@ -857,17 +961,21 @@ def test_evaluate_writes_its_three_outputs_all_or_none(tmp_path, monkeypatch):
         return {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
 
     real = ev.probability_histogram
-    monkeypatch.setattr(ev, "probability_histogram", lambda *a: 1 / 0)   # the last thing evaluate writes
+    monkeypatch.setattr(ev, "probability_histogram", lambda *a: 1 / 0)  # the last thing evaluate writes
     with pytest.raises(ZeroDivisionError):
         ev.evaluate(n_boot=50, device="cpu")
-    assert files() == {} and not list(tmp_path.rglob(".*"))           # first run: nothing at all
+    assert files() == {} and not list(tmp_path.rglob(".*"))  # first run: nothing at all
     monkeypatch.setattr(ev, "probability_histogram", real)
     ev.evaluate(n_boot=50, device="cpu")
     done = files()
-    assert {"metrics/predictions.csv", "metrics/eval.json", "metrics/eval/plots/histogram.json",
-            "metrics/eval/plots/sklearn/roc.json"} <= set(done)
-    probs[:] = 1 - probs                                               # a run that would change every output
+    assert {
+        "metrics/predictions.csv",
+        "metrics/eval.json",
+        "metrics/eval/plots/histogram.json",
+        "metrics/eval/plots/sklearn/roc.json",
+    } <= set(done)
+    probs[:] = 1 - probs  # a run that would change every output
     monkeypatch.setattr(ev, "probability_histogram", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ev.evaluate(n_boot=50, device="cpu")
-    assert files() == done and not list(tmp_path.rglob(".*"))          # the previous three, as they were
+    assert files() == done and not list(tmp_path.rglob(".*"))  # the previous three, as they were

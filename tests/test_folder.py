@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 import pytest
-from conftest import jpeg_bytes
 
+from conftest import jpeg_bytes
 from palm.core.errors import DataError
 from palm.data.folder import copy_folder, folder_labels
 from palm.data.layout import Limits
@@ -41,8 +41,12 @@ def test_copies_the_listed_images_and_writes_the_labels_with_the_given_split(tmp
     assert (out / "images" / "b__p2.jpg").read_bytes() == (tmp_path / "clinic" / "b" / "p2.jpg").read_bytes()
     df = folder_labels(out)
     assert list(df.columns) == ["split", "image", "label", "group"]  # as for PALM
-    assert df.values.tolist() == [["train", "images/a__n1.jpg", 0, ""], ["train", "images/a__p1.jpg", 1, ""],
-                                  ["valid", "images/b__p2.jpg", 1, ""], ["valid", "images/n2.jpg", 0, ""]]
+    assert df.values.tolist() == [
+        ["train", "images/a__n1.jpg", 0, ""],
+        ["train", "images/a__p1.jpg", 1, ""],
+        ["valid", "images/b__p2.jpg", 1, ""],
+        ["valid", "images/n2.jpg", 0, ""],
+    ]
     assert "warning" not in capsys.readouterr().err
 
 
@@ -80,8 +84,12 @@ def test_missing_folder(tmp_path):
 
 
 def test_missing_column(tmp_path):
-    check_refused(tmp_path, r"labels.csv: missing column\(s\) label \(found: image, split\)",
-                  [(r[0], r[2]) for r in SPLIT_ROWS], "image,split")
+    check_refused(
+        tmp_path,
+        r"labels.csv: missing column\(s\) label \(found: image, split\)",
+        [(r[0], r[2]) for r in SPLIT_ROWS],
+        "image,split",
+    )
 
 
 def test_empty_csv(tmp_path):
@@ -102,8 +110,7 @@ def test_split_must_be_train_or_valid(tmp_path, bad):
 
 
 def test_listed_image_missing(tmp_path):
-    check_refused(tmp_path, r"not found in .*clinic: b/p2.jpg \(row 4\)",
-                  images=["a/p1.jpg", "a/n1.jpg", "n2.jpg"])
+    check_refused(tmp_path, r"not found in .*clinic: b/p2.jpg \(row 4\)", images=["a/p1.jpg", "a/n1.jpg", "n2.jpg"])
 
 
 def test_rows_are_numbered_as_lines_of_the_file_and_blank_lines_are_skipped(tmp_path):
@@ -116,8 +123,12 @@ def test_rows_are_numbered_as_lines_of_the_file_and_blank_lines_are_skipped(tmp_
 def test_columns_are_case_insensitive_extra_ones_ignored_and_a_repeated_one_refused(tmp_path):
     csv = "Image, Label ,SPLIT,eye\n" + "".join(f"{a},{b},{c},left\n" for a, b, c in SPLIT_ROWS)
     assert len(folder_labels(raw(tmp_path / "ok", csv=csv, images=[r[0] for r in SPLIT_ROWS]))) == 4
-    check_refused(tmp_path, "column.*label appear more than once", csv=csv.replace("eye", "LABEL"),
-                  images=[r[0] for r in SPLIT_ROWS])
+    check_refused(
+        tmp_path,
+        "column.*label appear more than once",
+        csv=csv.replace("eye", "LABEL"),
+        images=[r[0] for r in SPLIT_ROWS],
+    )
 
 
 def test_duplicate_rows(tmp_path):
@@ -131,7 +142,9 @@ def test_an_unlisted_photograph_is_a_warning(tmp_path, capsys):
     assert err.count("\n") == 1 and "warning: 1 photograph(s)" in err and "b/extra.png" in err
 
 
-@pytest.mark.parametrize("path", ["../outside.jpg", "/etc/passwd", "a/../../outside.jpg", "C:/x.jpg", "a\\..\\..\\x.jpg"])
+@pytest.mark.parametrize(
+    "path", ["../outside.jpg", "/etc/passwd", "a/../../outside.jpg", "C:/x.jpg", "a\\..\\..\\x.jpg"]
+)
 def test_paths_out_of_the_folder_are_refused(tmp_path, path):
     (tmp_path / "outside.jpg").write_bytes(jpeg_bytes(9))
     rows = SPLIT_ROWS[:3] + [(path, 0, "valid")]
@@ -156,8 +169,13 @@ def test_a_symbolic_link_inside_the_folder_is_copied(tmp_path):
     assert not (tmp_path / "raw" / "images" / "n2.jpg").is_symlink()
 
 
-@pytest.mark.parametrize("limits, match", [(Limits(max_entry_mb=0.0001), r"row 2 \(a/p1.jpg\): .* above unzip.max_entry_mb"),
-                                           (Limits(max_total_mb=0.002), r"row \d .*pass unzip.max_total_mb")])
+@pytest.mark.parametrize(
+    "limits, match",
+    [
+        (Limits(max_entry_mb=0.0001), r"row 2 \(a/p1.jpg\): .* above unzip.max_entry_mb"),
+        (Limits(max_total_mb=0.002), r"row \d .*pass unzip.max_total_mb"),
+    ],
+)
 def test_size_limits(tmp_path, limits, match):
     folder = make_folder(tmp_path / "clinic", SPLIT_ROWS, "image,label,split")
     with pytest.raises(DataError, match=match):
@@ -178,12 +196,15 @@ def test_a_failed_copy_keeps_the_previous_output(tmp_path):
     assert (out / "images" / "n2.jpg").is_file()
 
 
-@pytest.mark.parametrize("rows, match", [
-    (SPLIT_ROWS[:2], "split valid has no images"),
-    ([r[:2] + ("valid",) for r in SPLIT_ROWS], "split train has no images"),
-    (SPLIT_ROWS[:3] + [("n2.jpg", 1, "valid")], r"split valid has only PM images \(2\)"),
-    ([("a/p1.jpg", 0, "train")] + SPLIT_ROWS[1:], r"split train has only non-PM images \(2\)"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (SPLIT_ROWS[:2], "split valid has no images"),
+        ([r[:2] + ("valid",) for r in SPLIT_ROWS], "split train has no images"),
+        (SPLIT_ROWS[:3] + [("n2.jpg", 1, "valid")], r"split valid has only PM images \(2\)"),
+        ([("a/p1.jpg", 0, "train")] + SPLIT_ROWS[1:], r"split train has only non-PM images \(2\)"),
+    ],
+)
 def test_each_split_needs_images_of_both_classes(tmp_path, rows, match):
     check_refused(tmp_path, match, rows)
 
@@ -211,9 +232,9 @@ def test_without_split_column_a_stratified_seeded_split(tmp_path):
     out = raw(tmp_path, unsplit(), "image,label")
     df = folder_labels(out, val_fraction=0.2, split_seed=0)
     valid = df[df.split == "valid"]
-    assert len(valid) == 20 and valid.label.sum() == 6          # 20% of each class
-    assert folder_labels(out, 0.2, 0).equals(df)                  # deterministic
-    assert not folder_labels(out, 0.2, 1).equals(df)              # the seed matters
+    assert len(valid) == 20 and valid.label.sum() == 6  # 20% of each class
+    assert folder_labels(out, 0.2, 0).equals(df)  # deterministic
+    assert not folder_labels(out, 0.2, 1).equals(df)  # the seed matters
     assert (df.group == "").all()
 
 
@@ -259,17 +280,25 @@ def test_too_few_images_to_split_is_a_clear_error(tmp_path):
 # --- the stages, as dvc runs them
 
 
-@pytest.mark.parametrize("header, rows, stage, match", [
-    ("image,label,split", SPLIT_ROWS[:3] + [("../n2.jpg", 0, "valid")], "unzip", r"row 5 \('../n2.jpg'\)"),
-    ("image,label", [("a/p1.jpg", 1), ("a/n1.jpg", 0), ("b/p2.jpg", 0), ("n2.jpg", 0)], "labels",
-     r"labels.csv: cannot split 4 images \(1 PM\) with data.val_fraction 0.2"),
-])
+@pytest.mark.parametrize(
+    "header, rows, stage, match",
+    [
+        ("image,label,split", SPLIT_ROWS[:3] + [("../n2.jpg", 0, "valid")], "unzip", r"row 5 \('../n2.jpg'\)"),
+        (
+            "image,label",
+            [("a/p1.jpg", 1), ("a/n1.jpg", 0), ("b/p2.jpg", 0), ("n2.jpg", 0)],
+            "labels",
+            r"labels.csv: cannot split 4 images \(1 PM\) with data.val_fraction 0.2",
+        ),
+    ],
+)
 def test_a_stage_stops_with_one_error_line_naming_the_problem_and_exit_1(tmp_path, header, rows, stage, match):
     import shutil
     import subprocess
     import sys
 
     import yaml
+
     from conftest import ENV, REPO
 
     shutil.copytree(REPO / "stages", tmp_path / "stages")

@@ -26,10 +26,20 @@ def test_repro_on_a_folder_source_evaluates_its_validation_split(tmp_path):
             assert cv2.imwrite(str(clinic / f"p{patient:02d}" / f"{eye}.jpg"), img)
             rows.append((f"p{patient:02d}/{eye}.jpg", "PM" if patient % 2 else "non-PM", f"p{patient:02d}"))
     pd.DataFrame(rows, columns=["image", "label", "group"]).to_csv(clinic / "labels.csv", index=False)
-    set_params(proj, **{"data.source": "folder", "data.input": "data/clinic", "data.val_fraction": 0.25},
-               image_size=32, model="lenet", **{"train.epochs": 1, "train.batch_size": 8, "train.warmup_epochs": 0,
-                                                "preprocess.workers": 1, "evaluate.bootstrap": 20,
-                                                "explain.n_images": 2})
+    set_params(
+        proj,
+        **{"data.source": "folder", "data.input": "data/clinic", "data.val_fraction": 0.25},
+        image_size=32,
+        model="lenet",
+        **{
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "train.warmup_epochs": 0,
+            "preprocess.workers": 1,
+            "evaluate.bootstrap": 20,
+            "explain.n_images": 2,
+        },
+    )
     run(["git", "commit", "-qam", "own photographs"], proj)
 
     run(["dvc", "repro"], proj)

@@ -12,10 +12,9 @@ import pytest
 
 import conftest
 from conftest import make_shards, train_section
-
 from palm.core.config import load_params
-from palm.data.fundus import Fundus, enhance, find_disc
 from palm.core.errors import ConfigError
+from palm.data.fundus import Fundus, enhance, find_disc
 
 SIDE = 224
 ALL_ON = Fundus(crop=True, local_norm=1 / 30, clahe="luminance")
@@ -33,17 +32,18 @@ def synthetic_fundus(side=SIDE, centre=(90, 120), radius=70, gradient=0.0, seed=
     img[disc == 1] = base
     img *= ramp[None, :, None]
     img += disc[..., None] * rng.normal(0, 6, (side, side, 1)).astype(np.float32)
-    for k in range(6):   # vessels
+    for _k in range(6):  # vessels
         a = rng.uniform(0, np.pi)
         p0 = (int(centre[0] - radius * np.cos(a)), int(centre[1] - radius * np.sin(a)))
         p1 = (int(centre[0] + radius * np.cos(a)), int(centre[1] + radius * np.sin(a)))
         vessel = np.zeros_like(disc)
         cv2.line(vessel, p0, p1, 1, 2)
-        img[(vessel == 1) & (disc == 1)] *= 0.9   # faint: 4x their contrast stays within uint8
+        img[(vessel == 1) & (disc == 1)] *= 0.9  # faint: 4x their contrast stays within uint8
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 # -- the disc and the crop -----------------------------------------------------------------
+
 
 def test_the_disc_is_found_off_centre():
     disc = find_disc(synthetic_fundus())
@@ -66,17 +66,22 @@ def test_crop_removes_the_border_and_centres_the_disc():
 
 
 def test_a_disc_that_leaves_the_frame_is_padded_with_black():
-    img = synthetic_fundus(centre=(60, 112), radius=80)   # cut off on the left
+    img = synthetic_fundus(centre=(60, 112), radius=80)  # cut off on the left
     out = enhance(img, Fundus(crop=True))
     assert out.shape == img.shape
-    assert out[SIDE // 2, :8].max() <= 10          # the part outside the frame: black padding
-    assert out[SIDE // 2, SIDE - 12:].max() > 100  # the disc's right edge reaches the square's
+    assert out[SIDE // 2, :8].max() <= 10  # the part outside the frame: black padding
+    assert out[SIDE // 2, SIDE - 12 :].max() > 100  # the disc's right edge reaches the square's
 
 
-@pytest.mark.parametrize("img", [np.zeros((SIDE, SIDE, 3), np.uint8),
-                                 np.full((SIDE, SIDE, 3), 140, np.uint8),
-                                 np.random.default_rng(0).integers(60, 255, (SIDE, SIDE, 3), dtype=np.uint8)],
-                         ids=["all-black", "flat", "no-border"])
+@pytest.mark.parametrize(
+    "img",
+    [
+        np.zeros((SIDE, SIDE, 3), np.uint8),
+        np.full((SIDE, SIDE, 3), 140, np.uint8),
+        np.random.default_rng(0).integers(60, 255, (SIDE, SIDE, 3), dtype=np.uint8),
+    ],
+    ids=["all-black", "flat", "no-border"],
+)
 def test_an_image_without_border_or_without_disc_comes_through_the_crop_unchanged(img):
     assert find_disc(img) is None
     np.testing.assert_array_equal(enhance(img, Fundus(crop=True)), img)
@@ -86,6 +91,7 @@ def test_an_image_without_border_or_without_disc_comes_through_the_crop_unchange
 
 
 # -- local normalisation and CLAHE ---------------------------------------------------------------
+
 
 def test_local_normalisation_centres_the_disc_on_128_and_removes_a_brightness_gradient():
     img = synthetic_fundus(gradient=0.4)
@@ -98,24 +104,24 @@ def test_local_normalisation_centres_the_disc_on_128_and_removes_a_brightness_gr
     after = out[right == 1].astype(float).mean() - out[left == 1].astype(float).mean()
     assert before > 20 and abs(after) < 1
     assert abs(out[inner == 1].astype(float).mean() - 128) < 2
-    assert (out[:10, :10] == 128).all() and (out[-10:, -10:] == 128).all()   # outside the disc: grey
+    assert (out[:10, :10] == 128).all() and (out[-10:, -10:] == 128).all()  # outside the disc: grey
 
 
 @pytest.mark.parametrize("mode", ["luminance", "green"])
 def test_clahe_raises_local_contrast_and_keeps_shape_and_type(mode):
     rng = np.random.default_rng(1)
     img = np.full((SIDE, SIDE, 3), (150, 100, 60), np.uint8)
-    img = np.clip(img + rng.normal(0, 3, (SIDE, SIDE, 1)), 0, 255).astype(np.uint8)   # low contrast
+    img = np.clip(img + rng.normal(0, 3, (SIDE, SIDE, 1)), 0, 255).astype(np.uint8)  # low contrast
     out = enhance(img, Fundus(clahe=mode))
     assert out.shape == img.shape and out.dtype == np.uint8
     channels = [1] if mode == "green" else [0, 1, 2]
     patch = (slice(80, 140), slice(80, 140))
 
-    def spread(x):   # the mean over the channels of each channel's standard deviation in the patch
+    def spread(x):  # the mean over the channels of each channel's standard deviation in the patch
         return x[patch][..., channels].astype(float).std(axis=(0, 1)).mean()
 
     assert spread(out) > 1.5 * spread(img)
-    if mode == "green":   # red and blue kept
+    if mode == "green":  # red and blue kept
         np.testing.assert_array_equal(out[..., [0, 2]], img[..., [0, 2]])
 
 
@@ -127,6 +133,7 @@ def test_all_off_is_the_image_itself_and_the_steps_are_deterministic():
 
 
 # -- one code path: shards and photographs ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fundus_photos():
@@ -171,19 +178,21 @@ def test_shards_and_a_photograph_give_byte_identical_network_inputs(big_shards):
 
 # -- the parameter and model.json ---------------------------------------------------------------
 
+
 def test_the_parameter_merges_per_model_and_a_bad_value_is_one_line():
     from palm.core.params import training_config
     from palm.training.crossval import apply_overrides
 
     p = load_params()
     cfg = training_config(p)
-    assert (cfg.fundus.crop, cfg.fundus.local_norm, cfg.fundus.clahe) == (False, 0.0, "off")   # committed: off
+    assert (cfg.fundus.crop, cfg.fundus.local_norm, cfg.fundus.clahe) == (False, 0.0, "off")  # committed: off
     assert "fundus" not in cfg.record()
-    p = apply_overrides(p, [f"models.{p['model']}.fundus.crop=true", "train.fundus.clahe=green",
-                            "train.fundus.local_norm=0.033"])
+    p = apply_overrides(
+        p, [f"models.{p['model']}.fundus.crop=true", "train.fundus.clahe=green", "train.fundus.local_norm=0.033"]
+    )
     cfg = training_config(p)
     assert cfg.record()["fundus"] == {"crop": True, "local_norm": 0.033, "clahe": "green"}
-    p = apply_overrides(p, [f"models.{p['model']}.fundus.clahe=off"])   # YAML 1.1: a bare off is false
+    p = apply_overrides(p, [f"models.{p['model']}.fundus.clahe=off"])  # YAML 1.1: a bare off is false
     assert training_config(p).fundus.clahe == "off"
     bad = apply_overrides(p, ["train.fundus.clahe=blue"])
     with pytest.raises(ConfigError) as exc:
@@ -207,9 +216,12 @@ def test_the_schema_and_the_enhancement_agree_on_the_bound_and_on_what_is_on():
     with pytest.raises(ValueError, match="less than or equal to 0.5"):
         FundusParams(local_norm=0.6)
     for crop, norm, mode in itertools.product((False, True), (0.0, 0.05), ("off", "luminance", "green")):
-        assert bool(FundusParams(crop=crop, local_norm=norm, clahe=mode)) == bool(Fundus(crop, norm, mode)) == (
-            crop or norm > 0 or mode != "off")
-    assert not FundusParams()   # nothing given: all off
+        assert (
+            bool(FundusParams(crop=crop, local_norm=norm, clahe=mode))
+            == bool(Fundus(crop, norm, mode))
+            == (crop or norm > 0 or mode != "off")
+        )
+    assert not FundusParams()  # nothing given: all off
 
 
 def test_model_json_round_trips_the_enhancement_and_an_old_one_means_none(tmp_path):
@@ -227,11 +239,16 @@ def test_model_json_round_trips_the_enhancement_and_an_old_one_means_none(tmp_pa
 
 # -- a trained model ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory, fundus_photos):
     train = [f"P{i:04d}.jpg" for i in range(4)] + [f"N{i:04d}.jpg" for i in range(3)] + ["H0001.jpg"]
-    return make_shards(tmp_path_factory.mktemp("fundus64"), train,
-                       valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 0)), image_size=64)
+    return make_shards(
+        tmp_path_factory.mktemp("fundus64"),
+        train,
+        valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 0)),
+        image_size=64,
+    )
 
 
 def test_a_model_trained_with_enhancement_records_it_and_predict_applies_it(tmp_path, small_shards):
@@ -243,9 +260,12 @@ def test_a_model_trained_with_enhancement_records_it_and_predict_applies_it(tmp_
     from palm.training.train import Trainer
 
     spec = {"crop": True, "local_norm": 0.05, "clahe": "green"}
-    p = {"model": "senet18", "image_size": 64,
-         "train": train_section(epochs=1, batch_size=4, warmup_epochs=0, ema=0.0, to_static=False, input_size=48),
-         "models": {"senet18": {"fundus": spec}}}
+    p = {
+        "model": "senet18",
+        "image_size": 64,
+        "train": train_section(epochs=1, batch_size=4, warmup_epochs=0, ema=0.0, to_static=False, input_size=48),
+        "models": {"senet18": {"fundus": spec}},
+    }
     info = Trainer(p, small_shards).run(tmp_path / "models", tmp_path / "ckpt", tmp_path / "live")
     saved = json.loads((tmp_path / "models" / "model.json").read_text())
     assert saved["fundus"] == info["fundus"] == {**spec, "local_norm": 0.05}
@@ -259,20 +279,26 @@ def test_a_model_trained_with_enhancement_records_it_and_predict_applies_it(tmp_
     # without the enhancement the network would see other images: predict does apply it
     plain = Predictor(**{**predictor.__dict__, "fundus": Fundus()})
     other = [r["probability"] for r in plain.predict(files, progress=False, grade_all=True)]
-    assert np.abs(np.subtract(other, expected)).max() > 0.02   # (here 0.15-0.23 apart)
+    assert np.abs(np.subtract(other, expected)).max() > 0.02  # (here 0.15-0.23 apart)
     assert "cropped to the fundus disc" in enhancement(Fundus(**spec)) and enhancement(Fundus()) == ""
     # the exported model carries it (models_export/model.json) and scores as the trained one
     export(tmp_path / "models", tmp_path / "export", device="cpu")
     assert json.loads((tmp_path / "export" / "model.json").read_text())["fundus"] == saved["fundus"]
-    exported = [r["probability"] for r in Predictor.load(tmp_path / "export").predict(files, progress=False,
-                                                                                     grade_all=True)]
+    exported = [
+        r["probability"] for r in Predictor.load(tmp_path / "export").predict(files, progress=False, grade_all=True)
+    ]
     np.testing.assert_allclose(exported, expected, atol=1e-4)
     # explain feeds the network the enhanced image: its Grad-CAM probability is evaluate's
-    pd.DataFrame({"image": valid.images, "label": valid.labels, "probability": expected,
-                  "predicted": (expected >= 0.5).astype(int)}).to_csv(
-        tmp_path / "predictions.csv", index=False)
+    pd.DataFrame(
+        {
+            "image": valid.images,
+            "label": valid.labels,
+            "probability": expected,
+            "predicted": (expected >= 0.5).astype(int),
+        }
+    ).to_csv(tmp_path / "predictions.csv", index=False)
     pngs = explain(3, small_shards, tmp_path / "models", tmp_path / "predictions.csv", tmp_path / "explain", "cpu")
     shown = {p.name.split("_label-")[0]: float(p.stem.rsplit("_p", 1)[1]) for p in pngs}
     assert len(shown) == 3
     for name, prob in zip(valid.images, expected):
-        assert abs(shown[Path(name).stem] - prob) <= 0.006   # the file name rounds to 2 decimals
+        assert abs(shown[Path(name).stem] - prob) <= 0.006  # the file name rounds to 2 decimals

@@ -42,7 +42,9 @@ def test_palette_alpha_cmyk_and_gray_images_are_converted(tmp_path):
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     rgba[:32, :, 3] = 0  # top half transparent: put on black
     got = load_image(_png(tmp_path / "a.png", Image.fromarray(rgba, "RGBA")), SIZE)
-    assert got[:SIZE // 2 - 1].max() == 0 and np.abs(got[SIZE // 2 + 1:].astype(int) - ref[SIZE // 2 + 1:]).max() <= 1
+    assert (
+        got[: SIZE // 2 - 1].max() == 0 and np.abs(got[SIZE // 2 + 1 :].astype(int) - ref[SIZE // 2 + 1 :]).max() <= 1
+    )
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.jpg", quality=95)
     assert np.abs(load_image(tmp_path / "c.jpg", SIZE).astype(int) - ref.astype(int)).mean() < 8
     gray = load_image(_png(tmp_path / "l.png", Image.fromarray(rgb[..., 0])), SIZE)
@@ -92,7 +94,20 @@ def test_predict_reports_each_bad_image_in_its_row_and_predicts_the_rest(tmp_pat
     (img / "e_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     monkeypatch.setattr(palm.data.image, "MAX_PIXELS", 50_000)
     out = tmp_path / "p.csv"
-    code = palm_main(["predict", str(img), "--model", str(model_dir), "--out", str(out), "--quiet", "--batch-size", "2", "--grade-all"])
+    code = palm_main(
+        [
+            "predict",
+            str(img),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--quiet",
+            "--batch-size",
+            "2",
+            "--grade-all",
+        ]
+    )
     rows = {r["image"].split("/")[-1]: r for r in csv.DictReader(out.open())}
     assert code == 1 and len(rows) == 5
     assert rows["a_good.jpg"]["error"] == "" and rows["c_sixteen.png"]["error"] == ""
@@ -102,12 +117,15 @@ def test_predict_reports_each_bad_image_in_its_row_and_predicts_the_rest(tmp_pat
     assert "Traceback" not in err and "predicted 2 image(s), 3 could not be read" in err
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (["--batch-size", "-1"], 2, "--batch-size: must be at least 1, got -1"),
-    (["--batch-size", "x"], 2, "--batch-size: must be a whole number"),
-    (["--out", "{file}/sub/p.csv"], 2, "--out {file}/sub/p.csv: cannot write there"),
-    (["--model", "{file}"], 2, "no model.json"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--batch-size", "-1"], 2, "--batch-size: must be at least 1, got -1"),
+        (["--batch-size", "x"], 2, "--batch-size: must be a whole number"),
+        (["--out", "{file}/sub/p.csv"], 2, "--out {file}/sub/p.csv: cannot write there"),
+        (["--model", "{file}"], 2, "no model.json"),
+    ],
+)
 def test_bad_usage_is_exit_2_with_one_line_before_any_work(tmp_path, model_dir, capsys, args, code, message):
     cv2.imwrite(str(tmp_path / "x.jpg"), gradient())
     a_file = tmp_path / "x.jpg"
@@ -125,13 +143,13 @@ def test_bad_usage_is_exit_2_with_one_line_before_any_work(tmp_path, model_dir, 
 # show it upright, by the EXIF specification (written with numpy, not with the code under test)
 STORED = {
     1: lambda a: a,
-    2: lambda a: a[:, ::-1],                         # mirrored left-right
-    3: lambda a: a[::-1, ::-1],                      # upside down
-    4: lambda a: a[::-1, :],                         # mirrored top-bottom
-    5: lambda a: a.transpose(1, 0, 2),               # transposed
-    6: lambda a: np.rot90(a, 1),                     # turned a quarter anticlockwise: shown turned clockwise
-    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),   # transversed
-    8: lambda a: np.rot90(a, -1),                    # turned a quarter clockwise
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1, :],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # transposed
+    6: lambda a: np.rot90(a, 1),  # turned a quarter anticlockwise: shown turned clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transversed
+    8: lambda a: np.rot90(a, -1),  # turned a quarter clockwise
 }
 
 
@@ -162,8 +180,9 @@ def test_every_exif_orientation_is_decoded_upright(tmp_path, orientation, fmt, t
     rgb, size = palm.data.image.decode(tagged, SIZE)
     assert size == (72, 96) and rgb.shape[0] * 3 == rgb.shape[1] * 4  # upright: the size as displayed
     if orientation != 1:  # the tag matters: ignoring it gives another picture
-        stored = load_image(_png(tmp_path / "untagged.png", Image.fromarray(
-            np.ascontiguousarray(STORED[orientation](upright)))), SIZE)
+        stored = load_image(
+            _png(tmp_path / "untagged.png", Image.fromarray(np.ascontiguousarray(STORED[orientation](upright)))), SIZE
+        )
         assert np.abs(stored.astype(int) - ref.astype(int)).mean() > 20
 
 

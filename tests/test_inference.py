@@ -10,19 +10,19 @@ import cv2
 import numpy as np
 import paddle
 import pytest
-from conftest import PALM_MINI, requires_palm_mini
 
-from palm.serve import inference
-from palm.serve.decode import decode_stream
+from conftest import PALM_MINI, requires_palm_mini
 from palm.core.errors import DataError
 from palm.data.image import load_image, to_chw_float
-from palm.serve.inference import configure, load_engine
-from palm.nn.models import build_model, model_names
-from palm.serve.predict import Predictor
 from palm.data.synthetic import draw_fundus
+from palm.nn.models import build_model, model_names
 from palm.nn.weights import MODEL_WEIGHTS, save_state
+from palm.serve import inference
+from palm.serve.decode import decode_stream
+from palm.serve.inference import configure, load_engine
+from palm.serve.predict import Predictor
 
-FP32_TOL = 1e-4          # |probability(Paddle Inference fp32) - probability(eager)|
+FP32_TOL = 1e-4  # |probability(Paddle Inference fp32) - probability(eager)|
 SIZE = 64
 
 
@@ -62,12 +62,14 @@ def assert_parity(models_dir, files, size=SIZE):
     assert fast.name == "paddle-inference cpu onednn fp32" and slow.name == "eager cpu"
     p_fast, p_slow = fast(x), slow(x)
     assert p_fast.shape == p_slow.shape == (len(files),)
-    assert 0.02 < p_slow.mean() < 0.98, p_slow      # not saturated: a difference would show
+    assert 0.02 < p_slow.mean() < 0.98, p_slow  # not saturated: a difference would show
     np.testing.assert_allclose(p_fast, p_slow, atol=FP32_TOL, rtol=0)
     # a smaller last batch (another input shape for oneDNN) too
     np.testing.assert_allclose(fast(x[:3]), p_slow[:3], atol=FP32_TOL, rtol=0)
-    print(f"parity {models_dir}: max |dp| {np.abs(p_fast - p_slow).max():.2e}, "
-          f"p in [{p_slow.min():.4f}, {p_slow.max():.4f}]")
+    print(
+        f"parity {models_dir}: max |dp| {np.abs(p_fast - p_slow).max():.2e}, "
+        f"p in [{p_slow.min():.4f}, {p_slow.max():.4f}]"
+    )
     return p_fast, p_slow
 
 
@@ -182,7 +184,7 @@ def test_decode_stream_reads_at_most_ahead_files_before_they_are_consumed(tmp_pa
 
     stream = decode_stream(listing(), 32, workers=1, ahead=4)
     next(stream)
-    assert len(taken) == 4       # memory is bounded: not a list of every decoded image
+    assert len(taken) == 4  # memory is bounded: not a list of every decoded image
     assert len(list(stream)) == len(files) - 1
 
 
@@ -197,9 +199,24 @@ def test_predict_cli_engine_choice_and_workers(tmp_path, capsys):
     rows = {}
     for engine, workers in (("eager", "0"), ("auto", "2")):
         out = tmp_path / f"{engine}.csv"
-        code = palm_main(["predict", str(tmp_path / "img"), "--model", str(models), "--out", str(out), "--quiet",
-                          "--engine", engine, "--workers", workers, "--batch-size", "2"])
-        assert code == 1      # broken.jpg
+        code = palm_main(
+            [
+                "predict",
+                str(tmp_path / "img"),
+                "--model",
+                str(models),
+                "--out",
+                str(out),
+                "--quiet",
+                "--engine",
+                engine,
+                "--workers",
+                workers,
+                "--batch-size",
+                "2",
+            ]
+        )
+        assert code == 1  # broken.jpg
         rows[engine] = list(csv.DictReader(out.open()))
     err = capsys.readouterr().err
     assert "(eager cpu)" in err
@@ -208,8 +225,11 @@ def test_predict_cli_engine_choice_and_workers(tmp_path, capsys):
     assert [bool(r["error"]) for r in rows["auto"]] == [r["image"].endswith("broken.jpg") for r in rows["auto"]]
     good = [i for i, r in enumerate(rows["auto"]) if not r["error"]]
     assert len(good) == 3
-    np.testing.assert_allclose([float(rows["auto"][i]["probability"]) for i in good],
-                               [float(rows["eager"][i]["probability"]) for i in good], atol=FP32_TOL)
+    np.testing.assert_allclose(
+        [float(rows["auto"][i]["probability"]) for i in good],
+        [float(rows["eager"][i]["probability"]) for i in good],
+        atol=FP32_TOL,
+    )
     out = tmp_path / "never.csv"
     with pytest.raises(SystemExit):
         palm_main(["predict", str(tmp_path / "img"), "--model", str(models), "--out", str(out), "--workers", "-1"])
@@ -220,19 +240,23 @@ def test_evaluate_scores_the_validation_shards_through_paddle_inference(tmp_path
     import contextlib
 
     from conftest import make_shards
-
-    from palm.nn.artifact import load as load_trained
-    from palm.nn.artifact import predict_probs
     from palm.data.dataset import FundusDataset, load_split, make_loader
     from palm.evaluation.evaluate import predict_valid
+    from palm.nn.artifact import load as load_trained
+    from palm.nn.artifact import predict_probs
 
-    shards = make_shards(tmp_path, train=("P0001.jpg", "N0001.jpg"),
-                         valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 1)), image_size=32)
+    shards = make_shards(
+        tmp_path,
+        train=("P0001.jpg", "N0001.jpg"),
+        valid=(("V0001.jpg", 1), ("V0002.jpg", 0), ("V0003.jpg", 1)),
+        image_size=32,
+    )
     models = save_model(tmp_path / "models", "senet18", size=32)
     valid, probs, info = predict_valid(shards, models, batch_size=2, device="cpu")
-    assert "warning" not in capsys.readouterr().err      # no fallback to eager
+    assert "warning" not in capsys.readouterr().err  # no fallback to eager
     model, _ = load_trained(models)
-    expected = predict_probs(model, make_loader(FundusDataset(load_split(shards, "valid")), 2, shuffle=False),
-                             contextlib.nullcontext)
+    expected = predict_probs(
+        model, make_loader(FundusDataset(load_split(shards, "valid")), 2, shuffle=False), contextlib.nullcontext
+    )
     assert valid.images == ["V0001.jpg", "V0002.jpg", "V0003.jpg"] and info["model"] == "senet18"
     np.testing.assert_allclose(probs, expected, atol=FP32_TOL)

@@ -15,8 +15,9 @@ def raw_from(tmp_path, **kwargs):
 
 
 def gt(names, labels, **extra):
-    return pd.DataFrame({"ID": range(1, len(names) + 1), "imgName": names, "Label": labels,
-                         "Fovea_X": 0.0, "Fovea_Y": 0.0, **extra})
+    return pd.DataFrame(
+        {"ID": range(1, len(names) + 1), "imgName": names, "Label": labels, "Fovea_X": 0.0, "Fovea_Y": 0.0, **extra}
+    )
 
 
 def test_labels_for_both_splits(tmp_path):
@@ -95,8 +96,18 @@ def test_one_label_parser_reads_numbers_and_names_and_refuses_the_rest():
     """palm.data.layout.parse_label: PALM's spreadsheet cells and a folder's labels.csv alike."""
     from palm.data.layout import parse_label
 
-    for value, label in ((1, 1), (0, 0), (1.0, 1), ("1", 1), (" 0 ", 0), ("1.0", 1), ("PM", 1), ("non-PM", 0),
-                         ("Non_PM", 0), ("nonpm", 0)):
+    for value, label in (
+        (1, 1),
+        (0, 0),
+        (1.0, 1),
+        ("1", 1),
+        (" 0 ", 0),
+        ("1.0", 1),
+        ("PM", 1),
+        ("non-PM", 0),
+        ("Non_PM", 0),
+        ("nonpm", 0),
+    ):
         assert parse_label(value) == label, value
     for value in (True, False, None, float("nan"), 2, 0.5, "", "yes", "PMX", float("inf")):
         assert parse_label(value) is None, value
@@ -107,4 +118,7 @@ def test_labels_and_unzip_do_not_import_the_image_decoder():
     import sys
 
     code = "import sys, palm.data.labels, palm.data.unzip; print('cv2' in sys.modules or 'PIL' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -6,12 +6,27 @@ import time
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, brier_score_loss, f1_score, log_loss, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from palm.core.errors import ConfigError, DataError
-from palm.evaluation.metrics import (choose_threshold, expected_calibration_error, parse_threshold, reliability_table,
-                          score, sensitivity_at_specificity, specificity_at_sensitivity, wilson_interval)
+from palm.evaluation.metrics import (
+    choose_threshold,
+    expected_calibration_error,
+    parse_threshold,
+    reliability_table,
+    score,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
+    wilson_interval,
+)
 
 # a known confusion matrix at 0.5: tp 3, fn 1, fp 2, tn 4
 LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -72,7 +87,8 @@ def test_a_probability_on_a_bin_edge_goes_to_the_lower_bin_as_in_dvc_plots():
     assert [r["mean_probability"] for r in rows] == pytest.approx(prob_pred.tolist())
     counts = np.array([r["count"] for r in rows])
     assert expected_calibration_error(labels, probs) == pytest.approx(
-        float(np.sum(counts / len(probs) * np.abs(prob_pred - prob_true))))
+        float(np.sum(counts / len(probs) * np.abs(prob_pred - prob_true)))
+    )
 
 
 def test_operating_characteristics_by_hand():
@@ -93,7 +109,7 @@ def test_choose_threshold_rules():
     assert choose_threshold(LABELS, PROBS, "youden") == pytest.approx(0.6)
     assert choose_threshold(LABELS, PROBS, "sensitivity>=0.95") == pytest.approx(0.3)
     assert choose_threshold(LABELS, PROBS, "sensitivity>=0.7") == pytest.approx(0.6)
-    assert choose_threshold(LABELS, PROBS, "specificity>=0.8") == pytest.approx(0.6)   # 5/6 specific, lowest
+    assert choose_threshold(LABELS, PROBS, "specificity>=0.8") == pytest.approx(0.6)  # 5/6 specific, lowest
     assert choose_threshold(LABELS, PROBS, "specificity>=0.95") == pytest.approx(0.8)
     assert choose_threshold(LABELS, PROBS, 0.42) == 0.42
     assert choose_threshold(LABELS, PROBS, "0.3") == 0.3
@@ -114,8 +130,18 @@ def test_bootstrap_intervals_are_reproducible_cover_the_estimate_and_are_fast():
     assert time.perf_counter() - t0 < 5
     assert "Wilson score for accuracy" in m["ci_method"] and "stratified bootstrap (2000 resamples" in m["ci_method"]
     assert m["f1_ci_low"] < m["f1_ci_high"] and m["auc_ci_low"] < m["auc_ci_high"]
-    for key in ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auc", "brier",
-                "ppv_at_prevalence", "npv_at_prevalence"):
+    for key in (
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "npv",
+        "f1",
+        "auc",
+        "brier",
+        "ppv_at_prevalence",
+        "npv_at_prevalence",
+    ):
         assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
         assert m[f"{key}_ci_low"] < m[f"{key}_ci_high"], key
     assert m == score(labels, probs)  # fixed seed
@@ -123,17 +149,20 @@ def test_bootstrap_intervals_are_reproducible_cover_the_estimate_and_are_fast():
     assert (m["sensitivity_ci_low"], m["sensitivity_ci_high"]) == pytest.approx(wilson_interval(m["tp"], 211))
     # and the bootstrap's agree with it where both apply (the accuracy, on the same resamples)
     from palm.evaluation.metrics import _bootstrap
+
     boot = _bootstrap(labels, probs, (probs >= 0.5).astype(float), 0.02, 2000, 0)["accuracy"]
     assert np.percentile(boot, [2.5, 97.5]) == pytest.approx([m["accuracy_ci_low"], m["accuracy_ci_high"]], abs=0.01)
 
 
 def test_wilson_interval_by_hand():
     # 46 of 46: the lower bound is n / (n + z^2), z = 1.95996
-    assert wilson_interval(46, 46) == pytest.approx((46 / (46 + 1.959964 ** 2), 1.0))
+    assert wilson_interval(46, 46) == pytest.approx((46 / (46 + 1.959964**2), 1.0))
     # 7 of 10: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
     z, p, n = 1.959964, 0.7, 10
     centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    assert wilson_interval(7, 10) == pytest.approx(((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)))
+    assert wilson_interval(7, 10) == pytest.approx(
+        ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+    )
     assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
     assert wilson_interval(0, 0) == (None, None)
     # no error on 46 non-PM: specificity 1.000 with the honest interval, not the bootstrap's [1, 1]

@@ -4,8 +4,16 @@ import numpy as np
 import paddle
 import pytest
 
-from palm.nn.models import (DROPOUT_MODELS, MODELS, build_model, gradcam_layer, main_logits, model_names, spec,
-                            training_loss)
+from palm.nn.models import (
+    DROPOUT_MODELS,
+    MODELS,
+    build_model,
+    gradcam_layer,
+    main_logits,
+    model_names,
+    spec,
+    training_loss,
+)
 
 SMALL = 64
 # Overfit test: (image size, steps, lr). 32 px keeps the big networks quick; LeNet's
@@ -15,8 +23,9 @@ OVERFIT_DEFAULT = (32, 12, 1e-3)
 
 
 def test_registry_has_the_course_models():
-    assert {"lenet", "alexnet", "vgg16", "googlenet", "resnet50", "resnet101", "resnet152",
-            "senet18"} <= set(model_names())
+    assert {"lenet", "alexnet", "vgg16", "googlenet", "resnet50", "resnet101", "resnet152", "senet18"} <= set(
+        model_names()
+    )
     with pytest.raises(ValueError, match="known models: lenet"):
         build_model("inception_v9")
 
@@ -35,7 +44,7 @@ def test_each_spec_names_a_convolutional_layer_of_its_network_for_grad_cam(name)
     paddle.seed(0)
     model = build_model(name, image_size=SMALL)
     layer = gradcam_layer(name, model)
-    assert spec(name).gradcam_layer.isidentifier()           # chosen by name, not by position
+    assert spec(name).gradcam_layer.isidentifier()  # chosen by name, not by position
     assert any(layer is sub for sub in model.sublayers())
     assert any(isinstance(sub, paddle.nn.Conv2D) for sub in [layer, *layer.sublayers()])
 
@@ -72,7 +81,7 @@ def tiny_batch(size):
     h = size // 8
     for i in range(0, 8, 2):
         cy, cx = rng.integers(size // 4, size - size // 4, 2)
-        x[i, :, cy - h:cy + h, cx - h:cx + h] += 1.5
+        x[i, :, cy - h : cy + h, cx - h : cx + h] += 1.5
     return paddle.to_tensor(x), paddle.to_tensor(y)
 
 

@@ -32,9 +32,14 @@ def append(path, text: str) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     proj = make_project(tmp_path_factory.mktemp("stale") / "palm")
-    set_params(proj, **{f"synthetic.{k}": v for k, v in TINY.items()}, image_size=32, model="lenet",
-               **{"train.epochs": 2, "train.batch_size": 4, "train.warmup_epochs": 0, "explain.n_images": 2},
-               **{f"models.{m}.epochs": 2 for m, over in PARAMS["models"].items() if "epochs" in over})
+    set_params(
+        proj,
+        **{f"synthetic.{k}": v for k, v in TINY.items()},
+        image_size=32,
+        model="lenet",
+        **{"train.epochs": 2, "train.batch_size": 4, "train.warmup_epochs": 0, "explain.n_images": 2},
+        **{f"models.{m}.epochs": 2 for m, over in PARAMS["models"].items() if "epochs" in over},
+    )
     run(["git", "commit", "-qam", "tiny"], proj)
     return proj
 
@@ -48,7 +53,7 @@ def test_an_edit_of_the_code_training_runs_trains_from_scratch_and_nothing_else_
     assert "Running stage 'train'" in out and "epochs 1..2" in out
     first = weights(project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]
-    assert set(lock) == {"model", "image_size", "train", "models.lenet"}   # exact: this network's overrides
+    assert set(lock) == {"model", "image_size", "train", "models.lenet"}  # exact: this network's overrides
 
     # the same code: the finished run's checkpoint is this run's, nothing to train
     assert "Running stage" not in repro(project)
@@ -71,7 +76,7 @@ def test_an_edit_of_the_code_training_runs_trains_from_scratch_and_nothing_else_
     # (without DVC's run cache, which would restore the first run's models/ without running)
     out = repro(project, "train", "--no-run-cache")
     assert "checkpoint is from other parameters: training from scratch" in out
-    assert weights(project) == first            # from scratch again: the same seed, the same weights
+    assert weights(project) == first  # from scratch again: the same seed, the same weights
 
     # an edit of the code training runs that leaves the arithmetic alone: from scratch, same weights
     train_py = project / "src" / "palm" / "training" / "train.py"
@@ -82,7 +87,7 @@ def test_an_edit_of_the_code_training_runs_trains_from_scratch_and_nothing_else_
     assert weights(project) == first
 
     # the edit: the cosine schedule's rate times 30: trained from epoch 1, other weights
-    edit(train_py, 'CosineAnnealingDecay(cfg.lr, ', 'CosineAnnealingDecay(cfg.lr * 30, ')
+    edit(train_py, "CosineAnnealingDecay(cfg.lr, ", "CosineAnnealingDecay(cfg.lr * 30, ")
     status = run(["dvc", "status", "train"], project).stdout
     assert "modified:" in status and "src/palm/training" in status  # the family folder is one dep
     out = repro(project, "train")
@@ -90,5 +95,6 @@ def test_an_edit_of_the_code_training_runs_trains_from_scratch_and_nothing_else_
     assert "resuming" not in out and "epochs 1..2" in out
     assert weights(project) != first
     manifest = json.loads((project / "checkpoints" / "checkpoint.json").read_text())
-    assert manifest["identity"]["code"]["src/palm/training/train.py"] == hashlib.sha256(
-        train_py.read_bytes()).hexdigest()
+    assert (
+        manifest["identity"]["code"]["src/palm/training/train.py"] == hashlib.sha256(train_py.read_bytes()).hexdigest()
+    )

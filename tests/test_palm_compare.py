@@ -18,7 +18,6 @@ from palm.evaluation import compare as cmp
 from palm.evaluation import stats
 from palm.evaluation.compare import table
 
-
 # ---------------------------------------------------------------- DeLong
 
 
@@ -30,7 +29,7 @@ def test_delong_matches_a_hand_computed_case_without_ties():
     r = stats.delong(labels, [0.9, 0.6, 0.4, 0.5, 0.2], [0.8, 0.3, 0.7, 0.25, 0.1])
     assert r["auc_a"] == pytest.approx(5 / 6) and r["auc_b"] == pytest.approx(1.0)
     assert r["diff"] == pytest.approx(1 / 6) and r["var"] == pytest.approx(1 / 18)
-    assert r["p_value"] == pytest.approx(2 * norm.sf(1 / math.sqrt(2)))   # 0.4795
+    assert r["p_value"] == pytest.approx(2 * norm.sf(1 / math.sqrt(2)))  # 0.4795
     assert r["ci_high"] - r["diff"] == pytest.approx(1.959964 * math.sqrt(1 / 18), rel=1e-6)
 
 
@@ -103,7 +102,7 @@ def test_newcombe_interval_is_close_to_the_paired_wald_interval_on_many_images()
     both, only_a, only_b, neither = 4000, 300, 600, 5100
     n = both + only_a + only_b + neither
     d = (only_b - only_a) / n
-    se = math.sqrt((only_a + only_b) / n ** 2 - (only_b - only_a) ** 2 / n ** 3)
+    se = math.sqrt((only_a + only_b) / n**2 - (only_b - only_a) ** 2 / n**3)
     low, high = stats.newcombe_paired_interval(both, only_a, only_b, neither)
     assert low == pytest.approx(d - 1.96 * se, abs=0.001) and high == pytest.approx(d + 1.96 * se, abs=0.001)
 
@@ -111,13 +110,13 @@ def test_newcombe_interval_is_close_to_the_paired_wald_interval_on_many_images()
 def test_paired_bootstrap_resamples_the_same_images_for_both_networks():
     y, a, b = simulated(n=120)
     same = stats.paired_bootstrap(y, a, a >= 0.5, a, a >= 0.5, "brier", n_boot=300)
-    assert np.all(same == 0)                     # the same network against itself: exactly 0 every time
+    assert np.all(same == 0)  # the same network against itself: exactly 0 every time
     d = stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3)
     assert np.array_equal(d, stats.paired_bootstrap(y, a, a >= 0.5, b, b >= 0.5, "brier", n_boot=300, seed=3))
     observed = np.mean((b - y) ** 2) - np.mean((a - y) ** 2)
     s = stats.bootstrap_summary(observed, d)
     assert s["ci_low"] < observed < s["ci_high"] and 0 < s["p_value"] <= 1
-    for boots in (d, d + 0.05, d - 0.05):     # the p-value and the interval agree about 0
+    for boots in (d, d + 0.05, d - 0.05):  # the p-value and the interval agree about 0
         s = stats.bootstrap_summary(float(np.median(boots)), boots)
         assert (s["p_value"] < 0.05) == (s["ci_low"] > 0 or s["ci_high"] < 0)
 
@@ -137,8 +136,10 @@ def test_verdicts():
     # se = 0.04 / 3.92; n x (2.80 x se / 0.01)^2 = 400 x 8.15 = 3,300 (two significant digits)
     assert v == "no difference detectable with 400 images (~3,300 would resolve this size)"
     assert stats.verdict("auc", 0.0, 1.0, 99, 0.0, 0.0) == "no difference detectable with 99 images (identical)"
-    assert stats.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05) == \
-        "no difference detectable with 53 PM images (identical)"
+    assert (
+        stats.verdict("sensitivity", 0.0, 1.0, 53, -0.05, 0.05)
+        == "no difference detectable with 53 PM images (identical)"
+    )
 
 
 # ---------------------------------------------------------------- revisions from git
@@ -146,8 +147,9 @@ def test_verdicts():
 
 def predictions(images, labels, probs, threshold=0.5) -> str:
     probs = np.asarray(probs)
-    return pd.DataFrame({"image": images, "label": labels, "probability": probs.round(6),
-                         "predicted": (probs >= threshold).astype(int)}).to_csv(index=False)
+    return pd.DataFrame(
+        {"image": images, "label": labels, "probability": probs.round(6), "predicted": (probs >= threshold).astype(int)}
+    ).to_csv(index=False)
 
 
 def commit(repo: Path, message: str, preds: str, model: str = "senet18", seed: int = 0, **train) -> str:
@@ -199,13 +201,12 @@ def test_compare_reads_committed_revisions_gates_a_real_regression_and_writes_js
         assert set(table.RECORD_KEYS) <= set(rec) and rec["a"] == "good" and rec["b"] == "bad"
         assert rec["ci_low"] <= rec["diff"] <= rec["ci_high"]
     assert recs["auc"]["verdict"] == "worse" and recs["auc"]["test"] == "DeLong"
-    assert recs["brier"]["diff"] > 0 and recs["brier"]["verdict"] == "worse"      # lower is better
-    assert recs["auc"]["diff"] == pytest.approx(
-        stats.delong(y, good, bad)["diff"], abs=1e-5)
+    assert recs["brier"]["diff"] > 0 and recs["brier"]["verdict"] == "worse"  # lower is better
+    assert recs["auc"]["diff"] == pytest.approx(stats.delong(y, good, bad)["diff"], abs=1e-5)
     assert data["revisions"][0]["commit"] == base
     page = (repo / "c.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 2
-    assert "http" not in page.replace("https://", "")   # self-contained: nothing fetched
+    assert "http" not in page.replace("https://", "")  # self-contained: nothing fetched
     assert "photographs are not in this workspace" in page  # no data/raw here: said so
 
     # the gate: worse on AUC after correction -> 1; the other way round nothing is worse -> 0
@@ -264,12 +265,29 @@ def test_cross_validation_prediction_files_are_compared_and_grouped_by_seed(tmp_
         for seed in (0, 1):
             p = np.clip(probs + rng.normal(0, 0.03, len(probs)), 0, 1).round(6)
             name = tmp_path / f"cv-{model}-{seed}.csv"
-            pd.DataFrame({"image": images, "group": "", "label": y, "fold": 0, "probability": p}).to_csv(name, index=False)
-            name.with_suffix(".json").write_text(json.dumps({"model": model, "set": [f"model={model}",
-                                                                                       f"train.seed={seed}"]}))
+            pd.DataFrame({"image": images, "group": "", "label": y, "fold": 0, "probability": p}).to_csv(
+                name, index=False
+            )
+            name.with_suffix(".json").write_text(
+                json.dumps({"model": model, "set": [f"model={model}", f"train.seed={seed}"]})
+            )
             files.append(str(name))
-    assert main(["compare", *files[1:], "--baseline", files[0], "--metric", "auc", "accuracy",
-                 "--json", str(tmp_path / "c.json")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *files[1:],
+                "--baseline",
+                files[0],
+                "--metric",
+                "auc",
+                "accuracy",
+                "--json",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "worse" in out and "cv-mobilenetv3_large-0.csv" in out
     assert ", 200 images (" in out and "validation images" not in out.split("\n")[0]
@@ -295,8 +313,24 @@ def test_seed_groups_are_summarised_and_compared_over_seeds_and_pooled(repo, cap
     # a run with another learning rate is not a seed of lenet's group
     commit(repo, "lr", predictions(images, y, bad), model="lenet", seed=0, lr=0.1)
     run(["git", "branch", "lenet-lr"], repo)
-    assert main(["compare", *revs[1:], "lenet-lr", "--baseline", revs[0], "--metric", "auc",
-                 "--json", "g.json", "--n-boot", "300"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *revs[1:],
+                "lenet-lr",
+                "--baseline",
+                revs[0],
+                "--metric",
+                "auc",
+                "--json",
+                "g.json",
+                "--n-boot",
+                "300",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     data = json.loads((repo / "g.json").read_text())
     names = {g["group"]: g for g in data["groups"]}
@@ -326,14 +360,17 @@ def test_two_tiny_experiments_are_compared_from_dvc_exp_show(tmp_path):
     run(["git", "commit", "-qm", "tiny"], proj)
     for seed in (0, 1):
         run(["dvc", "exp", "run", "-S", "model=lenet", "-S", f"train.seed={seed}", "-n", f"lenet-s{seed}"], proj)
-    palm = [str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "palm")] if os.environ.get("VIRTUAL_ENV") else \
-        ["python", "-m", "palm.cli"]
+    palm = (
+        [str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "palm")]
+        if os.environ.get("VIRTUAL_ENV")
+        else ["python", "-m", "palm.cli"]
+    )
     before = [run(["git", *args], proj).stdout for args in (["status", "--porcelain"], ["rev-parse", "HEAD"])]
     # no revision named: every experiment of dvc exp show, against the first one
     out = run([*palm, "compare", "--baseline", "lenet-s0", "--json", "c.json"], proj)
     data = json.loads((proj / "c.json").read_text())
     assert {r["b"] for r in data["records"]} == {"lenet-s1"} and data["baseline"] == "lenet-s0"
-    assert [g["seeds"] for g in data["groups"]] == [[0, 1]]       # the two seeds of one configuration
+    assert [g["seeds"] for g in data["groups"]] == [[0, 1]]  # the two seeds of one configuration
     assert data["n"] == 22 and "| lenet-s1 | lenet | 1 | auc |" in out.stdout
     # the workspace holds the last experiment's results: identical to it
     out = run([*palm, "compare", "workspace", "--baseline", "lenet-s1", "--metric", "accuracy"], proj)
@@ -359,20 +396,24 @@ def pred_file(path: Path, images, labels, probs, predicted=None) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("column,value,message", [
-    ("probability", -0.5, "probability must be a number in [0, 1], got -0.5"),
-    ("probability", 1.7, "probability must be a number in [0, 1], got 1.7"),
-    ("probability", float("inf"), "probability must be a number in [0, 1], got inf"),
-    ("probability", float("nan"), "probability must be a number in [0, 1], got nan"),
-    ("probability", "high", "probability holds values that are not numbers"),
-    ("label", 2, "label must be 0 or 1, got 2"),
-    ("label", -1, "label must be 0 or 1, got -1"),
-    ("label", 0.7, "label must be 0 or 1, got 0.7"),
-    ("label", float("nan"), "label must be 0 or 1, got nan"),
-    ("predicted", 2, "predicted must be 0 or 1, got 2"),
-])
+@pytest.mark.parametrize(
+    "column,value,message",
+    [
+        ("probability", -0.5, "probability must be a number in [0, 1], got -0.5"),
+        ("probability", 1.7, "probability must be a number in [0, 1], got 1.7"),
+        ("probability", float("inf"), "probability must be a number in [0, 1], got inf"),
+        ("probability", float("nan"), "probability must be a number in [0, 1], got nan"),
+        ("probability", "high", "probability holds values that are not numbers"),
+        ("label", 2, "label must be 0 or 1, got 2"),
+        ("label", -1, "label must be 0 or 1, got -1"),
+        ("label", 0.7, "label must be 0 or 1, got 0.7"),
+        ("label", float("nan"), "label must be 0 or 1, got nan"),
+        ("predicted", 2, "predicted must be 0 or 1, got 2"),
+    ],
+)
 def test_impossible_numbers_are_refused_in_one_line_with_exit_1_and_nothing_written(
-        tmp_path, monkeypatch, capsys, column, value, message):
+    tmp_path, monkeypatch, capsys, column, value, message
+):
     monkeypatch.chdir(tmp_path)
     images, y, good, bad = sim_runs(30)
     base = pred_file(tmp_path / "base.csv", images, y, good)
@@ -380,7 +421,7 @@ def test_impossible_numbers_are_refused_in_one_line_with_exit_1_and_nothing_writ
     df[column] = df[column].astype(object)
     df.loc[4, column] = value
     df.to_csv(tmp_path / "odd.csv", index=False)
-    if column == "label":   # the same labels in both, or the images' labels would differ first
+    if column == "label":  # the same labels in both, or the images' labels would differ first
         df.to_csv(tmp_path / "base.csv", index=False)
         pred_file(tmp_path / "other.csv", images, df["label"], bad)
         args = ["other.csv", "--baseline", "odd.csv"]
@@ -390,7 +431,7 @@ def test_impossible_numbers_are_refused_in_one_line_with_exit_1_and_nothing_writ
     line = one_line(capsys.readouterr().err)
     assert code == 1 and line.startswith("error: odd.csv: ") and message in line and images[4] in line
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "c.html").exists()
-    with pytest.raises(stats.DataError, match="label must be 0 or 1"):   # the check itself, without files
+    with pytest.raises(stats.DataError, match="label must be 0 or 1"):  # the check itself, without files
         stats.check_predictions([0, 1, 2], [0.1, 0.2, 0.3], [0, 1, 1])
 
 
@@ -399,8 +440,10 @@ def test_prediction_files_without_settings_are_separate_runs_not_seeds_of_one_re
     None" with a mean ± sd, but a group each, seed "?"."""
     monkeypatch.chdir(tmp_path)
     images, y, good, bad = sim_runs(40)
-    files = [pred_file(Path(f"{name}.csv"), images, y, probs)
-             for name, probs in (("base", good), ("x1", bad), ("x2", np.clip(bad + 0.05, 0, 1)))]
+    files = [
+        pred_file(Path(f"{name}.csv"), images, y, probs)
+        for name, probs in (("base", good), ("x1", bad), ("x2", np.clip(bad + 0.05, 0, 1)))
+    ]
     assert main(["compare", *files[1:], "--baseline", files[0], "--metric", "auc", "--json", "c.json"]) == 0
     out = capsys.readouterr().out
     assert "| x1.csv | ? | ? | auc |" in out and "None" not in out and "Seed groups" not in out
@@ -413,9 +456,9 @@ def test_prediction_files_without_settings_are_separate_runs_not_seeds_of_one_re
 
 def test_n_boot_is_bounded_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exc:      # 1e8 resamples asked 14.9 GiB
+    with pytest.raises(SystemExit) as exc:  # 1e8 resamples asked 14.9 GiB
         main(["compare", "x.csv", "--baseline", "y.csv", "--n-boot", "100000000"])
-    err = capsys.readouterr().err   # argparse's usage, then the one error line
+    err = capsys.readouterr().err  # argparse's usage, then the one error line
     assert exc.value.code == 2 and "--n-boot: must be at most 20,000" in err.strip().splitlines()[-1]
     with pytest.raises(cmp.ConfigError, match="--n-boot must be 1 to 20,000"):
         cmp.compare(["x.csv"], baseline="y.csv", n_boot=20_001)
@@ -435,12 +478,12 @@ def test_the_page_shows_thumbnails_of_the_projects_photographs_only(tmp_path, mo
         cv2.imwrite(str(path), np.full((20, 20, 3), 128, np.uint8))
     images = [str(secret), climb, *images[2:]]
     pred_file(tmp_path / "a.csv", images, y, good)
-    pred_file(tmp_path / "b.csv", images, y, 1 - good)          # disagrees on every image
+    pred_file(tmp_path / "b.csv", images, y, 1 - good)  # disagrees on every image
     assert main(["compare", "b.csv", "--baseline", "a.csv", "--metric", "auc", "--html", "c.html"]) == 0
     page = (tmp_path / "c.html").read_text()
-    assert "secret.png (" not in page and "other.png (" not in page          # no thumbnail of them
+    assert "secret.png (" not in page and "other.png (" not in page  # no thumbnail of them
     assert f"2 of them named outside <code>data/raw</code>, so not shown: {secret}, ../private/other.png" in page
-    assert page.count("<figure><img src=\"data:image/png;base64,") == 2 + 22   # ROC, forest, 22 of 24 thumbnails
+    assert page.count('<figure><img src="data:image/png;base64,') == 2 + 22  # ROC, forest, 22 of 24 thumbnails
 
 
 def test_json_and_html_are_written_both_or_neither(repo, capsys, monkeypatch):
@@ -492,8 +535,9 @@ def test_outputs_never_replace_a_device_a_fifo_or_a_symbolic_link(repo, capsys, 
         os.symlink(repo / "kept.txt", path := repo / "link")
     before = os.lstat(path)
     assert main(["compare", "HEAD", "--baseline", "a", "--metric", "auc", flag, str(path)]) == 2
-    assert one_line(capsys.readouterr().err) == (f"error: {path}: {kind}, not a regular file; refusing to replace "
-                                                 "it (name a new path or a regular file)")
+    assert one_line(capsys.readouterr().err) == (
+        f"error: {path}: {kind}, not a regular file; refusing to replace it (name a new path or a regular file)"
+    )
     after = os.lstat(path)
     assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
     assert (repo / "kept.txt").read_text() == "kept"

@@ -16,18 +16,27 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, make_shards
 
+from conftest import REPO, make_shards
 from palm.nn.weights import load_state
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
 # LeNet has neither batch norm nor dropout: one process and two see the same arithmetic
-TINY = {"epochs": 3, "batch_size": 4, "holdout": 0.25, "lr": 0.01, "warmup_epochs": 0, "select": "last",
-        "ema": 0.0, "to_static": False, "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1},
-        "device": "cpu"}
+TINY = {
+    "epochs": 3,
+    "batch_size": 4,
+    "holdout": 0.25,
+    "lr": 0.01,
+    "warmup_epochs": 0,
+    "select": "last",
+    "ema": 0.0,
+    "to_static": False,
+    "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1},
+    "device": "cpu",
+}
 TOLERANCE = 1e-4  # max abs difference of weights and metrics, one process against two
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os, signal, sys
 _log = os.open(os.environ["PALM_TEST_WRITES"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 _root = os.path.realpath(os.getcwd())
@@ -53,7 +62,7 @@ def _hook(event, args):
         os.kill(os.getpid(), signal.SIGKILL)
 
 sys.addaudithook(_hook)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +93,14 @@ def stage(folder, kill_at=None):
     if kill_at:
         env["PALM_TEST_KILL_AT"] = kill_at
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "train.py")],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     seconds = time.perf_counter() - t0
     lines = writes.read_text().splitlines() if writes.exists() else []
     return proc, seconds, [line.split(" ", 2) for line in lines]
@@ -128,16 +143,19 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(tmp_path, shards, mo
     assert set(w1) == set(w2)
     weight_diff = max(float(np.abs(w1[k] - w2[k]).max()) for k in w1)
     metric_diff = max_difference(history(one), history(two))
-    print(f"\none process {t_one:.1f}s, two processes {t_two:.1f}s (stage, start-up included); "
-          f"max |weight difference| {weight_diff:.2e}, max |metric difference| {metric_diff:.2e}")
+    print(
+        f"\none process {t_one:.1f}s, two processes {t_two:.1f}s (stage, start-up included); "
+        f"max |weight difference| {weight_diff:.2e}, max |metric difference| {metric_diff:.2e}"
+    )
     assert weight_diff < TOLERANCE and metric_diff < TOLERANCE
     assert len(history(two)) == 3
 
     # only rank 0 wrote, and it wrote what a run writes
     assert {w[0] for w in writes} == {"0"}, [w for w in writes if w[0] != "0"]
     tops = {w[2].split(os.sep)[0] for w in writes}  # models/ is written as .models.tmp-*, then renamed
-    assert {"checkpoints", "metrics"} <= tops and all(t in ("checkpoints", "metrics") or t.startswith(".models.tmp-")
-                                                      for t in tops), tops
+    assert {"checkpoints", "metrics"} <= tops and all(
+        t in ("checkpoints", "metrics") or t.startswith(".models.tmp-") for t in tops
+    ), tops
     assert not (two / "log").exists()
 
     # killed (SIGKILL of rank 0 as it starts writing epoch 2's checkpoint), then run again
@@ -163,8 +181,10 @@ def test_each_rank_takes_its_part_of_the_global_batches_of_one_process(shards):
     ds = FundusDataset(load_split(shards, "train"), seed=3)
     for drop_last, batch in ((True, 6), (False, 16), (True, 4)):
         one = make_loader(ds, batch, shuffle=True, seed=3, drop_last=drop_last).batch_sampler
-        ranks = [make_loader(ds, batch, shuffle=True, seed=3, drop_last=drop_last, rank=r, nranks=2).batch_sampler
-                 for r in range(2)]
+        ranks = [
+            make_loader(ds, batch, shuffle=True, seed=3, drop_last=drop_last, rank=r, nranks=2).batch_sampler
+            for r in range(2)
+        ]
         for epoch in range(3):
             ds.set_epoch(epoch)
             parts = [list(r) for r in ranks]
@@ -175,7 +195,6 @@ def test_each_rank_takes_its_part_of_the_global_batches_of_one_process(shards):
 
 def test_the_global_batch_must_divide_among_the_processes_and_their_count_is_part_of_the_run(shards):
     from conftest import train_section
-
     from palm.core.errors import ConfigError
     from palm.training.train import effective_config, fingerprint
 
@@ -194,14 +213,17 @@ def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
     """``python -m paddle.distributed.launch --nnodes 2 --nproc_per_node 2``: rank 3 of 4, the
     second process of its machine; the launcher's count replaces train.nproc (and the fingerprint)."""
     from conftest import train_section
-
-    from palm.training import parallel
     from palm.core.errors import ConfigError
+    from palm.training import parallel
     from palm.training.train import effective_config
 
     assert parallel.current() == parallel.Rank(0, 1, 0, 1) and not parallel.launched()
-    for key, value in {"PADDLE_TRAINERS_NUM": "4", "PADDLE_TRAINER_ID": "3", "PADDLE_LOCAL_RANK": "1",
-                       "PADDLE_LOCAL_SIZE": "2"}.items():
+    for key, value in {
+        "PADDLE_TRAINERS_NUM": "4",
+        "PADDLE_TRAINER_ID": "3",
+        "PADDLE_LOCAL_RANK": "1",
+        "PADDLE_LOCAL_SIZE": "2",
+    }.items():
         monkeypatch.setenv(key, value)
     rank = parallel.current()
     assert rank == parallel.Rank(3, 4, 1, 2) and parallel.launched() and not rank.writer
@@ -212,14 +234,21 @@ def test_under_paddles_launcher_the_process_is_a_rank_of_its_job(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:AmpScaler can only be enabled")  # on the CPU build; a GPU uses it
-@pytest.mark.parametrize("amp,device,expected", [("auto", "gpu:1", ("float16", True)), ("fp16", "cpu", ("float16", True)),
-                                                 ("bf16", "gpu:0", ("bfloat16", False)), ("auto", "cpu", None),
-                                                 ("off", "gpu:0", None)])
+@pytest.mark.parametrize(
+    "amp,device,expected",
+    [
+        ("auto", "gpu:1", ("float16", True)),
+        ("fp16", "cpu", ("float16", True)),
+        ("bf16", "gpu:0", ("bfloat16", False)),
+        ("auto", "cpu", None),
+        ("off", "gpu:0", None),
+    ],
+)
 def test_mixed_precision_is_fp16_with_a_loss_scaler_on_gpus_and_off_on_the_cpu(monkeypatch, amp, device, expected):
     """``Trainer._amp``: the autocast each step runs under, and the loss scaler (fp16 only)."""
     import paddle
-    from conftest import train_section
 
+    from conftest import train_section
     from palm.training.train import Trainer, effective_config
 
     trainer = object.__new__(Trainer)

@@ -31,42 +31,61 @@ def test_the_repository_params_are_valid_and_the_model_list_is_the_networks():
     assert cfg.model == PARAMS["model"] and cfg.epochs == PARAMS["train"]["epochs"]
 
 
-@pytest.mark.parametrize("path,value,message", [
-    ("model", "foo", "model = 'foo': input should be 'lenet'"),
-    ("image_size", "abc", "image_size = 'abc': must be a whole number (not a string)"),
-    ("image_size", 8, "image_size = 8: input should be greater than or equal to 16"),
-    ("train.lr", "fast", "train.lr = 'fast': must be a number"),
-    ("train.lr", float("nan"), "train.lr = nan: must be finite"),
-    ("train.batch_size", 0, "train.batch_size = 0: input should be greater than or equal to 1"),
-    ("train.class_balance", "yes", "train.class_balance = 'yes': must be true or false"),
-    ("train.augment.rotate_deg", -5, "train.augment.rotate_deg = -5: input should be greater than"),
-    ("train.augment.flip", True, "train.augment.flip = True: is not a known key"),
-    ("preprocess.workers", -1, "preprocess.workers = -1"),
-    ("unzip.max_ratio", 0.5, "unzip.max_ratio = 0.5"),
-    ("evaluate.batch_size", 2.0, "evaluate.batch_size = 2.0: must be a whole number"),
-    ("explain", None, "explain = None: must be a mapping"),
-    ("data.source", "zips", "data.source = 'zips': input should be 'palm' or 'folder'"),
-    ("data.input", "", "data.input = '': string should have at least 1 character"),
-    ("data.val_fraction", 0.9, "data.val_fraction = 0.9: input should be less than or equal to 0.5"),
-    ("data.val_fraction", 0, "data.val_fraction = 0: input should be greater than 0"),
-    ("data.split_seed", -1, "data.split_seed = -1"),
-    ("data.zips_dir", "data/original", "data.zips_dir = 'data/original': is not a known key"),
-    # the threshold grammar is the schema's (palm.core.params.parse_threshold)
-    ("train.threshold", "youdn", "train.threshold = 'youdn': expected a number in (0, 1), 'youden', 'sensitivity>=X'"),
-    ("train.threshold", "sensitivity>=1.5", "train.threshold = 'sensitivity>=1.5': expected a number in (0, 1)"),
-    ("train.threshold", 1.0, "train.threshold = 1.0: a number must be in (0, 1), got 1.0"),
-    ("train.threshold", True, "train.threshold = True: expected a number in (0, 1) or a rule, got True"),
-    ("models.alexnet.threshold", "specificity>=0", "models.alexnet.threshold = 'specificity>=0': expected a number"),
-    # per-model overrides are typed as train: is (derived from TrainParams)
-    ("models.alexnet.warmup_epochs", -1, "models.alexnet.warmup_epochs = -1: input should be greater than or equal"),
-    ("models.alexnet.select_by", "f1", "models.alexnet.select_by = 'f1': input should be 'loss', 'accuracy' or 'auc'"),
-    ("models.alexnet.nonsense", 1, "models.alexnet.nonsense = 1: is not a known key"),
-    # synthetic: is the schema's too
-    ("synthetic.n_val_pm", -1, "synthetic.n_val_pm = -1: input should be greater than or equal to 0"),
-    ("synthetic.scale", 0, "synthetic.scale = 0: input should be greater than 0"),
-    ("synthetic.jpeg_quality", 101, "synthetic.jpeg_quality = 101: input should be less than or equal to 100"),
-    ("synthetic.n_train", 5, "synthetic.n_train = 5: is not a known key"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("model", "foo", "model = 'foo': input should be 'lenet'"),
+        ("image_size", "abc", "image_size = 'abc': must be a whole number (not a string)"),
+        ("image_size", 8, "image_size = 8: input should be greater than or equal to 16"),
+        ("train.lr", "fast", "train.lr = 'fast': must be a number"),
+        ("train.lr", float("nan"), "train.lr = nan: must be finite"),
+        ("train.batch_size", 0, "train.batch_size = 0: input should be greater than or equal to 1"),
+        ("train.class_balance", "yes", "train.class_balance = 'yes': must be true or false"),
+        ("train.augment.rotate_deg", -5, "train.augment.rotate_deg = -5: input should be greater than"),
+        ("train.augment.flip", True, "train.augment.flip = True: is not a known key"),
+        ("preprocess.workers", -1, "preprocess.workers = -1"),
+        ("unzip.max_ratio", 0.5, "unzip.max_ratio = 0.5"),
+        ("evaluate.batch_size", 2.0, "evaluate.batch_size = 2.0: must be a whole number"),
+        ("explain", None, "explain = None: must be a mapping"),
+        ("data.source", "zips", "data.source = 'zips': input should be 'palm' or 'folder'"),
+        ("data.input", "", "data.input = '': string should have at least 1 character"),
+        ("data.val_fraction", 0.9, "data.val_fraction = 0.9: input should be less than or equal to 0.5"),
+        ("data.val_fraction", 0, "data.val_fraction = 0: input should be greater than 0"),
+        ("data.split_seed", -1, "data.split_seed = -1"),
+        ("data.zips_dir", "data/original", "data.zips_dir = 'data/original': is not a known key"),
+        # the threshold grammar is the schema's (palm.core.params.parse_threshold)
+        (
+            "train.threshold",
+            "youdn",
+            "train.threshold = 'youdn': expected a number in (0, 1), 'youden', 'sensitivity>=X'",
+        ),
+        ("train.threshold", "sensitivity>=1.5", "train.threshold = 'sensitivity>=1.5': expected a number in (0, 1)"),
+        ("train.threshold", 1.0, "train.threshold = 1.0: a number must be in (0, 1), got 1.0"),
+        ("train.threshold", True, "train.threshold = True: expected a number in (0, 1) or a rule, got True"),
+        (
+            "models.alexnet.threshold",
+            "specificity>=0",
+            "models.alexnet.threshold = 'specificity>=0': expected a number",
+        ),
+        # per-model overrides are typed as train: is (derived from TrainParams)
+        (
+            "models.alexnet.warmup_epochs",
+            -1,
+            "models.alexnet.warmup_epochs = -1: input should be greater than or equal",
+        ),
+        (
+            "models.alexnet.select_by",
+            "f1",
+            "models.alexnet.select_by = 'f1': input should be 'loss', 'accuracy' or 'auc'",
+        ),
+        ("models.alexnet.nonsense", 1, "models.alexnet.nonsense = 1: is not a known key"),
+        # synthetic: is the schema's too
+        ("synthetic.n_val_pm", -1, "synthetic.n_val_pm = -1: input should be greater than or equal to 0"),
+        ("synthetic.scale", 0, "synthetic.scale = 0: input should be greater than 0"),
+        ("synthetic.jpeg_quality", 101, "synthetic.jpeg_quality = 101: input should be less than or equal to 100"),
+        ("synthetic.n_train", 5, "synthetic.n_train = 5: is not a known key"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_key_and_value(path, value, message):
     with pytest.raises(ConfigError) as exc:
         validate(with_(path, value))
@@ -81,8 +100,10 @@ def test_every_bad_key_is_listed_and_a_per_model_override_does_not_mask_train():
     with pytest.raises(ConfigError) as exc:
         validate(p)
     lines = str(exc.value).splitlines()
-    assert lines == ["params.yaml: train.epochs = '2': must be a whole number (not a string)",
-                     "params.yaml: train.lr = -1: input should be greater than 0"]
+    assert lines == [
+        "params.yaml: train.epochs = '2': must be a whole number (not a string)",
+        "params.yaml: train.lr = -1: input should be greater than 0",
+    ]
 
 
 def test_missing_train_keys_are_named_params_yaml_is_the_one_source_of_defaults():
@@ -109,8 +130,8 @@ def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_ol
     hashes it, model.json keeps it): a run of an earlier palm still resumes."""
     import pydantic
 
-    from palm.data.dataset import Augment
     from palm.core.params import RECIPE_KEYS, AugmentParams, TrainingConfig, TrainParams
+    from palm.data.dataset import Augment
 
     assert list(TrainingConfig.model_fields) == [*TrainParams.model_fields, "model", "image_size"]
     assert list(AugmentParams.model_fields) == list(Augment.__dataclass_fields__)
@@ -125,8 +146,11 @@ def test_the_trainer_gets_a_typed_frozen_configuration_whose_record_keeps_the_ol
     rec = cfg.record()
     # fundus and the recipe levers (label_smoothing, mix, mix_alpha): only when on (all off: the record,
     # and so the run identity, of before they existed; tests/test_recipe.py)
-    assert list(rec) == [k for k in TrainParams.model_fields if k not in ("augment", "fundus", *RECIPE_KEYS)] + \
-        ["augment", "model", "image_size"]
+    assert list(rec) == [k for k in TrainParams.model_fields if k not in ("augment", "fundus", *RECIPE_KEYS)] + [
+        "augment",
+        "model",
+        "image_size",
+    ]
     # augment: train's keys in their order, then the override's new ones; only those given
     assert list(rec["augment"].items()) == [("hflip", False), ("scale", 0.1), ("vflip", True)]
     assert (rec["threshold"], rec["input_size"], rec["dropout"], rec["model"]) == (0.4, 64, None, "lenet")
@@ -142,5 +166,6 @@ def test_synthetic_needs_images_in_both_sets_in_one_line():
     p["synthetic"].update(n_val_pm=0, n_val_non_pm=0)
     with pytest.raises(ConfigError) as exc:
         validate(p)
-    assert str(exc.value) == ("params.yaml: synthetic: n_val_pm + n_val_non_pm is 0: both the training and the "
-                              "validation set need an image")
+    assert str(exc.value) == (
+        "params.yaml: synthetic: n_val_pm + n_val_non_pm is 0: both the training and the validation set need an image"
+    )

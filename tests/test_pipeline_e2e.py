@@ -40,10 +40,15 @@ def project(tmp_path_factory):
     proj = make_project(tmp_path_factory.mktemp("e2e") / "palm")
     # SE-ResNet18 (the default network, trained in static-graph mode as ResNet50 is): a third of ResNet50's
     # time per stage; two Grad-CAM images (explain's default of 12 took minutes)
-    set_params(proj, **{f"synthetic.{k}": v for k, v in TINY.items()}, image_size=64, model="senet18",
-               **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0, "explain.n_images": 2},
-               # per-model defaults (models.<name>.epochs) would override train.epochs
-               **{f"models.{m}.epochs": 1 for m, over in PARAMS["models"].items() if "epochs" in over})
+    set_params(
+        proj,
+        **{f"synthetic.{k}": v for k, v in TINY.items()},
+        image_size=64,
+        model="senet18",
+        **{"train.epochs": 1, "train.batch_size": 4, "train.warmup_epochs": 0, "explain.n_images": 2},
+        # per-model defaults (models.<name>.epochs) would override train.epochs
+        **{f"models.{m}.epochs": 1 for m, over in PARAMS["models"].items() if "epochs" in over},
+    )
     run(["git", "commit", "-qam", "tiny"], proj)
     out = run(["dvc", "repro"], proj)
     assert "Running stage 'train'" in out.stdout
@@ -79,8 +84,15 @@ def test_metrics_have_every_field_finite_and_in_range(project):
     show = run(["dvc", "metrics", "show", "--json"], project).stdout
     assert "accuracy" in show
     plots = run(["dvc", "plots", "show", "--json"], project).stdout
-    for name in ("roc.json", "confusion_matrix.json", "precision_recall.json", "calibration.json",
-                 "PM probability per class", "train_loss.tsv", "metrics/explain/"):
+    for name in (
+        "roc.json",
+        "confusion_matrix.json",
+        "precision_recall.json",
+        "calibration.json",
+        "PM probability per class",
+        "train_loss.tsv",
+        "metrics/explain/",
+    ):
         assert name in plots, name
     for key in ("accuracy", "sensitivity", "specificity", "auc"):  # intervals, shown by dvc metrics show
         assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
@@ -92,8 +104,20 @@ def test_export_explain_and_predict_from_the_pipeline(project, tmp_path):
     assert 1 <= len(pngs) <= 12 and all("_label-" in p.name and "_pred-" in p.name for p in pngs)
     out = tmp_path / "preds.csv"
     # --grade-all: the tiny synthetic set's photographs (scale 0.05, ~100 px) are "too small" to grade
-    run(["palm", "predict", "data/raw/PALM-Validation400", "--model", "models_export", "--out", str(out),
-         "--quiet", "--grade-all"], project)
+    run(
+        [
+            "palm",
+            "predict",
+            "data/raw/PALM-Validation400",
+            "--model",
+            "models_export",
+            "--out",
+            str(out),
+            "--quiet",
+            "--grade-all",
+        ],
+        project,
+    )
     exported = pd.read_csv(out).sort_values("image").reset_index(drop=True)
     saved = pd.read_csv(project / "metrics" / "predictions.csv").sort_values("image").reset_index(drop=True)
     assert [p.split("/")[-1] for p in exported.image] == saved.image.tolist()
@@ -106,8 +130,10 @@ def test_card_describes_the_run_and_dvc_artifacts_get_finds_the_model(project, t
     card = json.loads((project / "models_card" / "card.json").read_text())
     assert (project / "models_card" / "card.md").read_text().startswith("# Model card: palm-pm-classifier (senet18)")
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert card["validation"]["metrics"]["auc"] == {"estimate": evaluation["auc"],
-                                                    "ci95": [evaluation["auc_ci_low"], evaluation["auc_ci_high"]]}
+    assert card["validation"]["metrics"]["auc"] == {
+        "estimate": evaluation["auc"],
+        "ci95": [evaluation["auc_ci_low"], evaluation["auc_ci_high"]],
+    }
     counts = card["training_data"]["counts"]
     assert counts["valid"] == {"PM": TINY["n_val_pm"], "non_PM": TINY["n_val_non_pm"], "total": 12}
     assert counts["train"]["total"] == TINY["n_train_p"] + TINY["n_train_n"] + TINY["n_train_h"]
@@ -115,18 +141,25 @@ def test_card_describes_the_run_and_dvc_artifacts_get_finds_the_model(project, t
     train_outs = {o["path"]: o["md5"] for o in lock["train"]["outs"]}
     assert card["provenance"]["dvc_lock"]["train"]["outs"] == train_outs
     assert card["provenance"]["git_revision"] in run(["git", "log", "--format=%H"], project).stdout.split()
-    assert {w["path"] for w in card["files"]} == {"models/model.json", "models/model.safetensors",
-                                                  "models_export/model.json", "models_export/inference.json",
-                                                  "models_export/inference.pdiparams", "models_export/model.onnx"}
+    assert {w["path"] for w in card["files"]} == {
+        "models/model.json",
+        "models/model.safetensors",
+        "models_export/model.json",
+        "models_export/inference.json",
+        "models_export/inference.pdiparams",
+        "models_export/model.onnx",
+    }
     assert all(sha256_file(project / w["path"]) == w["sha256"] for w in card["files"])
     # the DVC model registry: a version is a git tag name@vX.Y.Z on a commit of the run
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "run"], project)
     run(["git", "tag", "-a", "pm-classifier@v0.1.0", "-m", "first model"], project)
     run(["git", "tag", "-a", "pm-classifier-export@v0.1.0", "-m", "first model"], project)
-    run(["git", "reset", "-q", "--soft", "HEAD~1"], project)     # the later tests commit the baseline themselves
-    for name, folder, weights in (("pm-classifier", "models", "model.safetensors"),
-                                  ("pm-classifier-export", "models_export", "model.onnx")):
+    run(["git", "reset", "-q", "--soft", "HEAD~1"], project)  # the later tests commit the baseline themselves
+    for name, folder, weights in (
+        ("pm-classifier", "models", "model.safetensors"),
+        ("pm-classifier-export", "models_export", "model.onnx"),
+    ):
         run(["dvc", "artifacts", "get", str(project), name, "-o", str(tmp_path / name)], tmp_path)
         assert sha256_file(tmp_path / name / weights) == sha256_file(project / folder / weights)
 
@@ -157,8 +190,20 @@ def test_exp_run_another_model_and_metrics_diff(project):
 
 
 def test_compare_script_runs_each_model_and_seed_and_tabulates_the_pipeline_metrics(project):
-    out = run([sys.executable, "scripts/compare_models.py", "--models", "lenet", "--seeds", "0", "1",
-               "--out", "metrics/compare.json"], project).stdout
+    out = run(
+        [
+            sys.executable,
+            "scripts/compare_models.py",
+            "--models",
+            "lenet",
+            "--seeds",
+            "0",
+            "1",
+            "--out",
+            "metrics/compare.json",
+        ],
+        project,
+    ).stdout
     rows = json.loads((project / "metrics" / "compare.json").read_text())
     assert [(r["model"], r["seed"]) for r in rows] == [("lenet", 0), ("lenet", 1)]
     last = json.loads((project / "metrics" / "eval.json").read_text())  # the workspace holds the last run
@@ -169,8 +214,14 @@ def test_compare_script_runs_each_model_and_seed_and_tabulates_the_pipeline_metr
 
 def test_killed_training_resumes_from_its_checkpoint(project):
     set_params(project, **{"train.epochs": 6})
-    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=ENV)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=ENV,
+    )
     ckpt = project / "checkpoints" / "checkpoint.json"
     deadline = time.time() + 300
     try:

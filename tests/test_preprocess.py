@@ -3,10 +3,10 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import make_palm_zips
 
-from palm.data.dataset import Augment, FundusDataset, load_split
+from conftest import make_palm_zips
 from palm.core.errors import DataError
+from palm.data.dataset import Augment, FundusDataset, load_split
 from palm.data.image import load_image, to_chw_float
 from palm.data.labels import build_labels
 from palm.data.preprocess import preprocess
@@ -24,8 +24,9 @@ def prepared(tmp_path, **kwargs):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shards_and_manifest(tmp_path, workers):
     raw = prepared(tmp_path)
-    manifest = preprocess(tmp_path / "labels.csv", raw, tmp_path / "shards", image_size=24, shard_size=3,
-                          workers=workers)
+    manifest = preprocess(
+        tmp_path / "labels.csv", raw, tmp_path / "shards", image_size=24, shard_size=3, workers=workers
+    )
     on_disk = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert on_disk == manifest
     assert manifest["params"] == {"image_size": 24, "shard_size": 3}
@@ -63,8 +64,9 @@ def test_large_image_reduced_decode_matches_full_decode(tmp_path):
     cv2.circle(img, (1000, 1000), 400, (255, 255, 255), -1)
     cv2.imwrite(str(tmp_path / "big.jpg"), img)
     fast = load_image(tmp_path / "big.jpg", 224)
-    full = cv2.resize(cv2.cvtColor(cv2.imread(str(tmp_path / "big.jpg")), cv2.COLOR_BGR2RGB), (224, 224),
-                      interpolation=cv2.INTER_AREA)
+    full = cv2.resize(
+        cv2.cvtColor(cv2.imread(str(tmp_path / "big.jpg")), cv2.COLOR_BGR2RGB), (224, 224), interpolation=cv2.INTER_AREA
+    )
     assert fast.shape == (224, 224, 3) and fast.dtype == np.uint8
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
 
@@ -101,8 +103,12 @@ def test_augmentation_is_deterministic_per_seed_epoch_and_item(tmp_path):
 
 
 def test_holdout_is_stratified_and_disjoint(tmp_path):
-    raw = prepared(tmp_path, train=[f"P{i:04d}.jpg" for i in range(10)] + [f"N{i:04d}.jpg" for i in range(10)]
-                   + [f"H{i:04d}.jpg" for i in range(4)])
+    raw = prepared(
+        tmp_path,
+        train=[f"P{i:04d}.jpg" for i in range(10)]
+        + [f"N{i:04d}.jpg" for i in range(10)]
+        + [f"H{i:04d}.jpg" for i in range(4)],
+    )
     preprocess(tmp_path / "labels.csv", raw, tmp_path / "shards", image_size=16, workers=1)
     split = load_split(tmp_path / "shards", "train")
     tr, ho = stratified_holdout(split.labels, split.groups, 0.2, seed=0)

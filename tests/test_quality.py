@@ -15,8 +15,8 @@ import pytest
 
 from conftest import PALM_MINI, requires_palm_mini
 from palm.cli import main as palm_main
-from palm.serve.quality import OK, REASONS, assess, check_file
 from palm.data.synthetic import draw_fundus
+from palm.serve.quality import OK, REASONS, assess, check_file
 
 
 def fundus(seed=0, kind="P", size=(600, 600)):
@@ -28,8 +28,16 @@ def fundus(seed=0, kind="P", size=(600, 600)):
 def text_page(size=(800, 600)):
     page = np.full((size[0], size[1], 3), 250, np.uint8)
     for i, y in enumerate(range(40, size[0] - 20, 28)):
-        cv2.putText(page, f"Line {i}: the quick brown fox jumps over the lazy dog", (20, y),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.6, (20, 20, 20), 1, cv2.LINE_AA)
+        cv2.putText(
+            page,
+            f"Line {i}: the quick brown fox jumps over the lazy dog",
+            (20, y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.6,
+            (20, 20, 20),
+            1,
+            cv2.LINE_AA,
+        )
     return page
 
 
@@ -41,8 +49,13 @@ NON_FUNDUS = {
     "tiny": (cv2.resize(fundus(), (40, 40), interpolation=cv2.INTER_AREA), "too small"),
     "blurred": (cv2.GaussianBlur(fundus(), (0, 0), 8), "blurred"),
     "dim": ((fundus().astype(np.float32) * 0.12).astype(np.uint8), "too dark"),
-    "square photo": (cv2.resize(cv2.GaussianBlur(np.random.default_rng(1).integers(60, 200, (50, 50, 3), dtype=np.uint8)
-                                                 , (0, 0), 2), (500, 500)), "no circular fundus"),
+    "square photo": (
+        cv2.resize(
+            cv2.GaussianBlur(np.random.default_rng(1).integers(60, 200, (50, 50, 3), dtype=np.uint8), (0, 0), 2),
+            (500, 500),
+        ),
+        "no circular fundus",
+    ),
 }
 
 

@@ -5,16 +5,16 @@ import json
 
 import numpy as np
 import pytest
-from conftest import PALM_MINI, requires_palm_mini, train_section
 
-from palm.nn.artifact import load as load_trained
-from palm.nn.artifact import predict_probs
+from conftest import PALM_MINI, requires_palm_mini, train_section
 from palm.data.dataset import FundusDataset, load_split, make_loader
 from palm.data.labels import build_labels
-from palm.evaluation.metrics import score
 from palm.data.preprocess import preprocess
-from palm.training.train import Trainer
 from palm.data.unzip import unzip_all
+from palm.evaluation.metrics import score
+from palm.nn.artifact import load as load_trained
+from palm.nn.artifact import predict_probs
+from palm.training.train import Trainer
 
 pytestmark = [requires_palm_mini, pytest.mark.realdata]
 REAL_SIZE = 128
@@ -48,11 +48,22 @@ def test_palm_mini_goes_through_unzip_labels_preprocess(real_shards):
 def test_a_short_training_on_real_eyes_beats_the_majority_class_clearly(real_shards):
     """SE-ResNet18, 128 px, a few epochs on palm-mini's 301 training images; scored on its
     99 validation images (majority class: 53.5%)."""
-    params = {"model": "senet18", "image_size": REAL_SIZE,
-              "train": train_section(epochs=REAL_EPOCHS, batch_size=16, lr=0.001, warmup_epochs=0.5,
-                                     holdout=0.15, select="best", select_by="accuracy", ema=0.0, to_static=False,
-                                     augment={"hflip": True, "rotate_deg": 10, "scale": 0.05, "brightness": 0.15,
-                                              "contrast": 0.15})}
+    params = {
+        "model": "senet18",
+        "image_size": REAL_SIZE,
+        "train": train_section(
+            epochs=REAL_EPOCHS,
+            batch_size=16,
+            lr=0.001,
+            warmup_epochs=0.5,
+            holdout=0.15,
+            select="best",
+            select_by="accuracy",
+            ema=0.0,
+            to_static=False,
+            augment={"hflip": True, "rotate_deg": 10, "scale": 0.05, "brightness": 0.15, "contrast": 0.15},
+        ),
+    }
     out = real_shards / "run"
     info = Trainer(params, real_shards / "shards").run(out / "models", out / "checkpoints", out / "live")
     model, _ = load_trained(out / "models")
@@ -61,4 +72,3 @@ def test_a_short_training_on_real_eyes_beats_the_majority_class_clearly(real_sha
     m = score(valid.labels, probs, 0.5)
     print(f"palm-mini senet18 {REAL_SIZE}px {REAL_EPOCHS} epochs: {m} ({info['train_seconds']} s)")
     assert m["accuracy"] >= 0.80 and m["auc"] >= 0.85, m
-

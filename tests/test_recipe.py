@@ -8,11 +8,11 @@ import numpy as np
 import paddle
 import pytest
 import yaml
-from conftest import REPO, make_shards, train_section
 
+from conftest import REPO, make_shards, train_section
 from palm.core.errors import ConfigError
-from palm.evaluation.model_card import recipe_text
 from palm.core.params import RECIPE_KEYS, training_config
+from palm.evaluation.model_card import recipe_text
 from palm.training.crossval import apply_overrides
 from palm.training.recipe import BatchRecipe, cutmix, cutmix_box, mixup, smooth_targets
 
@@ -37,7 +37,7 @@ def test_label_smoothing_targets_are_exact():
     y = paddle.to_tensor([[0.0], [1.0], [0.25]])
     np.testing.assert_allclose(smooth_targets(y, 0.1).numpy(), [[0.05], [0.95], [0.25 * 0.9 + 0.05]], rtol=1e-6)
     np.testing.assert_allclose(smooth_targets(y, 0.4).numpy(), [[0.2], [0.8], [0.35]], rtol=1e-6)
-    assert smooth_targets(y, 0.0) is y   # off: the very tensor
+    assert smooth_targets(y, 0.0) is y  # off: the very tensor
 
 
 def test_mixup_is_the_lambda_weighted_sum_of_the_batch_and_its_permutation():
@@ -45,21 +45,21 @@ def test_mixup_is_the_lambda_weighted_sum_of_the_batch_and_its_permutation():
     perm = np.array([2, 0, 3, 1])
     mx, my = mixup(paddle.to_tensor(x), paddle.to_tensor(y), 0.3, perm)
     np.testing.assert_allclose(mx.numpy(), 0.3 * x + 0.7 * x[perm], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(my.numpy(), [[1.0], [0.7], [0.3], [0.0]], rtol=1e-6)   # y [1,0,1,0] with [1,1,0,0]
+    np.testing.assert_allclose(my.numpy(), [[1.0], [0.7], [0.3], [0.0]], rtol=1e-6)  # y [1,0,1,0] with [1,1,0,0]
 
 
 def test_cutmix_pastes_a_box_whose_area_is_the_label_weight_and_leaves_the_rest_untouched():
     x, y = batch(side=10)
     perm = np.array([1, 0, 3, 2])
-    box = (2, 6, 3, 8)   # rows 2..5, columns 3..7: 20 of 100 pixels
+    box = (2, 6, 3, 8)  # rows 2..5, columns 3..7: 20 of 100 pixels
     mx, my, lam = cutmix(paddle.to_tensor(x), paddle.to_tensor(y), box, perm)
     mx = mx.numpy()
     assert lam == pytest.approx(0.8)
     np.testing.assert_allclose(my.numpy(), 0.8 * y + 0.2 * y[perm], rtol=1e-6)
     inside = np.zeros((10, 10), bool)
     inside[2:6, 3:8] = True
-    np.testing.assert_array_equal(mx[..., inside], x[perm][..., inside])    # the box: the other image's pixels
-    np.testing.assert_array_equal(mx[..., ~inside], x[..., ~inside])        # elsewhere: byte for byte the same
+    np.testing.assert_array_equal(mx[..., inside], x[perm][..., inside])  # the box: the other image's pixels
+    np.testing.assert_array_equal(mx[..., ~inside], x[..., ~inside])  # elsewhere: byte for byte the same
 
 
 def test_a_cutmix_box_clipped_at_the_border_sets_the_label_weight_by_its_clipped_area():
@@ -71,7 +71,7 @@ def test_a_cutmix_box_clipped_at_the_border_sets_the_label_weight_by_its_clipped
         assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 24
         full = int(32 * np.sqrt(1 - lam)) // 2 * 2 * (int(24 * np.sqrt(1 - lam)) // 2 * 2)
         clipped += (bottom - top) * (right - left) < full
-    assert clipped > 20   # boxes do cross the border ...
+    assert clipped > 20  # boxes do cross the border ...
     # ... and the whole recipe mixes the labels by the area actually pasted: image i is all i
     x = np.broadcast_to(np.arange(4, dtype=np.float32)[:, None, None, None], (4, 3, 32, 24)).copy()
     y = np.array([[1.0], [0.0], [0.0], [0.0]], dtype=np.float32)
@@ -80,7 +80,7 @@ def test_a_cutmix_box_clipped_at_the_border_sets_the_label_weight_by_its_clipped
         mx, my = recipe(paddle.to_tensor(x), paddle.to_tensor(y))
         mx, my = mx.numpy(), my.numpy()
         for i in range(4):
-            own = float((mx[i] == i).mean())     # the fraction of image i left (the rest is one other image)
+            own = float((mx[i] == i).mean())  # the fraction of image i left (the rest is one other image)
             other = int(np.unique(mx[i][mx[i] != i])[0]) if own < 1 else i
             assert my[i, 0] == pytest.approx(own * y[i, 0] + (1 - own) * y[other, 0], abs=1e-6)
 
@@ -95,20 +95,25 @@ def test_the_recipe_draws_depend_on_seed_epoch_and_rank_and_off_passes_the_batch
     for key in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
         assert not np.array_equal(out[key][0], out[(0, 0, 0)][0])
     ox, oy = BatchRecipe().for_epoch(0, 0)(x, y)
-    assert ox is x and oy is y                      # off: the very batch, no copy, no draw
+    assert ox is x and oy is y  # off: the very batch, no copy, no draw
     sx, sy = BatchRecipe(label_smoothing=0.2).for_epoch(0, 0)(x, y)
-    assert sx is x and not np.array_equal(sy.numpy(), y.numpy())   # smoothing alone: the targets only
+    assert sx is x and not np.array_equal(sy.numpy(), y.numpy())  # smoothing alone: the targets only
 
 
 # -- parameters and identity ---------------------------------------------------------------------------
-@pytest.mark.parametrize("item,message", [
-    ("train.label_smoothing=0.7", "params.yaml: train.label_smoothing = 0.7: input should be less than 0.5"),
-    ("train.label_smoothing=-0.1", "params.yaml: train.label_smoothing = -0.1: input should be greater than or "
-                                   "equal to 0"),
-    ("train.mix=blend", "params.yaml: train.mix = 'blend': input should be 'off', 'mixup' or 'cutmix'"),
-    ("train.mix_alpha=0", "params.yaml: train.mix_alpha = 0: input should be greater than 0"),
-    ("models.senet18.mix=true", "params.yaml: models.senet18.mix = True: input should be 'off', 'mixup' or"),
-])
+@pytest.mark.parametrize(
+    "item,message",
+    [
+        ("train.label_smoothing=0.7", "params.yaml: train.label_smoothing = 0.7: input should be less than 0.5"),
+        (
+            "train.label_smoothing=-0.1",
+            "params.yaml: train.label_smoothing = -0.1: input should be greater than or equal to 0",
+        ),
+        ("train.mix=blend", "params.yaml: train.mix = 'blend': input should be 'off', 'mixup' or 'cutmix'"),
+        ("train.mix_alpha=0", "params.yaml: train.mix_alpha = 0: input should be greater than 0"),
+        ("models.senet18.mix=true", "params.yaml: models.senet18.mix = True: input should be 'off', 'mixup' or"),
+    ],
+)
 def test_bad_recipe_values_are_one_line(item, message):
     p = {**copy.deepcopy(PARAMS), "model": "senet18"}
     with pytest.raises(ConfigError) as exc:
@@ -120,7 +125,7 @@ def test_the_recipe_is_in_the_record_only_when_on_so_the_default_run_keeps_its_i
     from palm.training.train import run_identity
 
     base = training_config(PARAMS)
-    assert (base.label_smoothing, base.mix, base.mix_alpha) == (0.0, "off", 0.2)   # committed: off
+    assert (base.label_smoothing, base.mix, base.mix_alpha) == (0.0, "off", 0.2)  # committed: off
     rec = base.record()
     assert not set(RECIPE_KEYS) & set(rec)
     # the parameters absent (a params.yaml of before) or mix_alpha changed while mix is off: the same record
@@ -133,8 +138,11 @@ def test_the_recipe_is_in_the_record_only_when_on_so_the_default_run_keeps_its_i
     assert run_identity(alpha_only, shards) == run_identity(base, shards)
     # on (here for the chosen network only, as scripts/cross_validate.py --set does it): in the record
     model = PARAMS["model"]
-    on = training_config(apply_overrides(PARAMS, ["train.label_smoothing=0.1", f"models.{model}.mix=cutmix",
-                                                  f"models.{model}.mix_alpha=0.4"]))
+    on = training_config(
+        apply_overrides(
+            PARAMS, ["train.label_smoothing=0.1", f"models.{model}.mix=cutmix", f"models.{model}.mix_alpha=0.4"]
+        )
+    )
     rec_on = on.record()
     assert {k: rec_on[k] for k in RECIPE_KEYS} == {"label_smoothing": 0.1, "mix": "cutmix", "mix_alpha": 0.4}
     assert {k: v for k, v in rec_on.items() if k not in RECIPE_KEYS} == rec
@@ -150,10 +158,24 @@ def test_the_recipe_is_in_the_record_only_when_on_so_the_default_run_keeps_its_i
 def train(tmp_path, shards, **recipe):
     from palm.training.train import Trainer
 
-    p = {"model": "senet18", "image_size": 32,
-         "train": train_section(**{"epochs": 2, "batch_size": 4, "holdout": 0.25, "lr": 0.003, "warmup_epochs": 0,
-                                   "select": "last", "ema": 0.0, "to_static": False,
-                                   "augment": {"hflip": True, "brightness": 0.1}, **recipe})}
+    p = {
+        "model": "senet18",
+        "image_size": 32,
+        "train": train_section(
+            **{
+                "epochs": 2,
+                "batch_size": 4,
+                "holdout": 0.25,
+                "lr": 0.003,
+                "warmup_epochs": 0,
+                "select": "last",
+                "ema": 0.0,
+                "to_static": False,
+                "augment": {"hflip": True, "brightness": 0.1},
+                **recipe,
+            }
+        ),
+    }
     info = Trainer(p, shards).run(tmp_path / "models", tmp_path / "checkpoints", tmp_path / "live")
     history = json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["history"]
     return info, history, (tmp_path / "models" / "model.safetensors").read_bytes()
@@ -162,11 +184,14 @@ def train(tmp_path, shards, **recipe):
 def test_each_lever_trains_reproducibly_and_is_recorded_in_model_json(tmp_path, shards):
     _, plain, w_plain = train(tmp_path / "plain", shards)
     losses = {}
-    for name, recipe in {"smooth": {"label_smoothing": 0.2}, "mixup": {"mix": "mixup", "mix_alpha": 0.4},
-                         "cutmix": {"mix": "cutmix", "mix_alpha": 1.0}}.items():
+    for name, recipe in {
+        "smooth": {"label_smoothing": 0.2},
+        "mixup": {"mix": "mixup", "mix_alpha": 0.4},
+        "cutmix": {"mix": "cutmix", "mix_alpha": 1.0},
+    }.items():
         info, history, weights = train(tmp_path / name, shards, **recipe)
         assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["holdout_loss"]) for r in history)
-        assert weights != w_plain and history[0]["train_loss"] != plain[0]["train_loss"]   # the lever acted
+        assert weights != w_plain and history[0]["train_loss"] != plain[0]["train_loss"]  # the lever acted
         saved = json.loads((tmp_path / name / "models" / "model.json").read_text())
         assert {k: saved["config"][k] for k in recipe} == recipe == {k: info["config"][k] for k in recipe}
         losses[name] = history
@@ -193,27 +218,58 @@ def test_cross_validate_compares_recipes_with_set(shards, tmp_path):
     import pandas as pd
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({**PARAMS, "model": "lenet", "image_size": 32, "train": train_section(
-        epochs=1, batch_size=4, holdout=0, select="last", ema=0.0, to_static=False)}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                **PARAMS,
+                "model": "lenet",
+                "image_size": 32,
+                "train": train_section(epochs=1, batch_size=4, holdout=0, select="last", ema=0.0, to_static=False),
+            }
+        )
+    )
 
     def cv(*items):
         out = tmp_path / f"cv{len(items)}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "cross_validate.py"), "--shards", str(shards),
-                               "--params", str(params), "--folds", "2", "--out", str(out), "--set", *items],
-                              capture_output=True, text=True, cwd=tmp_path)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "cross_validate.py"),
+                "--shards",
+                str(shards),
+                "--params",
+                str(params),
+                "--folds",
+                "2",
+                "--out",
+                str(out),
+                "--set",
+                *items,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         return proc, out
 
     proc, plain = cv("train.mix=off")
     assert proc.returncode == 0, proc.stderr
     proc, mixed = cv("train.mix=cutmix", "train.mix_alpha=1.0", "train.label_smoothing=0.1")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(mixed.read_text())["set"] == ["train.mix=cutmix", "train.mix_alpha=1.0", "train.label_smoothing=0.1"]
+    assert json.loads(mixed.read_text())["set"] == [
+        "train.mix=cutmix",
+        "train.mix_alpha=1.0",
+        "train.label_smoothing=0.1",
+    ]
     a, b = (pd.read_csv(p.with_suffix(".csv")).sort_values("image") for p in (plain, mixed))
     assert list(a["image"]) == list(b["image"]) and not np.allclose(a["probability"], b["probability"])
     proc, _ = cv("train.mix=blend")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        "params.yaml: train.mix = 'blend': input should be 'off', 'mixup' or 'cutmix'")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("params.yaml: train.mix = 'blend': input should be 'off', 'mixup' or 'cutmix'")
+    )
 
 
 def test_data_parallel_ranks_mix_their_own_part_of_the_batch(shards, tmp_path, monkeypatch):
@@ -229,8 +285,20 @@ def test_data_parallel_ranks_mix_their_own_part_of_the_batch(shards, tmp_path, m
 
     def project(folder, nproc):
         p = {**copy.deepcopy(PARAMS), "model": "lenet", "image_size": 32}
-        p["train"].update(epochs=2, batch_size=4, holdout=0, lr=0.01, warmup_epochs=0, select="last", ema=0.0,
-                          to_static=False, device="cpu", nproc=nproc, mix="cutmix", mix_alpha=1.0)
+        p["train"].update(
+            epochs=2,
+            batch_size=4,
+            holdout=0,
+            lr=0.01,
+            warmup_epochs=0,
+            select="last",
+            ema=0.0,
+            to_static=False,
+            device="cpu",
+            nproc=nproc,
+            mix="cutmix",
+            mix_alpha=1.0,
+        )
         (folder / "data").mkdir(parents=True)
         (folder / "data" / "shards").symlink_to(shards)
         (folder / "params.yaml").write_text(yaml.safe_dump(p))
@@ -242,9 +310,15 @@ def test_data_parallel_ranks_mix_their_own_part_of_the_batch(shards, tmp_path, m
     Trainer(p, one / "data" / "shards").run(one / "models", one / "checkpoints", one / "live")
     two = tmp_path / "two"
     project(two, 2)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}   # this checkout's palm in the spawned ranks too
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py")], cwd=two, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}  # this checkout's palm in the spawned ranks too
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "train.py")],
+        cwd=two,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 processes of 2 images per batch" in proc.stdout
     info = json.loads((two / "models" / "model.json").read_text())

@@ -32,7 +32,7 @@ def test_ci_proves_the_baseline_with_the_readmes_first_command():
     assert main_job in baseline.splitlines()
     assert "same-as-committed metrics/eval.json metrics/predictions.csv" in baseline
     run = (REPO / ".ci" / "run").read_text().splitlines()
-    assert run.index("bash .ci/baseline") < run.index(setup_commands()[1])   # one venv, the test extra added
+    assert run.index("bash .ci/baseline") < run.index(setup_commands()[1])  # one venv, the test extra added
 
 
 def test_the_baseline_comparison_fails_on_any_changed_byte_and_passes_on_the_committed_files(tmp_path):
@@ -51,8 +51,12 @@ def test_the_baseline_comparison_fails_on_any_changed_byte_and_passes_on_the_com
     git("commit", "-qm", "baseline")
 
     def compare():
-        return subprocess.run(["bash", str(REPO / ".ci" / "same-as-committed"), "metrics/eval.json",
-                               "metrics/predictions.csv"], cwd=tmp_path, capture_output=True, text=True)
+        return subprocess.run(
+            ["bash", str(REPO / ".ci" / "same-as-committed"), "metrics/eval.json", "metrics/predictions.csv"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
 
     assert compare().returncode == 0
     (tmp_path / "metrics" / "eval.json").write_text('{"accuracy": 0.9475, "loss": 0.14786911198648485}\n')
@@ -80,7 +84,7 @@ def test_embedded_default_is_the_synthetic_set():
     assert re.fullmatch(r"[a-z0-9]+", params["model"])
 
 
-SERVICE = "src/palm/serve/service.py"     # `palm serve`: its web stack is the serve extra's
+SERVICE = "src/palm/serve/service.py"  # `palm serve`: its web stack is the serve extra's
 
 
 def test_every_library_the_code_imports_is_a_runtime_dependency():
@@ -92,10 +96,16 @@ def test_every_library_the_code_imports_is_a_runtime_dependency():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    deps = project["dependencies"] + project["optional-dependencies"]["cpu"]   # what `.[cpu]` installs
+    deps = project["dependencies"] + project["optional-dependencies"]["cpu"]  # what `.[cpu]` installs
     names = {re.split(r"[=<>\[ ]", d)[0].lower() for d in deps}
-    distribution = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow",
-                    "paddle": "paddlepaddle", "swagger_ui_bundle": "swagger-ui-bundle-v2"}
+    distribution = {
+        "cv2": "opencv-python-headless",
+        "yaml": "pyyaml",
+        "sklearn": "scikit-learn",
+        "PIL": "pillow",
+        "paddle": "paddlepaddle",
+        "swagger_ui_bundle": "swagger-ui-bundle-v2",
+    }
     serve = {re.split(r"[=<>\[ ]", d)[0].lower() for d in project["optional-dependencies"]["serve"]}
 
     def third_party(paths) -> set[str]:
@@ -114,13 +124,17 @@ def test_every_library_the_code_imports_is_a_runtime_dependency():
     assert found and not missing, f"imported but not in [project] dependencies: {sorted(missing)}"
     found = third_party([REPO / SERVICE])
     missing = {m for m in found if distribution.get(m, m).lower() not in names | serve}
-    assert {"fastapi", "uvicorn"} <= found and not missing, f"{SERVICE} imports, not in the serve extra: {sorted(missing)}"
+    assert {"fastapi", "uvicorn"} <= found and not missing, (
+        f"{SERVICE} imports, not in the serve extra: {sorted(missing)}"
+    )
 
 
 def test_nothing_but_palm_serve_imports_the_serve_extra():
     """The pipeline's stages and `palm predict` run without the web stack installed."""
-    closures = [import_closure(REPO / "stages" / f"{name}.py")
-                for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]]
+    closures = [
+        import_closure(REPO / "stages" / f"{name}.py")
+        for name in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    ]
     assert all(SERVICE not in c for c in closures)
 
 
@@ -129,8 +143,11 @@ def test_the_unzipped_photographs_are_never_committed():
     (real, possibly private) photographs into the experiment refs."""
     import subprocess
 
-    for path in ("data/raw/PALM-Training400/P0001.jpg", "data/raw/PALM-Validation400/V0001.jpg",
-                 "data/original/training.zip"):
+    for path in (
+        "data/raw/PALM-Training400/P0001.jpg",
+        "data/raw/PALM-Validation400/V0001.jpg",
+        "data/original/training.zip",
+    ):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
@@ -147,7 +164,7 @@ def _palm_modules(path, root=REPO / "src") -> set[str]:
             found |= {a.name for a in node.names if a.name.split(".")[0] == "palm"}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = ".".join(package[:len(package) - node.level + 1] + ((node.module,) if node.module else ()))
+                base = ".".join(package[: len(package) - node.level + 1] + ((node.module,) if node.module else ()))
             else:
                 base = node.module
             if base.split(".")[0] == "palm":
@@ -159,8 +176,12 @@ def _package_data(root) -> dict[str, list[str]]:
     """pyproject's ``[tool.setuptools.package-data]``: the non-Python files a package reads (templates)."""
     import tomllib
 
-    return tomllib.loads((root / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {}).get(
-        "package-data", {})
+    return (
+        tomllib.loads((root / "pyproject.toml").read_text())
+        .get("tool", {})
+        .get("setuptools", {})
+        .get("package-data", {})
+    )
 
 
 def import_closure(entry, root=REPO) -> set[str]:
@@ -227,7 +248,7 @@ def test_every_stage_reads_the_params_it_depends_on_and_train_only_its_networks_
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["train"]["params"] == ["model", "image_size", "train", "models.${model}"]
-    for name in ("evaluate", "export", "explain"):   # they run a network on train.device
+    for name in ("evaluate", "export", "explain"):  # they run a network on train.device
         assert "train.device" in stages[name]["params"], name
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(params["models"]) == set(MODEL_NAMES) and all(params["models"].values())
@@ -284,9 +305,14 @@ def test_the_closure_follows_relative_imports_and_package_data(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[tool.setuptools.package-data]\n"palm.fam" = ["templates/*.j2"]\n')
     entry = tmp_path / "stage.py"
     entry.write_text("from palm.fam.a import x\n")
-    assert import_closure(entry, tmp_path) == {"stage.py", "src/palm/__init__.py", "src/palm/fam/__init__.py",
-                                               "src/palm/fam/a.py", "src/palm/fam/b.py",
-                                               "src/palm/fam/templates/page.html.j2"}
+    assert import_closure(entry, tmp_path) == {
+        "stage.py",
+        "src/palm/__init__.py",
+        "src/palm/fam/__init__.py",
+        "src/palm/fam/a.py",
+        "src/palm/fam/b.py",
+        "src/palm/fam/templates/page.html.j2",
+    }
     assert covered("src/palm/fam/templates/page.html.j2", ["src/palm/fam"])
     assert not covered("src/palm/family.py", ["src/palm/fam"])
     # a folder dep is a family the stage runs a module of; a file dep, one it runs
@@ -301,7 +327,7 @@ def test_the_closure_follows_relative_imports_and_package_data(tmp_path):
     (tmp_path / "src" / "palm" / "other" / "d.py").write_text("")
     entry.write_text("import palm.other\nfrom palm.fam.a import x\n")
     closure = import_closure(entry, tmp_path)
-    assert "src/palm/other/__init__.py" in closure       # run, but only the package's __init__
+    assert "src/palm/other/__init__.py" in closure  # run, but only the package's __init__
     assert "runs none of its modules" in needless("src/palm/other", closure, tmp_path)
 
 
@@ -350,9 +376,25 @@ def test_pip_resolves_one_paddle_build_for_the_cpu_extras(extra):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                           "--report", "-", "-e", f".[{extra}]"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            "-",
+            "-e",
+            f".[{extra}]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     installed = {i["metadata"]["name"].lower() for i in json.loads(proc.stdout)["install"]}
     assert installed & PADDLE_BUILDS == {"paddlepaddle"}

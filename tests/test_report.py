@@ -53,32 +53,59 @@ def inputs(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.r_[np.ones(30), np.zeros(25)].astype(int)
     probs = np.clip(labels * 0.5 + rng.normal(0.25, 0.2, len(labels)), 0, 1).round(6)
-    preds = pd.DataFrame({"image": [f"V{i:04d}.jpg" for i in range(len(labels))], "label": labels,
-                          "probability": probs, "predicted": (probs >= 0.5).astype(int)})
+    preds = pd.DataFrame(
+        {
+            "image": [f"V{i:04d}.jpg" for i in range(len(labels))],
+            "label": labels,
+            "probability": probs,
+            "predicted": (probs >= 0.5).astype(int),
+        }
+    )
     preds.to_csv(tmp_path / "predictions.csv", index=False)
     m = {"model": "senet18", "threshold_rule": "youden", **score(labels, probs, 0.5)}
     (tmp_path / "eval.json").write_text(json.dumps(m))
-    (tmp_path / "model.json").write_text(json.dumps({"model": "senet18", "image_size": 224, "input_size": 96,
-                                                     "threshold": 0.5, "threshold_rule": "youden",
-                                                     "config": {"lr": 0.001, "epochs": 12}}))
+    (tmp_path / "model.json").write_text(
+        json.dumps(
+            {
+                "model": "senet18",
+                "image_size": 224,
+                "input_size": 96,
+                "threshold": 0.5,
+                "threshold_rule": "youden",
+                "config": {"lr": 0.001, "epochs": 12},
+            }
+        )
+    )
     explain = tmp_path / "explain"
     explain.mkdir()
     wrong = preds[preds.predicted != preds.label].image.tolist()
     for name in wrong[:2]:  # heatmaps of two errors, as the explain stage names them
         cv2.imwrite(str(explain / f"{name[:-4]}_label-PM_pred-nonPM_p0.10.png"), np.full((448, 900, 3), 120, np.uint8))
-    pd.DataFrame({"image": ["a", "b", "c"] + preds.image.tolist(), "split": ["train"] * 3 + ["valid"] * len(preds),
-                  "label": [1, 0, 1] + labels.tolist()}).to_csv(tmp_path / "labels.csv", index=False)
+    pd.DataFrame(
+        {
+            "image": ["a", "b", "c"] + preds.image.tolist(),
+            "split": ["train"] * 3 + ["valid"] * len(preds),
+            "label": [1, 0, 1] + labels.tolist(),
+        }
+    ).to_csv(tmp_path / "labels.csv", index=False)
     return tmp_path, m, wrong
 
 
 def test_report_parses_images_decode_and_numbers_match_eval_json(inputs):
     tmp, m, wrong = inputs
-    out = write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp,
-                       tmp / "explain", tmp / "labels.csv", {"data": {"source": "palm", "input": "data/original"}})
+    out = write_report(
+        tmp / "report.html",
+        tmp / "eval.json",
+        tmp / "predictions.csv",
+        tmp,
+        tmp / "explain",
+        tmp / "labels.csv",
+        {"data": {"source": "palm", "input": "data/original"}},
+    )
     page = Page()
     page.feed(out.read_text(encoding="utf-8"))
     page.close()
-    assert page.stack == []                                   # every element closed
+    assert page.stack == []  # every element closed
     # self-contained: every image is embedded and decodes; the 4 plots and the 2 heatmaps
     assert len(page.images) == 6
     for attrs in page.images:
@@ -95,8 +122,17 @@ def test_report_parses_images_decode_and_numbers_match_eval_json(inputs):
             assert float(text) == pytest.approx(m[key], abs=5e-4)
     for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "brier", "ppv_at_prevalence"):
         assert {key, f"{key}_ci_low", f"{key}_ci_high"} <= keys, key
-    assert {"tp", "fp", "tn", "fn", "ece", "sensitivity_at_specificity_90", "specificity_at_sensitivity_95",
-            "threshold", "prevalence"} <= keys
+    assert {
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+        "ece",
+        "sensitivity_at_specificity_90",
+        "specificity_at_sensitivity_95",
+        "threshold",
+        "prevalence",
+    } <= keys
     text = " ".join(page.text)
     assert "not a diagnosis" in text and "Single-source data" in text and "synthetic" in text
     assert "youden" in text and all(w in text for w in wrong[:2])
@@ -106,8 +142,15 @@ def test_missing_inputs_are_a_clear_error_and_write_nothing(inputs):
     tmp, _, _ = inputs
     (tmp / "eval.json").unlink()
     with pytest.raises(DataError, match="eval.json: not found"):
-        write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp,
-                     tmp / "explain", tmp / "labels.csv", {})
+        write_report(
+            tmp / "report.html",
+            tmp / "eval.json",
+            tmp / "predictions.csv",
+            tmp,
+            tmp / "explain",
+            tmp / "labels.csv",
+            {},
+        )
     assert not (tmp / "report.html").exists()
 
 
@@ -124,8 +167,15 @@ def test_the_page_escapes_what_it_reads_and_its_template_ships_with_the_package(
     info = json.loads((tmp / "model.json").read_text())
     info["config"]["note"] = "<script>alert(1)</script>"
     (tmp / "model.json").write_text(json.dumps(info))
-    out = write_report(tmp / "report.html", tmp / "eval.json", tmp / "predictions.csv", tmp, tmp / "explain",
-                       tmp / "labels.csv", {"data": {"source": "folder", "input": "<b>clinic</b> & co"}})
+    out = write_report(
+        tmp / "report.html",
+        tmp / "eval.json",
+        tmp / "predictions.csv",
+        tmp,
+        tmp / "explain",
+        tmp / "labels.csv",
+        {"data": {"source": "folder", "input": "<b>clinic</b> & co"}},
+    )
     text = out.read_text(encoding="utf-8")
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert "<b>clinic</b>" not in text and "&lt;b&gt;clinic&lt;/b&gt; &amp; co" in text

@@ -33,8 +33,8 @@ def test_each_queue_worker_takes_its_own_gpu_and_its_cores(monkeypatch, fake_gpu
     assert select_device("auto") == "gpu:3"
     assert fake_gpus == ["threads=2", "gpu:3"]
     with_share(monkeypatch, Share(slot=5, jobs=6, cpus=(5,)))
-    assert select_device("gpu") == "gpu:1"          # slot modulo the number of GPUs
-    assert select_device("gpu:2") == "gpu:2"        # chosen by hand
+    assert select_device("gpu") == "gpu:1"  # slot modulo the number of GPUs
+    assert select_device("gpu:2") == "gpu:2"  # chosen by hand
     assert select_device("cpu") == "cpu"
 
 
@@ -49,7 +49,7 @@ def test_each_training_process_takes_its_own_gpu_and_its_part_of_the_cores(monke
     assert fake_gpus == ["threads=2", "gpu:0", "threads=2", "gpu:1"] and pinned == [(0, 1), (2, 3)]
     assert [select_device("gpu", r, 8) for r in (3, 5)] == ["gpu:3", "gpu:1"]  # more processes than GPUs
     assert select_device("cpu", 1, 2) == "cpu" and pinned[-1] == (2, 3)
-    with_share(monkeypatch, Share(slot=1, jobs=2, cpus=(2, 3)))   # the second of two queued runs
+    with_share(monkeypatch, Share(slot=1, jobs=2, cpus=(2, 3)))  # the second of two queued runs
     assert [select_device("gpu", r, 2) for r in range(2)] == ["gpu:2", "gpu:3"]
     with pytest.raises(ConfigError, match="names one GPU, but 2 training processes"):
         select_device("gpu:1", 0, 2)
@@ -85,11 +85,14 @@ def test_bad_palm_jobs_is_refused(monkeypatch):
 
 
 def test_two_processes_under_palm_jobs_2_take_two_slots_and_split_the_cores(tmp_path):
-    code = ("import time; from palm.core.runtime import machine_share; s = machine_share(); "
-            "print(s.slot, ','.join(map(str, s.cpus)), flush=True); time.sleep(3)")
+    code = (
+        "import time; from palm.core.runtime import machine_share; s = machine_share(); "
+        "print(s.slot, ','.join(map(str, s.cpus)), flush=True); time.sleep(3)"
+    )
     env = {**os.environ, "PALM_JOBS": "2", "PALM_SLOT_DIR": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=60)[0].split() for p in procs]
     assert sorted(int(o[0]) for o in outs) == [0, 1]
     cores = [set(o[1].split(",")) for o in outs]
@@ -102,8 +105,17 @@ def test_two_processes_under_palm_jobs_2_take_two_slots_and_split_the_cores(tmp_
 def test_stages_start_quietly():
     """Importing palm then Paddle, as every stage does, prints none of Paddle's start-up warnings."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.run([sys.executable, "-c", "import palm, paddle; from palm.core.runtime import select_device; "
-                           "select_device('cpu'); print(paddle.get_device())"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import palm, paddle; from palm.core.runtime import select_device; "
+            "select_device('cpu'); print(paddle.get_device())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
     assert "ccache" not in proc.stderr and "OMP_NUM_THREADS" not in proc.stderr, proc.stderr

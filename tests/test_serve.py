@@ -30,8 +30,14 @@ from conftest import ENV, PALM_MINI, requires_palm_mini
 from palm.cli import main as palm_main
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 MAX_IMAGES = 4
 
 
@@ -44,8 +50,11 @@ def save_model(folder: Path) -> Path:
     folder.mkdir(parents=True)
     paddle.seed(1)
     save_state(build_model("senet18", image_size=48).state_dict(), folder / "model.safetensors")
-    (folder / "model.json").write_text(json.dumps({"model": "senet18", "image_size": 64, "input_size": 48,
-                                                   "threshold": 0.5, "threshold_rule": "fixed 0.5"}))
+    (folder / "model.json").write_text(
+        json.dumps(
+            {"model": "senet18", "image_size": 64, "input_size": 48, "threshold": 0.5, "threshold_rule": "fixed 0.5"}
+        )
+    )
     return folder
 
 
@@ -68,10 +77,28 @@ def served(tmp_path_factory):
     (tmp / "broken.jpg").write_bytes(b"not a jpeg")
     port = free_port()
     log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "serve", "--model", str(tmp / "models"),
-                             "--port", str(port), "--audit-log", str(tmp / "audit.sqlite"),
-                             "--max-images", str(MAX_IMAGES), "--max-request-mb", "1"],
-                            cwd=tmp, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "serve",
+            "--model",
+            str(tmp / "models"),
+            "--port",
+            str(port),
+            "--audit-log",
+            str(tmp / "audit.sqlite"),
+            "--max-images",
+            str(MAX_IMAGES),
+            "--max-request-mb",
+            "1",
+        ],
+        cwd=tmp,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -89,8 +116,14 @@ def served(tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
-    assert sorted(p.name for p in tmp.iterdir()) == ["audit.sqlite", "black.png", "broken.jpg", "fundus.jpg",
-                                                    "models", "serve.log"], "the service wrote files of its own"
+    assert sorted(p.name for p in tmp.iterdir()) == [
+        "audit.sqlite",
+        "black.png",
+        "broken.jpg",
+        "fundus.jpg",
+        "models",
+        "serve.log",
+    ], "the service wrote files of its own"
 
 
 def cli_probability(tmp: Path, image: str) -> float:
@@ -133,7 +166,7 @@ def test_model_card_health_and_docs(served):
     sha = hashlib.sha256((tmp / "models" / "model.safetensors").read_bytes()).hexdigest()
     assert card["model"] == "senet18" and card["weights_sha256"] == sha and card["threshold"] == 0.5
     assert card["version"] == "senet18-" + sha[:12] and card["input"]["network_input"] == 48
-    assert card["input"]["fundus"] == {"crop": False, "local_norm": 0.0, "clahe": "off"}   # model.json: none
+    assert card["input"]["fundus"] == {"crop": False, "local_norm": 0.0, "clahe": "off"}  # model.json: none
     health = httpx.get(url + "/healthz").json()
     assert health["status"] == "ok" and health["model"] == card["version"]
     assert "/v1/predict" in httpx.get(url + "/openapi.json").json()["paths"]
@@ -143,21 +176,26 @@ def test_model_card_health_and_docs(served):
 def test_limits_are_one_line_errors_with_their_status(served):
     url, tmp = served
     too_many = post(url, tmp, ["black.png"] * (MAX_IMAGES + 1))
-    assert too_many.status_code == 413 and too_many.json()["detail"] == f"too many images: at most {MAX_IMAGES} per request, got {MAX_IMAGES + 1}"
+    assert (
+        too_many.status_code == 413
+        and too_many.json()["detail"] == f"too many images: at most {MAX_IMAGES} per request, got {MAX_IMAGES + 1}"
+    )
     none = httpx.post(url + "/v1/predict", data={"x": "1"})
     assert none.status_code == 422 and "files" in none.json()["detail"] and "\n" not in none.json()["detail"]
     big = b"\xff" * (1 << 20)
     declared = httpx.post(url + "/v1/predict", files=[("files", ("big.jpg", big))])
     assert declared.status_code == 413 and "at most 1 MiB" in declared.json()["detail"]
 
-    def chunks():          # no Content-Length: the service counts the bytes as they come
-        boundary = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.jpg\"\r\n\r\n"
+    def chunks():  # no Content-Length: the service counts the bytes as they come
+        boundary = b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.jpg"\r\n\r\n'
         yield boundary
         for _ in range(40):
             yield b"\0" * 65536
         yield b"\r\n--b--\r\n"
-    streamed = httpx.post(url + "/v1/predict", content=chunks(),
-                          headers={"content-type": "multipart/form-data; boundary=b"})
+
+    streamed = httpx.post(
+        url + "/v1/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
     assert streamed.status_code == 413 and "at most 1 MiB" in streamed.json()["detail"]
     assert httpx.get(url + "/healthz").status_code == 200
 
@@ -175,10 +213,12 @@ def test_a_slow_upload_does_not_hold_up_the_others(served):
     url, tmp = served
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as slow:
-        head = ("POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                "Content-Length: 500000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
-                "filename=\"slow.jpg\"\r\n\r\n").encode()
-        slow.sendall(head + (tmp / "fundus.jpg").read_bytes()[:1000])     # ... and the rest never comes
+        head = (
+            b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b'Content-Length: 500000\r\n\r\n--b\r\nContent-Disposition: form-data; name="files"; '
+            b'filename="slow.jpg"\r\n\r\n'
+        )
+        slow.sendall(head + (tmp / "fundus.jpg").read_bytes()[:1000])  # ... and the rest never comes
         t0 = time.perf_counter()
         r = post(url, tmp, ["fundus.jpg"])
         assert r.status_code == 200 and r.json()["results"][0]["quality"] == "ok"
@@ -196,9 +236,15 @@ def test_v1_model_is_the_card_of_the_model_loaded_not_of_the_files_on_the_disk_n
     info_file = tmp / "models" / "model.json"
     original = info_file.read_bytes()
     info_file.write_text(json.dumps({**json.loads(original), "threshold": 0.9}))
-    card = {"schema": SCHEMA, "name": "PALM PM screening", "intended_use": "research",
-            "files": [{"path": f"models/{f.name}", "sha256": sha256_file(f)}
-                      for f in (tmp / "models" / "model.safetensors", info_file)]}
+    card = {
+        "schema": SCHEMA,
+        "name": "PALM PM screening",
+        "intended_use": "research",
+        "files": [
+            {"path": f"models/{f.name}", "sha256": sha256_file(f)}
+            for f in (tmp / "models" / "model.safetensors", info_file)
+        ],
+    }
     (tmp / "models" / "card.json").write_text(json.dumps(card))
     try:
         assert httpx.get(url + "/v1/model").json() == before and before["threshold"] == 0.5
@@ -218,7 +264,13 @@ def test_the_audit_log_keeps_hashes_and_decisions_never_images_or_names(served):
     sha = hashlib.sha256((tmp / "fundus.jpg").read_bytes()).hexdigest()
     _, digest, quality, prob, decision, version, error = rows[0]
     assert (digest, quality, prob, decision, version, error) == (
-        sha, "ok", body["results"][0]["probability"], body["results"][0]["diagnosis"], body["model"], None)
+        sha,
+        "ok",
+        body["results"][0]["probability"],
+        body["results"][0]["diagnosis"],
+        body["model"],
+        None,
+    )
     assert rows[1][6].startswith("<bytes>: cannot decode image")
     raw = db.read_bytes()
     assert b"fundus.jpg" not in raw and b"broken.jpg" not in raw and (tmp / "fundus.jpg").read_bytes()[:64] not in raw
@@ -235,7 +287,10 @@ def test_the_page_in_a_browser(served):
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             outside = []
-            page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((url, "blob:", "data:")) else None)
+            page.on(
+                "request",
+                lambda req: outside.append(req.url) if not req.url.startswith((url, "blob:", "data:")) else None,
+            )
             page.goto(url + "/")
             assert "not a diagnosis" in page.locator("#notice").inner_text()
             page.set_input_files("#files", [str(tmp / "fundus.jpg"), str(tmp / "black.png")])
@@ -245,14 +300,16 @@ def test_the_page_in_a_browser(served):
             black = page.locator(".card[data-name='black.png']")
             assert fundus.locator("[data-field=quality]").inner_text() == "gradable"
             shown = float(fundus.locator("[data-field=probability]").inner_text())
-            assert abs(shown - expected) <= 0.0005                 # shown to 3 decimals
+            assert abs(shown - expected) <= 0.0005  # shown to 3 decimals
             assert fundus.locator("[data-field=diagnosis]").inner_text() == ("PM" if expected >= 0.5 else "non-PM")
-            assert fundus.locator("img").get_attribute("src").startswith("data:image/jpeg;base64,")   # Grad-CAM
+            assert fundus.locator("img").get_attribute("src").startswith("data:image/jpeg;base64,")  # Grad-CAM
             assert "Research aid, not a diagnosis" in fundus.inner_text()
             assert black.locator("[data-field=quality]").inner_text() == "not gradable: too dark"
             assert black.locator("[data-field=probability]").count() == 0
-            page.screenshot(path=os.environ.get("PALM_SERVE_SCREENSHOT") or str(tmp.parent / "page.png"), full_page=True)
-            page.goto(url + "/docs")       # the API docs render from the service's own files
+            page.screenshot(
+                path=os.environ.get("PALM_SERVE_SCREENSHOT") or str(tmp.parent / "page.png"), full_page=True
+            )
+            page.goto(url + "/docs")  # the API docs render from the service's own files
             page.get_by_text("/v1/predict", exact=True).first.wait_for(timeout=30_000)
             assert outside == [], f"the page or the docs fetched from elsewhere: {outside}"
         finally:
@@ -296,9 +353,14 @@ def test_real_photographs_score_the_same_through_the_api_and_palm_predict(served
         for name in [n for n in zf.namelist() if n.lower().endswith(".jpg")][:6]:
             (tmp_path / Path(name).name).write_bytes(zf.read(name))
     files = sorted(p.name for p in tmp_path.glob("*.jpg"))
-    api = post(url, tmp_path, files[:MAX_IMAGES]).json()["results"] + post(url, tmp_path, files[MAX_IMAGES:]).json()["results"]
+    api = (
+        post(url, tmp_path, files[:MAX_IMAGES]).json()["results"]
+        + post(url, tmp_path, files[MAX_IMAGES:]).json()["results"]
+    )
     out = tmp_path / "cli.csv"
-    palm_main(["predict", *(str(tmp_path / f) for f in files), "--model", str(tmp / "models"), "--out", str(out), "--quiet"])
+    palm_main(
+        ["predict", *(str(tmp_path / f) for f in files), "--model", str(tmp / "models"), "--out", str(out), "--quiet"]
+    )
     cli = list(csv.DictReader(out.open()))
     assert len(api) == len(cli) == 6
     for a, c in zip(api, cli):
@@ -314,4 +376,3 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(tmp_path, capsys):
         assert palm_main(["serve", "--model", str(save_model(tmp_path / "models")), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"--port {port}: cannot listen there" in err
-

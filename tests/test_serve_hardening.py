@@ -45,8 +45,12 @@ def png(width: int, height: int, bit_depth: int = 16, color_type: int = 0) -> by
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def rss(pid: int, field: str = "VmHWM") -> int:
@@ -57,7 +61,7 @@ def rss(pid: int, field: str = "VmHWM") -> int:
 
 
 def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")      # VmHWM back to the current resident size
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the current resident size
 
 
 def write_card(models: Path) -> dict:
@@ -65,11 +69,17 @@ def write_card(models: Path) -> dict:
     from palm.core.fsutil import sha256_file
     from palm.nn.card import SCHEMA
 
-    card = {"schema": SCHEMA, "name": "PALM PM screening", "intended_use": "research",
-            "model": {"network": "senet18", "image_size": 64, "input_size": 48},
-            "decision": {"threshold": 0.5, "threshold_rule": "fixed 0.5", "tta": "off", "rule": "PM if p >= t"},
-            "files": [{"path": f"models/{name}", "sha256": sha256_file(models / name)}
-                      for name in ("model.json", "model.safetensors")]}
+    card = {
+        "schema": SCHEMA,
+        "name": "PALM PM screening",
+        "intended_use": "research",
+        "model": {"network": "senet18", "image_size": 64, "input_size": 48},
+        "decision": {"threshold": 0.5, "threshold_rule": "fixed 0.5", "tta": "off", "rule": "PM if p >= t"},
+        "files": [
+            {"path": f"models/{name}", "sha256": sha256_file(models / name)}
+            for name in ("model.json", "model.safetensors")
+        ],
+    }
     (models / "card.json").write_text(json.dumps(card))
     return card
 
@@ -87,12 +97,36 @@ def hardened(tmp_path_factory):
     (tmp / "token").write_text(TOKEN + "\n")
     port = free_port()
     log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "palm.cli", "serve", "--model", str(tmp / "models"),
-                             "--port", str(port), "--audit-log", str(tmp / "audit.sqlite"),
-                             "--token-file", str(tmp / "token"), "--allow-host", "clinic.example",
-                             "--max-decode-mb", str(BUDGET_MB), "--max-request-mb", "16",
-                             "--header-timeout", "2", "--body-timeout", "3"],
-                            cwd=tmp, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "palm.cli",
+            "serve",
+            "--model",
+            str(tmp / "models"),
+            "--port",
+            str(port),
+            "--audit-log",
+            str(tmp / "audit.sqlite"),
+            "--token-file",
+            str(tmp / "token"),
+            "--allow-host",
+            "clinic.example",
+            "--max-decode-mb",
+            str(BUDGET_MB),
+            "--max-request-mb",
+            "16",
+            "--header-timeout",
+            "2",
+            "--body-timeout",
+            "3",
+        ],
+        cwd=tmp,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -117,8 +151,13 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def post(url: str, files: list[tuple[str, bytes]], headers=None, **params) -> httpx.Response:
-    return httpx.post(url + "/v1/predict", files=[("files", f) for f in files], params=params,
-                      headers={**AUTH, **(headers or {})}, timeout=120)
+    return httpx.post(
+        url + "/v1/predict",
+        files=[("files", f) for f in files],
+        params=params,
+        headers={**AUTH, **(headers or {})},
+        timeout=120,
+    )
 
 
 def audit_rows(tmp: Path) -> int:
@@ -128,7 +167,7 @@ def audit_rows(tmp: Path) -> int:
 
 # --- class 1: a request's memory is bounded from the headers, before decoding --------------------
 
-MEASURE = r'''
+MEASURE = r"""
 import sys
 from palm.data.image import decode
 data = open(sys.argv[1], "rb").read()
@@ -141,7 +180,7 @@ try:
 except Exception:
     pass
 print(field("VmHWM") - before)
-'''
+"""
 
 
 def cases(side: int = 1200) -> dict[str, bytes]:
@@ -166,7 +205,7 @@ def cases(side: int = 1200) -> dict[str, bytes]:
     save("png LA", Image.fromarray(noise(4)).convert("LA"), "PNG")
     save("png P", Image.fromarray(noise(3)).convert("P"), "PNG")
     exif = Image.Exif()
-    exif[0x0112] = 6                                      # orientation: turned a quarter
+    exif[0x0112] = 6  # orientation: turned a quarter
     save("png RGBA turned", Image.fromarray(noise(4)), "PNG", exif=exif.tobytes())
     save("bmp RGB", Image.fromarray(noise(3)), "BMP")
     save("tiff RGB", Image.fromarray(noise(3)), "TIFF", compression="tiff_deflate")
@@ -188,12 +227,21 @@ def test_the_cost_read_from_the_header_bounds_what_decoding_takes_for_every_mode
     for name, data in cases().items():
         f = tmp_path / "image"
         f.write_bytes(data)
-        for side in (64, 224) if name.startswith("jpeg") else (224,):     # only a JPEG is decoded at a reduced size
-            peak = int(subprocess.run([sys.executable, "-c", MEASURE, str(f), str(side)], env=ENV, check=True,
-                                      capture_output=True, text=True).stdout)
+        for side in (64, 224) if name.startswith("jpeg") else (224,):  # only a JPEG is decoded at a reduced size
+            peak = int(
+                subprocess.run(
+                    [sys.executable, "-c", MEASURE, str(f), str(side)],
+                    env=ENV,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
             cost = decode_cost(data, [side])
             assert cost.bytes >= peak, f"{name} at {side}: estimated {cost.bytes / MiB:.1f} MiB, took {peak / MiB:.1f}"
-            assert cost.bytes <= 3 * peak + 16 * MiB, f"{name}: estimate {cost.bytes / MiB:.1f} MiB far above {peak / MiB:.1f}"
+            assert cost.bytes <= 3 * peak + 16 * MiB, (
+                f"{name}: estimate {cost.bytes / MiB:.1f} MiB far above {peak / MiB:.1f}"
+            )
 
 
 def test_a_request_that_would_need_too_much_memory_is_refused_before_decoding(hardened):
@@ -225,7 +273,7 @@ def test_the_worst_request_accepted_stays_within_the_budget(hardened, capsys):
     from palm.serve.decode import decode_cost
 
     url, tmp, pid = hardened
-    side = 1900                                            # 16-bit greyscale: ~97 MiB each to decode
+    side = 1900  # 16-bit greyscale: ~97 MiB each to decode
     image = png(side, side, 16, 0)
     cost = decode_cost(image, [64, 224]).bytes
     assert 2 * cost + 32 * len(image) <= BUDGET_MB * MiB < 2 * decode_cost(png(2100, 2100, 16, 0), [224]).bytes
@@ -236,12 +284,15 @@ def test_the_worst_request_accepted_stays_within_the_budget(hardened, capsys):
     assert all(row["error"] is None and "probability" in row for row in r.json()["results"])
     grew = rss(pid) - start
     with capsys.disabled():
-        print(f"\nworst accepted request (32 x {side}x{side} 16-bit PNG, budget {BUDGET_MB} MiB): peak resident "
-              f"memory +{grew / MiB:.0f} MiB")
+        print(
+            f"\nworst accepted request (32 x {side}x{side} 16-bit PNG, budget {BUDGET_MB} MiB): peak resident "
+            f"memory +{grew / MiB:.0f} MiB"
+        )
     assert grew <= BUDGET_MB * MiB
 
 
 # --- class 2: the audit log fails closed ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
@@ -256,7 +307,7 @@ def client(tmp_path_factory):
         yield c, app.app.state.service, tmp / "audit.sqlite"
 
 
-BROKEN = [(f"broken{i}.jpg", f"not a jpeg {i}".encode() * 20) for i in range(32)]   # 32 rows, several pages
+BROKEN = [(f"broken{i}.jpg", f"not a jpeg {i}".encode() * 20) for i in range(32)]  # 32 rows, several pages
 
 
 def count(db: Path) -> int:
@@ -270,14 +321,14 @@ def test_an_audit_log_that_cannot_be_written_is_a_503_with_no_results_and_no_row
     assert c.post("/v1/predict", files=[("files", f) for f in BROKEN[:2]]).status_code == 200
     before = count(db)
     holder = None
-    if failure == "locked":                     # another process holds the write lock
+    if failure == "locked":  # another process holds the write lock
         holder = sqlite3.connect(db, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
-    elif failure == "read-only":                # (as root, chmod would not stop it: SQLite's own read-only)
+    elif failure == "read-only":  # (as root, chmod would not stop it: SQLite's own read-only)
         svc.audit.db.execute("PRAGMA query_only = ON")
     elif failure == "deleted":
         db.unlink()
-    else:                                       # full: no page beyond those the file has
+    else:  # full: no page beyond those the file has
         pages = svc.audit.db.execute("PRAGMA page_count").fetchone()[0]
         svc.audit.db.execute(f"PRAGMA max_page_count = {pages}")
     r = c.post("/v1/predict", files=[("files", f) for f in BROKEN])
@@ -304,12 +355,15 @@ def test_an_error_escaping_a_route_is_one_line_of_json(client, monkeypatch, caps
     c, _, _ = client
     monkeypatch.setattr(palm.serve.service, "decode_cost", lambda *_: 1 / 0)
     r = c.post("/v1/predict", files=[("files", BROKEN[0])])
-    assert r.status_code == 500 and r.json() == {"detail": "internal error (ZeroDivisionError); the service keeps running"}
+    assert r.status_code == 500 and r.json() == {
+        "detail": "internal error (ZeroDivisionError); the service keeps running"
+    }
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError" in err and "Traceback" not in err
 
 
 # --- class 4: the page with a model card ---------------------------------------------------------
+
 
 def test_the_page_reads_the_model_card_and_asks_for_the_token(hardened):
     from playwright.sync_api import sync_playwright
@@ -320,7 +374,7 @@ def test_the_page_reads_the_model_card_and_asks_for_the_token(hardened):
         try:
             page = browser.new_page()
             page.goto(url + "/")
-            page.wait_for_selector("#token-form:not([hidden])", timeout=30_000)    # /v1/model asked for it
+            page.wait_for_selector("#token-form:not([hidden])", timeout=30_000)  # /v1/model asked for it
             page.fill("#token", TOKEN)
             page.click("#token-form button")
             page.wait_for_function("document.getElementById('model').textContent.includes('at least')")
@@ -338,6 +392,7 @@ def test_the_page_reads_the_model_card_and_asks_for_the_token(hardened):
 
 # --- class 5: the service trusts no caller --------------------------------------------------------
 
+
 def test_foreign_hosts_cross_origin_writes_and_missing_tokens_are_refused(hardened):
     url, tmp, _ = hardened
     port = url.rsplit(":", 1)[1]
@@ -347,8 +402,12 @@ def test_foreign_hosts_cross_origin_writes_and_missing_tokens_are_refused(harden
     r = httpx.get(url + "/v1/model", headers={"Host": f"evil.example:{port}", **AUTH})
     assert r.status_code == 403 and "evil.example" in r.json()["detail"]
     # another site's page posting through the clinic's browser
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
-                    {"Origin": f"http://127.0.0.1:{int(port) + 1}"}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": f"http://127.0.0.1:{int(port) + 1}"},
+    ):
         r = post(url, photo, headers=headers)
         assert r.status_code == 403 and "cross-" in r.json()["detail"], headers
     # no token, a wrong one: 401, and the page itself and /healthz stay open
@@ -360,7 +419,10 @@ def test_foreign_hosts_cross_origin_writes_and_missing_tokens_are_refused(harden
     assert audit_rows(tmp) == before, "a refused request was audited"
     # the service's own page (same origin), the clinic's name (--allow-host), and plain clients: served
     assert post(url, photo, headers={"Origin": url, "Sec-Fetch-Site": "same-origin"}).status_code == 200
-    assert httpx.get(url + "/v1/model", headers={"Host": f"clinic.example:{port}", **AUTH}).json()["name"] == "PALM PM screening"
+    assert (
+        httpx.get(url + "/v1/model", headers={"Host": f"clinic.example:{port}", **AUTH}).json()["name"]
+        == "PALM PM screening"
+    )
     assert httpx.get(url + "/healthz", headers={"Host": f"localhost:{port}"}).status_code == 200
 
 
@@ -375,15 +437,20 @@ def test_slow_clients_are_cut_off(hardened):
             data += chunk
         return data
 
-    for partial in (b"", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"):      # headers never finished
+    for partial in (b"", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"):  # headers never finished
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(partial)
             t0 = time.monotonic()
             got = answer(s)
             assert 1.5 < time.monotonic() - t0 < 6 and got.startswith(b"HTTP/1.1 408"), got
-    with socket.create_connection(("127.0.0.1", port)) as s:                     # a body that stalls
-        s.sendall(("POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN +
-                   "\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n").encode())
+    with socket.create_connection(("127.0.0.1", port)) as s:  # a body that stalls
+        s.sendall(
+            (
+                "POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                + TOKEN
+                + "\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+            ).encode()
+        )
         t0 = time.monotonic()
         got = answer(s)
         assert 2.5 < time.monotonic() - t0 < 8 and got.startswith(b"HTTP/1.1 408"), got
@@ -391,13 +458,16 @@ def test_slow_clients_are_cut_off(hardened):
     assert httpx.get(url + "/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--host", ""], "argument --host: must be an address"),
-    (["--host", "a b"], "argument --host: not an IP address or host name"),
-    (["--port", "70000"], "argument --port: must be a port number from 0 to 65535"),
-    (["--port", "-1"], "argument --port: must be a port number from 0 to 65535"),
-    (["--allow-host", "evil.example/x"], "argument --allow-host: not an IP address or host name"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--host", ""], "argument --host: must be an address"),
+        (["--host", "a b"], "argument --host: not an IP address or host name"),
+        (["--port", "70000"], "argument --port: must be a port number from 0 to 65535"),
+        (["--port", "-1"], "argument --port: must be a port number from 0 to 65535"),
+        (["--allow-host", "evil.example/x"], "argument --allow-host: not an IP address or host name"),
+    ],
+)
 def test_bad_addresses_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exc:
         palm_main(["serve", *args])
@@ -409,8 +479,10 @@ def test_bad_addresses_are_usage_errors(args, message, capsys):
 def test_a_token_file_that_is_missing_or_weak_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     models = save_model(tmp_path / "models")
     (tmp_path / "weak").write_text("short\n")
-    for extra, message in ((["--token-file", str(tmp_path / "none")], "cannot read it"),
-                           (["--token-file", str(tmp_path / "weak")], "at least 16 printable characters")):
+    for extra, message in (
+        (["--token-file", str(tmp_path / "none")], "cannot read it"),
+        (["--token-file", str(tmp_path / "weak")], "at least 16 printable characters"),
+    ):
         assert palm_main(["serve", "--model", str(models), "--port", str(free_port()), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from palm.core.errors import DataError
 from palm.data import preprocess as pp
 from palm.data.dataset import FundusDataset, load_split, make_loader
-from palm.core.errors import DataError
 from palm.data.image import resize_square
 from palm.data.shards import MANIFEST, open_split
 
@@ -31,8 +31,7 @@ def photo_folder(root, n, size=96, valid=3):
         for i in range(count):
             img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
             cv2.imwrite(str(root / "raw" / split / f"{split}{i:04d}.png"), img)
-            rows.append({"image": f"{split}/{split}{i:04d}.png", "label": i % 2, "split": split,
-                         "group": "PN"[i % 2]})
+            rows.append({"image": f"{split}/{split}{i:04d}.png", "label": i % 2, "split": split, "group": "PN"[i % 2]})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     return root / "labels.csv", root / "raw"
 
@@ -130,13 +129,24 @@ def test_an_interrupted_preprocess_resumes_without_redoing_finished_shards(tmp_p
     assert sorted(json.loads((resume / "progress.json").read_text())["shards"]) == ["train-000.npy", "train-001.npy"]
 
     decoded.clear()
-    monkeypatch.setattr(pp, "_decode", lambda path, image_size: (decoded.append(os.path.basename(path)),
-                                                                  real(path, image_size))[1])
+    monkeypatch.setattr(
+        pp, "_decode", lambda path, image_size: (decoded.append(os.path.basename(path)), real(path, image_size))[1]
+    )
     # a photograph of a finished shard replaced meanwhile: that shard is decoded again
     cv2.imwrite(str(raw / "train" / "train0004.png"), np.full((40, 40, 3), 7, np.uint8))
     pp.preprocess(labels, raw, tmp_path / "shards", image_size=32, shard_size=3, workers=1)
-    assert decoded == ["train0003.png", "train0004.png", "train0005.png", "train0006.png", "train0007.png",
-                       "train0008.png", "train0009.png", "valid0000.png", "valid0001.png", "valid0002.png"]
+    assert decoded == [
+        "train0003.png",
+        "train0004.png",
+        "train0005.png",
+        "train0006.png",
+        "train0007.png",
+        "train0008.png",
+        "train0009.png",
+        "valid0000.png",
+        "valid0001.png",
+        "valid0002.png",
+    ]
     assert not resume.exists()
     # all other shards are byte-identical to an uninterrupted run; the replaced image is the new one
     fresh, resumed = shard_bytes(tmp_path / "fresh"), shard_bytes(tmp_path / "shards")
@@ -165,10 +175,10 @@ def test_finished_shards_of_other_code_or_libraries_are_decoded_again(tmp_path, 
     base = pp.decoder_identity()
     monkeypatch.setattr(pp, "decoder_identity", lambda: base + " edited")
     pp.preprocess(labels, raw, tmp_path / "shards", image_size=32, shard_size=2, workers=1)
-    assert len(decoded) == 6 + 3   # every image: none of the interrupted run's shards kept
+    assert len(decoded) == 6 + 3  # every image: none of the interrupted run's shards kept
 
     monkeypatch.undo()
-    assert pp.decoder_identity() == base                  # the same code and libraries: the same
+    assert pp.decoder_identity() == base  # the same code and libraries: the same
     monkeypatch.setattr(cv2, "__version__", "0.0.0")
     assert pp.decoder_identity() != base
 
@@ -178,11 +188,16 @@ def test_a_killed_preprocess_stage_resumes(tmp_path):
     and the result is byte-identical to a run never killed."""
     labels, raw = photo_folder(tmp_path, 24, size=40)
     pp.preprocess(labels, raw, tmp_path / "fresh", image_size=32, shard_size=2, workers=1)
-    slow = ("import time, sys; from palm.data import preprocess as pp; real = pp._decode\n"
-            "pp._decode = lambda p, image_size: (time.sleep(0.1), real(p, image_size))[1]\n"
-            "pp.preprocess(*sys.argv[1:4], image_size=32, shard_size=2, workers=1)\n")
-    proc = subprocess.Popen([sys.executable, "-c", slow, str(labels), str(raw), str(tmp_path / "shards")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = (
+        "import time, sys; from palm.data import preprocess as pp; real = pp._decode\n"
+        "pp._decode = lambda p, image_size: (time.sleep(0.1), real(p, image_size))[1]\n"
+        "pp.preprocess(*sys.argv[1:4], image_size=32, shard_size=2, workers=1)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow, str(labels), str(raw), str(tmp_path / "shards")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     progress = tmp_path / ".shards.partial" / "progress.json"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

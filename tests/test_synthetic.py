@@ -16,8 +16,17 @@ SMALL_SIZES = {(round(w * SCALE), round(h * SCALE)) for w, h in SIZES}
 
 
 def tiny(out, seed=0, **kw):
-    args = dict(seed=seed, n_train_p=4, n_train_n=3, n_train_h=2, n_val_pm=3, n_val_non_pm=3, scale=SCALE,
-                workers=1, progress=False)
+    args = dict(
+        seed=seed,
+        n_train_p=4,
+        n_train_n=3,
+        n_train_h=2,
+        n_val_pm=3,
+        n_val_non_pm=3,
+        scale=SCALE,
+        workers=1,
+        progress=False,
+    )
     generate(out, **{**args, **kw})
     return out
 
@@ -29,15 +38,17 @@ def test_layout_names_labels_and_images(tmp_path):
         assert outer.namelist() == ["PALM-Training400/PALM-Training400.zip"]
         inner = zipfile.ZipFile(io.BytesIO(outer.read("PALM-Training400/PALM-Training400.zip")))
     names = sorted(inner.namelist())
-    assert names == sorted([f"PALM-Training400/{k}{i:04d}.jpg" for k, n in (("P", 4), ("N", 3), ("H", 2))
-                            for i in range(1, n + 1)])
+    assert names == sorted(
+        [f"PALM-Training400/{k}{i:04d}.jpg" for k, n in (("P", 4), ("N", 3), ("H", 2)) for i in range(1, n + 1)]
+    )
     for name in names:
         img = cv2.imdecode(np.frombuffer(inner.read(name), np.uint8), cv2.IMREAD_COLOR)
         assert img is not None and img.ndim == 3 and (img.shape[1], img.shape[0]) in SMALL_SIZES
     with zipfile.ZipFile(out / "validation.zip") as zf:
         assert zf.namelist() == [f"PALM-Validation400/V{i:04d}.jpg" for i in range(1, 7)]
-        valid = {n.split("/")[1]: cv2.imdecode(np.frombuffer(zf.read(n), np.uint8), cv2.IMREAD_COLOR)
-                 for n in zf.namelist()}
+        valid = {
+            n.split("/")[1]: cv2.imdecode(np.frombuffer(zf.read(n), np.uint8), cv2.IMREAD_COLOR) for n in zf.namelist()
+        }
     with zipfile.ZipFile(out / "valid_gt.zip") as zf:
         assert zf.namelist() == ["PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx"]
         gt = pd.read_excel(io.BytesIO(zf.read(zf.namelist()[0])))
@@ -54,7 +65,7 @@ def test_fovea_coordinates_are_where_the_fovea_is_drawn():
     for seed in range(10):
         img, (fx, fy) = draw_fundus(np.random.default_rng(seed), "N", (600, 580), "R")
         grey = cv2.GaussianBlur(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32), (0, 0), 8)
-        yy, xx = np.mgrid[0:grey.shape[0], 0:grey.shape[1]]
+        yy, xx = np.mgrid[0 : grey.shape[0], 0 : grey.shape[1]]
         d = np.hypot(xx - fx, yy - fy)
         ratios.append(grey[int(fy), int(fx)] / np.median(grey[(d > 90) & (d < 110)]))
         # the bright disc is nasal: to the right of the fovea in a right eye
@@ -104,8 +115,9 @@ def test_class_signal_is_shape_and_texture_not_mean_colour():
     assert acc_tex > 0.85, acc_tex
 
 
-@pytest.mark.parametrize("kw", [{"n_train_p": -1}, {"scale": 0}, {"n_val_pm": 0, "n_val_non_pm": 0},
-                                {"jpeg_quality": 0}])
+@pytest.mark.parametrize(
+    "kw", [{"n_train_p": -1}, {"scale": 0}, {"n_val_pm": 0, "n_val_non_pm": 0}, {"jpeg_quality": 0}]
+)
 def test_bad_arguments(tmp_path, kw):
     with pytest.raises(ValueError):
         tiny(tmp_path, **kw)

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_shards, train_section
 
-from palm.nn import checkpoint
+from conftest import make_shards, train_section
 from palm.core.errors import ConfigError
+from palm.nn import checkpoint
 from palm.training.train import Trainer, effective_config
 
 TRAIN = [f"P{i:04d}.jpg" for i in range(8)] + [f"N{i:04d}.jpg" for i in range(6)] + ["H0001.jpg", "H0002.jpg"]
@@ -20,10 +20,25 @@ def shards(tmp_path_factory):
 
 def params(**train):
     """params.yaml's train: section for a tiny, quick run (the best epoch on a 25% holdout, no averaging)."""
-    return {"model": "senet18", "image_size": 32,
-            "train": train_section(**{"epochs": 3, "batch_size": 4, "holdout": 0.25, "lr": 0.003, "warmup_epochs": 0,
-                                      "select": "best", "select_by": "accuracy", "ema": 0.0, "to_static": False,
-                                      "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1}, **train})}
+    return {
+        "model": "senet18",
+        "image_size": 32,
+        "train": train_section(
+            **{
+                "epochs": 3,
+                "batch_size": 4,
+                "holdout": 0.25,
+                "lr": 0.003,
+                "warmup_epochs": 0,
+                "select": "best",
+                "select_by": "accuracy",
+                "ema": 0.0,
+                "to_static": False,
+                "augment": {"hflip": True, "rotate_deg": 10, "brightness": 0.1},
+                **train,
+            }
+        ),
+    }
 
 
 def run(tmp_path, shards, p):
@@ -75,8 +90,9 @@ def test_changed_parameters_start_afresh(tmp_path, shards, capsys):
     assert "checkpoint is from other parameters: training from scratch" in capsys.readouterr().out
 
 
-def test_a_finished_run_of_other_code_is_not_resumed_and_its_checkpoint_is_replaced(tmp_path, shards, capsys,
-                                                                                   monkeypatch):
+def test_a_finished_run_of_other_code_is_not_resumed_and_its_checkpoint_is_replaced(
+    tmp_path, shards, capsys, monkeypatch
+):
     """The checkpoint of a finished run would otherwise stand in for any later code (issue 27)."""
     from palm.core import provenance
 
@@ -84,7 +100,7 @@ def test_a_finished_run_of_other_code_is_not_resumed_and_its_checkpoint_is_repla
     _, h1, out = run(tmp_path, shards, p)
     old = json.loads((out / "checkpoints" / "checkpoint.json").read_text())
     capsys.readouterr()
-    _, again, _ = run(tmp_path, shards, p)                       # the same run: nothing left to train
+    _, again, _ = run(tmp_path, shards, p)  # the same run: nothing left to train
     assert "resuming from the checkpoint of epoch 2 of 2" in capsys.readouterr().out
     assert strip_times(again) == strip_times(h1)
 
@@ -95,8 +111,11 @@ def test_a_finished_run_of_other_code_is_not_resumed_and_its_checkpoint_is_repla
     assert "checkpoint is from other code (src/palm/nn/models.py): training from scratch" in printed
     assert "resuming" not in printed and [r["epoch"] for r in h2] == [1, 2]
     new = json.loads((out / "checkpoints" / "checkpoint.json").read_text())
-    assert new["identity"]["code"]["src/palm/nn/models.py"] == "edited" != old["identity"]["code"].get(
-        "src/palm/nn/models.py")
+    assert (
+        new["identity"]["code"]["src/palm/nn/models.py"]
+        == "edited"
+        != old["identity"]["code"].get("src/palm/nn/models.py")
+    )
     names = {f.name for f in (out / "checkpoints").iterdir()}
     assert names == {"checkpoint.json", new["state_file"], new["best_file"]}
 
@@ -122,10 +141,14 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     monkeypatch.setattr(provenance, "PACKAGE_PARENT", proj / "src")
     base = train.run_identity(cfg, shards)
     assert set(base) == {"config", "data", "code", "versions"}
-    assert {"stages/train.py", "src/palm/training/train.py", "src/palm/nn/models.py",
-            "src/palm/core/provenance.py"} <= set(base["code"])
+    assert {
+        "stages/train.py",
+        "src/palm/training/train.py",
+        "src/palm/nn/models.py",
+        "src/palm/core/provenance.py",
+    } <= set(base["code"])
     assert "stages/evaluate.py" not in base["code"] and "src/palm/evaluation/evaluate.py" not in base["code"]
-    assert mismatch(base, train.run_identity(cfg, shards)) is None          # the same run
+    assert mismatch(base, train.run_identity(cfg, shards)) is None  # the same run
     assert train.run_identity(cfg.model_copy(update={"threshold": "youden"}), shards) == base  # chosen after training
     assert train.run_identity(cfg.model_copy(update={"tta": "flips"}), shards) == base  # applied after training
 
@@ -142,7 +165,7 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     assert changed(train.run_identity(cfg, other_data)) == "is from other data"
     shutil.copy2(shards / "manifest.json", manifest)
     assert train.run_identity(cfg, other_data) == base
-    pixels = np.load(other_data / "train-000.npy")   # the same manifest, one pixel changed (other decoding code)
+    pixels = np.load(other_data / "train-000.npy")  # the same manifest, one pixel changed (other decoding code)
     pixels[0, 0, 0, 0] ^= 1
     np.save(other_data / "train-000.npy", pixels)
     assert changed(train.run_identity(cfg, other_data)) == "is from other data"
@@ -155,7 +178,8 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
         path.write_bytes(original)
     # an import added to the code training runs brings its file into the identity
     (proj / "src/palm/training/train.py").write_text(
-        (proj / "src/palm/training/train.py").read_text() + "\nfrom palm.evaluation import report  # noqa\n")
+        (proj / "src/palm/training/train.py").read_text() + "\nfrom palm.evaluation import report  # noqa\n"
+    )
     assert "src/palm/evaluation/report/__init__.py" in train.run_identity(cfg, shards)["code"]
 
     monkeypatch.setattr(paddle, "__version__", "0.0.1")
@@ -163,17 +187,26 @@ def test_the_run_identity_changes_with_each_input_and_names_it(tmp_path, shards,
     (proj / "src/palm/training/train.py").write_bytes((REPO / "src/palm/training/train.py").read_bytes())
     assert changed(train.run_identity(cfg, shards)) == (
         f"is from other libraries (numpy {base['versions']['numpy']} -> 0.0.2, "
-        f"paddle {base['versions']['paddle']} -> 0.0.1)")
+        f"paddle {base['versions']['paddle']} -> 0.0.1)"
+    )
     assert mismatch(None, base) == "records no code or library versions (written by an older palm)"
-    assert mismatch(base, {**base, "weights_sha256": "x"}) == "is from other weights_sha256"   # a part added later
+    assert mismatch(base, {**base, "weights_sha256": "x"}) == "is from other weights_sha256"  # a part added later
 
 
 def test_per_model_overrides_and_unknown_keys():
-    p = {"model": "alexnet", "image_size": 64, "train": train_section(lr=0.1, augment={"hflip": True}),
-         "models": {"alexnet": {"lr": 0.01, "augment": {"vflip": True}}, "vgg16": {"lr": 5}}}
+    p = {
+        "model": "alexnet",
+        "image_size": 64,
+        "train": train_section(lr=0.1, augment={"hflip": True}),
+        "models": {"alexnet": {"lr": 0.01, "augment": {"vflip": True}}, "vgg16": {"lr": 5}},
+    }
     cfg = effective_config(p)
     assert cfg.lr == 0.01 and cfg.record()["augment"] == {"hflip": True, "vflip": True} and cfg.model == "alexnet"
-    assert (cfg.augment.hflip, cfg.augment.vflip, cfg.augment.scale) == (True, True, None)  # typed: None = Augment's default
+    assert (cfg.augment.hflip, cfg.augment.vflip, cfg.augment.scale) == (
+        True,
+        True,
+        None,
+    )  # typed: None = Augment's default
     with pytest.raises(ConfigError, match="train.lrate = 1: is not a known key"):
         effective_config({**p, "train": {**p["train"], "lrate": 1}})
     with pytest.raises(ConfigError, match=r"models\.vgg16\.lr = 50: input should be less than or equal to 10"):
@@ -185,9 +218,9 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
     on the original photographs gives what the network gives on those resized shards."""
     import contextlib
 
+    from palm.data.dataset import FundusDataset, load_split, make_loader
     from palm.nn.artifact import load as load_trained
     from palm.nn.artifact import predict_probs
-    from palm.data.dataset import FundusDataset, load_split, make_loader
     from palm.serve.predict import Predictor
 
     info, _, out = run(tmp_path, shards, params(epochs=1, input_size=24))
@@ -209,9 +242,9 @@ def test_a_model_can_train_at_a_lower_input_size_and_predict_applies_it(tmp_path
 def test_static_graph_training_is_deterministic_and_saves_an_ordinary_model(tmp_path, shards):
     import contextlib
 
+    from palm.data.dataset import FundusDataset, load_split, make_loader
     from palm.nn.artifact import load as load_trained
     from palm.nn.artifact import predict_probs
-    from palm.data.dataset import FundusDataset, load_split, make_loader
 
     p = params(epochs=2, to_static=True)
     _, h1, out = run(tmp_path / "a", shards, p)
@@ -251,15 +284,20 @@ def test_weight_average_is_what_the_holdout_scores_and_what_is_saved(tmp_path, s
     assert not np.allclose(w_avg[name], w_plain[name])
 
 
-@pytest.mark.parametrize("bad,match", [({"ema": 1.5}, "train.ema = 1.5: input should be less than 1"),
-                                       ({"select_by": "f1"}, "train.select_by = 'f1': input should be"),
-                                       ({"select": "foo"}, "train.select = 'foo': input should be 'last' or 'best'"),
-                                       ({"holdout": 1.5}, "train.holdout = 1.5: input should be less than"),
-                                       ({"epochs": 0}, "train.epochs = 0: input should be greater than"),
-                                       ({"epochs": "2"}, "train.epochs = '2': must be a whole number"),
-                                       ({"epochs": 2.5}, "train.epochs = 2.5: must be a whole number"),
-                                       ({"lr": "abc"}, "train.lr = 'abc': must be a number"),
-                                       ({"device": "tpu"}, "train.device = 'tpu': must be auto, cpu, gpu")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"ema": 1.5}, "train.ema = 1.5: input should be less than 1"),
+        ({"select_by": "f1"}, "train.select_by = 'f1': input should be"),
+        ({"select": "foo"}, "train.select = 'foo': input should be 'last' or 'best'"),
+        ({"holdout": 1.5}, "train.holdout = 1.5: input should be less than"),
+        ({"epochs": 0}, "train.epochs = 0: input should be greater than"),
+        ({"epochs": "2"}, "train.epochs = '2': must be a whole number"),
+        ({"epochs": 2.5}, "train.epochs = 2.5: must be a whole number"),
+        ({"lr": "abc"}, "train.lr = 'abc': must be a number"),
+        ({"device": "tpu"}, "train.device = 'tpu': must be auto, cpu, gpu"),
+    ],
+)
 def test_bad_training_parameters_are_refused_before_any_work(tmp_path, shards, bad, match):
     with pytest.raises(ConfigError, match=match):
         run(tmp_path, shards, params(**{"epochs": 1, **bad}))
@@ -290,11 +328,11 @@ def test_dropout_rate_is_a_parameter_of_the_networks_that_have_one(tmp_path, sha
 def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
     import contextlib
 
+    from palm.data.dataset import FundusDataset, load_split, make_loader
+    from palm.data.splits import stratified_holdout
+    from palm.evaluation.metrics import choose_threshold
     from palm.nn.artifact import load as load_trained
     from palm.nn.artifact import predict_probs
-    from palm.data.dataset import FundusDataset, load_split, make_loader
-    from palm.evaluation.metrics import choose_threshold
-    from palm.data.splits import stratified_holdout
 
     p = params(epochs=1, threshold="youden", select="last")
     info, _, out = run(tmp_path, shards, p)
@@ -309,18 +347,26 @@ def test_threshold_rule_is_chosen_on_the_holdout_and_stored(tmp_path, shards):
     assert choose_threshold(hold.labels, probs, "youden") == pytest.approx(saved["threshold"], abs=1e-5)
 
 
-@pytest.mark.parametrize("bad,match", [({"threshold": "youden", "holdout": 0}, "holdout must be above 0"),
-                                       ({"threshold": "median"}, "threshold"),
-                                       ({"threshold": 1.5}, "threshold")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"threshold": "youden", "holdout": 0}, "holdout must be above 0"),
+        ({"threshold": "median"}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+    ],
+)
 def test_bad_threshold_settings_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
         effective_config(params(**bad))
 
 
-@pytest.mark.parametrize("train", [
-    {"lr": 10.0, "optimizer": "momentum", "momentum": 0.9, "weight_decay": 0.0},   # the issue's run
-    {"lr": 8.0, "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant"},
-])
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"lr": 10.0, "optimizer": "momentum", "momentum": 0.9, "weight_decay": 0.0},  # the issue's run
+        {"lr": 8.0, "optimizer": "adam", "weight_decay": 0.0, "schedule": "constant"},
+    ],
+)
 def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path, shards, train):
     from palm.core.errors import RunError
 
@@ -339,12 +385,12 @@ def test_divergence_check_compares_with_the_first_epoch_and_the_weights():
 
     cfg = effective_config({"model": "lenet", "image_size": 32, "train": train_section(lr=1.0, optimizer="adam")})
     net = paddle.nn.Linear(2, 1)
-    check_divergence(60.0, 0.7, net, 3, cfg)           # 86x the first epoch's: a bad epoch, not divergence
+    check_divergence(60.0, 0.7, net, 3, cfg)  # 86x the first epoch's: a bad epoch, not divergence
     with pytest.raises(RunError, match="loss 80 at epoch 4, above 70"):
         check_divergence(80.0, 0.7, net, 3, cfg)
     with pytest.raises(RunError, match="loss nan"):
         check_divergence(float("nan"), 0.7, net, 3, cfg)
-    check_divergence(0.1, 0.001, net, 1, cfg)          # never below 100x ln 2
+    check_divergence(0.1, 0.001, net, 1, cfg)  # never below 100x ln 2
     for bad in (float("inf"), 2e6):
         net.weight.set_value(paddle.full([2, 1], bad))
         with pytest.raises(RunError, match="weight .* reached"):

@@ -2,8 +2,8 @@ import stat
 import zipfile
 
 import pytest
-from conftest import make_palm_zips, write_zip
 
+from conftest import make_palm_zips, write_zip
 from palm.core.errors import DataError
 from palm.data.layout import Limits
 from palm.data.unzip import unzip_all
@@ -14,7 +14,11 @@ def test_extracts_the_original_layout(tmp_path):
     counts = unzip_all(zips, tmp_path / "raw")
     raw = tmp_path / "raw"
     assert sorted(p.name for p in (raw / "PALM-Training400").iterdir()) == [
-        "H0001.jpg", "N0001.jpg", "P0001.jpg", "P0002.jpg"]
+        "H0001.jpg",
+        "N0001.jpg",
+        "P0001.jpg",
+        "P0002.jpg",
+    ]
     assert sorted(p.name for p in (raw / "PALM-Validation400").iterdir()) == ["V0001.jpg", "V0002.jpg"]
     assert (raw / "PALM-Validation-GT" / "PM_Label_and_Fovea_Location.xlsx").is_file()
     assert not (raw / "PALM-Training400" / "PALM-Training400.zip").exists()
@@ -51,8 +55,7 @@ def test_bad_crc_is_reported(tmp_path):
         unzip_all(zips, tmp_path / "raw")
 
 
-@pytest.mark.parametrize("entry", ["../evil.jpg", "/etc/evil.jpg", "PALM-Validation400/../../evil.jpg",
-                                   "C:/evil.jpg"])
+@pytest.mark.parametrize("entry", ["../evil.jpg", "/etc/evil.jpg", "PALM-Validation400/../../evil.jpg", "C:/evil.jpg"])
 def test_zip_slip_entries_are_refused(tmp_path, entry):
     zips = make_palm_zips(tmp_path / "zips")
     write_zip(zips / "validation.zip", {"PALM-Validation400/V0001.jpg": b"x", entry: b"evil"})
@@ -107,6 +110,7 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path):
 
 # -- hostile zips: bombs, overwrites, odd layouts ------------------------------------------
 
+
 def zeros_zip(path, name, mb, extra=None):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for n, data in (extra or {}).items():
@@ -124,8 +128,9 @@ def test_a_zip_bomb_is_refused_from_the_directory_before_anything_is_written(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zips"]
 
 
-@pytest.mark.parametrize("limits,match", [(Limits(max_entry_mb=1), "max_entry_mb"),
-                                          (Limits(max_total_mb=0.01), "max_total_mb")])
+@pytest.mark.parametrize(
+    "limits,match", [(Limits(max_entry_mb=1), "max_entry_mb"), (Limits(max_total_mb=0.01), "max_total_mb")]
+)
 def test_size_limits_are_parameters(tmp_path, limits, match):
     zips = make_palm_zips(tmp_path / "zips")
     write_zip(zips / "validation.zip", {"PALM-Validation400/V0001.jpg": bytes(range(256)) * 8192})  # 2 MB
@@ -168,8 +173,13 @@ def test_no_file_is_ever_overwritten(tmp_path, case):
     zips = make_palm_zips(tmp_path / "zips")
     gt = zipfile.ZipFile(zips / "valid_gt.zip").read("PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx")
     if case == "across zips":
-        write_zip(zips / "valid_gt.zip", {"PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx": gt,
-                                          "PALM-Validation400/V0001.jpg": b"not the image"})
+        write_zip(
+            zips / "valid_gt.zip",
+            {
+                "PALM-Validation-GT/PM_Label_and_Fovea_Location.xlsx": gt,
+                "PALM-Validation400/V0001.jpg": b"not the image",
+            },
+        )
         match = r"valid_gt\.zip: entry 'PALM-Validation400/V0001\.jpg' would overwrite .*validation\.zip"
     elif case == "duplicate entry":
         with pytest.warns(UserWarning), zipfile.ZipFile(zips / "validation.zip", "a") as zf:
@@ -197,7 +207,7 @@ def test_a_corrupt_deflate_stream_is_a_clear_error(tmp_path):
     with zipfile.ZipFile(path) as zf:
         info = zf.infolist()[0]
         start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    data[start:start + 8] = b"\xff" * 8  # an invalid deflate block header
+    data[start : start + 8] = b"\xff" * 8  # an invalid deflate block header
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"validation\.zip: cannot extract entry 'PALM-Validation400/V0001\.jpg'"):
         unzip_all(zips, tmp_path / "raw")

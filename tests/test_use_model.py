@@ -9,12 +9,12 @@ import paddle
 import pytest
 
 from palm.cli import main as palm_main
-from palm.serve.gradcam import gradcam
-from palm.serve.export import export
 from palm.data.image import load_image, to_chw_float
 from palm.nn.models import build_model, gradcam_layer
-from palm.serve.predict import Predictor
 from palm.nn.weights import load_state, save_state
+from palm.serve.export import export
+from palm.serve.gradcam import gradcam
+from palm.serve.predict import Predictor
 
 SIZE = 48
 
@@ -145,8 +145,9 @@ def test_saved_weights_round_trip_exactly_and_reject_other_files(tmp_path):
 
 
 def test_gradcam_figure_is_readable_and_captioned():
-    from palm.evaluation.explain import caption, choose_images, figure
     import pandas as pd
+
+    from palm.evaluation.explain import caption, choose_images, figure
 
     rgb = cv2.circle(np.zeros((96, 96, 3), np.uint8), (48, 48), 40, (200, 80, 40), -1)
     cam = np.zeros((12, 12), np.float32)
@@ -156,13 +157,19 @@ def test_gradcam_figure_is_readable_and_captioned():
     fig = figure(rgb, cam, lines)
     assert fig.dtype == np.uint8 and min(fig.shape[:2]) >= 448
     band = fig[:96]
-    assert (band < 128).any()                     # the caption is written
+    assert (band < 128).any()  # the caption is written
     left, right = fig[96:, :512], fig[96:, 520:]
     assert left.shape == right.shape == (512, 512, 3)
-    assert not np.array_equal(left, right)        # the heatmap is drawn over the right one
+    assert not np.array_equal(left, right)  # the heatmap is drawn over the right one
     # the most confident errors come first
-    preds = pd.DataFrame({"image": list("abcdef"), "label": [1, 1, 0, 0, 1, 0],
-                          "probability": [0.45, 0.05, 0.55, 0.99, 0.9, 0.1], "predicted": [0, 0, 1, 1, 1, 0]})
+    preds = pd.DataFrame(
+        {
+            "image": list("abcdef"),
+            "label": [1, 1, 0, 0, 1, 0],
+            "probability": [0.45, 0.05, 0.55, 0.99, 0.9, 0.1],
+            "predicted": [0, 0, 1, 1, 1, 0],
+        }
+    )
     assert choose_images(preds, 6).image.tolist()[:2] == ["d", "b"]
 
 
@@ -172,5 +179,5 @@ def test_predict_applies_the_threshold_stored_in_model_json(tmp_path, threshold,
     info = json.loads((models / "model.json").read_text())
     (models / "model.json").write_text(json.dumps({**info, "threshold": threshold, "threshold_rule": "youden"}))
     rows = list(Predictor.load(models).predict(photos(tmp_path / "img", 2), progress=False))
-    assert all(0.01 < r["probability"] < 0.99 for r in rows)   # an untrained network is unsure
+    assert all(0.01 < r["probability"] < 0.99 for r in rows)  # an untrained network is unsure
     assert [r["predicted"] for r in rows] == [expected, expected]
