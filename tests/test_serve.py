@@ -7,6 +7,7 @@ through Playwright (`.ci/run` installs chromium when it is missing).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -64,6 +65,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving(tmp: Path, options: list[str]):
+    """(base URL, server process) of `palm serve --model tmp/models` with ``options``, logging to
+    ``tmp/serve.log``, once its /healthz answers; stopped on leaving."""
+    port = free_port()
+    with open(tmp / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "palm.cli", "serve", "--model", str(tmp / "models"), "--port", str(port), *options],
+            cwd=tmp,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                try:
+                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, (tmp / "serve.log").read_text()
+                time.sleep(0.25)
+            else:
+                raise AssertionError("palm serve did not start in 60 s:\n" + (tmp / "serve.log").read_text())
+            yield url, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base URL, folder with the model, photographs and the audit log) of a running `palm serve`."""
@@ -75,18 +107,9 @@ def served(tmp_path_factory):
     cv2.imwrite(str(tmp / "fundus.jpg"), photo)
     cv2.imwrite(str(tmp / "black.png"), np.zeros((400, 400, 3), np.uint8))
     (tmp / "broken.jpg").write_bytes(b"not a jpeg")
-    port = free_port()
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(
+    with serving(
+        tmp,
         [
-            sys.executable,
-            "-m",
-            "palm.cli",
-            "serve",
-            "--model",
-            str(tmp / "models"),
-            "--port",
-            str(port),
             "--audit-log",
             str(tmp / "audit.sqlite"),
             "--max-images",
@@ -94,28 +117,8 @@ def served(tmp_path_factory):
             "--max-request-mb",
             "1",
         ],
-        cwd=tmp,
-        env=ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, (tmp / "serve.log").read_text()
-            time.sleep(0.25)
-        else:
-            raise AssertionError("palm serve did not start in 60 s:\n" + (tmp / "serve.log").read_text())
+    ) as (url, _):
         yield url, tmp
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     assert sorted(p.name for p in tmp.iterdir()) == [
         "audit.sqlite",
         "black.png",

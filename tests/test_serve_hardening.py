@@ -27,7 +27,7 @@ from PIL import Image
 
 from conftest import ENV
 from palm.cli import main as palm_main
-from test_serve import CHROMIUM, CHROMIUM_ARGS, free_port, save_model
+from test_serve import CHROMIUM, CHROMIUM_ARGS, free_port, save_model, serving
 
 TOKEN = "s3cret-token-of-the-clinic-0123456789"
 BUDGET_MB = 200
@@ -95,18 +95,9 @@ def hardened(tmp_path_factory):
     photo, _ = draw_fundus(np.random.default_rng(0), "P", (600, 640), "L")
     cv2.imwrite(str(tmp / "fundus.jpg"), photo)
     (tmp / "token").write_text(TOKEN + "\n")
-    port = free_port()
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(
+    with serving(
+        tmp,
         [
-            sys.executable,
-            "-m",
-            "palm.cli",
-            "serve",
-            "--model",
-            str(tmp / "models"),
-            "--port",
-            str(port),
             "--audit-log",
             str(tmp / "audit.sqlite"),
             "--token-file",
@@ -122,28 +113,8 @@ def hardened(tmp_path_factory):
             "--body-timeout",
             "3",
         ],
-        cwd=tmp,
-        env=ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, (tmp / "serve.log").read_text()
-            time.sleep(0.25)
-        else:
-            raise AssertionError("palm serve did not start in 60 s:\n" + (tmp / "serve.log").read_text())
+    ) as (url, proc):
         yield url, tmp, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     assert "Traceback" not in (tmp / "serve.log").read_text()
 
 
