@@ -123,7 +123,7 @@ def test_predict_reports_each_bad_image_in_its_row_and_predicts_the_rest(tmp_pat
         (["--batch-size", "-1"], 2, "--batch-size: must be at least 1, got -1"),
         (["--batch-size", "x"], 2, "--batch-size: must be a whole number"),
         (["--out", "{file}/sub/p.csv"], 2, "--out {file}/sub/p.csv: cannot write there"),
-        (["--model", "{file}"], 2, "no model.json"),
+        (["--model", "{file}"], 2, "{file}: not a folder; --model takes the folder of a trained model"),
     ],
 )
 def test_bad_usage_is_exit_2_with_one_line_before_any_work(tmp_path, model_dir, capsys, args, code, message):

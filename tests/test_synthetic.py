@@ -150,7 +150,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_replace(a, b)
 
-    monkeypatch.setattr(synthetic.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)  # the atomic writer's rename
     with pytest.raises(OSError):
         tiny(tmp_path / "z")
     leftovers = sorted(p.name for p in (tmp_path / "z").iterdir())
