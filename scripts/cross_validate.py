@@ -31,7 +31,8 @@ from pathlib import Path
 
 from palm.core.config import load_params
 from palm.core.errors import ConfigError, report
-from palm.core.fsutil import atomic_outputs, check_writable
+from palm.core.fsutil import check_writable
+from palm.evaluation.compare.runs import write_run
 from palm.evaluation.metrics import choose_threshold, parse_threshold, score
 
 
@@ -97,11 +98,7 @@ def main(argv=None) -> int:
                 }
             )
         summary = {"model": params["model"], "set": args.set, **summary}
-        with atomic_outputs() as out:  # the CSV and the JSON: both or neither
-            with out.open(outputs[0], newline="") as f:
-                oof.to_csv(f, index=False)
-            with out.open(outputs[1]) as f:
-                json.dump(summary, f, indent=1)
+        write_run(oof, summary, *outputs)  # the CSV and the JSON: both or neither
     except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         return report(exc)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -18,15 +18,15 @@ usage (one member, a bad ``--out``); 3 internal error (one line).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from palm.core.errors import ConfigError, DataError, report
-from palm.core.fsutil import atomic_outputs, check_writable
+from palm.core.fsutil import check_writable
 from palm.core.params import DEFAULT_THRESHOLD
+from palm.evaluation.compare.runs import write_run
 from palm.evaluation.metrics import score
 from palm.evaluation.stats import check_predictions
 
@@ -103,11 +103,7 @@ def main(argv=None) -> int:
             **scores,
             "errors": scores["fp"] + scores["fn"],
         }
-        with atomic_outputs() as out:  # the CSV and the JSON: both or neither
-            with out.open(outputs[0], newline="") as f:
-                oof.to_csv(f, index=False)
-            with out.open(outputs[1]) as f:
-                json.dump(summary, f, indent=1)
+        write_run(oof, summary, *outputs)  # the CSV and the JSON: both or neither
     except Exception as exc:  # noqa: BLE001 - one line and the documented exit status
         return report(exc)
 

@@ -15,11 +15,10 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
-from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from palm.evaluation.compare.runs import Run
 from palm.evaluation.compare.table import _p, seed_label
-from palm.evaluation.report import _figure_png, png_data_uri
+from palm.evaluation.report import _figure_png, page_template, png_data_uri
 from palm.evaluation.stats import LOWER_IS_BETTER
 
 N_THUMBS = 24
@@ -237,12 +236,4 @@ def page(result: dict, raw: Path = RAW) -> str:
 
 
 def _template():
-    env = Environment(
-        loader=PackageLoader("palm.evaluation.compare", "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    return env.get_template("compare.html.j2")
+    return page_template("palm.evaluation.compare", "compare.html.j2")

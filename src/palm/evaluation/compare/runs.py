@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from palm.core.errors import ConfigError, DataError, listing
+from palm.core.fsutil import atomic_outputs
 from palm.core.params import DEFAULT_THRESHOLD
 from palm.evaluation.stats import check_predictions
 
@@ -89,6 +90,16 @@ def read_file_at(commit: str | None, path: str, repo: Path, rev: str) -> bytes:
     if proc.returncode:
         raise DataError(f"{rev}: {path} is not committed in this revision ({commit[:8]}); was it evaluated?")
     return proc.stdout
+
+
+def write_run(predictions: pd.DataFrame, summary: dict, csv: Path, settings: Path) -> None:
+    """Write a run as a predictions file and its settings beside it (what :func:`read_run` reads
+    from a ``*.csv`` and :func:`_file_params` from the JSON next to it): both or neither."""
+    with atomic_outputs() as out:
+        with out.open(csv, newline="") as f:
+            predictions.to_csv(f, index=False)
+        with out.open(settings) as f:
+            json.dump(summary, f, indent=1)
 
 
 def _file_params(csv: Path) -> dict:

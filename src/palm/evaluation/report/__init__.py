@@ -245,17 +245,23 @@ def build_report(
     )
 
 
-def _template():
+def page_template(package: str, name: str, **filters):
+    """A page's Jinja2 template from ``package``'s ``templates/``, as every page of palm reads one:
+    autoescaped, an undefined name an error, blocks trimmed."""
     env = Environment(
-        loader=PackageLoader("palm.evaluation.report", "templates"),
+        loader=PackageLoader(package, "templates"),
         autoescape=True,
         undefined=StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["fmt"] = fmt
-    return env.get_template("report.html.j2")
+    env.filters.update(filters)
+    return env.get_template(name)
+
+
+def _template():
+    return page_template("palm.evaluation.report", "report.html.j2", fmt=fmt)
 
 
 def write_report(
