@@ -30,6 +30,17 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit() and "OMP_NUM_THREAD
     )
 
 
+# every file that decides an answer, as a model card lists them (palm-model-card/2)
+CARD_FILES = {
+    "models/model.json",
+    "models/model.safetensors",
+    "models_export/model.json",
+    "models_export/inference.json",
+    "models_export/inference.pdiparams",
+    "models_export/model.onnx",
+}
+
+
 def train_section(**overrides) -> dict:
     """params.yaml's ``train:`` (the one source of defaults) with ``overrides`` (whole values:
     an ``augment`` given replaces params.yaml's)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import CARD_FILES, REPO
 from palm.cli import main as palm_main
 from palm.core.errors import DataError
 from palm.core.fsutil import sha256_file
@@ -81,14 +81,7 @@ def test_card_says_use_data_metrics_threshold_input_provenance_and_weights(run, 
     assert prov["git_revision"] == head and prov["dvc_lock"]["train"]["outs"] == {"models": "0123abcd.dir"}
     assert prov["dvc_lock"]["sha256"] == sha256_file(run / "dvc.lock")
     listed = {w["path"]: w["sha256"] for w in card["files"]}
-    assert set(listed) == {
-        "models/model.json",
-        "models/model.safetensors",
-        "models_export/model.json",
-        "models_export/inference.json",
-        "models_export/inference.pdiparams",
-        "models_export/model.onnx",
-    }  # every file that decides an answer
+    assert set(listed) == CARD_FILES
     assert listed["models/model.json"] == sha256_file(run / "models" / "model.json")
     assert listed["models/model.safetensors"] == sha256_file(run / "models" / "model.safetensors")
     text = (run / CARD_DIR / CARD_MD).read_text()

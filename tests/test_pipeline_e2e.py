@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ENV, REPO, make_project, run
+from conftest import CARD_FILES, ENV, REPO, make_project, run
 
 pytestmark = pytest.mark.e2e
 
@@ -141,14 +141,7 @@ def test_card_describes_the_run_and_dvc_artifacts_get_finds_the_model(project, t
     train_outs = {o["path"]: o["md5"] for o in lock["train"]["outs"]}
     assert card["provenance"]["dvc_lock"]["train"]["outs"] == train_outs
     assert card["provenance"]["git_revision"] in run(["git", "log", "--format=%H"], project).stdout.split()
-    assert {w["path"] for w in card["files"]} == {
-        "models/model.json",
-        "models/model.safetensors",
-        "models_export/model.json",
-        "models_export/inference.json",
-        "models_export/inference.pdiparams",
-        "models_export/model.onnx",
-    }
+    assert {w["path"] for w in card["files"]} == CARD_FILES
     assert all(sha256_file(project / w["path"]) == w["sha256"] for w in card["files"])
     # the DVC model registry: a version is a git tag name@vX.Y.Z on a commit of the run
     run(["git", "add", "-A"], project)

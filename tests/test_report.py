@@ -48,6 +48,19 @@ class Page(html.parser.HTMLParser):
             self._key = None
 
 
+def report_in(tmp, params):
+    """``write_report`` over the inputs the ``inputs`` fixture wrote in ``tmp``."""
+    return write_report(
+        tmp / "report.html",
+        tmp / "eval.json",
+        tmp / "predictions.csv",
+        tmp,
+        tmp / "explain",
+        tmp / "labels.csv",
+        params,
+    )
+
+
 @pytest.fixture()
 def inputs(tmp_path):
     rng = np.random.default_rng(0)
@@ -93,15 +106,7 @@ def inputs(tmp_path):
 
 def test_report_parses_images_decode_and_numbers_match_eval_json(inputs):
     tmp, m, wrong = inputs
-    out = write_report(
-        tmp / "report.html",
-        tmp / "eval.json",
-        tmp / "predictions.csv",
-        tmp,
-        tmp / "explain",
-        tmp / "labels.csv",
-        {"data": {"source": "palm", "input": "data/original"}},
-    )
+    out = report_in(tmp, {"data": {"source": "palm", "input": "data/original"}})
     page = Page()
     page.feed(out.read_text(encoding="utf-8"))
     page.close()
@@ -142,15 +147,7 @@ def test_missing_inputs_are_a_clear_error_and_write_nothing(inputs):
     tmp, _, _ = inputs
     (tmp / "eval.json").unlink()
     with pytest.raises(DataError, match="eval.json: not found"):
-        write_report(
-            tmp / "report.html",
-            tmp / "eval.json",
-            tmp / "predictions.csv",
-            tmp,
-            tmp / "explain",
-            tmp / "labels.csv",
-            {},
-        )
+        report_in(tmp, {})
     assert not (tmp / "report.html").exists()
 
 
@@ -167,15 +164,7 @@ def test_the_page_escapes_what_it_reads_and_its_template_ships_with_the_package(
     info = json.loads((tmp / "model.json").read_text())
     info["config"]["note"] = "<script>alert(1)</script>"
     (tmp / "model.json").write_text(json.dumps(info))
-    out = write_report(
-        tmp / "report.html",
-        tmp / "eval.json",
-        tmp / "predictions.csv",
-        tmp,
-        tmp / "explain",
-        tmp / "labels.csv",
-        {"data": {"source": "folder", "input": "<b>clinic</b> & co"}},
-    )
+    out = report_in(tmp, {"data": {"source": "folder", "input": "<b>clinic</b> & co"}})
     text = out.read_text(encoding="utf-8")
     assert "<script>" not in text and "&lt;script&gt;" in text
     assert "<b>clinic</b>" not in text and "&lt;b&gt;clinic&lt;/b&gt; &amp; co" in text
